@@ -1,0 +1,1 @@
+"""The `strop` command. Nothing imports this package."""

@@ -1,0 +1,1 @@
+"""Foundations shared by every layer: config, errors, device choice, atomic files."""

@@ -1,0 +1,211 @@
+"""Typed run configuration: YAML + `--set a.b=c` overrides -> validated objects.
+
+Every error names the dotted key and what is allowed, e.g.
+`optim.lr: expected a number, got '3e-4x'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from strop.core.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct", description="catalogue name, local HF dir, hub id, or .gguf file")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class DatasetSource(Section):
+    path: str = Field(description="JSONL/JSON/CSV/Parquet file, a folder of them, or a HF dataset name")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    fields: dict[str, str] = Field(default_factory=dict, description="map strop's field names to yours")
+    split: str = "train"
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+
+class DataConfig(Section):
+    train: list[DatasetSource] = Field(min_length=1)
+    validation: list[DatasetSource] = Field(default_factory=list)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held out when no validation files are given")
+    template: str = Field("auto", description="'auto' (tokenizer's own), 'chatml', 'alpaca', or a Jinja string")
+    system_prompt: str | None = None
+    max_length: int = Field(512, ge=8)
+    train_on_prompt: bool = False
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/strop/tokenized")
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"path": x} if isinstance(x, str) else x for x in v]
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class FreezeConfig(Section):
+    train_last_n_blocks: int = Field(2, ge=0)
+    train_patterns: list[str] = Field(default_factory=list, description="regexes of parameter names to train")
+    train_lm_head: bool = False
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze", "lora"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="SGD only")
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class EarlyStopping(Section):
+    patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    seed: int = 42
+    eval_every: int | None = Field(None, ge=1, description="steps between validations (also at the end)")
+    save_every: int | None = Field(None, ge=1, description="steps between checkpoints (also at the end)")
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    max_bad_steps: int = Field(3, ge=1, description="consecutive NaN/inf losses before the run stops")
+    threads: int | None = Field(None, ge=1, description="CPU threads; default all physical cores")
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = Field("runs", description="run directories are created under this folder")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.optim.name == "sgd" and self.optim.betas != (0.9, 0.999):
+            raise ValueError("optim.betas: only used by adam/adamw; remove it or choose optim.name: adamw")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "literal_error":
+            msg = f"{e['msg'].replace('Input should be', 'expected')}, got {got!r}"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid config ({source}):\n" + "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: `3e-4` -> float, `true` -> bool, `[q_proj]` -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-4")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load a RunConfig from a YAML file (or a dict), applying `key=value` overrides."""
+    if isinstance(source, dict):
+        raw, where = dict(source), "dict"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        where = str(path)
+        _resolve_relative_paths(raw, path.parent)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+
+
+def _resolve_relative_paths(raw: dict, base: Path) -> None:
+    """Data paths in a YAML file are relative to that file when such a file exists there."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in ("train", "validation"):
+        items = data.get(split)
+        if items is None:
+            continue
+        items = items if isinstance(items, list) else [items]
+        out = []
+        for it in items:
+            p = it if isinstance(it, str) else (it.get("path") if isinstance(it, dict) else None)
+            if isinstance(p, str) and not Path(p).is_absolute() and (base / p).exists():
+                p = str((base / p).resolve())
+                it = p if isinstance(it, str) else {**it, "path": p}
+            out.append(it)
+        data[split] = out
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

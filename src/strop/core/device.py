@@ -1,0 +1,60 @@
+"""Pick the device, dtype and thread count. CPU trains in fp32: bf16 matmuls are far slower there."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from strop.core.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device: 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads); matmul throughput does not grow past them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            pairs = {
+                (phys, core)
+                for block in f.read().split("\n\n")
+                if block.strip()
+                for phys, core in [_core_id(block)]
+            }
+        if pairs and None not in {p for p, _ in pairs}:
+            return len(pairs)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def _core_id(block: str) -> tuple[str | None, str | None]:
+    fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return fields.get("physical id"), fields.get("core id")
+
+
+def set_threads(threads: int | None) -> int:
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,1 @@
+"""Data in pure steps: file rows -> records (messages or text) -> token ids + loss mask -> batches."""

@@ -1,0 +1,99 @@
+"""DataConfig -> tokenized train and validation sets, with a summary of what was read and dropped."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from strop.core.config import DataConfig, DatasetSource
+from strop.core.errors import DataError
+from strop.data.formats import to_records
+from strop.data.read import SUFFIXES, read_rows
+from strop.data.template import ChatTemplate
+from strop.data.tokenized import (
+    TokenizedSet,
+    cache_key,
+    default_cache_dir,
+    load_cached,
+    save_cached,
+    tokenize_records,
+    tokenizer_fingerprint,
+)
+
+log = logging.getLogger("strop.data")
+
+
+@dataclass
+class Datasets:
+    train: TokenizedSet
+    validation: TokenizedSet | None
+    summary: dict
+
+
+def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datasets:
+    sources: list[dict] = []
+    train = TokenizedSet.concat([_load_source(s, cfg, template, sources, "train") for s in cfg.train])
+    if cfg.validation:
+        val = TokenizedSet.concat([_load_source(s, cfg, template, sources, "validation") for s in cfg.validation])
+    elif cfg.val_fraction > 0 and len(train) >= 2:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(len(train) * cfg.val_fraction))
+        val, train = train.subset(sorted(order[:n_val])), train.subset(sorted(order[n_val:]))
+    else:
+        val = None
+    removed = 0
+    if val is not None:
+        seen = {x.tobytes() for x in train.ids}
+        keep = [i for i, x in enumerate(val.ids) if x.tobytes() not in seen]
+        removed = len(val) - len(keep)
+        val = val.subset(keep) if keep else None
+    if len(train) == 0:
+        raise DataError("no training examples left after tokenization (all responses truncated away?); "
+                        "raise data.max_length")
+    summary = {
+        "sources": sources,
+        "train_examples": len(train),
+        "validation_examples": len(val) if val is not None else 0,
+        "validation_duplicates_of_train_removed": removed,
+        "train_label_tokens": train.label_tokens(),
+        "train_tokens": int(sum(len(x) for x in train.ids)),
+    }
+    if removed:
+        log.warning("removed %d validation example(s) that duplicate training examples", removed)
+    return Datasets(train, val, summary)
+
+
+def _load_source(src: DatasetSource, cfg: DataConfig, template: ChatTemplate, report: list, split: str
+                 ) -> TokenizedSet:
+    path = Path(src.path).expanduser()
+    files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES) if path.is_dir() else [path]
+    local = all(f.is_file() for f in files)
+    key_parts = {
+        "path": str(path.resolve()) if local else src.path, "format": src.format, "fields": src.fields,
+        "split": src.split, "limit": src.limit, "tokenizer": tokenizer_fingerprint(template.tokenizer),
+        "template": template.source, "system": template.system_prompt, "max_length": cfg.max_length,
+        "train_on_prompt": cfg.train_on_prompt,
+    }
+    cache = None
+    if local:
+        cache = Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
+        cached = load_cached(cache)
+        if cached is not None:
+            report.append({"path": src.path, "split": split, **cached.stats, "cached": True})
+            return cached
+    rows = read_rows(src.path, split=src.split, limit=src.limit)
+    records, fmt = to_records(rows, src.format, src.fields, src.path)
+    how = "given" if src.format != "auto" else "detected"
+    log.info("data: %s: %d rows, format %s (%s)", src.path, len(rows), fmt, how)
+    ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
+    ts.stats.update({"rows": len(rows), "format": fmt, "format_detected": how == "detected"})
+    if ts.stats["dropped_no_response"]:
+        log.warning("data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
+                    src.path, ts.stats["dropped_no_response"], cfg.max_length)
+    if cache is not None:
+        save_cached(cache, ts)
+    report.append({"path": src.path, "split": split, **ts.stats, "cached": False})
+    return ts

@@ -1,0 +1,114 @@
+"""Read rows from JSONL, JSON, CSV, Parquet, a folder of them, or a Hugging Face dataset.
+
+Each row keeps where it came from (`file:line`) so any later error can point at it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from strop.core.errors import DataError
+
+SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+@dataclass(frozen=True)
+class Row:
+    data: dict
+    where: str  # "path:line" (line is 1-based) or "path:row N"
+
+
+def read_rows(path: str, split: str = "train", limit: int | None = None) -> list[Row]:
+    """All rows of a file, a folder of files, or a Hugging Face dataset name."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
+        if not files:
+            raise DataError(f"{p}: folder holds no {'/'.join(sorted(SUFFIXES))} files")
+    elif p.is_file():
+        files = [p]
+    elif p.suffix in SUFFIXES or "/" not in path or path.startswith((".", "/", "~")):
+        raise DataError(f"data file not found: {p}")
+    else:
+        return _read_hub(path, split, limit)
+    rows: list[Row] = []
+    for f in files:
+        for row in _read_file(f):
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                return rows
+    return rows
+
+
+def _read_file(f: Path) -> Iterator[Row]:
+    if f.suffix not in SUFFIXES:
+        raise DataError(f"{f}: unsupported file type {f.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+    if f.suffix == ".jsonl":
+        yield from _read_jsonl(f)
+    elif f.suffix == ".json":
+        yield from _read_json(f)
+    elif f.suffix == ".csv":
+        with open(f, newline="", encoding="utf-8", errors="strict") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                for rec in reader:
+                    yield Row(dict(rec), f"{f}:{reader.line_num}")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    else:
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(f).to_pylist()):
+            yield Row(rec, f"{f}:row {i + 1}")
+
+
+def _read_jsonl(f: Path) -> Iterator[Row]:
+    with open(f, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            where = f"{f}:{n}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield Row(obj, where)
+
+
+def _read_json(f: Path) -> Iterator[Row]:
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{f}: invalid JSON ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{f}: expected a JSON list of objects (or {{'data': [...]}})")
+    for i, rec in enumerate(obj):
+        if not isinstance(rec, dict):
+            raise DataError(f"{f}:row {i + 1}: expected a JSON object, got {type(rec).__name__}")
+        yield Row(rec, f"{f}:row {i + 1}")
+
+
+def _read_hub(name: str, split: str, limit: int | None) -> list[Row]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name!r} is not a local file or folder; to read it as a Hugging Face dataset, "
+            "pip install 'strop[hub]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing data error
+        raise DataError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {e}") from None
+    n = len(ds) if limit is None else min(limit, len(ds))
+    return [Row(dict(ds[i]), f"{name}[{split}]:row {i + 1}") for i in range(n)]

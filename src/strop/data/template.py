@@ -1,0 +1,158 @@
+"""Chat templates: messages -> token ids + a loss mask. Labels are decided here and nowhere else.
+
+The same `ChatTemplate` renders prompts for training, `strop chat` and `strop generate`, so a tuned
+model sees at inference exactly the format it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from strop.core.errors import ConfigError, DataError
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ALPACA = (
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% else %}Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n{% endif %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+BUILTIN = {"chatml": CHATML, "alpaca": ALPACA}
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"data.template: not a valid Jinja template: {e}") from None
+
+
+def resolve_template(name: str, tokenizer) -> tuple[str, str]:
+    """Return (label, jinja source) for data.template: 'auto', a built-in name, or a Jinja string."""
+    if name == "auto":
+        if getattr(tokenizer, "chat_template", None):
+            return "tokenizer", tokenizer.chat_template
+        return "chatml", CHATML
+    if name in BUILTIN:
+        return name, BUILTIN[name]
+    if "{{" in name or "{%" in name:
+        return "custom", name
+    raise ConfigError(f"data.template: expected 'auto', {', '.join(map(repr, BUILTIN))} or a Jinja string, got {name!r}")
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    trained: list[bool]  # True where the token is a response token that carries loss
+
+
+class ChatTemplate:
+    """Renders conversations with a Jinja template and tokenizes them into ids + loss mask."""
+
+    def __init__(self, tokenizer, source: str, system_prompt: str | None = None):
+        self.tokenizer = tokenizer
+        self.source = source
+        self.system_prompt = system_prompt
+        self._template = _compile(source)
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        messages = list(messages)
+        if self.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        tok = self.tokenizer
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise DataError(f"chat template failed on a conversation: {e}") from None
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ready for the assistant's next reply (inference)."""
+        return self._tokenize(self.render(messages, add_generation_prompt=True))
+
+    def encode(self, messages: tuple[dict, ...] | list[dict], train_on_prompt: bool = False) -> Encoded:
+        """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss.
+
+        Renders growing prefixes and takes the text each assistant turn adds, so the template decides
+        the format and this function only cuts it into trained and untrained pieces.
+        """
+        messages = list(messages)
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:k], add_generation_prompt=True)
+            after = self.render(messages[: k + 1], add_generation_prompt=False)
+            if not (before.startswith(done) and after.startswith(before)):
+                raise DataError("the chat template does not render conversations as growing prefixes; "
+                                "choose data.template: chatml or alpaca")
+            pieces += [(before[len(done):], False), (after[len(before):], True)]
+            done = after
+        full = self.render(messages, add_generation_prompt=False)
+        if full[len(done):]:
+            pieces.append((full[len(done):], False))
+
+        ids: list[int] = []
+        trained: list[bool] = []
+        for text, is_response in pieces:
+            piece = self._tokenize(text)
+            if is_response and not (piece and piece[-1] in self.stop_ids) and not self._ends_turn(piece):
+                piece.append(self.tokenizer.eos_token_id)  # a tuned model must learn to stop
+            ids += piece
+            trained += [is_response or train_on_prompt] * len(piece)
+        return Encoded(ids, trained)
+
+    def _ends_turn(self, piece: list[int]) -> bool:
+        """True when a stop token closes the piece, allowing only whitespace after it (e.g. '<|im_end|>\\n')."""
+        for i in range(len(piece) - 1, -1, -1):
+            if piece[i] in self.stop_ids:
+                return True
+            if self.tokenizer.decode([piece[i]]).strip():
+                return False
+        return False
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Tokens that end an assistant turn: EOS plus end-of-turn markers the vocabulary knows."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+        if marker in vocab:
+            ids.add(vocab[marker])
+    return ids
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> list[list[int]]:
+    """Plain text for continued pre-training: tokens + EOS, cut into windows of `max_length`."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]

@@ -1,0 +1,123 @@
+"""Tokenize records once and cache the arrays on disk (safetensors + JSON, never pickle).
+
+The cache key covers the data bytes, the tokenizer, the template, the maximum length and the masking
+rule, so a change to any of them re-tokenizes and nothing stale is ever reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from strop.core.io import atomic_dir
+from strop.data.formats import Record
+from strop.data.template import ChatTemplate, encode_text
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class TokenizedSet:
+    """Examples as int32 token arrays and bool loss masks, plus per-example ids and drop counts."""
+
+    ids: list[np.ndarray]
+    trained: list[np.ndarray]
+    example_ids: list[str]
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: list[int]) -> TokenizedSet:
+        return TokenizedSet([self.ids[i] for i in index], [self.trained[i] for i in index],
+                            [self.example_ids[i] for i in index], dict(self.stats))
+
+    @staticmethod
+    def concat(parts: list[TokenizedSet]) -> TokenizedSet:
+        out = TokenizedSet([], [], [], {})
+        for p in parts:
+            out.ids += p.ids
+            out.trained += p.trained
+            out.example_ids += p.example_ids
+            for k, v in p.stats.items():
+                out.stats[k] = out.stats.get(k, 0) + v if isinstance(v, int) else v
+        return out
+
+    def label_tokens(self) -> int:
+        return int(sum(m[1:].sum() for m in self.trained))
+
+
+def tokenize_records(records: list[Record], template: ChatTemplate, max_length: int,
+                     train_on_prompt: bool) -> TokenizedSet:
+    """Encode, truncate to `max_length`, and drop examples whose response was cut away entirely."""
+    out = TokenizedSet([], [], [], {"examples_in": len(records), "truncated": 0, "dropped_no_response": 0})
+    for rec in records:
+        if rec.text is not None:
+            for j, window in enumerate(encode_text(template.tokenizer, rec.text, max_length)):
+                out.ids.append(np.asarray(window, dtype=np.int32))
+                out.trained.append(np.ones(len(window), dtype=bool))
+                out.example_ids.append(rec.id if j == 0 else f"{rec.id}#{j}")
+            continue
+        enc = template.encode(rec.messages, train_on_prompt=train_on_prompt)
+        ids, trained = enc.ids, enc.trained
+        if len(ids) > max_length:
+            out.stats["truncated"] += 1
+            ids, trained = ids[:max_length], trained[:max_length]
+        # the first token is never predicted, so a loss needs a trained token after position 0
+        if not any(trained[1:]):
+            out.stats["dropped_no_response"] += 1
+            continue
+        out.ids.append(np.asarray(ids, dtype=np.int32))
+        out.trained.append(np.asarray(trained, dtype=bool))
+        out.example_ids.append(rec.id)
+    return out
+
+
+def cache_key(parts: dict, files: list[Path]) -> str:
+    h = hashlib.sha256(json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True).encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token])
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("STROP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "strop")
+    return Path(root) / "tokenized"
+
+
+def save_cached(path: Path, ts: TokenizedSet) -> None:
+    lengths = np.asarray([len(x) for x in ts.ids], dtype=np.int64)
+    flat_ids = np.concatenate(ts.ids) if ts.ids else np.zeros(0, np.int32)
+    flat_mask = np.concatenate(ts.trained).astype(np.uint8) if ts.trained else np.zeros(0, np.uint8)
+
+    def fill(tmp: Path) -> None:
+        save_file({"ids": flat_ids, "trained": flat_mask, "lengths": lengths}, str(tmp / "tokens.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"example_ids": ts.example_ids, "stats": ts.stats}))
+
+    atomic_dir(path, fill)
+
+
+def load_cached(path: Path) -> TokenizedSet | None:
+    if not (path / "meta.json").is_file():
+        return None
+    arrays = load_file(str(path / "tokens.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    bounds = np.cumsum(arrays["lengths"])[:-1]
+    ids = np.split(arrays["ids"], bounds) if len(arrays["lengths"]) else []
+    trained = np.split(arrays["trained"].astype(bool), bounds) if len(arrays["lengths"]) else []
+    return TokenizedSet(list(ids), list(trained), meta["example_ids"], meta["stats"])

@@ -1,0 +1,1 @@
+"""Export: merge adapters into the base model (later: GGUF, quantization)."""

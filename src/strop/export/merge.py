@@ -1,0 +1,34 @@
+"""Fold a LoRA adapter into its base model and write a plain transformers model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from strop.core.errors import StropError
+from strop.core.io import atomic_dir
+from strop.models.load import load_causal_lm, load_tokenizer, read_run_model, resolve_source
+
+
+def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
+    run = read_run_model(Path(run_or_model_dir))
+    if run is None:
+        raise StropError(f"{run_or_model_dir}: not a strop run or model folder (no model/strop_model.json)")
+    if run["method"] != "lora":
+        raise StropError(f"{run_or_model_dir}: method {run['method']!r} already saved a full model in "
+                         f"{run['dir']}; there is no adapter to merge")
+    from peft import PeftModel
+
+    base = load_causal_lm(resolve_source(run["base_model"]), torch.device("cpu"), torch.float32)
+    merged = PeftModel.from_pretrained(base, run["dir"]).merge_and_unload()
+    tok = load_tokenizer(run["dir"])
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        meta = {**{k: v for k, v in run.items() if k != "dir"}, "method": "full", "merged_from": run["dir"]}
+        (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
+
+    return atomic_dir(Path(out_dir), fill)

@@ -1,0 +1,1 @@
+"""Objectives. A method is a loss over a batch, not a trainer class."""

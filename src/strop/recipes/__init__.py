@@ -1,0 +1,1 @@
+"""Recipes compose config -> model -> data -> fit -> outputs. One short file per method."""

@@ -1,0 +1,110 @@
+"""Supervised fine-tuning recipe (full, freeze or LoRA): the composition behind `strop train`.
+
+Run directory:
+    config.yaml  data_summary.json  metrics.jsonl  result.json
+    checkpoints/step-NNNNNN/        (resume state, see training/checkpoint.py)
+    model/                          adapter (PEFT format) or full model, tokenizer, strop_model.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strop.core.config import RunConfig, load_config, to_yaml
+from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.errors import StropError
+from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from strop.data.build import build_datasets
+from strop.data.template import ChatTemplate, resolve_template
+from strop.methods import sft
+from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
+from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
+from strop.training.checkpoint import list_checkpoints
+from strop.training.loop import fit
+
+log = logging.getLogger("strop")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict
+    data: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
+          show_progress: bool = True) -> TrainResult:
+    """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint."""
+    t0 = time.time()
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    run_dir = cfg.run_dir
+    ckpts = list_checkpoints(run_dir)
+    if ckpts and json.loads((ckpts[-1] / "state.json").read_text()).get("finished"):
+        raise StropError(f"{run_dir} already holds a finished run; choose another name (--set name=...) "
+                         "or remove that folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    threads = set_threads(cfg.train.threads)
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    source = resolve_source(cfg.model.name)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    template_name, template_src = resolve_template(cfg.data.template, tokenizer)
+    template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
+
+    data = build_datasets(cfg.data, template, cfg.train.seed)
+    data.summary["template"] = template_name
+    atomic_write_json(run_dir / "data_summary.json", data.summary)
+    log.info("data: %d train / %d validation examples, %d label tokens (template %s)",
+             data.summary["train_examples"], data.summary["validation_examples"],
+             data.summary["train_label_tokens"], template_name)
+
+    model = load_causal_lm(source, device, dtype, cfg.model.trust_remote_code)
+    m = cfg.method
+    if m.name == "lora":
+        model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+    elif m.name == "freeze":
+        model = apply_freeze(model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head)
+    else:
+        model = apply_full(model)
+    trainable, total = count_parameters(model)
+    log.info("method %s: %s of %s parameters train (%.2f%%); %s %s, %d threads", m.name, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total, device, str(dtype).replace("torch.", ""), threads)
+
+    result = fit(model, sft.loss, sft.evaluate, data.train, data.validation, cfg.train, cfg.optim, run_dir,
+                 tokenizer.pad_token_id, device, show_progress)
+
+    model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
+    metrics = {**result.final, "steps": result.steps, "best_step": result.best_step,
+               "best_val_loss": result.best_val_loss, "skipped_steps": result.skipped_steps,
+               "stopped_early": result.stopped_early, "trainable_parameters": trainable,
+               "total_parameters": total}
+    seconds = time.time() - t0
+    atomic_write_json(run_dir / "result.json", {"metrics": metrics, "model_dir": str(model_dir),
+                                                "seconds": seconds, "data": data.summary})
+    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds)
+
+
+def export_model(out: Path, model, tokenizer, template: ChatTemplate, cfg: RunConfig, template_name: str) -> Path:
+    """Write the adapter (PEFT format) or the full model, the tokenizer with the training chat template,
+    and `strop_model.json`, atomically."""
+    base = cfg.model.name
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    meta = {"base_model": base, "method": cfg.method.name, "template": template.source,
+            "template_name": template_name, "system_prompt": template.system_prompt}
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.chat_template = template.source
+        tokenizer.save_pretrained(tmp)
+        (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
+
+    return atomic_dir(out, fill)

@@ -1,0 +1,1 @@
+"""The training loop (`fit`), optimizers and schedules, and checkpoints."""

@@ -1,0 +1,123 @@
+"""Checkpoints without pickle: trainable weights, optimizer state and RNG states in safetensors,
+everything else in JSON. Each checkpoint folder appears atomically; older ones are pruned only after
+the new one is complete, keeping the last K and the best.
+
+    run_dir/checkpoints/step-000040/
+        trainable.safetensors   # parameters with requires_grad (LoRA weights, unfrozen blocks, or all)
+        optimizer.safetensors   # per-parameter state tensors, keyed "<index>.<name>"
+        optimizer.json          # param_groups (hyperparameters)
+        rng.safetensors         # torch CPU (and CUDA) generator states
+        state.json              # step, best validation, counters, Python RNG state
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from strop.core.io import atomic_dir
+
+PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{PREFIX}{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    keep_last: int) -> Path:
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    full_state = {**state, "python_rng": _jsonable(random.getstate())}
+
+    def fill(tmp: Path) -> None:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
+
+    path = atomic_dir(checkpoint_dir(run_dir, state["step"]), fill)
+    _prune(run_dir, keep_last, state.get("best_step"))
+    return path
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} has weights this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, optimizer and RNG states; returns the saved loop state."""
+    load_weights(path, model)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    state = json.loads((path / "state.json").read_text())
+    random.setstate(_tupled(state.pop("python_rng")))
+    return state
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous()
+            elif v is not None:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    ckpts = list_checkpoints(run_dir)
+    keep = set(ckpts[-keep_last:])
+    keep |= {p for p in ckpts if best_step is not None and p.name == f"{PREFIX}{best_step:06d}"}
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

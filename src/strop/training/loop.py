@@ -1,0 +1,165 @@
+"""`fit`: the one training loop. accumulate -> clip -> step -> schedule -> log -> eval -> checkpoint.
+
+Every method goes through it; a method only supplies `loss(model, batch) -> (loss_sum, n_tokens)`
+and `evaluate(model, batches) -> metrics`. The loss of an optimizer step is normalized over the label
+tokens of all its micro-batches, so accumulation never changes the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from strop.core.config import OptimConfig, TrainConfig
+from strop.core.errors import TrainingStopped
+from strop.core.metrics import MetricsSink
+from strop.data.batches import BatchPlan, collate, label_count
+from strop.data.tokenized import TokenizedSet
+from strop.training.checkpoint import list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from strop.training.optim import build_optimizer, lr_factor, set_lr
+
+log = logging.getLogger("strop.train")
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
+EvalFn = Callable[[nn.Module, list[dict]], dict]
+
+
+@dataclass
+class FitResult:
+    steps: int
+    final: dict  # last logged training metrics and last validation metrics
+    best_step: int | None
+    best_val_loss: float | None
+    skipped_steps: int
+    stopped_early: bool
+
+
+def total_steps(n_examples: int, train: TrainConfig) -> int:
+    if train.max_steps:
+        return train.max_steps
+    micro_per_epoch = math.ceil(n_examples / train.batch_size)
+    return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
+
+
+def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: TokenizedSet,
+        val_set: TokenizedSet | None, train: TrainConfig, optim: OptimConfig, run_dir: Path,
+        pad_id: int, device: torch.device, show_progress: bool = True) -> FitResult:
+    n_steps = total_steps(len(train_set), train)
+    plan = BatchPlan(len(train_set), train.batch_size, train.seed)
+    optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
+    val_batches = _validation_batches(val_set, train.batch_size, pad_id, device)
+
+    state = {"step": 0, "best_val_loss": None, "best_step": None, "skipped_steps": 0,
+             "evals_since_best": 0, "total_steps": n_steps, "finished": False}
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        state.update(load_checkpoint(ckpts[-1], model, optimizer))
+        log.info("resumed from %s (step %d of %d)", ckpts[-1], state["step"], n_steps)
+    else:
+        torch.manual_seed(train.seed)
+        random.seed(train.seed)
+    sink = MetricsSink(run_dir, resume_step=state["step"])
+
+    model.train()
+    bar = tqdm(total=n_steps, initial=state["step"], desc="train", unit="step", disable=not show_progress,
+               dynamic_ncols=True)
+    final: dict = {}
+    bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
+    while state["step"] < n_steps and not stop_early:
+        step = state["step"]
+        micro = [collate(train_set, plan.micro_batch(step * train.grad_accum + i), pad_id)
+                 for i in range(train.grad_accum)]
+        n_labels = sum(label_count(b) for b in micro)
+        lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
+        set_lr(optimizer, lr)
+
+        loss_sum = 0.0
+        for batch in micro:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            s, _ = loss_fn(model, batch)
+            (s / n_labels).backward()
+            loss_sum += float(s.detach())
+            tokens_since += int(batch["attention_mask"].sum())
+        loss = loss_sum / n_labels
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
+
+        state["step"] = step + 1
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            bad_streak = 0
+            optimizer.step()
+        else:
+            bad_streak += 1
+            state["skipped_steps"] += 1
+            log.warning("step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm)
+            if bad_streak >= train.max_bad_steps:
+                optimizer.zero_grad(set_to_none=True)
+                path = save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
+                sink.close()
+                bar.close()
+                raise TrainingStopped(
+                    f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}. "
+                    f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32.")
+        optimizer.zero_grad(set_to_none=True)
+
+        now = time.perf_counter()
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "label_tokens": n_labels, "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
+        tokens_since = 0
+        if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
+            sink.log(record)
+        final.update(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+
+        last = step + 1 == n_steps
+        improved = False
+        if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
+            metrics = eval_fn(model, val_batches)
+            sink.log({"step": step + 1, **metrics})
+            final.update(metrics)
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            best = state["best_val_loss"]
+            if best is None or metrics["val_loss"] < best - train.early_stopping.min_delta:
+                state.update(best_val_loss=metrics["val_loss"], best_step=step + 1, evals_since_best=0)
+                improved = True
+            else:
+                state["evals_since_best"] += 1
+                patience = train.early_stopping.patience
+                if patience and state["evals_since_best"] >= patience:
+                    stop_early = True
+                    bar.write(f"early stopping: no improvement in {patience} evaluations; "
+                              f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}")
+        state["finished"] = last or stop_early
+        if improved or state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
+            save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
+        t_last = time.perf_counter()  # evaluation and saving are not training throughput
+    bar.close()
+    sink.close()
+
+    if state["best_step"] is not None and state["best_step"] != state["step"]:
+        best_dir = [p for p in list_checkpoints(run_dir) if p.name.endswith(f"{state['best_step']:06d}")]
+        if best_dir:
+            load_weights(best_dir[0], model)
+            log.info("kept the best weights: step %d (val_loss %.4f)", state["best_step"], state["best_val_loss"])
+    return FitResult(state["step"], final, state["best_step"], state["best_val_loss"],
+                     state["skipped_steps"], stop_early)
+
+
+def _validation_batches(val_set: TokenizedSet | None, batch_size: int, pad_id: int,
+                        device: torch.device) -> list[dict]:
+    """Validation batches built once, sorted by length so little compute goes to padding."""
+    if val_set is None or len(val_set) == 0:
+        return []
+    order = sorted(range(len(val_set)), key=lambda i: len(val_set.ids[i]))
+    return [{k: v.to(device) for k, v in collate(val_set, order[i : i + batch_size], pad_id).items()}
+            for i in range(0, len(order), batch_size)]

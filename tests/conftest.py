@@ -1,0 +1,139 @@
+"""Shared fixtures: a network guard, a tiny tokenizer, and tiny random Llama- and GPT-2-style models
+saved as local Hugging Face folders (the same loading path users take)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Arr! Seven times eight be 56, matey. Yo ho ho!",
+    "Write a short poem about the sea. The sea is wide and blue and deep.",
+    "Summarize the text. Translate to French. Explain why the sky is blue.",
+    "instruction input output response assistant user system question answer",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) . , ! ? : ; ' \" # @",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+class NetworkBlocked(OSError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the attempt (and is reported)."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkBlocked("network access is disabled in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(autouse=True)
+def strop_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("STROP_CACHE", str(tmp_path_factory.getbasetemp() / "strop-cache"))
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from strop.data.template import CHATML
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
+                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def build_model(arch: str, vocab_size: int):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _model_dir(root: Path, arch: str) -> Path:
+    out = root / f"tiny-{arch}"
+    if not (out / "config.json").exists():
+        tok = build_tokenizer()
+        model = build_model(arch, len(tok))
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory.getbasetemp(), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory.getbasetemp(), "gpt2")
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tmp_path_factory) -> Path:
+    return _model_dir(tmp_path_factory.getbasetemp(), request.param)
+
+
+ALPACA_ROWS = [
+    {"instruction": f"What is {a} times {b}?", "output": f"Arr! {a} times {b} be {a * b}, matey. Yo ho ho!"}
+    for a in range(2, 7) for b in range(2, 6)
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS)
+
+
+def tiny_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
+    """A run config dict for a tiny model: quick, deterministic, no dropout surprises."""
+    cfg = {
+        "name": "run", "output_dir": str(out),
+        "model": {"name": str(model_dir)},
+        "data": {"train": [str(data)], "val_fraction": 0.2, "max_length": 64,
+                 "cache_dir": str(out / "cache")},
+        "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "optim": {"lr": 1e-2, "schedule": "constant"},
+        "train": {"batch_size": 4, "max_steps": 4, "seed": 0},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
