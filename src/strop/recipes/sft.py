@@ -43,6 +43,7 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint."""
     t0 = time.time()
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     run_dir = cfg.run_dir
     ckpts = list_checkpoints(run_dir)
     if ckpts and json.loads((ckpts[-1] / "state.json").read_text()).get("finished"):

