@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
 from strop.core.errors import StropError
@@ -49,6 +51,8 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     if ckpts and json.loads((ckpts[-1] / "state.json").read_text()).get("finished"):
         raise StropError(f"{run_dir} already holds a finished run; choose another name (--set name=...) "
                          "or remove that folder")
+    if ckpts:
+        _warn_config_changes(run_dir / "config.yaml", cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
@@ -91,6 +95,27 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     atomic_write_json(run_dir / "result.json", {"metrics": metrics, "model_dir": str(model_dir),
                                                 "seconds": seconds, "data": data.summary})
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds)
+
+
+def _warn_config_changes(saved: Path, cfg: RunConfig) -> None:
+    """Resuming with a changed config is allowed (e.g. more steps) but never silent."""
+    if not saved.is_file():
+        return
+    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        log.warning("resuming %s with a changed config: %s", saved.parent,
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def export_model(out: Path, model, tokenizer, template: ChatTemplate, cfg: RunConfig, template_name: str) -> Path:
