@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ALPACA_ROWS, write_jsonl
 
+from conftest import ALPACA_ROWS, write_jsonl
 from strop.core.errors import DataError
 from strop.data.formats import detect_format, to_records
 from strop.data.read import read_rows
@@ -67,8 +67,18 @@ def test_csv_with_excel_byte_order_mark_is_detected(tmp_path):
 def test_csv_row_with_more_values_than_columns_is_an_error(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text("instruction,output\nHello,World\nHi,there,extra\n")
-    with pytest.raises(DataError, match=rf"{f}:3\b"):
+    with pytest.raises(DataError, match="more values than the 2 header columns") as e:
         read_rows(str(f))
+    assert f"{f}:3:" in str(e.value)
+
+
+def test_jsonl_and_json_with_byte_order_mark(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8-sig")
+    assert [r.data for r in read_rows(str(f))] == ROWS
+    g = tmp_path / "d.json"
+    g.write_text(json.dumps(ROWS), encoding="utf-8-sig")
+    assert [r.data for r in read_rows(str(g))] == ROWS
 
 
 def test_parquet(tmp_path):

@@ -6,6 +6,8 @@ Every error names the dotted key and what is allowed, e.g.
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -140,12 +142,19 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}):\n" + "\n".join(lines)
 
 
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars/lists: `3e-4` -> float, `true` -> bool, `[q_proj]` -> list."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; YAML 1.2 and users say float
+    if isinstance(value, str) and _EXP_FLOAT.fullmatch(text.strip()):
+        return float(value)
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -167,7 +176,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from a YAML file (or a dict), applying `key=value` overrides."""
     if isinstance(source, dict):
-        raw, where = dict(source), "dict"
+        raw, where = copy.deepcopy(source), "dict"  # overrides must not change the caller's dict
     else:
         path = Path(source)
         if not path.is_file():

@@ -6,6 +6,7 @@ Each row keeps where it came from (`file:line`) so any later error can point at 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,13 +53,17 @@ def _read_file(f: Path) -> Iterator[Row]:
     elif f.suffix == ".json":
         yield from _read_json(f)
     elif f.suffix == ".csv":
-        with open(f, newline="", encoding="utf-8", errors="strict") as fh:
-            reader = csv.DictReader(fh)
-            try:
-                for rec in reader:
-                    yield Row(dict(rec), f"{f}:{reader.line_num}")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{f}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            text = f.read_bytes().decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
+        except UnicodeDecodeError as e:
+            line = e.object.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{f}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for rec in reader:
+            where = f"{f}:{reader.line_num}"
+            if None in rec:  # csv puts values beyond the header under the key None
+                raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
+            yield Row(dict(rec), where)
     else:
         import pyarrow.parquet as pq
 
@@ -73,7 +78,7 @@ def _read_jsonl(f: Path) -> Iterator[Row]:
                 continue
             where = f"{f}:{n}"
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                obj = json.loads(raw.decode("utf-8-sig"))
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
@@ -85,7 +90,7 @@ def _read_jsonl(f: Path) -> Iterator[Row]:
 
 def _read_json(f: Path) -> Iterator[Row]:
     try:
-        obj = json.loads(f.read_text(encoding="utf-8"))
+        obj = json.loads(f.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{f}: invalid JSON ({e})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):

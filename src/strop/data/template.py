@@ -91,8 +91,22 @@ class ChatTemplate:
             raise DataError(f"chat template failed on a conversation: {e}") from None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation ready for the assistant's next reply (inference)."""
-        return self._tokenize(self.render(messages, add_generation_prompt=True))
+        """Token ids of a conversation ready for the assistant's next reply (inference).
+
+        Earlier assistant turns are tokenized exactly as `encode` does for training (including an EOS
+        it appends when the template emits no end-of-turn), so the history matches what was trained.
+        """
+        messages = list(messages)
+        prompt = self.render(messages, add_generation_prompt=True)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None:
+            done = self.render(messages[: last + 1], add_generation_prompt=False)
+            try:
+                if prompt.startswith(done):
+                    return self.encode(messages[: last + 1]).ids + self._tokenize(prompt[len(done):])
+            except DataError:
+                pass  # a template that can't be trained on (not incremental) still renders for chat
+        return self._tokenize(prompt)
 
     def encode(self, messages: tuple[dict, ...] | list[dict], train_on_prompt: bool = False) -> Encoded:
         """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss.
