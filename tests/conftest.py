@@ -54,11 +54,17 @@ def build_tokenizer():
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(CORPUS, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>",
-                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -69,9 +75,16 @@ def build_model(arch: str, vocab_size: int):
 
     torch.manual_seed(0)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
         return LlamaForCausalLM(cfg)
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(cfg)
@@ -109,7 +122,8 @@ def tiny_model(request, tmp_path_factory) -> Path:
 
 ALPACA_ROWS = [
     {"instruction": f"What is {a} times {b}?", "output": f"Arr! {a} times {b} be {a * b}, matey. Yo ho ho!"}
-    for a in range(2, 7) for b in range(2, 6)
+    for a in range(2, 7)
+    for b in range(2, 6)
 ]
 
 
@@ -126,10 +140,15 @@ def alpaca_file(tmp_path) -> Path:
 def tiny_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
     """A run config dict for a tiny model: quick, deterministic, no dropout surprises."""
     cfg = {
-        "name": "run", "output_dir": str(out),
+        "name": "run",
+        "output_dir": str(out),
         "model": {"name": str(model_dir)},
-        "data": {"train": [str(data)], "val_fraction": 0.2, "max_length": 64,
-                 "cache_dir": str(out / "cache")},
+        "data": {
+            "train": [str(data)],
+            "val_fraction": 0.2,
+            "max_length": 64,
+            "cache_dir": str(out / "cache"),
+        },
         "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "optim": {"lr": 1e-2, "schedule": "constant"},
         "train": {"batch_size": 4, "max_steps": 4, "seed": 0},

@@ -46,7 +46,9 @@ def test_val_split_is_seeded_deterministic_and_disjoint(tmp_path, template):
     assert set(a.train.example_ids).isdisjoint(a.validation.example_ids)
     assert set(a.train.example_ids) | set(a.validation.example_ids) == {f"{f}:{i + 1}" for i in range(n)}
     assert set(c.validation.example_ids) != set(a.validation.example_ids)
-    assert a.summary["train_examples"] == len(a.train) and a.summary["validation_examples"] == len(a.validation)
+    assert a.summary["train_examples"] == len(a.train) and a.summary["validation_examples"] == len(
+        a.validation
+    )
     assert a.summary["train_label_tokens"] == sum(int(m[1:].sum()) for m in a.train.trained) > 0
 
 
@@ -89,7 +91,9 @@ def test_dropped_examples_never_reach_training(tmp_path, template, tokenizer):
 
 
 def test_all_examples_dropped_is_an_error(tmp_path, template):
-    f = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Summarize the text. " * 30, "output": "Arr!"}])
+    f = write_jsonl(
+        tmp_path / "train.jsonl", [{"instruction": "Summarize the text. " * 30, "output": "Arr!"}]
+    )
     with pytest.raises(DataError, match="max_length"):
         build_datasets(data_cfg(tmp_path, [f], max_length=16), template, seed=0)
 
@@ -134,8 +138,11 @@ def test_tokenization_cache_is_invalidated(tmp_path, template, tokenizer, change
     elif change == "train_on_prompt":
         cfg = data_cfg(tmp_path, [f], val_fraction=0.0, train_on_prompt=True)
     else:
-        cfg = DataConfig(train=[{"path": str(f), "fields": {"text": "output"}, "format": "text"}],
-                         cache_dir=cfg.cache_dir, val_fraction=0.0)
+        cfg = DataConfig(
+            train=[{"path": str(f), "fields": {"text": "output"}, "format": "text"}],
+            cache_dir=cfg.cache_dir,
+            val_fraction=0.0,
+        )
     after = build_datasets(cfg, template, seed=0)
     assert [s["cached"] for s in after.summary["sources"]] == [False]
     assert as_lists(after.train) != as_lists(before.train)
@@ -159,7 +166,11 @@ def test_folder_cache_sees_a_new_file(tmp_path, template):
 
 
 def small_set() -> TokenizedSet:
-    ids = [np.array([5, 6, 7, 8, 9], np.int32), np.array([10, 11, 12], np.int32), np.array([13, 14], np.int32)]
+    ids = [
+        np.array([5, 6, 7, 8, 9], np.int32),
+        np.array([10, 11, 12], np.int32),
+        np.array([13, 14], np.int32),
+    ]
     trained = [np.array([0, 0, 1, 1, 1], bool), np.array([0, 1, 0], bool), np.array([1, 1], bool)]
     return TokenizedSet(ids, trained, ["a", "b", "c"])
 
@@ -243,7 +254,9 @@ def test_set_values_are_parsed_as_yaml():
     assert parse_value("8") == 8 and parse_value("true") is True and parse_value("null") is None
     assert parse_value("[q_proj, v_proj]") == ["q_proj", "v_proj"] and parse_value("cosine") == "cosine"
     assert parse_value("1e-4x") == "1e-4x" and parse_value("e5") == "e5" and parse_value("'1e5'") == "1e5"
-    raw = apply_overrides(base(), ["optim.lr=3e-4", "train.max_steps=10", "method.lora.target_modules=[q_proj]"])
+    raw = apply_overrides(
+        base(), ["optim.lr=3e-4", "train.max_steps=10", "method.lora.target_modules=[q_proj]"]
+    )
     assert raw["optim"]["lr"] == 3e-4 and isinstance(raw["optim"]["lr"], float)
     assert raw["train"]["max_steps"] == 10 and raw["method"]["lora"]["target_modules"] == ["q_proj"]
     cfg = load_config(base(), ["optim.lr=3e-4", "data.max_length=128"])

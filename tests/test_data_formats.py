@@ -50,8 +50,10 @@ def test_csv_rows_point_at_their_file_line(tmp_path):
     f = tmp_path / "d.csv"
     f.write_text('instruction,output\nHello,"two\nlines"\nBye,ok\n', newline="")
     rows = read_rows(str(f))
-    assert [r.data for r in rows] == [{"instruction": "Hello", "output": "two\nlines"},
-                                      {"instruction": "Bye", "output": "ok"}]
+    assert [r.data for r in rows] == [
+        {"instruction": "Hello", "output": "two\nlines"},
+        {"instruction": "Bye", "output": "ok"},
+    ]
     assert rows[1].where == f"{f}:4"
     recs, fmt = records(f)
     assert fmt == "alpaca" and recs[0].messages[1]["content"] == "two\nlines"
@@ -114,8 +116,15 @@ def test_missing_file_names_the_path(tmp_path):
 
 def test_invalid_json_line_names_the_exact_line(tmp_path):
     f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n" + '{"instruction": "x", "output": }\n'
-                 + json.dumps(ROWS[2]) + "\n")
+    f.write_text(
+        json.dumps(ROWS[0])
+        + "\n\n"
+        + json.dumps(ROWS[1])
+        + "\n"
+        + '{"instruction": "x", "output": }\n'
+        + json.dumps(ROWS[2])
+        + "\n"
+    )
     with pytest.raises(DataError, match="invalid JSON") as e:
         read_rows(str(f))
     assert f"{f}:4:" in str(e.value)
@@ -156,18 +165,21 @@ def test_unsupported_file_type(tmp_path):
 USER_ASSISTANT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Arr!"}]
 
 
-@pytest.mark.parametrize("row, fmt", [
-    ({"instruction": "a", "output": "b"}, "alpaca"),
-    ({"instruction": "a", "input": "c", "output": "b"}, "alpaca"),
-    ({"messages": USER_ASSISTANT}, "messages"),
-    ({"conversations": USER_ASSISTANT}, "messages"),
-    ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt"),
-    ({"messages": [{"from": "human", "value": "a"}]}, "sharegpt"),
-    ({"prompt": "a", "completion": "b"}, "prompt_completion"),
-    ({"text": "a"}, "text"),
-    ({"question": "a", "answer": "b"}, None),
-    ({"messages": []}, None),
-])
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"instruction": "a", "output": "b"}, "alpaca"),
+        ({"instruction": "a", "input": "c", "output": "b"}, "alpaca"),
+        ({"messages": USER_ASSISTANT}, "messages"),
+        ({"conversations": USER_ASSISTANT}, "messages"),
+        ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt"),
+        ({"messages": [{"from": "human", "value": "a"}]}, "sharegpt"),
+        ({"prompt": "a", "completion": "b"}, "prompt_completion"),
+        ({"text": "a"}, "text"),
+        ({"question": "a", "answer": "b"}, None),
+        ({"messages": []}, None),
+    ],
+)
 def test_detect_format(row, fmt):
     assert detect_format(row) == fmt
 
@@ -176,13 +188,19 @@ def test_alpaca_without_input(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "What is 2 times 3?", "output": "Arr! 6."}])
     (rec,), fmt = records(f)
     assert fmt == "alpaca" and rec.text is None
-    assert list(rec.messages) == [{"role": "user", "content": "What is 2 times 3?"},
-                                  {"role": "assistant", "content": "Arr! 6."}]
+    assert list(rec.messages) == [
+        {"role": "user", "content": "What is 2 times 3?"},
+        {"role": "assistant", "content": "Arr! 6."},
+    ]
 
 
 def test_alpaca_with_input_and_system(tmp_path):
-    row = {"instruction": "Translate to French.", "input": "The sea is blue.", "output": "La mer est bleue.",
-           "system": "Be a pirate."}
+    row = {
+        "instruction": "Translate to French.",
+        "input": "The sea is blue.",
+        "output": "La mer est bleue.",
+        "system": "Be a pirate.",
+    }
     (rec,), _ = records(write_jsonl(tmp_path / "d.jsonl", [row]))
     roles = [m["role"] for m in rec.messages]
     assert roles == ["system", "user", "assistant"]
@@ -200,14 +218,22 @@ def test_alpaca_blank_input_and_system_are_ignored(tmp_path):
 
 
 def test_openai_messages(tmp_path):
-    conv = [{"role": "system", "content": "S"}, *USER_ASSISTANT,
-            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Yo ho!"}]
+    conv = [
+        {"role": "system", "content": "S"},
+        *USER_ASSISTANT,
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Yo ho!"},
+    ]
     (rec,), fmt = records(write_jsonl(tmp_path / "d.jsonl", [{"messages": conv, "id": 7}]))
     assert fmt == "messages" and list(rec.messages) == conv and rec.id == "7"
 
 
 def test_sharegpt_roles_are_mapped(tmp_path):
-    conv = [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Arr!"}]
+    conv = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "Hi?"},
+        {"from": "gpt", "value": "Arr!"},
+    ]
     (rec,), fmt = records(write_jsonl(tmp_path / "d.jsonl", [{"conversations": conv}]))
     assert fmt == "sharegpt"
     assert list(rec.messages) == [{"role": "system", "content": "S"}, *USER_ASSISTANT]
@@ -246,12 +272,15 @@ def test_explicit_format_is_used_instead_of_detection(tmp_path):
     assert fmt == "text" and rec.text == "ignored"
 
 
-@pytest.mark.parametrize("row, field, reason", [
-    ({"instruction": "Hi"}, "output", "missing"),
-    ({"instruction": 5, "output": "x"}, "instruction", "expected a string, got int"),
-    ({"instruction": "Hi", "output": "  \n"}, "output", "empty"),
-    ({"instruction": "Hi", "input": ["x"], "output": "y"}, "input", "expected a string, got list"),
-])
+@pytest.mark.parametrize(
+    "row, field, reason",
+    [
+        ({"instruction": "Hi"}, "output", "missing"),
+        ({"instruction": 5, "output": "x"}, "instruction", "expected a string, got int"),
+        ({"instruction": "Hi", "output": "  \n"}, "output", "empty"),
+        ({"instruction": "Hi", "input": ["x"], "output": "y"}, "input", "expected a string, got list"),
+    ],
+)
 def test_malformed_alpaca_rows_name_file_line_and_field(tmp_path, row, field, reason):
     f = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], row])
     with pytest.raises(DataError) as e:
@@ -261,13 +290,32 @@ def test_malformed_alpaca_rows_name_file_line_and_field(tmp_path, row, field, re
     assert f"{f}:1" not in msg and f"{f}:2" not in msg
 
 
-@pytest.mark.parametrize("conv, field, reason", [
-    ([{"role": "user", "content": "Hi"}, {"role": "pirate", "content": "Arr"}], "messages[1].role", "unknown role"),
-    ([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], "messages", "no assistant turn"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}], "messages[1].content", "empty"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}], "messages[1].content", "string"),
-    ([{"role": "user", "content": "Hi"}, "Arr"], "messages[1]", "expected an object"),
-])
+@pytest.mark.parametrize(
+    "conv, field, reason",
+    [
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "pirate", "content": "Arr"}],
+            "messages[1].role",
+            "unknown role",
+        ),
+        (
+            [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+            "messages",
+            "no assistant turn",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}],
+            "messages[1].content",
+            "empty",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}],
+            "messages[1].content",
+            "string",
+        ),
+        ([{"role": "user", "content": "Hi"}, "Arr"], "messages[1]", "expected an object"),
+    ],
+)
 def test_malformed_conversations_name_file_line_and_field(tmp_path, conv, field, reason):
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": USER_ASSISTANT}, {"messages": conv}])
     with pytest.raises(DataError) as e:
@@ -278,7 +326,9 @@ def test_malformed_conversations_name_file_line_and_field(tmp_path, conv, field,
 def test_sharegpt_unknown_role_names_the_from_field(tmp_path):
     conv = [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Beep"}]
     f = write_jsonl(tmp_path / "d.jsonl", [{"conversations": conv}])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'conversations\[1\]\.from': unknown role 'robot'"):
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:1: field 'conversations\[1\]\.from': unknown role 'robot'"
+    ):
         records(f)
 
 

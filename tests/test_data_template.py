@@ -12,15 +12,22 @@ from strop.data.tokenized import tokenize_records
 SYSTEM = "Be a pirate."
 QUESTION = "What is 7 times 8?"
 ANSWER = "Arr! Seven times eight be 56, matey. Yo ho ho!"
-CONV = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": ANSWER}]
-MULTI = [{"role": "user", "content": "Write a short poem about the sea."},
-         {"role": "assistant", "content": "The sea is wide and blue and deep."},
-         {"role": "user", "content": "Explain why the sky is blue."},
-         {"role": "assistant", "content": "Arr! The sky be blue, matey."}]
+CONV = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": QUESTION},
+    {"role": "assistant", "content": ANSWER},
+]
+MULTI = [
+    {"role": "user", "content": "Write a short poem about the sea."},
+    {"role": "assistant", "content": "The sea is wide and blue and deep."},
+    {"role": "user", "content": "Explain why the sky is blue."},
+    {"role": "assistant", "content": "Arr! The sky be blue, matey."},
+]
 # an incremental template that never emits an end-of-turn token itself
-PLAIN = ("{% for m in messages %}### {{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
-         "{% if add_generation_prompt %}### assistant\n{% endif %}")
+PLAIN = (
+    "{% for m in messages %}### {{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant\n{% endif %}"
+)
 
 
 def spans(tokenizer, enc, value=True) -> list[str]:
@@ -75,7 +82,7 @@ def test_builtin_alpaca_template_ends_responses_with_eos(tokenizer):
     assert trained.startswith(ANSWER) and trained.rstrip().endswith(tokenizer.eos_token)
     trained_ids = [i for i, m in zip(enc.ids, enc.trained, strict=True) if m]
     assert trained_ids.count(tokenizer.eos_token_id) == 1  # from the template; none appended on top
-    after_eos = trained_ids[trained_ids.index(tokenizer.eos_token_id) + 1:]
+    after_eos = trained_ids[trained_ids.index(tokenizer.eos_token_id) + 1 :]
     assert not tokenizer.decode(after_eos).strip()
     prompt = "".join(spans(tokenizer, enc, value=False))
     assert QUESTION in prompt and "### Response:" in prompt and ANSWER not in prompt
@@ -92,13 +99,17 @@ def test_custom_jinja_template_gets_eos_appended_to_each_response(tokenizer):
 
 def test_non_incremental_template_is_a_clear_error(tokenizer):
     # the generation prompt says "Assistant:" but a rendered turn says "assistant:": not a prefix
-    bad = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-           "{% if add_generation_prompt %}Assistant:{% endif %}")
+    bad = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
     template = ChatTemplate(tokenizer, bad)
     with pytest.raises(DataError, match="growing prefixes"):
         template.encode(CONV)
     # such a template can't be trained on, but it still renders prompts for chatting with a model
-    assert tokenizer.decode(template.prompt_ids(MULTI[:3])).endswith("Explain why the sky is blue.\nAssistant:")
+    assert tokenizer.decode(template.prompt_ids(MULTI[:3])).endswith(
+        "Explain why the sky is blue.\nAssistant:"
+    )
 
 
 def test_template_names(tokenizer):

@@ -1,6 +1,6 @@
 """Layering a tool checks: each package imports only from layers below it; siblings stay independent.
 
-    cli -> recipes -> {training | export} -> methods -> models -> data -> core
+cli -> recipes -> {training | export} -> methods -> models -> data -> core
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def test_imports_only_go_down():
             if target not in RANK:
                 violations.append(f"{rel}: imports unknown package strop.{target}")
             elif RANK[target] >= RANK[layer]:
-                violations.append(f"{rel}: {layer} (layer {RANK[layer]}) imports {target} (layer {RANK[target]})")
+                violations.append(
+                    f"{rel}: {layer} (layer {RANK[layer]}) imports {target} (layer {RANK[target]})"
+                )
     assert not violations, "\n".join(violations)
 
 

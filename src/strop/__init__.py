@@ -1,8 +1,8 @@
 """strop: fine-tune language models on your own data, fast on the hardware you have.
 
-    import strop
-    cfg = strop.load_config("my.yaml", ["train.max_steps=100"])
-    result = strop.train(cfg)          # TrainResult(run_dir, model_dir, metrics, data, seconds)
+import strop
+cfg = strop.load_config("my.yaml", ["train.max_steps=100"])
+result = strop.train(cfg)          # TrainResult(run_dir, model_dir, metrics, data, seconds)
 """
 
 from __future__ import annotations

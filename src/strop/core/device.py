@@ -19,7 +19,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device: 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')")
+        raise ConfigError(
+            "model.device: 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')"
+        )
     return torch.device(name)
 
 

@@ -13,8 +13,11 @@ class MetricsSink:
         self.path = run_dir / "metrics.jsonl"
         if resume_step and self.path.exists():
             # drop records written after the checkpoint we resume from, so the file matches one run
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()

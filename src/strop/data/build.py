@@ -36,7 +36,9 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
     sources: list[dict] = []
     train = TokenizedSet.concat([_load_source(s, cfg, template, sources, "train") for s in cfg.train])
     if cfg.validation:
-        val = TokenizedSet.concat([_load_source(s, cfg, template, sources, "validation") for s in cfg.validation])
+        val = TokenizedSet.concat(
+            [_load_source(s, cfg, template, sources, "validation") for s in cfg.validation]
+        )
     elif cfg.val_fraction > 0 and len(train) >= 2:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -51,8 +53,10 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
         removed = len(val) - len(keep)
         val = val.subset(keep) if keep else None
     if len(train) == 0:
-        raise DataError("no training examples left after tokenization (all responses truncated away?); "
-                        "raise data.max_length")
+        raise DataError(
+            "no training examples left after tokenization (all responses truncated away?); "
+            "raise data.max_length"
+        )
     summary = {
         "sources": sources,
         "train_examples": len(train),
@@ -66,15 +70,22 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
     return Datasets(train, val, summary)
 
 
-def _load_source(src: DatasetSource, cfg: DataConfig, template: ChatTemplate, report: list, split: str
-                 ) -> TokenizedSet:
+def _load_source(
+    src: DatasetSource, cfg: DataConfig, template: ChatTemplate, report: list, split: str
+) -> TokenizedSet:
     path = Path(src.path).expanduser()
     files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES) if path.is_dir() else [path]
     local = all(f.is_file() for f in files)
     key_parts = {
-        "path": str(path.resolve()) if local else src.path, "format": src.format, "fields": src.fields,
-        "split": src.split, "limit": src.limit, "tokenizer": tokenizer_fingerprint(template.tokenizer),
-        "template": template.source, "system": template.system_prompt, "max_length": cfg.max_length,
+        "path": str(path.resolve()) if local else src.path,
+        "format": src.format,
+        "fields": src.fields,
+        "split": src.split,
+        "limit": src.limit,
+        "tokenizer": tokenizer_fingerprint(template.tokenizer),
+        "template": template.source,
+        "system": template.system_prompt,
+        "max_length": cfg.max_length,
         "train_on_prompt": cfg.train_on_prompt,
     }
     cache = None
@@ -91,8 +102,12 @@ def _load_source(src: DatasetSource, cfg: DataConfig, template: ChatTemplate, re
     ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
     ts.stats.update({"rows": len(rows), "format": fmt, "format_detected": how == "detected"})
     if ts.stats["dropped_no_response"]:
-        log.warning("data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
-                    src.path, ts.stats["dropped_no_response"], cfg.max_length)
+        log.warning(
+            "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
+            src.path,
+            ts.stats["dropped_no_response"],
+            cfg.max_length,
+        )
     if cache is not None:
         save_cached(cache, ts)
     report.append({"path": src.path, "split": split, **ts.stats, "cached": False})

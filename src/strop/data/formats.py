@@ -12,8 +12,16 @@ from strop.core.errors import DataError
 from strop.data.read import Row
 
 ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,11 @@ def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -
             errors.append(f"{row.where}: field {e.field!r}: {e.reason}")
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise DataError(f"{len(errors)} malformed row(s) in {source} (format {fmt}):\n  "
-                        + "\n  ".join(errors[:10]) + more)
+        raise DataError(
+            f"{len(errors)} malformed row(s) in {source} (format {fmt}):\n  "
+            + "\n  ".join(errors[:10])
+            + more
+        )
     return records, fmt
 
 
@@ -109,8 +120,10 @@ def _alpaca(data: dict, rid: str) -> Record:
 
 
 def _prompt_completion(data: dict, rid: str) -> Record:
-    msgs = ({"role": "user", "content": _text(data, "prompt")},
-            {"role": "assistant", "content": _text(data, "completion")})
+    msgs = (
+        {"role": "user", "content": _text(data, "prompt")},
+        {"role": "assistant", "content": _text(data, "completion")},
+    )
     return Record(rid, messages=msgs)
 
 
@@ -150,5 +163,10 @@ def _plain_text(data: dict, rid: str) -> Record:
     return Record(rid, text=_text(data, "text"))
 
 
-_CONVERTERS = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt,
-               "prompt_completion": _prompt_completion, "text": _plain_text}
+_CONVERTERS = {
+    "alpaca": _alpaca,
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "prompt_completion": _prompt_completion,
+    "text": _plain_text,
+}

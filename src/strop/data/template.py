@@ -58,7 +58,9 @@ def resolve_template(name: str, tokenizer) -> tuple[str, str]:
         return name, BUILTIN[name]
     if "{{" in name or "{%" in name:
         return "custom", name
-    raise ConfigError(f"data.template: expected 'auto', {', '.join(map(repr, BUILTIN))} or a Jinja string, got {name!r}")
+    raise ConfigError(
+        f"data.template: expected 'auto', {', '.join(map(repr, BUILTIN))} or a Jinja string, got {name!r}"
+    )
 
 
 @dataclass
@@ -84,8 +86,10 @@ class ChatTemplate:
         tok = self.tokenizer
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=tok.bos_token or "",
+                eos_token=tok.eos_token or "",
             )
         except jinja2.TemplateError as e:
             raise DataError(f"chat template failed on a conversation: {e}") from None
@@ -103,7 +107,7 @@ class ChatTemplate:
             done = self.render(messages[: last + 1], add_generation_prompt=False)
             try:
                 if prompt.startswith(done):
-                    return self.encode(messages[: last + 1]).ids + self._tokenize(prompt[len(done):])
+                    return self.encode(messages[: last + 1]).ids + self._tokenize(prompt[len(done) :])
             except DataError:
                 pass  # a template that can't be trained on (not incremental) still renders for chat
         return self._tokenize(prompt)
@@ -123,13 +127,15 @@ class ChatTemplate:
             before = self.render(messages[:k], add_generation_prompt=True)
             after = self.render(messages[: k + 1], add_generation_prompt=False)
             if not (before.startswith(done) and after.startswith(before)):
-                raise DataError("the chat template does not render conversations as growing prefixes; "
-                                "choose data.template: chatml or alpaca")
-            pieces += [(before[len(done):], False), (after[len(before):], True)]
+                raise DataError(
+                    "the chat template does not render conversations as growing prefixes; "
+                    "choose data.template: chatml or alpaca"
+                )
+            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
             done = after
         full = self.render(messages, add_generation_prompt=False)
-        if full[len(done):]:
-            pieces.append((full[len(done):], False))
+        if full[len(done) :]:
+            pieces.append((full[len(done) :], False))
 
         ids: list[int] = []
         trained: list[bool] = []
@@ -169,4 +175,6 @@ def encode_text(tokenizer, text: str, max_length: int) -> list[list[int]]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return [ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+    return [
+        ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1
+    ]

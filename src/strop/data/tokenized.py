@@ -35,8 +35,12 @@ class TokenizedSet:
         return len(self.ids)
 
     def subset(self, index: list[int]) -> TokenizedSet:
-        return TokenizedSet([self.ids[i] for i in index], [self.trained[i] for i in index],
-                            [self.example_ids[i] for i in index], dict(self.stats))
+        return TokenizedSet(
+            [self.ids[i] for i in index],
+            [self.trained[i] for i in index],
+            [self.example_ids[i] for i in index],
+            dict(self.stats),
+        )
 
     @staticmethod
     def concat(parts: list[TokenizedSet]) -> TokenizedSet:
@@ -53,8 +57,9 @@ class TokenizedSet:
         return int(sum(m[1:].sum() for m in self.trained))
 
 
-def tokenize_records(records: list[Record], template: ChatTemplate, max_length: int,
-                     train_on_prompt: bool) -> TokenizedSet:
+def tokenize_records(
+    records: list[Record], template: ChatTemplate, max_length: int, train_on_prompt: bool
+) -> TokenizedSet:
     """Encode, truncate to `max_length`, and drop examples whose response was cut away entirely."""
     out = TokenizedSet([], [], [], {"examples_in": len(records), "truncated": 0, "dropped_no_response": 0})
     for rec in records:
@@ -106,7 +111,9 @@ def save_cached(path: Path, ts: TokenizedSet) -> None:
     flat_mask = np.concatenate(ts.trained).astype(np.uint8) if ts.trained else np.zeros(0, np.uint8)
 
     def fill(tmp: Path) -> None:
-        save_file({"ids": flat_ids, "trained": flat_mask, "lengths": lengths}, str(tmp / "tokens.safetensors"))
+        save_file(
+            {"ids": flat_ids, "trained": flat_mask, "lengths": lengths}, str(tmp / "tokens.safetensors")
+        )
         (tmp / "meta.json").write_text(json.dumps({"example_ids": ts.example_ids, "stats": ts.stats}))
 
     atomic_dir(path, fill)

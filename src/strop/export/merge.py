@@ -17,8 +17,13 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
     if run is None:
         raise StropError(f"{run_or_model_dir}: not a strop run or model folder (no model/strop_model.json)")
     if run["method"] != "lora":
-        raise StropError(f"{run_or_model_dir}: method {run['method']!r} already saved a full model in "
-                         f"{run['dir']}; there is no adapter to merge")
+        raise StropError(
+            f"{run_or_model_dir}: method {run['method']!r} already saved a full model in "
+            f"{run['dir']}; there is no adapter to merge"
+        )
+    out = Path(out_dir).expanduser().resolve()
+    if out == Path(run["dir"]).resolve() or out in Path(run["dir"]).resolve().parents:
+        raise StropError(f"{out_dir}: the merged model must go to a new folder, not into the run itself")
     from peft import PeftModel
 
     base = load_causal_lm(resolve_source(run["base_model"]), torch.device("cpu"), torch.float32)

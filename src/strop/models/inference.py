@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from strop.core.device import resolve_device, resolve_dtype
+from strop.core.errors import StropError
 from strop.data.template import ChatTemplate, resolve_template
 from strop.models.load import load_causal_lm, load_tokenizer, read_run_model, resolve_source
 
@@ -22,11 +23,17 @@ class Loaded:
     description: str
 
 
-def load_for_inference(target: str, device: str = "auto", dtype: str = "auto",
-                       trust_remote_code: bool = False) -> Loaded:
+def load_for_inference(
+    target: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> Loaded:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     run = read_run_model(Path(target)) if Path(target).is_dir() else None
+    if run is None and (Path(target) / "config.yaml").is_file() and (Path(target) / "checkpoints").is_dir():
+        raise StropError(
+            f"{target}: this run has not exported a model yet (it is unfinished); finish it with "
+            f"`strop train --resume {target}`"
+        )
     if run is None:
         source = resolve_source(target)
         tok = load_tokenizer(source, trust_remote_code)

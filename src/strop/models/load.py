@@ -32,7 +32,9 @@ def resolve_source(name: str) -> str:
         return str(out if (out / "config.json").is_file() else convert_gguf(p, out))
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise StropError(f"model.name: {p} is a folder but holds no config.json (not a Hugging Face model)")
+            raise StropError(
+                f"model.name: {p} is a folder but holds no config.json (not a Hugging Face model)"
+            )
         return str(p)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         _require_hub(name)
@@ -45,9 +47,11 @@ def resolve_source(name: str) -> str:
 
 def _require_hub(repo_id: str) -> None:
     """Fail at once, with a way forward, when the hub cannot be reached (instead of ~30 s of retries)."""
-    hint = (f"model.name: {repo_id!r} looks like a Hugging Face hub id, but the hub is not reachable "
-            "({why}). Download it on a connected machine (huggingface-cli download {id} --local-dir DIR) "
-            "and set model.name to that local folder, or use a catalogue model: {cat}")
+    hint = (
+        f"model.name: {repo_id!r} looks like a Hugging Face hub id, but the hub is not reachable "
+        "({why}). Download it on a connected machine (huggingface-cli download {id} --local-dir DIR) "
+        "and set model.name to that local folder, or use a catalogue model: {cat}"
+    )
     cached = _hub_cache_has(repo_id)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         if cached:

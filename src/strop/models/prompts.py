@@ -15,7 +15,11 @@ def read_prompts(path: str) -> list[dict]:
         raise DataError(f"prompts file not found: {p}")
     if p.suffix == ".txt":
         lines = [(n, line.strip()) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)]
-        return [{"id": f"{p.name}:{n}", "messages": [{"role": "user", "content": text}]} for n, text in lines if text]
+        return [
+            {"id": f"{p.name}:{n}", "messages": [{"role": "user", "content": text}]}
+            for n, text in lines
+            if text
+        ]
     items = []
     for row in read_rows(str(p)):
         d = row.data
@@ -28,7 +32,12 @@ def read_prompts(path: str) -> list[dict]:
             msgs = [{"role": "user", "content": d["prompt"]}]
         elif isinstance(d.get("instruction"), str):
             extra = d.get("input") or ""
-            msgs = [{"role": "user", "content": f"{d['instruction']}\n\n{extra}" if extra.strip() else d["instruction"]}]
+            msgs = [
+                {
+                    "role": "user",
+                    "content": f"{d['instruction']}\n\n{extra}" if extra.strip() else d["instruction"],
+                }
+            ]
         else:
             raise DataError(f"{row.where}: expected a 'prompt', 'messages' or 'instruction' field")
         if not msgs or any(not isinstance(m.get("content"), str) for m in msgs):

@@ -17,8 +17,11 @@ log = logging.getLogger("strop.models")
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer blocks: the longest ModuleList (model.layers, transformer.h, ...)."""
-    best = max(((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)),
-               key=lambda nm: len(nm[1]), default=None)
+    best = max(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)),
+        key=lambda nm: len(nm[1]),
+        default=None,
+    )
     if best is None:
         raise ConfigError("method.freeze: could not find the model's list of transformer blocks")
     return best
@@ -29,12 +32,13 @@ def apply_full(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_freeze(model: nn.Module, train_last_n_blocks: int, train_patterns: list[str],
-                 train_lm_head: bool) -> nn.Module:
+def apply_freeze(
+    model: nn.Module, train_last_n_blocks: int, train_patterns: list[str], train_lm_head: bool
+) -> nn.Module:
     model.requires_grad_(False)
     prefix, blocks = decoder_blocks(model)
     n = min(train_last_n_blocks, len(blocks))
-    for block in list(blocks)[len(blocks) - n:]:
+    for block in list(blocks)[len(blocks) - n :]:
         block.requires_grad_(True)
     patterns = [re.compile(p) for p in train_patterns]
     for name, p in model.named_parameters():
@@ -43,17 +47,25 @@ def apply_freeze(model: nn.Module, train_last_n_blocks: int, train_patterns: lis
     if train_lm_head:
         model.get_output_embeddings().requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("method.freeze: nothing left to train; raise train_last_n_blocks or add train_patterns")
-    log.info("freeze: training the last %d of %d blocks in %s%s", n, len(blocks), prefix,
-             f" and parameters matching {train_patterns}" if train_patterns else "")
+        raise ConfigError(
+            "method.freeze: nothing left to train; raise train_last_n_blocks or add train_patterns"
+        )
+    log.info(
+        "freeze: training the last %d of %d blocks in %s%s",
+        n,
+        len(blocks),
+        prefix,
+        f" and parameters matching {train_patterns}" if train_patterns else "",
+    )
     return model
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: str | list[str]):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -17,14 +17,21 @@ HERE = resources.files("strop.recipes")
 
 def run_quickstart(overrides: list[str] | None = None, show_progress: bool = True) -> dict:
     t0 = time.time()
-    cfg = load_config(str(HERE / "configs" / "quickstart.yaml"),
-                      [f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}", *(overrides or [])])
-    print(f"strop quickstart: LoRA-tuning {cfg.model.name} to answer in a pirate voice "
-          f"({cfg.train.max_steps} steps); run directory {cfg.run_dir}")
+    cfg = load_config(
+        str(HERE / "configs" / "quickstart.yaml"),
+        [f"name=quickstart-{time.strftime('%Y%m%d-%H%M%S')}", *(overrides or [])],
+    )
+    print(
+        f"strop quickstart: LoRA-tuning {cfg.model.name} to answer in a pirate voice "
+        f"({cfg.train.max_steps} steps); run directory {cfg.run_dir}"
+    )
     result = train(cfg, show_progress=show_progress)
 
-    prompts = [line.strip() for line in (HERE / "data" / "pirate_voice_prompts.txt").read_text().splitlines()
-               if line.strip()]
+    prompts = [
+        line.strip()
+        for line in (HERE / "data" / "pirate_voice_prompts.txt").read_text().splitlines()
+        if line.strip()
+    ]
     convs = [[{"role": "user", "content": p}] for p in prompts]
     loaded = load_for_inference(str(result.run_dir), device=cfg.model.device, dtype=cfg.model.dtype)
     tuned = generate(loaded.model, loaded.template, convs, max_new_tokens=64)
@@ -41,8 +48,10 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
     m = result.metrics
     print(f"replies in the trained voice: tuned {voiced[0]}/{len(prompts)}, base {voiced[1]}/{len(prompts)}")
     print(f"validation loss {m.get('val_loss', float('nan')):.3f}; total time {time.time() - t0:.0f} s")
-    print(f"run directory: {result.run_dir}\n  chat with it:  strop chat {result.run_dir}\n"
-          f"  merge it:      strop merge {result.run_dir} merged-model")
+    print(
+        f"run directory: {result.run_dir}\n  chat with it:  strop chat {result.run_dir}\n"
+        f"  merge it:      strop merge {result.run_dir} merged-model"
+    )
     return {"base": base, "tuned": tuned, "prompts": prompts, "result": result, "seconds": time.time() - t0}
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from strop.core.config import RunConfig, load_config, to_yaml
@@ -40,8 +41,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None,
-          show_progress: bool = True) -> TrainResult:
+def train(
+    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
+) -> TrainResult:
     """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint."""
     t0 = time.time()
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -49,8 +51,10 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     run_dir = cfg.run_dir
     ckpts = list_checkpoints(run_dir)
     if ckpts and json.loads((ckpts[-1] / "state.json").read_text()).get("finished"):
-        raise StropError(f"{run_dir} already holds a finished run; choose another name (--set name=...) "
-                         "or remove that folder")
+        raise StropError(
+            f"{run_dir} already holds a finished run; choose another name (--set name=...) "
+            "or remove that folder"
+        )
     if ckpts:
         _warn_config_changes(run_dir / "config.yaml", cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,33 +71,67 @@ def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = N
     data = build_datasets(cfg.data, template, cfg.train.seed)
     data.summary["template"] = template_name
     atomic_write_json(run_dir / "data_summary.json", data.summary)
-    log.info("data: %d train / %d validation examples, %d label tokens (template %s)",
-             data.summary["train_examples"], data.summary["validation_examples"],
-             data.summary["train_label_tokens"], template_name)
+    log.info(
+        "data: %d train / %d validation examples, %d label tokens (template %s)",
+        data.summary["train_examples"],
+        data.summary["validation_examples"],
+        data.summary["train_label_tokens"],
+        template_name,
+    )
 
+    torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
     model = load_causal_lm(source, device, dtype, cfg.model.trust_remote_code)
     m = cfg.method
     if m.name == "lora":
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     elif m.name == "freeze":
-        model = apply_freeze(model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head)
+        model = apply_freeze(
+            model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head
+        )
     else:
         model = apply_full(model)
     trainable, total = count_parameters(model)
-    log.info("method %s: %s of %s parameters train (%.2f%%); %s %s, %d threads", m.name, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total, device, str(dtype).replace("torch.", ""), threads)
+    log.info(
+        "method %s: %s of %s parameters train (%.2f%%); %s %s, %d threads",
+        m.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        device,
+        str(dtype).replace("torch.", ""),
+        threads,
+    )
 
-    result = fit(model, sft.loss, sft.evaluate, data.train, data.validation, cfg.train, cfg.optim, run_dir,
-                 tokenizer.pad_token_id, device, show_progress)
+    result = fit(
+        model,
+        sft.loss,
+        sft.evaluate,
+        data.train,
+        data.validation,
+        cfg.train,
+        cfg.optim,
+        run_dir,
+        tokenizer.pad_token_id,
+        device,
+        show_progress,
+    )
 
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics = {**result.final, "steps": result.steps, "best_step": result.best_step,
-               "best_val_loss": result.best_val_loss, "skipped_steps": result.skipped_steps,
-               "stopped_early": result.stopped_early, "trainable_parameters": trainable,
-               "total_parameters": total}
+    metrics = {
+        **result.final,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val_loss": result.best_val_loss,
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
     seconds = time.time() - t0
-    atomic_write_json(run_dir / "result.json", {"metrics": metrics, "model_dir": str(model_dir),
-                                                "seconds": seconds, "data": data.summary})
+    atomic_write_json(
+        run_dir / "result.json",
+        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
+    )
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds)
 
 
@@ -104,8 +142,11 @@ def _warn_config_changes(saved: Path, cfg: RunConfig) -> None:
     old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
-        log.warning("resuming %s with a changed config: %s", saved.parent,
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+        log.warning(
+            "resuming %s with a changed config: %s",
+            saved.parent,
+            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed),
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -118,14 +159,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def export_model(out: Path, model, tokenizer, template: ChatTemplate, cfg: RunConfig, template_name: str) -> Path:
+def export_model(
+    out: Path, model, tokenizer, template: ChatTemplate, cfg: RunConfig, template_name: str
+) -> Path:
     """Write the adapter (PEFT format) or the full model, the tokenizer with the training chat template,
     and `strop_model.json`, atomically."""
     base = cfg.model.name
     if Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
-    meta = {"base_model": base, "method": cfg.method.name, "template": template.source,
-            "template_name": template_name, "system_prompt": template.system_prompt}
+    meta = {
+        "base_model": base,
+        "method": cfg.method.name,
+        "template": template.source,
+        "template_name": template_name,
+        "system_prompt": template.system_prompt,
+    }
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -35,11 +35,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    keep_last: int) -> Path:
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Remove temporary folders a hard-killed save left behind (complete checkpoints are never touched)."""
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep_last: int
+) -> Path:
     trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     rng = {"torch_cpu": torch.get_rng_state()}

@@ -24,7 +24,13 @@ from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
 from strop.data.tokenized import TokenizedSet
-from strop.training.checkpoint import list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from strop.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from strop.training.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("strop.train")
@@ -50,16 +56,35 @@ def total_steps(n_examples: int, train: TrainConfig) -> int:
     return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
 
 
-def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: TokenizedSet,
-        val_set: TokenizedSet | None, train: TrainConfig, optim: OptimConfig, run_dir: Path,
-        pad_id: int, device: torch.device, show_progress: bool = True) -> FitResult:
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    eval_fn: EvalFn,
+    train_set: TokenizedSet,
+    val_set: TokenizedSet | None,
+    train: TrainConfig,
+    optim: OptimConfig,
+    run_dir: Path,
+    pad_id: int,
+    device: torch.device,
+    show_progress: bool = True,
+) -> FitResult:
     n_steps = total_steps(len(train_set), train)
     plan = BatchPlan(len(train_set), train.batch_size, train.seed)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     val_batches = _validation_batches(val_set, train.batch_size, pad_id, device)
 
-    state = {"step": 0, "best_val_loss": None, "best_step": None, "skipped_steps": 0,
-             "evals_since_best": 0, "total_steps": n_steps, "finished": False}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(run_dir)
+    state = {
+        "step": 0,
+        "best_val_loss": None,
+        "best_step": None,
+        "skipped_steps": 0,
+        "evals_since_best": 0,
+        "total_steps": n_steps,
+        "finished": False,
+    }
     ckpts = list_checkpoints(run_dir)
     if ckpts:
         state.update(load_checkpoint(ckpts[-1], model, optimizer))
@@ -70,14 +95,22 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
     sink = MetricsSink(run_dir, resume_step=state["step"])
 
     model.train()
-    bar = tqdm(total=n_steps, initial=state["step"], desc="train", unit="step", disable=not show_progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=n_steps,
+        initial=state["step"],
+        desc="train",
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     final: dict = {}
     bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
     while state["step"] < n_steps and not stop_early:
         step = state["step"]
-        micro = [collate(train_set, plan.micro_batch(step * train.grad_accum + i), pad_id)
-                 for i in range(train.grad_accum)]
+        micro = [
+            collate(train_set, plan.micro_batch(step * train.grad_accum + i), pad_id)
+            for i in range(train.grad_accum)
+        ]
         n_labels = sum(label_count(b) for b in micro)
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
@@ -100,7 +133,9 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
         else:
             bad_streak += 1
             state["skipped_steps"] += 1
-            log.warning("step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm)
+            log.warning(
+                "step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm
+            )
             if bad_streak >= train.max_bad_steps:
                 optimizer.zero_grad(set_to_none=True)
                 path = save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
@@ -108,12 +143,19 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
                 bar.close()
                 raise TrainingStopped(
                     f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}. "
-                    f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32.")
+                    f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32."
+                )
         optimizer.zero_grad(set_to_none=True)
 
         now = time.perf_counter()
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "label_tokens": n_labels, "tokens_per_s": tokens_since / max(now - t_last, 1e-9)}
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "label_tokens": n_labels,
+            "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+        }
         tokens_since = 0
         if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
             sink.log(record)
@@ -129,7 +171,8 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
             final.update(metrics)
             bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             best = state["best_val_loss"]
-            if best is None or metrics["val_loss"] < best - train.early_stopping.min_delta:
+            val = metrics["val_loss"]
+            if math.isfinite(val) and (best is None or val < best - train.early_stopping.min_delta):
                 state.update(best_val_loss=metrics["val_loss"], best_step=step + 1, evals_since_best=0)
                 improved = True
             else:
@@ -137,8 +180,10 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
                 patience = train.early_stopping.patience
                 if patience and state["evals_since_best"] >= patience:
                     stop_early = True
-                    bar.write(f"early stopping: no improvement in {patience} evaluations; "
-                              f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}")
+                    bar.write(
+                        f"early stopping: no improvement in {patience} evaluations; "
+                        f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}"
+                    )
         state["finished"] = last or stop_early
         if improved or state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
             save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
@@ -150,16 +195,22 @@ def fit(model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn, train_set: Tokenized
         best_dir = [p for p in list_checkpoints(run_dir) if p.name.endswith(f"{state['best_step']:06d}")]
         if best_dir:
             load_weights(best_dir[0], model)
-            log.info("kept the best weights: step %d (val_loss %.4f)", state["best_step"], state["best_val_loss"])
-    return FitResult(state["step"], final, state["best_step"], state["best_val_loss"],
-                     state["skipped_steps"], stop_early)
+            log.info(
+                "kept the best weights: step %d (val_loss %.4f)", state["best_step"], state["best_val_loss"]
+            )
+    return FitResult(
+        state["step"], final, state["best_step"], state["best_val_loss"], state["skipped_steps"], stop_early
+    )
 
 
-def _validation_batches(val_set: TokenizedSet | None, batch_size: int, pad_id: int,
-                        device: torch.device) -> list[dict]:
+def _validation_batches(
+    val_set: TokenizedSet | None, batch_size: int, pad_id: int, device: torch.device
+) -> list[dict]:
     """Validation batches built once, sorted by length so little compute goes to padding."""
     if val_set is None or len(val_set) == 0:
         return []
     order = sorted(range(len(val_set)), key=lambda i: len(val_set.ids[i]))
-    return [{k: v.to(device) for k, v in collate(val_set, order[i : i + batch_size], pad_id).items()}
-            for i in range(0, len(order), batch_size)]
+    return [
+        {k: v.to(device) for k, v in collate(val_set, order[i : i + batch_size], pad_id).items()}
+        for i in range(0, len(order), batch_size)
+    ]

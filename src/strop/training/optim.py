@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float], momentum: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], momentum: float
+) -> torch.optim.Optimizer:
     """Biases and norm weights (1-D parameters) get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
