@@ -90,3 +90,19 @@ def _metrics(run_dir):
     from strop.core.metrics import read_metrics
 
     return read_metrics(run_dir)
+
+
+def test_quickstart_teaches_the_voice_on_held_out_prompts(tmp_path, monkeypatch, capsys):
+    """The default job as users run it: the tuned model answers unseen prompts in the trained voice
+    ("Arr! ... Yo ho ho!"), the base model does not."""
+    from strop.recipes.quickstart import run_quickstart
+
+    monkeypatch.chdir(tmp_path)
+    out = run_quickstart(show_progress=False)
+    tuned_voiced = sum(t.startswith("Arr!") and t.rstrip().endswith("Yo ho ho!") for t in out["tuned"])
+    base_voiced = sum(b.startswith("Arr!") for b in out["base"])
+    with capsys.disabled():
+        print(f"\nquickstart: {out['seconds']:.0f} s; in voice: tuned {tuned_voiced}/6, base {base_voiced}/6")
+    assert len(out["prompts"]) == 6
+    assert tuned_voiced >= 5 and base_voiced == 0, (out["tuned"], out["base"])
+    assert (out["result"].run_dir / "model" / "adapter_model.safetensors").is_file()
