@@ -89,6 +89,14 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _betas_need_adam(self) -> OptimConfig:
+        if self.name == "sgd" and "betas" in self.model_fields_set:
+            raise ValueError(
+                "betas are only used by adam/adamw; remove optim.betas or choose optim.name: adamw"
+            )
+        return self
+
 
 class EarlyStopping(Section):
     patience: int | None = Field(None, ge=1, description="evaluations without improvement before stopping")
@@ -119,12 +127,6 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> RunConfig:
-        if self.optim.name == "sgd" and self.optim.betas != (0.9, 0.999):
-            raise ValueError("optim.betas: only used by adam/adamw; remove it or choose optim.name: adamw")
-        return self
-
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -142,6 +144,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"{e['msg'].replace('Input should be', 'expected')}, got {got!r}"
         elif kind == "missing":
             msg = "required key is missing"
+        elif kind == "value_error":
+            msg = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
         else:
             msg = f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
         lines.append(f"  {key}: {msg}")

@@ -22,6 +22,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError(
             "model.device: 'cuda' was asked for but no CUDA device is available (use 'auto' or 'cpu')"
         )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            "model.device: 'mps' was asked for but no Apple GPU is available (use 'auto' or 'cpu')"
+        )
     return torch.device(name)
 
 
@@ -57,6 +63,7 @@ def _core_id(block: str) -> tuple[str | None, str | None]:
 
 
 def set_threads(threads: int | None) -> int:
-    n = threads or physical_cores()
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = threads or min(physical_cores(), allowed)
     torch.set_num_threads(n)
     return n

@@ -40,10 +40,9 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
             [_load_source(s, cfg, template, sources, "validation") for s in cfg.validation]
         )
     elif cfg.val_fraction > 0 and len(train) >= 2:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(len(train) * cfg.val_fraction))
-        val, train = train.subset(sorted(order[:n_val])), train.subset(sorted(order[n_val:]))
+        val_index = _held_out(train.example_ids, cfg.val_fraction, seed)
+        train_index = sorted(set(range(len(train))) - set(val_index))
+        val, train = train.subset(val_index), train.subset(train_index)
     else:
         val = None
     removed = 0
@@ -68,6 +67,22 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
     if removed:
         log.warning("removed %d validation example(s) that duplicate training examples", removed)
     return Datasets(train, val, summary)
+
+
+def _held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
+    """A seeded random fraction of examples, whole documents at a time: the windows of one long text
+    ("id", "id#1", ...) stay on one side, so validation never sees text it trained on."""
+    groups: dict[str, list[int]] = {}
+    for i, eid in enumerate(example_ids):
+        groups.setdefault(eid.split("#", 1)[0], []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    target, picked = max(1, round(len(example_ids) * fraction)), []
+    for k in keys:
+        if len(picked) >= target or len(picked) + len(groups[k]) >= len(example_ids):
+            break
+        picked += groups[k]
+    return sorted(picked)
 
 
 def _load_source(

@@ -6,7 +6,7 @@ prompt_completion, text. Field names can be mapped; the format is detected from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from strop.core.errors import DataError
 from strop.data.read import Row
@@ -29,6 +29,7 @@ class Record:
     id: str
     messages: tuple[dict, ...] | None = None  # ({"role": ..., "content": ...}, ...)
     text: str | None = None
+    where: str = ""  # "file:line" of the row, for errors found later (e.g. by the template)
 
 
 def detect_format(row: dict) -> str | None:
@@ -50,6 +51,12 @@ def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -
     """Convert rows; returns the records and the format used (detected when `fmt == 'auto'`)."""
     if not rows:
         raise DataError(f"{source}: no rows")
+    for ours, theirs in fields.items():
+        if theirs not in rows[0].data:
+            raise DataError(
+                f"{source}: fields.{ours}: column {theirs!r} is not in the data "
+                f"(columns of the first row: {', '.join(sorted(map(str, rows[0].data)))})"
+            )
     mapped = [_rename(r.data, fields) for r in rows]
     if fmt == "auto":
         fmt = detect_format(mapped[0])
@@ -63,9 +70,9 @@ def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -
     records, errors = [], []
     for row, data in zip(rows, mapped, strict=True):
         try:
-            records.append(convert(data, _row_id(data, row)))
+            records.append(replace(convert(data, _row_id(data, row)), where=row.where))
         except _RowError as e:
-            errors.append(f"{row.where}: field {e.field!r}: {e.reason}")
+            errors.append(f"{row.where}: field {fields.get(e.field, e.field)!r}: {e.reason}")
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise DataError(

@@ -32,7 +32,12 @@ def read_rows(path: str, split: str = "train", limit: int | None = None) -> list
             raise DataError(f"{p}: folder holds no {'/'.join(sorted(SUFFIXES))} files")
     elif p.is_file():
         files = [p]
-    elif p.suffix in SUFFIXES or "/" not in path or path.startswith((".", "/", "~")):
+    elif (
+        p.suffix in SUFFIXES
+        or "/" not in path
+        or path.startswith((".", "/", "~"))
+        or Path(Path(path).parts[0]).exists()  # "data/trian": a mistyped local path, not a hub dataset
+    ):
         raise DataError(f"data file not found: {p}")
     else:
         return _read_hub(path, split, limit)

@@ -73,6 +73,11 @@ class ChatTemplate:
     """Renders conversations with a Jinja template and tokenizes them into ids + loss mask."""
 
     def __init__(self, tokenizer, source: str, system_prompt: str | None = None):
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                "model.name: this tokenizer has no end-of-sequence token, so a tuned model could not learn to "
+                "stop; use a causal language model's tokenizer"
+            )
         self.tokenizer = tokenizer
         self.source = source
         self.system_prompt = system_prompt
@@ -128,7 +133,8 @@ class ChatTemplate:
             after = self.render(messages[: k + 1], add_generation_prompt=False)
             if not (before.startswith(done) and after.startswith(before)):
                 raise DataError(
-                    "the chat template does not render conversations as growing prefixes; "
+                    "the chat template does not render this conversation as growing prefixes (does it start with an "
+                    "assistant turn, or skip a role?); if your conversations are fine, "
                     "choose data.template: chatml or alpaca"
                 )
             pieces += [(before[len(done) :], False), (after[len(before) :], True)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from strop.core.errors import DataError
 from strop.core.io import atomic_dir
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate, encode_text
@@ -69,7 +70,10 @@ def tokenize_records(
                 out.trained.append(np.ones(len(window), dtype=bool))
                 out.example_ids.append(rec.id if j == 0 else f"{rec.id}#{j}")
             continue
-        enc = template.encode(rec.messages, train_on_prompt=train_on_prompt)
+        try:
+            enc = template.encode(rec.messages, train_on_prompt=train_on_prompt)
+        except DataError as e:
+            raise DataError(f"{rec.where or rec.id}: {e}") from None
         ids, trained = enc.ids, enc.trained
         if len(ids) > max_length:
             out.stats["truncated"] += 1

@@ -24,6 +24,10 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir).expanduser().resolve()
     if out == Path(run["dir"]).resolve() or out in Path(run["dir"]).resolve().parents:
         raise StropError(f"{out_dir}: the merged model must go to a new folder, not into the run itself")
+    if out.exists() and any(out.iterdir()) and not (out / "strop_model.json").is_file():
+        raise StropError(
+            f"{out_dir}: folder exists and is not empty; choose a new folder for the merged model"
+        )
     from peft import PeftModel
 
     base = load_causal_lm(resolve_source(run["base_model"]), torch.device("cpu"), torch.float32)

@@ -29,6 +29,7 @@ class Entry:
     file: str  # GGUF file or model folder inside the package
     kind: str  # "gguf" or "hf_dir"
     about: str
+    causal_lm: bool = True  # False: an encoder (classification/embeddings), not for SFT or chat
 
 
 CATALOGUE = {
@@ -49,6 +50,7 @@ CATALOGUE = {
             "model",
             "hf_dir",
             "all-MiniLM-L6-v2 (BERT encoder, 22M params) for classification and embeddings",
+            causal_lm=False,
         ),
     ]
 }

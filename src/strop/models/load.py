@@ -23,6 +23,11 @@ log = logging.getLogger("strop.models")
 def resolve_source(name: str) -> str:
     """A local folder for catalogue/GGUF/local sources; the hub id itself when online."""
     if name in CATALOGUE:
+        if not CATALOGUE[name].causal_lm:
+            raise ConfigError(
+                f"model.name: {name!r} is an encoder (for classification and embeddings), not a causal language "
+                "model; SFT, chat and generation need one such as smollm2-135m-instruct"
+            )
         return str(pull(name))
     p = Path(name).expanduser()
     if p.suffix == ".gguf":

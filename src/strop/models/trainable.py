@@ -16,7 +16,14 @@ log = logging.getLogger("strop.models")
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer blocks: the longest ModuleList (model.layers, transformer.h, ...)."""
+    """The model's stack of transformer blocks: model.layers / transformer.h where they exist, else the
+    longest ModuleList (an MoE expert list can be longer than the block list, so it is only the fallback)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return path, node
     best = max(
         ((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)),
         key=lambda nm: len(nm[1]),

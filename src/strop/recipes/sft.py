@@ -46,19 +46,15 @@ def train(
 ) -> TrainResult:
     """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint."""
     t0 = time.time()
+    if isinstance(config, RunConfig):
+        config = config.model_dump(mode="json") if overrides else config
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     run_dir = cfg.run_dir
     ckpts = list_checkpoints(run_dir)
-    if ckpts and json.loads((ckpts[-1] / "state.json").read_text()).get("finished"):
-        raise StropError(
-            f"{run_dir} already holds a finished run; choose another name (--set name=...) "
-            "or remove that folder"
-        )
     if ckpts:
+        _refuse_finished(run_dir, json.loads((ckpts[-1] / "state.json").read_text()), cfg)
         _warn_config_changes(run_dir / "config.yaml", cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
@@ -70,6 +66,9 @@ def train(
 
     data = build_datasets(cfg.data, template, cfg.train.seed)
     data.summary["template"] = template_name
+    # the run directory appears only once the model and data are known to be good
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "data_summary.json", data.summary)
     log.info(
         "data: %d train / %d validation examples, %d label tokens (template %s)",
@@ -80,7 +79,9 @@ def train(
     )
 
     torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
-    model = load_causal_lm(source, device, dtype, cfg.model.trust_remote_code)
+    # weights that train stay fp32 (bf16 updates round to nothing); the forward runs in `dtype` by autocast
+    amp = dtype if dtype != torch.float32 and cfg.method.name != "lora" else None
+    model = load_causal_lm(source, device, torch.float32 if amp else dtype, cfg.model.trust_remote_code)
     m = cfg.method
     if m.name == "lora":
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
@@ -114,6 +115,7 @@ def train(
         tokenizer.pad_token_id,
         device,
         show_progress,
+        autocast_dtype=amp,
     )
 
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
@@ -133,6 +135,17 @@ def train(
         {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
     )
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds)
+
+
+def _refuse_finished(run_dir: Path, state: dict, cfg: RunConfig) -> None:
+    """A finished, exported run is not trained again, unless the config asks for more steps."""
+    exported = (run_dir / "model" / "strop_model.json").is_file()
+    more_steps = cfg.train.max_steps is not None and cfg.train.max_steps > state["step"]
+    if state.get("finished") and exported and not more_steps:
+        raise StropError(
+            f"{run_dir} already holds a finished run (step {state['step']}); choose another name "
+            f"(--set name=...), or train it further with --set train.max_steps=N (N > {state['step']})"
+        )
 
 
 def _warn_config_changes(saved: Path, cfg: RunConfig) -> None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from strop.core.errors import StropError
 from strop.core.io import atomic_dir
 
 PREFIX = "step-"
@@ -55,7 +56,7 @@ def save_checkpoint(
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    full_state = {**state, "python_rng": _jsonable(random.getstate())}
+    full_state = {**state, "python_rng": random.getstate()}  # JSON writes its tuples as lists
 
     def fill(tmp: Path) -> None:
         save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -74,7 +75,10 @@ def load_weights(path: Path, model: nn.Module) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
-        raise RuntimeError(f"checkpoint {path} has weights this model lacks: {missing[:3]}")
+        raise StropError(
+            f"{path} was saved by a run with a different model or method (it has weights such as "
+            f"{missing[0]!r} that this model lacks); start a new run with --set name=NEW_NAME"
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
@@ -85,7 +89,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     load_weights(path, model)
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    except ValueError as e:
+        raise StropError(
+            f"{path}: the optimizer state does not fit this run's trainable parameters ({e}); the method or "
+            "its settings changed since the checkpoint, start a new run with --set name=NEW_NAME"
+        ) from None
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda_"))]
@@ -123,10 +133,6 @@ def _prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
     for p in ckpts:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 def _tupled(x):

@@ -25,6 +25,7 @@ from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
 from strop.data.tokenized import TokenizedSet
 from strop.training.checkpoint import (
+    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     load_weights,
@@ -68,6 +69,7 @@ def fit(
     pad_id: int,
     device: torch.device,
     show_progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> FitResult:
     n_steps = total_steps(len(train_set), train)
     plan = BatchPlan(len(train_set), train.batch_size, train.seed)
@@ -118,7 +120,10 @@ def fit(
         loss_sum = 0.0
         for batch in micro:
             batch = {k: v.to(device) for k, v in batch.items()}
-            s, _ = loss_fn(model, batch)
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                s, _ = loss_fn(model, batch)
             (s / n_labels).backward()
             loss_sum += float(s.detach())
             tokens_since += int(batch["attention_mask"].sum())
@@ -166,7 +171,10 @@ def fit(
         last = step + 1 == n_steps
         improved = False
         if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
-            metrics = eval_fn(model, val_batches)
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                metrics = eval_fn(model, val_batches)
             sink.log({"step": step + 1, **metrics})
             final.update(metrics)
             bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -192,9 +200,9 @@ def fit(
     sink.close()
 
     if state["best_step"] is not None and state["best_step"] != state["step"]:
-        best_dir = [p for p in list_checkpoints(run_dir) if p.name.endswith(f"{state['best_step']:06d}")]
-        if best_dir:
-            load_weights(best_dir[0], model)
+        best_dir = checkpoint_dir(run_dir, state["best_step"])
+        if (best_dir / "state.json").is_file():
+            load_weights(best_dir, model)
             log.info(
                 "kept the best weights: step %d (val_loss %.4f)", state["best_step"], state["best_val_loss"]
             )
