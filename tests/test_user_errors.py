@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-from conftest import tiny_config, write_jsonl
 
+from conftest import tiny_config, write_jsonl
 from strop.core.config import load_config
 from strop.core.errors import ConfigError, DataError, StropError
 from strop.data.build import _held_out

@@ -104,7 +104,12 @@ class EarlyStopping(Section):
 
 
 class TrainConfig(Section):
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch (padded to the longest)")
+    batch_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="instead of batch_size: pack examples into one row of up to N tokens, padding-free",
+    )
     grad_accum: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
@@ -126,6 +131,15 @@ class RunConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _budget_fits_an_example(self) -> RunConfig:
+        if self.train.batch_tokens is not None and self.train.batch_tokens < self.data.max_length:
+            raise ValueError(
+                f"train.batch_tokens ({self.train.batch_tokens}) must be at least data.max_length "
+                f"({self.data.max_length}): every example must fit in one packed row"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -2,6 +2,9 @@
 
 Returns the *sum* of token losses and the token count, so the loop can normalize over the label
 tokens of the whole effective batch (micro-batch 8 x 1 equals 2 x 4).
+The LM head runs only at positions that carry a label, with the cross-entropy chunked so the
+(B, T, V) logits are never materialized (`lm_loss`); models whose logits it cannot reproduce take
+the standard full-logits path.
 Reference: Ouyang et al. 2022 (instruction tuning), https://arxiv.org/abs/2203.02155
 """
 
@@ -11,17 +14,30 @@ import torch
 import torch.nn.functional as F
 
 from strop.data.batches import IGNORE
+from strop.data.packing import MODEL_KEYS
+from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
+
+MODEL_INPUTS = ("attention_mask", *MODEL_KEYS)
 
 
 def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over label tokens, number of label tokens) for one micro-batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    # padded batches carry attention_mask; packed rows carry position_ids that restart per example and
+    # the segment boundaries the attention reads (strop.data.packing.MODEL_KEYS)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    logits = logits[:, :-1].float()
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return total, int((targets != IGNORE).sum())
+    keep = targets != IGNORE  # (B, T-1)
+    parts = hidden_and_head(model)
+    if parts is None:
+        logits = model(**inputs).logits[:, :-1].float()  # (B, T-1, V)
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return total, int(keep.sum())
+    backbone, head = parts
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
+    total = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])  # (N, d), (V, d), (N,)
+    return total, int(keep.sum())
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.build import build_datasets
 from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import sft
+from strop.models.attention import enable_segment_attention
 from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
 from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
 from strop.training.checkpoint import list_checkpoints
@@ -91,6 +92,12 @@ def train(
         )
     else:
         model = apply_full(model)
+    if cfg.train.batch_tokens:
+        log.info(
+            "packing: rows of up to %d tokens, attention %s",
+            cfg.train.batch_tokens,
+            enable_segment_attention(model),
+        )
     trainable, total = count_parameters(model)
     log.info(
         "method %s: %s of %s parameters train (%.2f%%); %s %s, %d threads",

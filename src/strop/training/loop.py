@@ -23,6 +23,7 @@ from strop.core.config import OptimConfig, TrainConfig
 from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
+from strop.data.packing import PackedPlan, collate_packed
 from strop.data.tokenized import TokenizedSet
 from strop.training.checkpoint import (
     checkpoint_dir,
@@ -50,11 +51,31 @@ class FitResult:
     stopped_early: bool
 
 
-def total_steps(n_examples: int, train: TrainConfig) -> int:
+def total_steps(micro_per_epoch: int, train: TrainConfig) -> int:
     if train.max_steps:
         return train.max_steps
-    micro_per_epoch = math.ceil(n_examples / train.batch_size)
     return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
+
+
+class MicroBatches:
+    """Micro-batch `m` of the run as tensors: padded examples (`batch_size`) or one packed row
+    (`batch_tokens`), plus how many real (non-padding) tokens it holds."""
+
+    def __init__(self, ts: TokenizedSet, train: TrainConfig, pad_id: int):
+        self.ts, self.pad_id = ts, pad_id
+        if train.batch_tokens:
+            self.plan = PackedPlan([len(x) for x in ts.ids], train.batch_tokens, train.seed)
+        else:
+            self.plan = BatchPlan(len(ts), train.batch_size, train.seed)
+        self.packed = train.batch_tokens is not None
+
+    def __call__(self, m: int) -> tuple[dict, int]:
+        picked = self.plan.micro_batch(m)
+        if self.packed:
+            return collate_packed(self.ts, picked, self.pad_id), sum(
+                len(self.ts.ids[i]) for r in picked for i in r
+            )
+        return collate(self.ts, picked, self.pad_id), sum(len(self.ts.ids[i]) for i in picked)
 
 
 def fit(
@@ -71,8 +92,8 @@ def fit(
     show_progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
 ) -> FitResult:
-    n_steps = total_steps(len(train_set), train)
-    plan = BatchPlan(len(train_set), train.batch_size, train.seed)
+    batches = MicroBatches(train_set, train, pad_id)
+    n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     val_batches = _validation_batches(val_set, train.batch_size, pad_id, device)
 
@@ -109,24 +130,21 @@ def fit(
     bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
     while state["step"] < n_steps and not stop_early:
         step = state["step"]
-        micro = [
-            collate(train_set, plan.micro_batch(step * train.grad_accum + i), pad_id)
-            for i in range(train.grad_accum)
-        ]
-        n_labels = sum(label_count(b) for b in micro)
+        micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
+        n_labels = sum(label_count(b) for b, _ in micro)
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
 
         loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch, n_real in micro:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.autocast(
                 device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
             ):
                 s, _ = loss_fn(model, batch)
             (s / n_labels).backward()
             loss_sum += float(s.detach())
-            tokens_since += int(batch["attention_mask"].sum())
+            tokens_since += n_real
         loss = loss_sum / n_labels
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
