@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instructions" / "alpaca_en_demo.train.jsonl"
-RUNNERS = ("strop", "trl", "trl-packing")
+RUNNERS = ("strop", "strop-packed", "trl", "trl-packing")
 
 
 def main() -> None:
@@ -120,7 +120,7 @@ def real_tokens(tokenizer, train_rows: list[dict], max_length: int) -> int:
     return sum(min(len(template.encode(m).ids), max_length) for m in msgs)
 
 
-def run_strop(args) -> dict:
+def run_strop(args, packed: bool = False) -> dict:
     import strop
     from strop.models.load import load_tokenizer, resolve_source
 
@@ -143,7 +143,8 @@ def run_strop(args) -> dict:
                 "optim": {"lr": args.lr, "schedule": "linear", "grad_clip": 1.0},
                 "train": {"batch_size": args.batch, "grad_accum": args.accum, "epochs": 1, "seed": 42},
             },
-            args.strop_set,
+            # packed: rows of ~4 average examples (the same examples per step as 4 x accumulation, roughly)
+            args.strop_set + ([f"train.batch_tokens={max(args.max_length, 1024)}"] if packed else []),
         )
         t0 = time.perf_counter()
         result = strop.train(cfg, show_progress=False)
@@ -221,7 +222,12 @@ def _summary(wall: float, train_rows: list, tokens: int, val: float, steps: int)
     }
 
 
-WORKERS = {"strop": run_strop, "trl": run_trl, "trl-packing": lambda a: run_trl(a, packing=True)}
+WORKERS = {
+    "strop": run_strop,
+    "strop-packed": lambda a: run_strop(a, packed=True),
+    "trl": run_trl,
+    "trl-packing": lambda a: run_trl(a, packing=True),
+}
 
 
 def print_table(results: dict, peak: float, args) -> None:
