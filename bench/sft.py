@@ -86,7 +86,9 @@ def rows(args) -> tuple[list[dict], list[dict]]:
 
 
 def _user(r: dict) -> str:
-    return f"{r['instruction']}\n\n{r['input']}" if r.get("input", "").strip() else r["instruction"]
+    from strop.data.formats import alpaca_user_turn
+
+    return alpaca_user_turn(r["instruction"], r.get("input") or "")
 
 
 def validation_loss(model, tokenizer, val_rows: list[dict], max_length: int) -> float:

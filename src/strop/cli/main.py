@@ -74,14 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "voice, then prints the base and tuned models' answers to held-out prompts."
         ),
     )
-    q.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.max_steps=20 (repeatable)",
-    )
+    _overrides_arg(q)
     q.set_defaults(func="quickstart")
 
     t = sub.add_parser(
@@ -91,14 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A run directory that already holds a checkpoint is resumed automatically.",
     )
     t.add_argument("config", nargs="?", help="YAML config file or the name of a shipped config")
-    t.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key with a YAML value, e.g. --set optim.lr=1e-4 (repeatable)",
-    )
+    _overrides_arg(t)
     t.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -165,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("name", nargs="?")
     cf.set_defaults(func="configs")
     return p
+
+
+def _overrides_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a YAML value, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:

@@ -11,6 +11,11 @@ from pathlib import Path
 from strop.core.errors import StropError
 
 
+def cache_root() -> Path:
+    """Where strop caches tokenized data and converted models: $STROP_CACHE or ~/.cache/strop."""
+    return Path(os.environ.get("STROP_CACHE") or Path.home() / ".cache" / "strop")
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

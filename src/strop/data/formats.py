@@ -116,9 +116,13 @@ def _text(data: dict, field: str, required: bool = True) -> str:
     return value
 
 
+def alpaca_user_turn(instruction: str, extra: str) -> str:
+    """The user turn of an alpaca row: the instruction, then the input (if any) after a blank line."""
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
 def _alpaca(data: dict, rid: str) -> Record:
-    instruction, extra = _text(data, "instruction"), _text(data, "input", required=False)
-    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    user = alpaca_user_turn(_text(data, "instruction"), _text(data, "input", required=False))
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(data, "output")}]
     system = _text(data, "system", required=False)
     if system.strip():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from strop.core.errors import DataError
-from strop.core.io import atomic_dir
+from strop.core.io import atomic_dir, cache_root
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate, encode_text
 
@@ -51,7 +50,7 @@ class TokenizedSet:
             out.trained += p.trained
             out.example_ids += p.example_ids
             for k, v in p.stats.items():
-                out.stats[k] = out.stats.get(k, 0) + v if isinstance(v, int) else v
+                out.stats[k] = out.stats.get(k, 0) + v if type(v) is int else v  # counts add; bools do not
         return out
 
     def label_tokens(self) -> int:
@@ -105,8 +104,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("STROP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "strop")
-    return Path(root) / "tokenized"
+    return cache_root() / "tokenized"
 
 
 def save_cached(path: Path, ts: TokenizedSet) -> None:

@@ -10,13 +10,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from strop.core.errors import StropError
-from strop.core.io import atomic_dir
+from strop.core.io import atomic_dir, cache_root
 
 log = logging.getLogger("strop.models")
 
@@ -57,8 +56,7 @@ CATALOGUE = {
 
 
 def models_dir() -> Path:
-    root = os.environ.get("STROP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "strop")
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def package_file(entry: Entry) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from strop.core.errors import DataError
+from strop.data.formats import alpaca_user_turn
 from strop.data.read import read_rows
 
 
@@ -31,12 +32,8 @@ def read_prompts(path: str) -> list[dict]:
         elif isinstance(d.get("prompt"), str):
             msgs = [{"role": "user", "content": d["prompt"]}]
         elif isinstance(d.get("instruction"), str):
-            extra = d.get("input") or ""
             msgs = [
-                {
-                    "role": "user",
-                    "content": f"{d['instruction']}\n\n{extra}" if extra.strip() else d["instruction"],
-                }
+                {"role": "user", "content": alpaca_user_turn(d["instruction"], str(d.get("input") or ""))}
             ]
         else:
             raise DataError(f"{row.where}: expected a 'prompt', 'messages' or 'instruction' field")
