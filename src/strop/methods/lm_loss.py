@@ -100,15 +100,21 @@ def _chunked(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty((n, w.size(1)), dtype=torch.float32, device=hidden.device) if need_h else None
     grad_w = torch.zeros_like(w) if need_w else None
+    # one (chunk, V) buffer reused by every chunk: the only vocabulary-sized tensor
+    buf = torch.empty((min(chunk_size, n), w.size(0)), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         h = hidden[start : start + chunk_size].float()  # (c, d)
         t = targets[start : start + chunk_size]  # (c,)
-        logits = h @ w.T  # (c, V): the only vocabulary-sized tensor, freed after this chunk
-        lse = torch.logsumexp(logits, dim=-1)  # (c,)
-        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        logits = torch.mm(h, w.T, out=buf[: h.size(0)])  # (c, V)
+        # log-sum-exp in place (max, exp, sum), without the temporaries torch.logsumexp allocates
+        top = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+        target_logit = logits.gather(1, t[:, None])  # (c, 1)
+        exp = logits.sub_(top).exp_()  # (c, V)
+        norm = exp.sum(dim=-1, keepdim=True)  # (c, 1)
+        total += (top + norm.log() - target_logit).sum()
         if need_h or need_w:
             # d CE / d logits = softmax - one_hot(target), formed in place of the logits
-            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits = exp.div_(norm)
             dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
             if need_h:
                 torch.mm(dlogits, w, out=grad_h[start : start + chunk_size])  # (c, d)
