@@ -63,7 +63,7 @@ class DataConfig(Section):
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # as peft, LLaMA-Factory, Unsloth; >0 costs ~14% per CPU step
     target_modules: str | list[str] = "all-linear"
 
 
