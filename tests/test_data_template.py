@@ -191,3 +191,31 @@ def test_plain_text_is_chunked_into_windows(tokenizer):
     assert ts.example_ids == ["doc"] + [f"doc#{j}" for j in range(1, len(windows))]
     assert [list(x) for x in ts.ids] == windows
     assert all(m.all() for m in ts.trained)  # pre-training: every token carries loss
+
+
+def test_parallel_tokenization_equals_serial(tokenizer, monkeypatch):
+    import strop.data.tokenized as tokenized
+
+    monkeypatch.setattr(tokenized, "PARALLEL_MIN_RECORDS", 10)
+    template = ChatTemplate(tokenizer, CHATML)
+    first = template.encode(CONV).trained.index(True)
+    # varied lengths, some truncated and one whose response is cut away, in several chunks per worker
+    recs = [Record(f"r{i}", messages=tuple(CONV[1:] if i % 7 else CONV)) for i in range(37)]
+    recs += [Record("text", text="plain words " * 40)]
+    serial = tokenize_records(recs, template, max_length=first, train_on_prompt=False, workers=1)
+    parallel = tokenize_records(recs, template, max_length=first, train_on_prompt=False, workers=2)
+    assert parallel.example_ids == serial.example_ids and len(serial) > 30
+    assert all((a == b).all() for a, b in zip(parallel.ids, serial.ids, strict=True))
+    assert all((a == b).all() for a, b in zip(parallel.trained, serial.trained, strict=True))
+    assert parallel.stats == serial.stats and serial.stats["dropped_no_response"] == 6
+
+
+def test_parallel_tokenization_reports_the_bad_record(tokenizer, monkeypatch):
+    import strop.data.tokenized as tokenized
+
+    monkeypatch.setattr(tokenized, "PARALLEL_MIN_RECORDS", 10)
+    template = ChatTemplate(tokenizer, ALPACA)
+    good = Record("ok", messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}))
+    bad = Record("bad", messages=({"role": "assistant", "content": "first"},), where="data.jsonl:17")
+    with pytest.raises(DataError, match="data.jsonl:17"):
+        tokenize_records([good] * 20 + [bad], template, max_length=64, train_on_prompt=False, workers=2)

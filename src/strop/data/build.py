@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +109,25 @@ def _load_source(
         cache = Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
         cached = load_cached(cache)
         if cached is not None:
+            log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
             report.append({"path": src.path, "split": split, **cached.stats, "cached": True})
             return cached
     rows = read_rows(src.path, split=src.split, limit=src.limit)
     records, fmt = to_records(rows, src.format, src.fields, src.path)
     how = "given" if src.format != "auto" else "detected"
     log.info("data: %s: %d rows, format %s (%s)", src.path, len(rows), fmt, how)
+    t0 = time.perf_counter()
     ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in ts.ids)
+    log.info(
+        "data: %s: tokenized %d examples (%d tokens) in %.1f s: %.0f tokens/s",
+        src.path,
+        len(ts),
+        n_tokens,
+        seconds,
+        n_tokens / max(seconds, 1e-9),
+    )
     ts.stats.update({"rows": len(rows), "format": fmt, "format_detected": how == "detected"})
     if ts.stats["dropped_no_response"]:
         log.warning(
