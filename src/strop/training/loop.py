@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from strop.core.config import OptimConfig, TrainConfig
+from strop.core.device import release_free_memory
 from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
@@ -128,6 +129,7 @@ def fit(
     )
     final: dict = {}
     bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
+    t_start = t_last
     while state["step"] < n_steps and not stop_early:
         step = state["step"]
         micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
@@ -145,6 +147,8 @@ def fit(
             (s / n_labels).backward()
             loss_sum += float(s.detach())
             tokens_since += n_real
+            if device.type == "cpu":
+                release_free_memory()  # the next micro-batch would otherwise grow the heap further
         loss = loss_sum / n_labels
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
@@ -178,6 +182,7 @@ def fit(
             "grad_norm": grad_norm,
             "label_tokens": n_labels,
             "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+            "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
         }
         tokens_since = 0
         if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
