@@ -2,7 +2,7 @@
 learning rate and examples per optimizer step, in one run. Each trainer runs in its own process so
 peak RSS is its own.
 
-    python bench/sft.py            # 256 train rows, 64 validation rows (TRL takes ~30 min on 2 cores)
+    python bench/sft.py            # 128 train rows, 64 validation rows (~20 min on 2 cores)
     python bench/sft.py --quick    # 32 / 16 rows
     python bench/sft.py --only strop
 
@@ -29,12 +29,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--train-rows", type=int, default=256)
+    p.add_argument("--train-rows", type=int, default=128)
     p.add_argument("--val-rows", type=int, default=64)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="examples per micro-batch")
     p.add_argument("--accum", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="peft's, strop's and TRL's default")
     p.add_argument("--quick", action="store_true", help="32 train / 16 validation rows")
     p.add_argument("--only", default=",".join(RUNNERS), help=f"comma-separated subset of {RUNNERS}")
     p.add_argument("--strop-set", action="append", default=[], help="extra strop config override")
@@ -45,7 +46,6 @@ def main() -> None:
         args.train_rows, args.val_rows = 32, 16
     if args.worker:
         result = WORKERS[args.worker](args)
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         Path(args.out).write_text(json.dumps(result))
         return
 
@@ -141,23 +141,38 @@ def run_strop(args, packed: bool = False) -> dict:
                     "max_length": args.max_length,
                     "cache_dir": tmp,
                 },
-                "method": {"name": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}},
+                "method": {"name": "lora", "lora": {"r": 16, "alpha": 32, "dropout": args.lora_dropout}},
                 "optim": {"lr": args.lr, "schedule": "linear", "grad_clip": 1.0},
                 "train": {"batch_size": args.batch, "grad_accum": args.accum, "epochs": 1, "seed": 42},
             },
-            # packed: rows of ~4 average examples (the same examples per step as 4 x accumulation, roughly)
-            args.strop_set + ([f"train.batch_tokens={max(args.max_length, 1024)}"] if packed else []),
+            # packed: rows of up to max_length tokens (~2 examples here) and twice the accumulation, so a
+            # step holds about as many examples as batch x accum; rows of 1024 run no faster on CPU and
+            # hold twice the activations
+            args.strop_set
+            + (
+                [f"train.batch_tokens={args.max_length}", f"train.grad_accum={2 * args.accum}"]
+                if packed
+                else []
+            ),
         )
         t0 = time.perf_counter()
-        result = strop.train(cfg, show_progress=False)
+        result = strop.train(cfg, show_progress=False)  # load, tokenize, train, save the adapter
         wall = time.perf_counter() - t0
+        rss = peak_rss_gb()
+        train_s = train_seconds(result.run_dir / "metrics.jsonl")
         from strop.models.inference import load_for_inference
 
         loaded = load_for_inference(str(result.run_dir))
         tok = load_tokenizer(resolve_source(args.model))
         val = validation_loss(loaded.model, tok, val_rows, args.max_length)
     return _summary(
-        wall, train_rows, real_tokens(tok, train_rows, args.max_length), val, result.metrics["steps"]
+        wall,
+        train_s,
+        rss,
+        train_rows,
+        real_tokens(tok, train_rows, args.max_length),
+        val,
+        result.metrics["steps"],
     )
 
 
@@ -170,6 +185,7 @@ def run_trl(args, packing: bool = False) -> dict:
     from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
 
     train_rows, val_rows = rows(args)
+    t0 = time.perf_counter()  # end to end, as for strop: load, tokenize, train, save the adapter
     source = resolve_source(args.model)
     tok = load_tokenizer(source)
     model = load_causal_lm(source, torch.device("cpu"), torch.float32)
@@ -201,21 +217,45 @@ def run_trl(args, packing: bool = False) -> dict:
             seed=42,
         )
         lora = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=16,
+            lora_alpha=32,
+            lora_dropout=args.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         )
         trainer = SFTTrainer(
             model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=lora
         )
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         out = trainer.train()
+        train_s = time.perf_counter() - t1
+        trainer.save_model(tmp)
         wall = time.perf_counter() - t0
+        rss = peak_rss_gb()
         val = validation_loss(trainer.model, tok, val_rows, args.max_length)
-    return _summary(wall, train_rows, real_tokens(tok, train_rows, args.max_length), val, out.global_step)
+    return _summary(
+        wall, train_s, rss, train_rows, real_tokens(tok, train_rows, args.max_length), val, out.global_step
+    )
 
 
-def _summary(wall: float, train_rows: list, tokens: int, val: float, steps: int) -> dict:
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def train_seconds(metrics_file: Path) -> float:
+    """Seconds strop's training loop ran (first to last optimizer step), from the run's metrics.jsonl."""
+    times = [json.loads(line).get("elapsed_s") for line in metrics_file.read_text().splitlines()]
+    return max(t for t in times if t is not None)
+
+
+def _summary(
+    wall: float, train_s: float, rss: float, train_rows: list, tokens: int, val: float, steps: int
+) -> dict:
     return {
         "wall_s": wall,
+        "train_s": train_s,
+        "peak_rss_gb": rss,
         "examples_per_s": len(train_rows) / wall,
         "real_tokens_per_s": tokens / wall,
         "val_loss": val,
@@ -236,21 +276,23 @@ def print_table(results: dict, peak: float, args) -> None:
     n_params = 134_515_008  # SmolLM2-135M, tied embeddings counted once (the LM head's matmul)
     print(
         f"\nSFT, LoRA r16 all-linear, {args.train_rows} train rows / {args.val_rows} validation rows, "
-        f"max_length {args.max_length}, {args.batch}x{args.accum} examples per step, lr {args.lr}\n"
+        f"max_length {args.max_length}, {args.batch}x{args.accum} examples per step, lr {args.lr}, "
+        f"LoRA dropout {args.lora_dropout}\n"
     )
     print(
-        "| runner | examples/s | real tokens/s | wall s | peak RSS GB | val loss | steps | MFU (4N/token) |"
+        "| runner | examples/s | real tokens/s | wall s | train s | peak RSS GB | val loss | steps | MFU in training (4N/token) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = results.get("trl", {}).get("examples_per_s")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name} | failed: {' '.join(r['error'])[:80]} | | | | | | |")
+            print(f"| {name} | failed: {' '.join(r['error'])[:80]} | | | | | | | |")
             continue
-        mfu = r["real_tokens_per_s"] * 4 * n_params / (peak * 1e9)
+        mfu = r["tokens"] / r["train_s"] * 4 * n_params / (peak * 1e9)  # over the training loop's time
         speed = f" ({r['examples_per_s'] / base:.2f}x)" if base and name != "trl" else ""
         print(
             f"| {name} | {r['examples_per_s']:.3f}{speed} | {r['real_tokens_per_s']:.1f} | {r['wall_s']:.0f} | "
+            f"{r['train_s']:.0f} | "
             f"{r['peak_rss_gb']:.2f} | {r['val_loss']:.4f} | {r['steps']} | {mfu:.0%} |"
         )
 
