@@ -339,3 +339,19 @@ def test_identical_runs_are_identical(tiny_model, alpaca_file, tmp_path):
     (loss_a, w_a), (loss_b, w_b) = runs
     assert len(loss_a) == 4 and loss_a == loss_b
     assert w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_run(method, nodrop_model, alpaca_file, tmp_path, spy_fit):
+    runs = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(
+            nodrop_model,
+            alpaca_file,
+            tmp_path / f"gc-{checkpointing}",
+            method={"name": method},
+            train={"max_steps": 2, "gradient_checkpointing": checkpointing},
+        )
+        runs.append(losses(train(cfg).run_dir))
+        assert spy_fit["model"].is_gradient_checkpointing == checkpointing
+    assert len(runs[0]) == 2 and runs[1] == pytest.approx(runs[0], abs=1e-6)

@@ -121,6 +121,10 @@ class TrainConfig(Section):
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
     max_bad_steps: int = Field(3, ge=1, description="consecutive NaN/inf losses before the run stops")
     threads: int | None = Field(None, ge=1, description="CPU threads; default all physical cores")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward: far less memory, ~1.3-1.5x the time",
+    )
 
 
 class RunConfig(Section):

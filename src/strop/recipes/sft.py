@@ -92,6 +92,9 @@ def train(
         )
     else:
         model = apply_full(model)
+    if cfg.train.gradient_checkpointing:
+        # non-reentrant: needs no input that requires grad, so it works with LoRA and frozen embeddings
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.batch_tokens:
         log.info(
             "packing: rows of up to %d tokens, attention %s",
