@@ -152,6 +152,7 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
         "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "optim": {"lr": 1e-2, "schedule": "constant"},
         "train": {"batch_size": 4, "max_steps": 4, "seed": 0},
+        "eval": {"enabled": False},  # generation-based evaluation is tested in test_eval.py
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value

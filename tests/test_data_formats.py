@@ -176,7 +176,8 @@ USER_ASSISTANT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "con
         ({"messages": [{"from": "human", "value": "a"}]}, "sharegpt"),
         ({"prompt": "a", "completion": "b"}, "prompt_completion"),
         ({"text": "a"}, "text"),
-        ({"question": "a", "answer": "b"}, None),
+        ({"question": "a", "answer": "b"}, "question_answer"),
+        ({"query": "a", "answer": "b"}, None),
         ({"messages": []}, None),
     ],
 )
@@ -256,14 +257,20 @@ def test_record_id_defaults_to_where_the_row_came_from(tmp_path):
 
 
 def test_field_mapping(tmp_path):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"question": "Hi?", "answer": "Arr!"}])
+    f = write_jsonl(tmp_path / "d.jsonl", [{"query": "Hi?", "answer": "Arr!"}])
     with pytest.raises(DataError, match="cannot detect the data format"):
         records(f)
-    (rec,), fmt = records(f, fields={"instruction": "question", "output": "answer"})
+    (rec,), fmt = records(f, fields={"instruction": "query", "output": "answer"})
     assert fmt == "alpaca" and list(rec.messages) == USER_ASSISTANT
     f2 = write_jsonl(tmp_path / "d2.jsonl", [{"dialog": USER_ASSISTANT}])
     (rec,), fmt = records(f2, fields={"messages": "dialog"})
     assert fmt == "messages" and list(rec.messages) == USER_ASSISTANT
+
+
+def test_question_answer_rows_are_conversations(tmp_path):
+    f = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "Hi?", "answer": "Arr!"}])
+    (rec,), fmt = records(f)
+    assert fmt == "question_answer" and list(rec.messages) == USER_ASSISTANT
 
 
 def test_explicit_format_is_used_instead_of_detection(tmp_path):

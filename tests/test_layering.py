@@ -1,6 +1,6 @@
 """Layering a tool checks: each package imports only from layers below it; siblings stay independent.
 
-cli -> recipes -> {training | export} -> methods -> models -> data -> core
+cli -> recipes -> {training | eval | report | export} -> methods -> models -> data -> core
 """
 
 from __future__ import annotations
@@ -9,7 +9,18 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "strop"
-RANK = {"core": 0, "data": 1, "models": 2, "methods": 3, "training": 4, "export": 4, "recipes": 5, "cli": 6}
+RANK = {
+    "core": 0,
+    "data": 1,
+    "models": 2,
+    "methods": 3,
+    "training": 4,
+    "eval": 4,
+    "report": 4,
+    "export": 4,
+    "recipes": 5,
+    "cli": 6,
+}
 
 
 def _strop_imports(path: Path) -> set[str]:

@@ -128,6 +128,69 @@ def _generate(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from strop.core.config import EvalConfig
+    from strop.recipes.evaluation import evaluate_model_on_file
+
+    try:
+        ev = EvalConfig(
+            max_examples=args.limit,
+            metrics=args.metric,
+            extract=args.extract,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            stop=args.stop,
+            batch_size=args.batch_size,
+        )
+    except ValueError as e:
+        raise StropError(f"strop eval: {e}") from None
+    target = Path(args.target)
+    name = f"eval-{Path(args.data).stem}"
+    out = (
+        Path(args.out) if args.out else (target / name if (target / "config.yaml").is_file() else Path(name))
+    )
+    s = evaluate_model_on_file(
+        args.target, args.data, ev, out, args.max_length, args.format, args.device, progress=True
+    )
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
+    loss = f"loss {s['loss']:.4f}, ppl {s['ppl']:.2f}, " if s["loss"] is not None else ""
+    print(
+        f"{s['examples']} examples in {s['seconds']:.0f} s ({s['examples_per_s']:.2f} examples/s): {loss}{scores}"
+    )
+    print(f"wrote {out / 'summary.json'} and {out / 'predictions.jsonl'}")
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from strop.report import write_report
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise StropError(f"{run}: not a strop run directory (no config.yaml)")
+    paths = write_report(run)
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from strop.report import write_comparison
+
+    runs = [Path(r) for r in args.run_dirs]
+    for run in runs:
+        if not (run / "config.yaml").is_file():
+            raise StropError(f"{run}: not a strop run directory (no config.yaml)")
+    paths = write_comparison(runs, Path(args.out))
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
 def _merge(args) -> int:
     from strop.export.merge import merge
 

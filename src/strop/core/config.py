@@ -32,15 +32,21 @@ class ModelConfig(Section):
 
 class DatasetSource(Section):
     path: str = Field(description="JSONL/JSON/CSV/Parquet file, a folder of them, or a HF dataset name")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal[
+        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "question_answer", "text"
+    ] = "auto"
     fields: dict[str, str] = Field(default_factory=dict, description="map strop's field names to yours")
     split: str = "train"
-    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    skip: int = Field(0, ge=0, description="leave out the first N rows (e.g. those another split uses)")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows (after skip)")
 
 
 class DataConfig(Section):
     train: list[DatasetSource] = Field(min_length=1)
     validation: list[DatasetSource] = Field(default_factory=list)
+    test: list[DatasetSource] = Field(
+        default_factory=list, description="never trained on nor used to pick a checkpoint: what eval scores"
+    )
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="held out when no validation files are given"
     )
@@ -52,7 +58,7 @@ class DataConfig(Section):
     train_on_prompt: bool = False
     cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/strop/tokenized")
 
-    @field_validator("train", "validation", mode="before")
+    @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _paths_as_sources(cls, v: Any) -> Any:
         if isinstance(v, (str, dict)):
@@ -127,6 +133,33 @@ class TrainConfig(Section):
     )
 
 
+class EvalConfig(Section):
+    """Base vs tuned at the end of training, on data.test (else the validation split)."""
+
+    enabled: bool = Field(True, description="evaluate when the run has a test or validation set")
+    max_examples: int | None = Field(64, ge=1, description="first N evaluation examples; null for all")
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="exact_match, contains, rouge_l, bleu, accuracy, macro_f1 or module:function; "
+        "default: exact_match with an extractor, else rouge_l and bleu",
+    )
+    extract: str | None = Field(None, description="answer extractor: gsm8k, last_number or regex:PATTERN")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description="strings that end a generation")
+    batch_size: int = Field(8, ge=1)
+    base: bool = Field(True, description="also evaluate the base model on the same examples")
+    kshot: int = Field(
+        0, ge=0, description="also evaluate the base model with k training examples in its prompt"
+    )
+    forgetting: bool = Field(True, description="perplexity of base and tuned on general reference text")
+    reference_text: str | None = Field(None, description="a .txt file; default: strop's general text")
+    forgetting_threshold: float = Field(0.1, gt=0.0, description="warn above this relative perplexity rise")
+    bootstrap: int = Field(1000, ge=100, description="paired bootstrap resamples for confidence intervals")
+    samples: int = Field(8, ge=0, description="paired sample generations in the report")
+
+
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = Field("runs", description="run directories are created under this folder")
@@ -135,6 +168,7 @@ class RunConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _budget_fits_an_example(self) -> RunConfig:
@@ -229,7 +263,7 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         items = data.get(split)
         if items is None:
             continue

@@ -8,9 +8,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
-from strop.data.formats import to_records
+from strop.data.formats import Record, to_records
 from strop.data.read import SUFFIXES, read_rows
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import (
@@ -64,10 +66,38 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
         "validation_duplicates_of_train_removed": removed,
         "train_label_tokens": train.label_tokens(),
         "train_tokens": int(sum(len(x) for x in train.ids)),
+        **length_summary(train, val, cfg.max_length),
     }
     if removed:
         log.warning("removed %d validation example(s) that duplicate training examples", removed)
     return Datasets(train, val, summary)
+
+
+def length_summary(train: TokenizedSet, val: TokenizedSet | None, max_length: int) -> dict:
+    """Token-length histogram (16 bins up to max_length) and percentiles per split, for the report."""
+    edges = np.linspace(0, max_length, 17).round().astype(int)
+    hist, pct = {"edges": edges.tolist()}, {}
+    for name, ts in (("train", train), ("validation", val)):
+        if ts is None or len(ts) == 0:
+            continue
+        lengths = np.array([len(x) for x in ts.ids])
+        hist[name] = np.histogram(lengths, bins=edges)[0].tolist()
+        p50, p90 = np.percentile(lengths, [50, 90])
+        pct[name] = {"p50": float(p50), "p90": float(p90), "max": int(lengths.max())}
+    return {"length_histogram": hist, "length_percentiles": pct}
+
+
+def read_records(src: DatasetSource) -> list[Record]:
+    """A source's rows as records (no tokenization), e.g. for generation-based evaluation."""
+    return to_records(source_rows(src), src.format, src.fields, src.path)[0]
+
+
+def source_rows(src: DatasetSource) -> list:
+    """The rows a source selects: `skip` rows left out, then at most `limit`."""
+    rows = read_rows(src.path, split=src.split, limit=src.limit + src.skip if src.limit else None)
+    if src.skip and len(rows) <= src.skip:
+        raise DataError(f"{src.path}: skip {src.skip} leaves no rows (the source has {len(rows)})")
+    return rows[src.skip :]
 
 
 def _held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
@@ -98,6 +128,7 @@ def _load_source(
         "fields": src.fields,
         "split": src.split,
         "limit": src.limit,
+        "skip": src.skip,
         "tokenizer": tokenizer_fingerprint(template.tokenizer),
         "template": template.source,
         "system": template.system_prompt,
@@ -112,7 +143,7 @@ def _load_source(
             log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
             report.append({"path": src.path, "split": split, **cached.stats, "cached": True})
             return cached
-    rows = read_rows(src.path, split=src.split, limit=src.limit)
+    rows = source_rows(src)
     records, fmt = to_records(rows, src.format, src.fields, src.path)
     how = "given" if src.format != "auto" else "detected"
     log.info("data: %s: %d rows, format %s (%s)", src.path, len(rows), fmt, how)

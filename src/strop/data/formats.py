@@ -1,7 +1,7 @@
 """Rows -> records. A record is either a conversation (`messages`) or plain text (`text`).
 
 Formats: alpaca (instruction/input/output), messages (OpenAI role/content), sharegpt (from/value),
-prompt_completion, text. Field names can be mapped; the format is detected from the first row.
+prompt_completion, question_answer (GSM8K-style question/answer), text. Field names can be mapped; the format is detected from the first row.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def detect_format(row: dict) -> str | None:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
+    if {"question", "answer"} <= keys:
+        return "question_answer"
     if "text" in keys:
         return "text"
     return None
@@ -64,7 +66,7 @@ def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -
             raise DataError(
                 f"{rows[0].where}: cannot detect the data format from fields {sorted(rows[0].data)}; "
                 "expected one of: instruction+output (alpaca), messages, conversations (sharegpt), "
-                "prompt+completion, text. Set data.train[].format and data.train[].fields to map yours."
+                "prompt+completion, question+answer, text. Set data.train[].format and data.train[].fields to map yours."
             )
     convert = _CONVERTERS[fmt]
     records, errors = [], []
@@ -130,6 +132,14 @@ def _alpaca(data: dict, rid: str) -> Record:
     return Record(rid, messages=tuple(msgs))
 
 
+def _question_answer(data: dict, rid: str) -> Record:
+    msgs = (
+        {"role": "user", "content": _text(data, "question")},
+        {"role": "assistant", "content": _text(data, "answer")},
+    )
+    return Record(rid, messages=msgs)
+
+
 def _prompt_completion(data: dict, rid: str) -> Record:
     msgs = (
         {"role": "user", "content": _text(data, "prompt")},
@@ -176,6 +186,7 @@ def _plain_text(data: dict, rid: str) -> Record:
 
 _CONVERTERS = {
     "alpaca": _alpaca,
+    "question_answer": _question_answer,
     "messages": _messages,
     "sharegpt": _sharegpt,
     "prompt_completion": _prompt_completion,

@@ -25,31 +25,55 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 8,
+    stop: list[str] | None = None,
+    progress: bool = False,
 ) -> list[str]:
-    """Replies to each conversation (greedy when temperature is 0), batched with left padding."""
+    """Replies to each conversation, in order (greedy when temperature is 0).
+
+    Prompts are batched by length (little padding), left-padded, with the KV cache; a reply ends at
+    an end-of-turn token, after `max_new_tokens`, or just before the first of the `stop` strings.
+    """
+    from tqdm.auto import tqdm
+
     tok = template.tokenizer
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    replies: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [template.prompt_ids(c) for c in conversations[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    prompts = [template.prompt_ids(c) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    extra = {"stop_strings": list(stop), "tokenizer": tok} if stop else {}
+    bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             eos_token_id=sorted(template.stop_ids),
             pad_token_id=pad,
+            **extra,
             **_sampling(temperature, top_p),
         )
-        for row in out[:, width:]:
-            replies.append(tok.decode(row, skip_special_tokens=True).strip())
+        for row, i in enumerate(batch):
+            replies[i] = _cut(tok.decode(out[row, width:], skip_special_tokens=True), stop).strip()
+        bar.update(len(batch))
+    bar.close()
     return replies
+
+
+def _cut(text: str, stop: list[str] | None) -> str:
+    """The text before the first stop string (generation halts on a token that completes one)."""
+    for s in stop or ():
+        at = text.find(s)
+        if at >= 0:
+            text = text[:at]
+    return text
 
 
 def stream(

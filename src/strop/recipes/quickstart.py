@@ -44,15 +44,22 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
         print(_block("base ", b))
         print(_block("tuned", t))
         print()
-    voiced = sum(t.startswith("Arr!") for t in tuned), sum(b.startswith("Arr!") for b in base)
+    voiced = int(sum(map(in_voice, tuned))), int(sum(map(in_voice, base)))
     m = result.metrics
     print(f"replies in the trained voice: tuned {voiced[0]}/{len(prompts)}, base {voiced[1]}/{len(prompts)}")
     print(f"validation loss {m.get('val_loss', float('nan')):.3f}; total time {time.time() - t0:.0f} s")
     print(
-        f"run directory: {result.run_dir}\n  chat with it:  strop chat {result.run_dir}\n"
+        f"run directory: {result.run_dir}\n  its report:    {result.report}\n"
+        f"  chat with it:  strop chat {result.run_dir}\n"
         f"  merge it:      strop merge {result.run_dir} merged-model"
     )
     return {"base": base, "tuned": tuned, "prompts": prompts, "result": result, "seconds": time.time() - t0}
+
+
+def in_voice(prediction: str, reference: str = "") -> float:
+    """The quickstart's task metric (eval.metrics: strop.recipes.quickstart:in_voice): 1.0 for a reply
+    in the trained pirate voice, which every training reply opens with "Arr!"."""
+    return float(prediction.lstrip().startswith("Arr!"))
 
 
 def _block(label: str, text: str) -> str:

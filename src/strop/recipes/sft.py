@@ -4,6 +4,8 @@ Run directory:
     config.yaml  data_summary.json  metrics.jsonl  result.json
     checkpoints/step-NNNNNN/        (resume state, see training/checkpoint.py)
     model/                          adapter (PEFT format) or full model, tokenizer, strop_model.json
+    eval/summary.json samples.jsonl base vs tuned on the test (else validation) set (recipes/evaluation.py)
+    report.html report.md report.json   the run report (strop.report)
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from strop.methods import sft
 from strop.models.attention import enable_segment_attention
 from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
 from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
+from strop.recipes.evaluation import evaluate_after_training
+from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
 from strop.training.loop import fit
 
@@ -40,6 +44,8 @@ class TrainResult:
     metrics: dict
     data: dict = field(default_factory=dict)
     seconds: float = 0.0
+    eval: dict | None = None
+    report: Path | None = None
 
 
 def train(
@@ -94,7 +100,10 @@ def train(
         model = apply_full(model)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: needs no input that requires grad, so it works with LoRA and frozen embeddings
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.train.batch_tokens:
         log.info(
             "packing: rows of up to %d tokens, attention %s",
@@ -144,7 +153,39 @@ def train(
         run_dir / "result.json",
         {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
     )
-    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds)
+    t_eval = time.time()
+    evaluation = evaluate_after_training(cfg, model, template, data, run_dir, show_progress)
+    if evaluation is not None:
+        log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
+    report = write_run_report(run_dir)
+    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, evaluation, report)
+
+
+def write_run_report(run_dir: Path) -> Path | None:
+    """report.html/.md/.json; a failure here is logged, never allowed to cost the finished run."""
+    try:
+        return write_report(run_dir)["html"]
+    except Exception as e:  # noqa: BLE001 - the model and metrics are already saved
+        log.warning(
+            "could not write the run report (%s: %s); retry with `strop report %s`",
+            type(e).__name__,
+            e,
+            run_dir,
+        )
+        return None
+
+
+def _headline(summary: dict) -> str:
+    parts = []
+    for name, row in summary["metrics"].items():
+        if "base" in row:
+            lo, hi = row["ci95"]
+            parts.append(
+                f"{name} base {row['base']:.3f} -> tuned {row['tuned']:.3f} (95% CI of the gain {lo:+.3f} to {hi:+.3f})"
+            )
+        else:
+            parts.append(f"{name} {row['tuned']:.3f}")
+    return "; ".join(parts) + f" on {summary['examples']} {summary['set']} examples"
 
 
 def _refuse_finished(run_dir: Path, state: dict, cfg: RunConfig) -> None:

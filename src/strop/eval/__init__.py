@@ -1,0 +1,1 @@
+"""Evaluation: metrics, answer extraction, paired bootstrap, likelihood and generation over a model."""
