@@ -288,3 +288,15 @@ def test_yaml_file_config_and_relative_data_paths(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_skip_and_limit_select_rows(tmp_path):
+    from strop.core.config import DatasetSource
+    from strop.data.build import read_records
+
+    f = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS[:8])
+    recs = read_records(DatasetSource(path=str(f), skip=3, limit=2))
+    assert [r.id for r in recs] == [f"{f}:4", f"{f}:5"]
+    assert len(read_records(DatasetSource(path=str(f), skip=6))) == 2
+    with pytest.raises(DataError, match="skip 8 leaves no rows"):
+        read_records(DatasetSource(path=str(f), skip=8))

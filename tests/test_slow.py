@@ -47,6 +47,7 @@ def test_lora_on_smollm2_lowers_validation_loss_and_reloads_fast(tmp_path, capsy
             "method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
             "optim": {"lr": 1e-3, "schedule": "constant"},
             "train": {"batch_size": 4, "max_steps": 8, "eval_every": 4, "seed": 0},
+            "eval": {"enabled": False},  # the quickstart test below covers base-vs-tuned evaluation
         }
     )
     t0 = time.perf_counter()
@@ -106,3 +107,8 @@ def test_quickstart_teaches_the_voice_on_held_out_prompts(tmp_path, monkeypatch,
     assert len(out["prompts"]) == 6
     assert tuned_voiced >= 5 and base_voiced == 0, (out["tuned"], out["base"])
     assert (out["result"].run_dir / "model" / "adapter_model.safetensors").is_file()
+    # the run's own evaluation (24 validation rows) and report agree: the voice is learned, surely
+    voice = out["result"].eval["metrics"]["strop.recipes.quickstart:in_voice"]
+    assert voice["tuned"] >= 0.8 and voice["base"] == 0 and voice["ci95"][0] > 0.5, voice
+    html = (out["result"].run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "in_voice" in html
