@@ -1,0 +1,72 @@
+"""Exact and near duplicates within and across splits, found by id; unrelated texts are not flagged."""
+
+from __future__ import annotations
+
+import pytest
+
+from strop.data.duplicates import Example, find_duplicates, normalize
+from strop.data.formats import Record
+
+STORY = (
+    "The harbour master counted forty ships at dawn, noted the tide tables in his ledger, and sent "
+    "the pilot boat out past the breakwater before the fog came in from the western banks"
+)
+
+
+def conv(rid: str, question: str, answer: str) -> Record:
+    return Record(
+        rid, messages=({"role": "user", "content": question}, {"role": "assistant", "content": answer})
+    )
+
+
+def test_normalize_ignores_case_punctuation_and_space():
+    assert normalize("  Hello,   WORLD!\n") == normalize("hello world") == "hello world"
+    assert normalize("ﬁne") == "fine"  # NFKC folds the ligature
+
+
+def test_exact_near_and_leaks_are_found_by_id():
+    train = [
+        conv("t1", "What is the capital of France?", "Paris."),
+        conv("t2", "what is the capital of france", "paris"),  # exact after normalization
+        conv("t3", "Tell me a story.", STORY),
+        conv("t4", "Name a prime number.", "Seven is prime."),
+    ]
+    validation = [
+        conv("v1", "Tell me a story!", STORY.replace("forty", "fifty")),  # one word changed: near leak
+        conv("v2", "Name a prime number", "Seven is prime"),  # exact leak
+        conv("v3", "How do bees make honey?", "They evaporate nectar in the hive and seal it with wax."),
+    ]
+    d = find_duplicates({"train": train, "validation": validation})
+    exact_sets = [{(e.split, e.id) for e in g} for g in d.exact]
+    assert {("train", "t1"), ("train", "t2")} in exact_sets
+    assert {("train", "t4"), ("validation", "v2")} in exact_sets
+    near = {(a.id, b.id) for a, b, _ in d.near} | {(b.id, a.id) for a, b, _ in d.near}
+    assert ("t3", "v1") in near and all("v3" not in pair for pair in near)
+    assert all(sim >= 0.8 for *_, sim in d.near)
+    leaks = d.leaks("train", "validation")
+    assert {(a.id, b.id, kind) for a, b, kind in leaks} == {("t4", "v2", "exact"), ("t3", "v1", "near")}
+    assert d.within("train") == 1 and d.within("validation") == 0
+
+
+def test_unrelated_texts_are_not_near_duplicates():
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+    recs = [Record(str(i), text=" ".join(words[i:] + words[:i]) + f" row {i}") for i in range(len(words))]
+    d = find_duplicates({"train": recs})
+    assert d.exact == [] and all(sim >= 0.8 for *_, sim in d.near)
+    assert d.near == []  # rotations share most 3-grams but not 80% of them
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_threshold_is_respected(threshold):
+    a = Record("a", text=STORY)
+    b = Record("b", text=STORY.replace("forty ships", "many boats").replace("western", "northern"))
+    d = find_duplicates({"train": [a, b]}, threshold=threshold)
+    found = bool(d.near)
+    from strop.data.duplicates import shingles
+
+    sim = len(shingles(normalize(STORY)) & shingles(normalize(b.text))) / len(
+        shingles(normalize(STORY)) | shingles(normalize(b.text))
+    )
+    assert found == (sim >= threshold), sim  # sim is 0.68: found at 0.5, not at 0.9
+    if found:
+        assert {d.near[0][0], d.near[0][1]} == {Example("train", "a"), Example("train", "b")}
