@@ -70,3 +70,25 @@ def test_threshold_is_respected(threshold):
     assert found == (sim >= threshold), sim  # sim is 0.68: found at 0.5, not at 0.9
     if found:
         assert {d.near[0][0], d.near[0][1]} == {Example("train", "a"), Example("train", "b")}
+
+
+def test_a_run_reports_leakage_into_its_test_set(tiny_llama, tmp_path, caplog):
+    import logging
+
+    import strop.recipes.sft as recipe
+    from conftest import ALPACA_ROWS, tiny_config, write_jsonl
+
+    rows = [dict(r) for r in ALPACA_ROWS[:12]] + [{"instruction": "Tell me a story.", "output": STORY}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    leaked = {"instruction": "Tell me a story!", "output": STORY.replace("forty", "fifty")}
+    clean = {"instruction": "How do bees make honey?", "output": "They evaporate nectar and seal it with wax."}
+    test = write_jsonl(tmp_path / "test.jsonl", [leaked, clean])
+    cfg = tiny_config(tiny_llama, train, tmp_path / "out", train={"max_steps": 1})
+    cfg["data"].update(test=[str(test)], val_fraction=0.0)
+    with caplog.at_level(logging.WARNING, logger="strop.data"):
+        result = recipe.train(cfg, show_progress=False)
+    leak = result.data["leakage"]["train_test"]
+    assert leak["near"] == 1 and leak["exact"] == 0
+    assert leak["pairs"] == [[f"{test}:1", f"{train}:13", "near"]]
+    assert any("leakage" in r.message and f"{test}:1" in r.message for r in caplog.records)
+    assert "Leakage: 1 test/training pair" in (result.run_dir / "report.md").read_text()

@@ -12,6 +12,7 @@ import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
+from strop.data.duplicates import find_duplicates
 from strop.data.formats import Record, to_records
 from strop.data.read import SUFFIXES, read_rows
 from strop.data.template import ChatTemplate
@@ -71,6 +72,50 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
     if removed:
         log.warning("removed %d validation example(s) that duplicate training examples", removed)
     return Datasets(train, val, summary)
+
+
+LEAK_CHECK_MAX_EXAMPLES = 50_000  # MinHash over more takes minutes in Python: left to a data check
+
+
+def check_leakage(cfg: DataConfig, data: Datasets) -> dict:
+    """Exact and near duplicates between the training examples and the validation and test sets:
+    logged as warnings with example ids and returned for the data summary."""
+    train_ids = set(data.train.example_ids)
+    val_ids = set(data.validation.example_ids) if data.validation is not None else set()
+    train_records = [r for s in cfg.train for r in read_records(s)]
+    splits = {"train": [r for r in train_records if r.id in train_ids]}
+    pool = train_records if not cfg.validation else [r for s in cfg.validation for r in read_records(s)]
+    splits["validation"] = [r for r in pool if r.id in val_ids]
+    splits["test"] = [r for s in cfg.test for r in read_records(s)]
+    total = sum(map(len, splits.values()))
+    if total > LEAK_CHECK_MAX_EXAMPLES:
+        log.info(
+            "data: %d examples: near-duplicate leakage check skipped (over %d)",
+            total,
+            LEAK_CHECK_MAX_EXAMPLES,
+        )
+        return {"checked": False}
+    dups = find_duplicates(splits)
+    out: dict = {"checked": True}
+    for other in ("validation", "test"):
+        if not splits[other]:
+            continue
+        pairs = dups.leaks("train", other)
+        out[f"train_{other}"] = {
+            "exact": sum(kind == "exact" for *_, kind in pairs),
+            "near": sum(kind == "near" for *_, kind in pairs),
+            "pairs": [[b.id, a.id, kind] for a, b, kind in pairs[:20]],
+        }
+        if pairs:
+            shown = ", ".join(f"{b.id} ~ {a.id} ({kind})" for a, b, kind in pairs[:5])
+            log.warning(
+                "data: leakage: %d %s example(s) duplicate or nearly duplicate training examples: %s%s",
+                len({b for _, b, _ in pairs}),
+                other,
+                shown,
+                " ..." if len(pairs) > 5 else "",
+            )
+    return out
 
 
 def length_summary(train: TokenizedSet, val: TokenizedSet | None, max_length: int) -> dict:

@@ -23,6 +23,7 @@ from strop.report.document import (
     section,
     table,
     text,
+    warning,
     write_document,
 )
 from strop.report.evaluation import (
@@ -120,6 +121,7 @@ def _data_section(run: Run) -> dict:
         header = ["source", "split", "format", "rows", "examples", "truncated", "no response", "cached"]
         blocks.append(table(header, rows))
     blocks.append(text(_dropped_line(d, sources, dig(run.config, "data", "max_length"))))
+    blocks += _leakage_blocks(d.get("leakage"))
     pct = d.get("length_percentiles")
     stats = (
         sorted({k for v in pct.values() if isinstance(v, dict) for k in v}, key=_stat_order)
@@ -132,6 +134,30 @@ def _data_section(run: Run) -> dict:
     hist = length_plot(d.get("length_histogram"), dig(run.config, "data", "max_length"))
     blocks.append(image("lengths", hist, "token length histogram per split"))
     return section("Data", blocks)
+
+
+def _leakage_blocks(leak) -> list[dict]:
+    """A warning per evaluation split holding (near-)copies of training examples, naming a few ids."""
+    if not isinstance(leak, dict) or not leak.get("checked"):
+        return []
+    blocks = []
+    for split in ("validation", "test"):
+        found = leak.get(f"train_{split}")
+        if not isinstance(found, dict):
+            continue
+        n = (found.get("exact") or 0) + (found.get("near") or 0)
+        if not n:
+            blocks.append(note(f"No {split} example duplicates or nearly duplicates a training example."))
+            continue
+        pairs = "; ".join(f"{p[0]} ~ {p[1]} ({p[2]})" for p in (found.get("pairs") or [])[:5] if len(p) == 3)
+        blocks.append(
+            warning(
+                f"Leakage: {n} {split}/training pair(s) are exact or near duplicates "
+                f"({found.get('exact', 0)} exact, {found.get('near', 0)} near), so {split} scores may be "
+                f"inflated. E.g. {pairs}."
+            )
+        )
+    return blocks
 
 
 def _dropped_line(d: dict, sources: list[dict], max_length) -> str:
