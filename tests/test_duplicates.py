@@ -81,7 +81,10 @@ def test_a_run_reports_leakage_into_its_test_set(tiny_llama, tmp_path, caplog):
     rows = [dict(r) for r in ALPACA_ROWS[:12]] + [{"instruction": "Tell me a story.", "output": STORY}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     leaked = {"instruction": "Tell me a story!", "output": STORY.replace("forty", "fifty")}
-    clean = {"instruction": "How do bees make honey?", "output": "They evaporate nectar and seal it with wax."}
+    clean = {
+        "instruction": "How do bees make honey?",
+        "output": "They evaporate nectar and seal it with wax.",
+    }
     test = write_jsonl(tmp_path / "test.jsonl", [leaked, clean])
     cfg = tiny_config(tiny_llama, train, tmp_path / "out", train={"max_steps": 1})
     cfg["data"].update(test=[str(test)], val_fraction=0.0)
