@@ -274,3 +274,30 @@ def test_strop_eval_cli(tiny_llama, tmp_path, capsys):
     assert summary["examples"] == 5 and summary["ppl"] > 1 and len(preds) == 5
     assert preds[0]["reference"] == ALPACA_ROWS[0]["output"] and set(preds[0]["scores"]) == {"contains"}
     assert main(["eval", str(tiny_llama), "--data", str(data), "--metric", "f1"]) == 2
+
+
+def test_a_bad_metric_fails_before_training(tiny_llama, alpaca_file, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(recipe, "fit", no_training)
+    cfg = tiny_config(tiny_llama, alpaca_file, tmp_path / "out", eval={"enabled": True, "metrics": ["acc"]})
+    with pytest.raises(ConfigError, match="eval.metrics: unknown metric 'acc'"):
+        recipe.train(cfg, show_progress=False)
+    cfg["eval"] = {"enabled": True, "extract": "gsm9k"}
+    with pytest.raises(ConfigError, match="eval.extract"):
+        recipe.train(cfg, show_progress=False)
+
+
+def test_strop_eval_checks_data_and_metrics_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import strop.recipes.evaluation as evaluation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluation, "load_for_inference", no_loading)
+    assert main(["eval", "some-model", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    assert main(["eval", "some-model", "--data", str(data), "--extract", "gsm9k"]) == 2
+    assert "eval.extract" in capsys.readouterr().err

@@ -77,16 +77,25 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
 LEAK_CHECK_MAX_EXAMPLES = 50_000  # MinHash over more takes minutes in Python: left to a data check
 
 
-def check_leakage(cfg: DataConfig, data: Datasets) -> dict:
-    """Exact and near duplicates between the training examples and the validation and test sets:
-    logged as warnings with example ids and returned for the data summary."""
+def split_records(cfg: DataConfig, data: Datasets) -> dict[str, list[Record]]:
+    """The records behind each split (train and validation as built, test as given), read once for
+    the checks and the evaluation that need text rather than tokens."""
     train_ids = set(data.train.example_ids)
     val_ids = set(data.validation.example_ids) if data.validation is not None else set()
     train_records = [r for s in cfg.train for r in read_records(s)]
-    splits = {"train": [r for r in train_records if r.id in train_ids]}
-    pool = train_records if not cfg.validation else [r for s in cfg.validation for r in read_records(s)]
-    splits["validation"] = [r for r in pool if r.id in val_ids]
-    splits["test"] = [r for s in cfg.test for r in read_records(s)]
+    pool = [r for s in cfg.validation for r in read_records(s)] if cfg.validation else train_records
+    return {
+        "train": [r for r in train_records if r.id in train_ids],
+        "validation": [r for r in pool if r.id in val_ids],
+        "test": [r for s in cfg.test for r in read_records(s)],
+    }
+
+
+def check_leakage(splits: dict[str, list[Record]]) -> dict:
+    """Exact and near duplicates between the training examples and the validation and test sets:
+    logged as warnings with example ids and returned for the data summary."""
+    if not splits["validation"] and not splits["test"]:
+        return {"checked": False}
     total = sum(map(len, splits.values()))
     if total > LEAK_CHECK_MAX_EXAMPLES:
         log.info(

@@ -14,10 +14,13 @@ import torch
 
 from strop.core.config import DatasetSource, EvalConfig, RunConfig
 from strop.core.errors import DataError
-from strop.data.build import Datasets, read_records
+from strop.data.build import read_records
+from strop.data.formats import Record
 from strop.data.template import ChatTemplate
-from strop.eval.examples import EvalExample, eval_examples
-from strop.eval.suite import adapter_disabled, evaluate_one, run_suite
+from strop.eval.examples import eval_examples
+from strop.eval.extract import get_extractor
+from strop.eval.metrics import build_metrics
+from strop.eval.suite import adapter_disabled, evaluate_one, metric_names, run_suite
 from strop.models.inference import load_for_inference
 from strop.models.load import load_causal_lm, resolve_source
 
@@ -29,30 +32,37 @@ VALIDATION_NOTE = (
 )
 
 
+def check_eval_config(ev: EvalConfig) -> None:
+    """Resolve the metrics and the extractor (importing custom metrics), raising ConfigError early."""
+    if ev.enabled:
+        build_metrics(metric_names(ev), get_extractor(ev.extract))
+
+
 def evaluate_after_training(
-    cfg: RunConfig, model, template: ChatTemplate, data: Datasets, run_dir: Path, progress: bool = True
+    cfg: RunConfig,
+    model,
+    template: ChatTemplate,
+    records: dict[str, list[Record]],
+    run_dir: Path,
+    progress: bool = True,
 ) -> dict | None:
-    """Base vs tuned (and k-shot) on the run's evaluation set; None when there is none or it is off."""
+    """Base vs tuned (and k-shot) on the run's evaluation set; None when there is none or it is off.
+    `records` are the run's splits as `strop.data.build.split_records` returns them."""
     ev = cfg.eval
     if not ev.enabled:
         return None
-    if cfg.data.test:
-        records, set_name, note = _records(cfg.data.test), "test", None
-    elif data.validation is not None and len(data.validation):
-        wanted = set(data.validation.example_ids)
-        records = [r for r in _records(cfg.data.validation or cfg.data.train) if r.id in wanted]
+    if records["test"]:
+        set_name, note = "test", None
+    elif records["validation"]:
         set_name, note = "validation", VALIDATION_NOTE
     else:
         log.info("eval: no test or validation set, so no base-vs-tuned evaluation (set data.test)")
         return None
-    examples = eval_examples(records, ev.max_examples)
+    examples = eval_examples(records[set_name], ev.max_examples)
     if not examples:
         log.warning("eval: the %s set has no conversations ending in a reply to score", set_name)
         return None
-    shots: list[EvalExample] = []
-    if ev.kshot:
-        trained = set(data.train.example_ids)
-        shots = eval_examples([r for r in _records(cfg.data.train) if r.id in trained])
+    shots = eval_examples(records["train"]) if ev.kshot else []
     base = _base_model(cfg, model) if ev.base else None
     return run_suite(
         model,
@@ -68,10 +78,6 @@ def evaluate_after_training(
         cfg.train.seed,
         progress,
     )
-
-
-def _records(sources: list[DatasetSource]) -> list:
-    return [r for s in sources for r in read_records(s)]
 
 
 def _base_model(cfg: RunConfig, model):
@@ -102,13 +108,15 @@ def evaluate_model_on_file(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name)."""
-    loaded = load_for_inference(target, device)
+    """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name).
+    Metrics and data are checked before the model loads, so a typo costs no loading time."""
+    check_eval_config(ev)
     records = read_records(DatasetSource(path=data, format=fmt))
     examples = eval_examples(records, ev.max_examples)
     if not examples:
         raise DataError(
             f"{data}: no conversations ending in a reply to score (need a prompt and a reference)"
         )
+    loaded = load_for_inference(target, device)
     with torch.no_grad():
         return evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)

@@ -23,13 +23,13 @@ from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
-from strop.data.build import build_datasets, check_leakage
+from strop.data.build import build_datasets, check_leakage, split_records
 from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import sft
 from strop.models.attention import enable_segment_attention
 from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
 from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
-from strop.recipes.evaluation import evaluate_after_training
+from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
 from strop.training.loop import fit
@@ -63,6 +63,7 @@ def train(
         _refuse_finished(run_dir, json.loads((ckpts[-1] / "state.json").read_text()), cfg)
         _warn_config_changes(run_dir / "config.yaml", cfg)
 
+    check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -73,7 +74,8 @@ def train(
 
     data = build_datasets(cfg.data, template, cfg.train.seed)
     data.summary["template"] = template_name
-    data.summary["leakage"] = check_leakage(cfg.data, data)
+    records = split_records(cfg.data, data)
+    data.summary["leakage"] = check_leakage(records)
     # the run directory appears only once the model and data are known to be good
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
@@ -155,7 +157,7 @@ def train(
         {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
     )
     t_eval = time.time()
-    evaluation = evaluate_after_training(cfg, model, template, data, run_dir, show_progress)
+    evaluation = evaluate_after_training(cfg, model, template, records, run_dir, show_progress)
     if evaluation is not None:
         log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
     report = write_run_report(run_dir)
