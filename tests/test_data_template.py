@@ -173,7 +173,13 @@ def test_truncation_counts(tokenizer):
     first = template.encode(CONV).trained.index(True)
     recs = [Record(str(i), messages=tuple(CONV)) for i in range(3)]
     ts = tokenize_records(recs, template, max_length=first + 2, train_on_prompt=False)
-    assert ts.stats == {"examples_in": 3, "truncated": 3, "dropped_no_response": 0}
+    assert ts.stats == {
+        "examples_in": 3,
+        "truncated": 3,
+        "dropped_no_response": 0,
+        "truncated_ids": ["0", "1", "2"],
+        "dropped_ids": [],
+    }
     ts = tokenize_records(recs, template, max_length=first, train_on_prompt=False)
     assert len(ts) == 0 and ts.stats["dropped_no_response"] == 3
 

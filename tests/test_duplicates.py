@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from strop.core.errors import DataError
 from strop.data.duplicates import Example, find_duplicates, normalize
 from strop.data.formats import Record
 
@@ -72,7 +73,7 @@ def test_threshold_is_respected(threshold):
         assert {d.near[0][0], d.near[0][1]} == {Example("train", "a"), Example("train", "b")}
 
 
-def test_a_run_reports_leakage_into_its_test_set(tiny_llama, tmp_path, caplog):
+def test_a_run_refuses_leakage_into_its_test_set_unless_allowed(tiny_llama, tmp_path, caplog):
     import logging
 
     import strop.recipes.sft as recipe
@@ -88,6 +89,14 @@ def test_a_run_reports_leakage_into_its_test_set(tiny_llama, tmp_path, caplog):
     test = write_jsonl(tmp_path / "test.jsonl", [leaked, clean])
     cfg = tiny_config(tiny_llama, train, tmp_path / "out", train={"max_steps": 1})
     cfg["data"].update(test=[str(test)], val_fraction=0.0)
+    with pytest.raises(
+        DataError, match=r"(?s)1 test example\(s\) copy training examples.*allow_leakage"
+    ) as err:
+        recipe.train(cfg, show_progress=False)
+    assert f"{test}:1 ~ {train}:13 (near)" in str(err.value)
+    assert not list((tmp_path / "out").rglob("config.yaml"))  # refused before a run was written
+
+    cfg["data"]["allow_leakage"] = True
     with caplog.at_level(logging.WARNING, logger="strop.data"):
         result = recipe.train(cfg, show_progress=False)
     leak = result.data["leakage"]["train_test"]
@@ -95,3 +104,24 @@ def test_a_run_reports_leakage_into_its_test_set(tiny_llama, tmp_path, caplog):
     assert leak["pairs"] == [[f"{test}:1", f"{train}:13", "near"]]
     assert any("leakage" in r.message and f"{test}:1" in r.message for r in caplog.records)
     assert "Leakage: 1 test/training pair" in (result.run_dir / "report.md").read_text()
+
+
+def test_copies_in_a_held_out_validation_split_are_taken_out_not_refused(tiny_llama, tmp_path):
+    """Duplicates inside one training file land on both sides of strop's own split: strop removes the
+    validation side (the user gave no validation file, so there is nothing to refuse)."""
+    import strop.recipes.sft as recipe
+    from conftest import ALPACA_ROWS, tiny_config, write_jsonl
+
+    rows = [dict(r) for r in ALPACA_ROWS[:12]]
+    for k in range(8):  # near copies of one story: some must fall into the 50% validation split
+        rows.append(
+            {"instruction": f"Tell me a story{'!' * k}", "output": STORY.replace("forty", f"{40 + k}")}
+        )
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tiny_config(tiny_llama, train, tmp_path / "out", train={"max_steps": 1})
+    cfg["data"].update(val_fraction=0.5)
+    result = recipe.train(cfg, show_progress=False)
+    leak = result.data["leakage"]["train_validation"]
+    assert leak["near"] >= 1 and leak["removed_from_validation"] >= 1
+    held_out = result.data["validation_examples"]
+    assert held_out == round(len(rows) * 0.5) - leak["removed_from_validation"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
+from strop.data.augment import AugmentOptions, augment, is_copy, original_id
 from strop.data.duplicates import find_duplicates
 from strop.data.formats import Record, to_records
-from strop.data.read import SUFFIXES, read_rows
+from strop.data.read import SUFFIXES, Rejected, read_rows
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import (
     TokenizedSet,
@@ -34,19 +36,37 @@ class Datasets:
     train: TokenizedSet
     validation: TokenizedSet | None
     summary: dict
+    validation_groups: dict[str, list[int]] | None = None  # source name -> validation indices (mixtures)
 
 
-def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datasets:
+def build_datasets(
+    cfg: DataConfig, template: ChatTemplate, seed: int, templates: dict[str, ChatTemplate] | None = None
+) -> Datasets:
+    """`templates`: a source's own template by its name (`data.train[].template`), else `template`."""
     sources: list[dict] = []
-    train = TokenizedSet.concat([_load_source(s, cfg, template, sources, "train") for s in cfg.train])
+
+    def load(src: DatasetSource, split: str) -> TokenizedSet:
+        own = (templates or {}).get(src.label, template)
+        return _load_source(src, cfg, own, sources, split, seed if split == "train" else None)
+
+    parts = [load(s, "train") for s in cfg.train]
+    source_of = {eid: s.label for s, part in zip(cfg.train, parts, strict=True) for eid in part.example_ids}
+    mixture = None
+    if cfg.mixture is not None:
+        parts, mixture = mix(parts, [s.ratio for s in cfg.train], [s.label for s in cfg.train], cfg, seed)
+    train = TokenizedSet.concat(parts)
     if cfg.validation:
-        val = TokenizedSet.concat(
-            [_load_source(s, cfg, template, sources, "validation") for s in cfg.validation]
+        val_parts = [load(s, "validation") for s in cfg.validation]
+        source_of.update(
+            {eid: s.label for s, p in zip(cfg.validation, val_parts, strict=True) for eid in p.example_ids}
         )
+        val = TokenizedSet.concat(val_parts)
     elif cfg.val_fraction > 0 and len(train) >= 2:
         val_index = _held_out(train.example_ids, cfg.val_fraction, seed)
         train_index = sorted(set(range(len(train))) - set(val_index))
         val, train = train.subset(val_index), train.subset(train_index)
+        # augmented copies and repeats train only: the original's other copies went to validation with it
+        val = val.subset([i for i, e in enumerate(val.example_ids) if not is_copy(e)])
     else:
         val = None
     removed = 0
@@ -60,8 +80,18 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
             "no training examples left after tokenization (all responses truncated away?); "
             "raise data.max_length"
         )
+    groups = None
+    if val is not None and len(cfg.train) > 1 and not cfg.validation:
+        groups = {}
+        for i, eid in enumerate(val.example_ids):
+            groups.setdefault(source_of.get(original_id(eid), "?"), []).append(i)
+    elif val is not None and len(cfg.validation) > 1:
+        groups = {}
+        for i, eid in enumerate(val.example_ids):
+            groups.setdefault(source_of.get(eid, "?"), []).append(i)
     summary = {
         "sources": sources,
+        **({"mixture": mixture} if mixture else {}),
         "train_examples": len(train),
         "validation_examples": len(val) if val is not None else 0,
         "validation_duplicates_of_train_removed": removed,
@@ -71,7 +101,65 @@ def build_datasets(cfg: DataConfig, template: ChatTemplate, seed: int) -> Datase
     }
     if removed:
         log.warning("removed %d validation example(s) that duplicate training examples", removed)
-    return Datasets(train, val, summary)
+    return Datasets(train, val, summary, groups)
+
+
+def mix(
+    parts: list[TokenizedSet], ratios: list[float], names: list[str], cfg: DataConfig, seed: int
+) -> tuple[list[TokenizedSet], dict]:
+    """Sample each source to its share of the mixture; returns the sampled parts and what was realized.
+
+    Without replacement the mixture is as large as the ratios allow with no example repeated (the
+    source that runs out first sets the size), or `mixture.examples` if smaller. With replacement it
+    has `mixture.examples` examples (default: all sources' examples together); a source short of its
+    share is repeated, each repeat with its own id (`id~repK`) so splits and reports can tell copies.
+    """
+    sizes, total_ratio = [len(p) for p in parts], sum(ratios)
+    shares = [r / total_ratio for r in ratios]
+    if cfg.mixture.replacement:
+        n = cfg.mixture.examples or sum(sizes)
+    else:
+        n = int(min(size / share for size, share in zip(sizes, shares, strict=True)))
+        if cfg.mixture.examples:
+            if cfg.mixture.examples > n:
+                raise DataError(
+                    f"data.mixture.examples: {cfg.mixture.examples} examples at these ratios need repeats "
+                    f"(without them at most {n}); set data.mixture.replacement: true or ask for fewer"
+                )
+            n = cfg.mixture.examples
+    counts = _largest_remainder([share * n for share in shares])
+    rng = np.random.default_rng([seed, 7])
+    out, realized = [], {}
+    for part, count, name, share in zip(parts, counts, names, shares, strict=True):
+        if count <= len(part) or not cfg.mixture.replacement:
+            picked = sorted(rng.choice(len(part), size=count, replace=False).tolist())
+            sub = part.subset(picked)
+        else:  # every example once, the rest drawn with replacement
+            extra = rng.choice(len(part), size=count - len(part), replace=True).tolist()
+            sub = part.subset(list(range(len(part))) + extra)
+            seen: dict[str, int] = {}
+            for i in range(len(part), len(sub)):
+                eid = sub.example_ids[i]
+                seen[eid] = seen.get(eid, 0) + 1
+                sub.example_ids[i] = f"{eid}~rep{seen[eid]}"
+        out.append(sub)
+        realized[name] = {"available": len(part), "used": count, "target_share": round(share, 4)}
+    for v in realized.values():
+        v["share"] = round(v["used"] / max(1, n), 4)
+    log.info(
+        "data: mixture of %d examples: %s",
+        n,
+        ", ".join(f"{k} {v['used']} ({v['share']:.0%})" for k, v in realized.items()),
+    )
+    return out, realized
+
+
+def _largest_remainder(quotas: list[float]) -> list[int]:
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
+    for i in by_remainder[: round(sum(quotas)) - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 LEAK_CHECK_MAX_EXAMPLES = 50_000  # MinHash over more takes minutes in Python: left to a data check
@@ -82,13 +170,59 @@ def split_records(cfg: DataConfig, data: Datasets) -> dict[str, list[Record]]:
     the checks and the evaluation that need text rather than tokens."""
     train_ids = set(data.train.example_ids)
     val_ids = set(data.validation.example_ids) if data.validation is not None else set()
-    train_records = [r for s in cfg.train for r in read_records(s)]
-    pool = [r for s in cfg.validation for r in read_records(s)] if cfg.validation else train_records
+
+    def read(src: DatasetSource) -> list[Record]:
+        return read_records(src, [] if cfg.skip_bad_rows else None)
+
+    train_records = [r for s in cfg.train for r in read(s)]
+    pool = [r for s in cfg.validation for r in read(s)] if cfg.validation else train_records
     return {
         "train": [r for r in train_records if r.id in train_ids],
         "validation": [r for r in pool if r.id in val_ids],
-        "test": [r for s in cfg.test for r in read_records(s)],
+        "test": [r for s in cfg.test for r in read(s)],
     }
+
+
+def guard_leakage(cfg: DataConfig, data: Datasets, splits: dict[str, list[Record]]) -> dict:
+    """Check for leakage, then act on it. Copies in a validation split strop held out itself are taken
+    out of it (duplicates inside the training file put them there). Copies in validation or test files
+    the user gave stop the run, unless `data.allow_leakage` says to go on (the report then warns)."""
+    out = check_leakage(splits)
+    if not out.get("checked"):
+        return out
+    found = {k: out[k].pop("ids") for k in ("train_validation", "train_test") if k in out}
+    if found.get("train_validation") and not cfg.validation:
+        drop = set(found.pop("train_validation"))
+        keep = [i for i, e in enumerate(data.validation.example_ids) if e not in drop]
+        data.validation = data.validation.subset(keep) if keep else None
+        data.validation_groups = None if not keep else _regroup(data.validation_groups, keep)
+        splits["validation"] = [r for r in splits["validation"] if r.id not in drop]
+        out["train_validation"]["removed_from_validation"] = len(drop)
+        data.summary["validation_examples"] = len(keep)
+        log.info("data: took %d held-out example(s) that copy training ones out of validation", len(drop))
+    leaked = {k: v for k, v in found.items() if v}
+    if leaked and not cfg.allow_leakage:
+        lines = [
+            f"{len(ids)} {k.split('_')[1]} example(s) copy training examples, e.g. "
+            + ", ".join(f"{a} ~ {b} ({kind})" for a, b, kind in out[k]["pairs"][:5])
+            for k, ids in leaked.items()
+        ]
+        raise DataError(
+            "leakage between training and evaluation data:\n  "
+            + "\n  ".join(lines)
+            + "\nScores on copies of training examples measure memory, not skill. Remove them "
+            "(`strop data prepare` deduplicates before splitting; `strop data check` lists every pair), "
+            "or set data.allow_leakage: true to train anyway."
+        )
+    return out
+
+
+def _regroup(groups: dict[str, list[int]] | None, keep: list[int]) -> dict[str, list[int]] | None:
+    if groups is None:
+        return None
+    new_index = {old: new for new, old in enumerate(keep)}
+    regrouped = {k: [new_index[i] for i in v if i in new_index] for k, v in groups.items()}
+    return {k: v for k, v in regrouped.items() if v}
 
 
 def check_leakage(splits: dict[str, list[Record]]) -> dict:
@@ -114,6 +248,7 @@ def check_leakage(splits: dict[str, list[Record]]) -> dict:
             "exact": sum(kind == "exact" for *_, kind in pairs),
             "near": sum(kind == "near" for *_, kind in pairs),
             "pairs": [[b.id, a.id, kind] for a, b, kind in pairs[:20]],
+            "ids": sorted({b.id for _, b, _ in pairs}),
         }
         if pairs:
             shown = ", ".join(f"{b.id} ~ {a.id} ({kind})" for a, b, kind in pairs[:5])
@@ -141,14 +276,17 @@ def length_summary(train: TokenizedSet, val: TokenizedSet | None, max_length: in
     return {"length_histogram": hist, "length_percentiles": pct}
 
 
-def read_records(src: DatasetSource) -> list[Record]:
-    """A source's rows as records (no tokenization), e.g. for generation-based evaluation."""
-    return to_records(source_rows(src), src.format, src.fields, src.path)[0]
+def read_records(src: DatasetSource, rejected: list[Rejected] | None = None) -> list[Record]:
+    """A source's rows as records (no tokenization), e.g. for generation-based evaluation. Malformed
+    rows are an error, or are appended to `rejected` and left out when it is given."""
+    return to_records(source_rows(src, rejected), src.format, src.fields, src.path, rejected)[0]
 
 
-def source_rows(src: DatasetSource) -> list:
+def source_rows(src: DatasetSource, rejected: list[Rejected] | None = None) -> list:
     """The rows a source selects: `skip` rows left out, then at most `limit`."""
-    rows = read_rows(src.path, split=src.split, limit=src.limit + src.skip if src.limit else None)
+    rows = read_rows(
+        src.path, split=src.split, limit=src.limit + src.skip if src.limit else None, rejected=rejected
+    )
     if src.skip and len(rows) <= src.skip:
         raise DataError(f"{src.path}: skip {src.skip} leaves no rows (the source has {len(rows)})")
     return rows[src.skip :]
@@ -159,7 +297,7 @@ def _held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
     ("id", "id#1", ...) stay on one side, so validation never sees text it trained on."""
     groups: dict[str, list[int]] = {}
     for i, eid in enumerate(example_ids):
-        groups.setdefault(eid.split("#", 1)[0], []).append(i)
+        groups.setdefault(original_id(eid), []).append(i)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
     target, picked = max(1, round(len(example_ids) * fraction)), []
@@ -171,8 +309,15 @@ def _held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
 
 
 def _load_source(
-    src: DatasetSource, cfg: DataConfig, template: ChatTemplate, report: list, split: str
+    src: DatasetSource,
+    cfg: DataConfig,
+    template: ChatTemplate,
+    report: list,
+    split: str,
+    augment_seed: int | None = None,
 ) -> TokenizedSet:
+    """One source tokenized (from the cache when it holds it); training sources augmented if asked."""
+    aug = cfg.augment if split == "train" else None
     path = Path(src.path).expanduser()
     files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES) if path.is_dir() else [path]
     local = all(f.is_file() for f in files)
@@ -188,6 +333,8 @@ def _load_source(
         "system": template.system_prompt,
         "max_length": cfg.max_length,
         "train_on_prompt": cfg.train_on_prompt,
+        "skip_bad_rows": cfg.skip_bad_rows,
+        "augment": [aug.model_dump(), augment_seed] if aug else None,
     }
     cache = None
     if local:
@@ -195,12 +342,28 @@ def _load_source(
         cached = load_cached(cache)
         if cached is not None:
             log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
-            report.append({"path": src.path, "split": split, **cached.stats, "cached": True})
+            report.append({"path": src.path, "split": split, **_brief(cached.stats), "cached": True})
             return cached
-    rows = source_rows(src)
-    records, fmt = to_records(rows, src.format, src.fields, src.path)
+    rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
+    rows = source_rows(src, rejected)
+    unparsed = len(rejected or [])
+    records, fmt = to_records(rows, src.format, src.fields, src.path, rejected)
     how = "given" if src.format != "auto" else "detected"
     log.info("data: %s: %d rows, format %s (%s)", src.path, len(rows), fmt, how)
+    if rejected:
+        log.warning(
+            "data: %s: left out %d malformed row(s) (data.skip_bad_rows), e.g. %s",
+            src.path,
+            len(rejected),
+            rejected[0],
+        )
+    if aug is not None:
+        n = len(records)
+        records = augment(
+            records,
+            AugmentOptions(aug.copies, aug.paraphrase, aug.char_noise, aug.word_noise, augment_seed or 0),
+        )
+        log.info("data: %s: %d augmented copies of %d examples", src.path, len(records) - n, n)
     t0 = time.perf_counter()
     ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
     seconds = time.perf_counter() - t0
@@ -213,7 +376,18 @@ def _load_source(
         seconds,
         n_tokens / max(seconds, 1e-9),
     )
-    ts.stats.update({"rows": len(rows), "format": fmt, "format_detected": how == "detected"})
+    ts.stats.update(
+        {
+            "rows": len(rows) + unparsed,
+            "format": fmt,
+            "format_detected": how == "detected",
+            "rejected_rows": len(rejected or []),
+            "rejected": [str(r) for r in rejected or []],
+            "labels": dict(
+                Counter(r.label for r in records if r.label is not None and original_id(r.id) == r.id)
+            ),
+        }
+    )
     if ts.stats["dropped_no_response"]:
         log.warning(
             "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
@@ -223,5 +397,10 @@ def _load_source(
         )
     if cache is not None:
         save_cached(cache, ts)
-    report.append({"path": src.path, "split": split, **ts.stats, "cached": False})
+    report.append({"path": src.path, "split": split, **_brief(ts.stats), "cached": False})
     return ts
+
+
+def _brief(stats: dict, keep: int = 20) -> dict:
+    """Stats for the data summary: lists of ids cut to their first `keep`."""
+    return {k: v[:keep] if isinstance(v, list) else v for k, v in stats.items()}

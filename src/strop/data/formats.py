@@ -1,15 +1,19 @@
 """Rows -> records. A record is either a conversation (`messages`) or plain text (`text`).
 
 Formats: alpaca (instruction/input/output), messages (OpenAI role/content), sharegpt (from/value),
-prompt_completion, question_answer (GSM8K-style question/answer), text. Field names can be mapped; the format is detected from the first row.
+prompt_completion, question_answer (GSM8K-style question/answer), labelled (text/label: the label is the
+response), preference (prompt/chosen/rejected: the conversation ends with the chosen reply), text. Field
+names can be mapped; the format is the one most of the first rows show.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from strop.core.errors import DataError
-from strop.data.read import Row
+from strop.data.read import Rejected, Row
 
 ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {
@@ -30,6 +34,8 @@ class Record:
     messages: tuple[dict, ...] | None = None  # ({"role": ..., "content": ...}, ...)
     text: str | None = None
     where: str = ""  # "file:line" of the row, for errors found later (e.g. by the template)
+    label: str | None = None  # labelled rows: also the assistant turn
+    rejected: str | None = None  # preference rows: the reply not chosen (messages end with the chosen one)
 
 
 def detect_format(row: dict) -> str | None:
@@ -40,17 +46,34 @@ def detect_format(row: dict) -> str | None:
             return "sharegpt" if "from" in turns[0] else "messages"
     if {"instruction", "output"} <= keys:
         return "alpaca"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     if {"question", "answer"} <= keys:
         return "question_answer"
+    if {"text", "label"} <= keys:
+        return "labelled"
     if "text" in keys:
         return "text"
     return None
 
 
-def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -> tuple[list[Record], str]:
-    """Convert rows; returns the records and the format used (detected when `fmt == 'auto'`)."""
+DETECT_ROWS = 1000  # the format is the one most of the first rows show, so one odd first row cannot decide
+
+
+def to_records(
+    rows: list[Row],
+    fmt: str,
+    fields: dict[str, str],
+    source: str,
+    rejected: list[Rejected] | None = None,
+) -> tuple[list[Record], str]:
+    """Convert rows; returns the records and the format used (detected when `fmt == 'auto'`).
+
+    Malformed rows stop the conversion with an error listing them (file:line, field, reason), unless
+    `rejected` is given: then they are appended there and left out.
+    """
     if not rows:
         raise DataError(f"{source}: no rows")
     for ours, theirs in fields.items():
@@ -61,27 +84,32 @@ def to_records(rows: list[Row], fmt: str, fields: dict[str, str], source: str) -
             )
     mapped = [_rename(r.data, fields) for r in rows]
     if fmt == "auto":
-        fmt = detect_format(mapped[0])
-        if fmt is None:
+        votes = Counter(f for f in map(detect_format, mapped[:DETECT_ROWS]) if f is not None)
+        if not votes:
             raise DataError(
-                f"{rows[0].where}: cannot detect the data format from fields {sorted(rows[0].data)}; "
+                f"{rows[0].where}: cannot detect the data format from fields {sorted(map(str, rows[0].data))}; "
                 "expected one of: instruction+output (alpaca), messages, conversations (sharegpt), "
-                "prompt+completion, question+answer, text. Set data.train[].format and data.train[].fields to map yours."
+                "prompt+chosen+rejected (preference), prompt+completion, question+answer, text+label "
+                "(labelled), text. Set data.train[].format and data.train[].fields to map yours."
             )
+        fmt = votes.most_common(1)[0][0]
     convert = _CONVERTERS[fmt]
     records, errors = [], []
     for row, data in zip(rows, mapped, strict=True):
         try:
             records.append(replace(convert(data, _row_id(data, row)), where=row.where))
         except _RowError as e:
-            errors.append(f"{row.where}: field {fields.get(e.field, e.field)!r}: {e.reason}")
-    if errors:
+            errors.append(Rejected(row.where, fields.get(e.field, e.field), e.reason))
+    if errors and rejected is None:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise DataError(
             f"{len(errors)} malformed row(s) in {source} (format {fmt}):\n  "
-            + "\n  ".join(errors[:10])
+            + "\n  ".join(map(str, errors[:10]))
             + more
+            + "\n(`strop data check` lists them all; data.skip_bad_rows: true leaves them out)"
         )
+    if rejected is not None:
+        rejected += errors
     return records, fmt
 
 
@@ -105,6 +133,22 @@ def _row_id(data: dict, row: Row) -> str:
     return str(rid) if isinstance(rid, (str, int)) else row.where
 
 
+# C0 controls and DEL, bar tab, newline, carriage return and form feed (which code files carry)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_string(value: str, field: str) -> str:
+    """A string fit to tokenize: no control characters and no unpaired surrogates (JSON's "\\ud800")."""
+    if m := _CONTROL.search(value):
+        raise _RowError(field, f"control character U+{ord(m.group()):04X} at position {m.start()}")
+    if m := _SURROGATE.search(value):
+        raise _RowError(
+            field, f"unpaired surrogate U+{ord(m.group()):04X} (invalid Unicode) at position {m.start()}"
+        )
+    return value
+
+
 def _text(data: dict, field: str, required: bool = True) -> str:
     value = data.get(field)
     if value is None:
@@ -115,7 +159,7 @@ def _text(data: dict, field: str, required: bool = True) -> str:
         raise _RowError(field, f"expected a string, got {type(value).__name__}")
     if required and not value.strip():
         raise _RowError(field, "empty or whitespace-only")
-    return value
+    return check_string(value, field)
 
 
 def alpaca_user_turn(instruction: str, extra: str) -> str:
@@ -148,9 +192,9 @@ def _prompt_completion(data: dict, rid: str) -> Record:
     return Record(rid, messages=msgs)
 
 
-def _turns(data: dict, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
-    field = "messages" if "messages" in data else "conversations"
-    turns = data.get(field)
+def _turns(
+    turns: object, field: str, role_key: str, content_key: str, roles: dict[str, str], need_reply: bool = True
+) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise _RowError(field, "expected a non-empty list of turns")
     msgs = []
@@ -158,13 +202,14 @@ def _turns(data: dict, role_key: str, content_key: str, roles: dict[str, str]) -
         if not isinstance(t, dict):
             raise _RowError(f"{field}[{i}]", f"expected an object, got {type(t).__name__}")
         role = t.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise _RowError(f"{field}[{i}].{role_key}", f"unknown role {role!r} (allowed: {sorted(roles)})")
         content = t.get(content_key)
         if not isinstance(content, str):
             raise _RowError(f"{field}[{i}].{content_key}", "expected a string")
+        check_string(content, f"{field}[{i}].{content_key}")
         msgs.append({"role": roles[role], "content": content})
-    if not any(m["role"] == "assistant" for m in msgs):
+    if need_reply and not any(m["role"] == "assistant" for m in msgs):
         raise _RowError(field, "conversation has no assistant turn to learn from")
     for i, m in enumerate(msgs):
         if m["role"] == "assistant" and not m["content"].strip():
@@ -172,12 +217,77 @@ def _turns(data: dict, role_key: str, content_key: str, roles: dict[str, str]) -
     return msgs
 
 
+def _conversation_field(data: dict) -> str:
+    return "messages" if "messages" in data else "conversations"
+
+
+_OPENAI_ROLES = {r: r for r in ROLES}
+
+
 def _messages(data: dict, rid: str) -> Record:
-    return Record(rid, messages=tuple(_turns(data, "role", "content", {r: r for r in ROLES})))
+    field = _conversation_field(data)
+    return Record(rid, messages=tuple(_turns(data.get(field), field, "role", "content", _OPENAI_ROLES)))
 
 
 def _sharegpt(data: dict, rid: str) -> Record:
-    return Record(rid, messages=tuple(_turns(data, "from", "value", SHAREGPT_ROLES)))
+    field = _conversation_field(data)
+    return Record(rid, messages=tuple(_turns(data.get(field), field, "from", "value", SHAREGPT_ROLES)))
+
+
+def _labelled(data: dict, rid: str) -> Record:
+    label = data.get("label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise _RowError("label", f"expected a string or an integer, got {type(label).__name__}")
+    label = check_string(str(label).strip(), "label")
+    if not label:
+        raise _RowError("label", "empty or whitespace-only")
+    msgs = ({"role": "user", "content": _text(data, "text")}, {"role": "assistant", "content": label})
+    return Record(rid, messages=msgs, label=label)
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def hh_turns(transcript: str) -> list[dict]:
+    """Anthropic HH-style "Human: ...\\n\\nAssistant: ..." text as turns (a trailing empty
+    "Assistant:" tag dropped); text without the tags is one user turn."""
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        return [{"role": "user", "content": transcript.strip()}]
+    turns = [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    return turns
+
+
+def _preference(data: dict, rid: str) -> Record:
+    """prompt + chosen + rejected: strings (the prompt may be an HH transcript or a list of turns),
+    or chosen and rejected as whole conversations that differ only in the final assistant turn."""
+    chosen, rejected = data.get("chosen"), data.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        convo = _turns(chosen, "chosen", "role", "content", _OPENAI_ROLES)
+        other = _turns(rejected, "rejected", "role", "content", _OPENAI_ROLES)
+        if convo[-1]["role"] != "assistant" or other[-1]["role"] != "assistant" or convo[:-1] != other[:-1]:
+            raise _RowError(
+                "chosen", "chosen and rejected conversations must share every turn but a final assistant one"
+            )
+        prompt, chosen, rejected = convo[:-1], convo[-1]["content"], other[-1]["content"]
+    else:
+        chosen, rejected = _text(data, "chosen").strip(), _text(data, "rejected").strip()
+        raw = data.get("prompt", "")
+        if isinstance(raw, list):
+            prompt = _turns(raw, "prompt", "role", "content", _OPENAI_ROLES, need_reply=False)
+        else:
+            prompt = hh_turns(_text(data, "prompt"))
+    if chosen.strip() == rejected.strip():
+        raise _RowError("rejected", "identical to chosen: the pair prefers nothing")
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise _RowError("prompt", "the conversation must end with a user turn before the replies")
+    msgs = (*prompt, {"role": "assistant", "content": chosen})
+    return Record(rid, messages=tuple(msgs), rejected=rejected)
 
 
 def _plain_text(data: dict, rid: str) -> Record:
@@ -190,5 +300,7 @@ _CONVERTERS = {
     "messages": _messages,
     "sharegpt": _sharegpt,
     "prompt_completion": _prompt_completion,
+    "labelled": _labelled,
+    "preference": _preference,
     "text": _plain_text,
 }

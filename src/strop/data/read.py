@@ -23,8 +23,30 @@ class Row:
     where: str  # "path:line" (line is 1-based) or "path:row N"
 
 
-def read_rows(path: str, split: str = "train", limit: int | None = None) -> list[Row]:
-    """All rows of a file, a folder of files, or a Hugging Face dataset name."""
+@dataclass(frozen=True)
+class Rejected:
+    """A row left out, and why: what `strop data check` lists and `data.skip_bad_rows` counts."""
+
+    where: str
+    field: str  # "" when the row could not be parsed at all
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.where}: field {self.field!r}: {self.reason}"
+            if self.field
+            else f"{self.where}: {self.reason}"
+        )
+
+
+def read_rows(
+    path: str, split: str = "train", limit: int | None = None, rejected: list[Rejected] | None = None
+) -> list[Row]:
+    """All rows of a file, a folder of files, or a Hugging Face dataset name.
+
+    A row that cannot be parsed (invalid JSON or UTF-8, not an object, too many CSV values) stops the
+    read with an error naming its line, unless `rejected` is given: then it is appended there and skipped.
+    """
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
@@ -44,13 +66,18 @@ def read_rows(path: str, split: str = "train", limit: int | None = None) -> list
     rows: list[Row] = []
     for f in files:
         for row in _read_file(f):
+            if isinstance(row, Rejected):
+                if rejected is None:
+                    raise DataError(str(row))
+                rejected.append(row)
+                continue
             rows.append(row)
             if limit and len(rows) >= limit:
                 return rows
     return rows
 
 
-def _read_file(f: Path) -> Iterator[Row]:
+def _read_file(f: Path) -> Iterator[Row | Rejected]:
     if f.suffix not in SUFFIXES:
         raise DataError(f"{f}: unsupported file type {f.suffix!r} (use .jsonl, .json, .csv or .parquet)")
     if f.suffix == ".jsonl":
@@ -67,8 +94,9 @@ def _read_file(f: Path) -> Iterator[Row]:
         for rec in reader:
             where = f"{f}:{reader.line_num}"
             if None in rec:  # csv puts values beyond the header under the key None
-                raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
-            yield Row(dict(rec), where)
+                yield Rejected(where, "", f"more values than the {len(reader.fieldnames)} header columns")
+            else:
+                yield Row(dict(rec), where)
     else:
         import pyarrow.parquet as pq
 
@@ -76,7 +104,7 @@ def _read_file(f: Path) -> Iterator[Row]:
             yield Row(rec, f"{f}:row {i + 1}")
 
 
-def _read_jsonl(f: Path) -> Iterator[Row]:
+def _read_jsonl(f: Path) -> Iterator[Row | Rejected]:
     with open(f, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             if not raw.strip():
@@ -85,15 +113,19 @@ def _read_jsonl(f: Path) -> Iterator[Row]:
             try:
                 obj = json.loads(raw.decode("utf-8-sig"))
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                yield Rejected(where, "", f"not valid UTF-8 ({e.reason} at byte {e.start})")
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield Row(obj, where)
+                yield Rejected(where, "", f"invalid JSON ({e.msg}, column {e.colno})")
+            except RecursionError:
+                yield Rejected(where, "", "invalid JSON (nested too deeply)")
+            else:
+                if isinstance(obj, dict):
+                    yield Row(obj, where)
+                else:
+                    yield Rejected(where, "", f"expected a JSON object, got {type(obj).__name__}")
 
 
-def _read_json(f: Path) -> Iterator[Row]:
+def _read_json(f: Path) -> Iterator[Row | Rejected]:
     try:
         obj = json.loads(f.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -103,9 +135,10 @@ def _read_json(f: Path) -> Iterator[Row]:
     if not isinstance(obj, list):
         raise DataError(f"{f}: expected a JSON list of objects (or {{'data': [...]}})")
     for i, rec in enumerate(obj):
-        if not isinstance(rec, dict):
-            raise DataError(f"{f}:row {i + 1}: expected a JSON object, got {type(rec).__name__}")
-        yield Row(rec, f"{f}:row {i + 1}")
+        if isinstance(rec, dict):
+            yield Row(rec, f"{f}:row {i + 1}")
+        else:
+            yield Rejected(f"{f}:row {i + 1}", "", f"expected a JSON object, got {type(rec).__name__}")
 
 
 def _read_hub(name: str, split: str, limit: int | None) -> list[Row]:

@@ -22,7 +22,7 @@ from strop.core.io import atomic_dir, cache_root
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate, encode_text
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: stats name truncated/dropped examples and rejected rows
 
 
 @dataclass
@@ -53,7 +53,15 @@ class TokenizedSet:
             out.trained += p.trained
             out.example_ids += p.example_ids
             for k, v in p.stats.items():
-                out.stats[k] = out.stats.get(k, 0) + v if type(v) is int else v  # counts add; bools do not
+                if type(v) is int or isinstance(v, list):  # counts add, lists of ids join; bools do not
+                    out.stats[k] = out.stats.get(k, type(v)()) + v
+                elif isinstance(v, dict):  # counts by label
+                    merged = dict(out.stats.get(k, {}))
+                    for label, n in v.items():
+                        merged[label] = merged.get(label, 0) + n
+                    out.stats[k] = merged
+                else:
+                    out.stats[k] = v
         return out
 
     def label_tokens(self) -> int:
@@ -107,7 +115,18 @@ def _tokenize_chunk(records: list[Record]) -> TokenizedSet:
 def _tokenize_serial(
     records: list[Record], template: ChatTemplate, max_length: int, train_on_prompt: bool
 ) -> TokenizedSet:
-    out = TokenizedSet([], [], [], {"examples_in": len(records), "truncated": 0, "dropped_no_response": 0})
+    out = TokenizedSet(
+        [],
+        [],
+        [],
+        {
+            "examples_in": len(records),
+            "truncated": 0,
+            "dropped_no_response": 0,
+            "truncated_ids": [],
+            "dropped_ids": [],
+        },
+    )
     for rec in records:
         if rec.text is not None:
             for j, window in enumerate(encode_text(template.tokenizer, rec.text, max_length)):
@@ -122,10 +141,12 @@ def _tokenize_serial(
         ids, trained = enc.ids, enc.trained
         if len(ids) > max_length:
             out.stats["truncated"] += 1
+            out.stats["truncated_ids"].append(rec.id)
             ids, trained = ids[:max_length], trained[:max_length]
         # the first token is never predicted, so a loss needs a trained token after position 0
         if not any(trained[1:]):
             out.stats["dropped_no_response"] += 1
+            out.stats["dropped_ids"].append(rec.id)
             continue
         out.ids.append(np.asarray(ids, dtype=np.int32))
         out.trained.append(np.asarray(trained, dtype=bool))

@@ -23,7 +23,7 @@ from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
-from strop.data.build import build_datasets, check_leakage, split_records
+from strop.data.build import build_datasets, guard_leakage, split_records
 from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import sft
 from strop.models.attention import enable_segment_attention
@@ -75,7 +75,7 @@ def train(
     data = build_datasets(cfg.data, template, cfg.train.seed)
     data.summary["template"] = template_name
     records = split_records(cfg.data, data)
-    data.summary["leakage"] = check_leakage(records)
+    data.summary["leakage"] = guard_leakage(cfg.data, data, records)
     # the run directory appears only once the model and data are known to be good
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
