@@ -58,15 +58,24 @@ def test_no_validation_when_fraction_is_zero(tmp_path, template):
     assert ds.validation is None and len(ds.train) == len(ALPACA_ROWS)
 
 
-def test_validation_duplicates_of_training_rows_are_removed_and_counted(tmp_path, template):
+def test_validation_files_copying_training_rows_are_refused_unless_allowed(tmp_path, template):
+    """Given validation files are not pruned behind the user's back: the run refuses to start, naming
+    the copies, unless data.allow_leakage says to go on."""
+    from strop.data.build import guard_leakage, split_records
+
     f = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS[:10])
     new = {"instruction": "What is 9 times 9?", "output": "Arr! 81, matey."}
     v = write_jsonl(tmp_path / "val.jsonl", [ALPACA_ROWS[3], new, ALPACA_ROWS[7]])
-    ds = build_datasets(data_cfg(tmp_path, [f], validation=[str(v)]), template, seed=0)
-    assert len(ds.train) == 10
-    assert ds.validation.example_ids == [f"{v}:2"]
-    assert ds.summary["validation_duplicates_of_train_removed"] == 2
-    assert ds.summary["validation_examples"] == 1
+    cfg = data_cfg(tmp_path, [f], validation=[str(v)])
+    ds = build_datasets(cfg, template, seed=0)
+    assert len(ds.train) == 10 and len(ds.validation) == 3
+    with pytest.raises(
+        DataError, match=rf"2 validation example\(s\) copy training examples, e.g. {v}:1 ~ {f}:4"
+    ):
+        guard_leakage(cfg, ds, split_records(cfg, ds))
+    allowed = cfg.model_copy(update={"allow_leakage": True})
+    leak = guard_leakage(allowed, ds, split_records(allowed, ds))
+    assert leak["train_validation"]["exact"] == 2 and len(ds.validation) == 3
 
 
 def test_duplicates_in_a_split_file_never_reach_validation(tmp_path, template):

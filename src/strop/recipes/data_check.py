@@ -1,0 +1,218 @@
+"""`strop data check`: the data checks (strop.data.check) under the run's tokenizer and template, plus an
+estimate of the run's time and memory on this machine.
+
+The estimate counts the training FLOPs (4N per token for LoRA and frozen layers, 6N for full fine-
+tuning: forward 2N, backward through activations 2N, weight gradients 2 x trainable; Kaplan et al. 2020)
+on the tokens the batches really hold (padding included), at the fraction of this machine's measured
+matmul peak that strop reaches (bench/sft.py: 56% packed, 38% padded on a 2-core CPU with SmolLM2-135M).
+Memory: fp32 weights, 16 bytes per trainable parameter (weight, gradient, two AdamW moments), and
+activations of (34 hidden + 5 intermediate) floats per token and layer (Korthikanti et al. 2022,
+counted for fp32 and no attention scores), which matched bench/sft.py's peak RSS within 20%.
+Both are estimates: say so, and trust the first steps' tokens/s over them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from strop.core.config import RunConfig
+from strop.core.device import resolve_device
+from strop.data.check import CheckResult, check_data
+from strop.data.packing import pack
+from strop.data.template import ChatTemplate, resolve_template
+from strop.data.tokenized import TokenizedSet
+from strop.models.load import load_tokenizer, resolve_source
+from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
+from strop.training.loop import total_steps
+
+log = logging.getLogger("strop.data")
+
+EFFICIENCY = {"packed": 0.55, "padded": 0.55}  # of the matmul peak, on the tokens computed (padding too)
+RUNTIME_BYTES = 0.6e9  # Python, torch, transformers, tokenizer: measured before the first batch
+GENERATION_S_PER_STEP_135M = 0.1  # one decode step at batch 8, SmolLM2-135M, 2-core CPU (issue 4)
+
+
+def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
+    source = resolve_source(cfg.model.name)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    template_name, template_src = resolve_template(cfg.data.template, tokenizer)
+    template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
+    result = check_data(cfg.data, template, cfg.train.seed)
+    result.report["model"] = cfg.model.name
+    result.report["template"] = template_name
+    if estimate and result.train is not None and len(result.train):
+        result.report["estimate"] = estimate_run(cfg, source, result.train, result.report)
+    return result
+
+
+def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mcfg = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+        m = cfg.method
+        if m.name == "lora":
+            model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        elif m.name == "freeze":
+            model = apply_freeze(
+                model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head
+            )
+        else:
+            model = apply_full(model)
+    trainable, total = count_parameters(model)
+    n = total - (trainable if m.name == "lora" else 0)  # the base model's own parameters
+
+    t = cfg.train
+    lengths = [len(x) for x in train.ids]
+    if t.batch_tokens:
+        rows = pack(lengths, t.batch_tokens)
+        per_epoch, computed = len(rows), sum(max(1, sum(lengths[i] for i in r)) for r in rows)
+        widest = t.batch_tokens
+    else:
+        order = np.random.default_rng([t.seed, 0]).permutation(len(lengths))
+        batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        per_epoch = len(batches)
+        computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        widest = t.batch_size * max(lengths)
+    steps = total_steps(per_epoch, t)
+    epochs = steps * t.grad_accum / per_epoch
+    flops = computed * epochs * (4 * n + 2 * trainable)
+    device = resolve_device(cfg.model.device)
+    peak = matmul_peak(device)
+    train_s = flops / (peak * EFFICIENCY["packed" if t.batch_tokens else "padded"])
+
+    layers = getattr(mcfg, "num_hidden_layers", 12)
+    hidden = getattr(mcfg, "hidden_size", 768)
+    inter = getattr(mcfg, "intermediate_size", 4 * hidden)
+    per_token_layer = (hidden if t.gradient_checkpointing else 34 * hidden + 5 * inter) * 4
+    activations = widest * layers * per_token_layer
+    memory = RUNTIME_BYTES + 4 * n + 16 * trainable + activations
+
+    ev = cfg.eval
+    eval_examples = min(
+        ev.max_examples, report["splits"].get("test") or report["splits"].get("validation") or 0
+    )
+    eval_s = 0.0
+    if ev.enabled and eval_examples:
+        passes = 2 + (1 if ev.kshot else 0)  # base, tuned (and k-shot base)
+        decode_steps = -(-eval_examples // ev.batch_size) * ev.max_new_tokens
+        eval_s = passes * decode_steps * GENERATION_S_PER_STEP_135M * max(1.0, n / 1.35e8)
+    return {
+        "parameters": total,
+        "trainable": trainable,
+        "steps": steps,
+        "epochs": round(epochs, 3),
+        "tokens_computed_per_epoch": int(computed),
+        "padding_fraction": round(1 - sum(lengths) / computed, 3),
+        "train_flops": flops,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "device": str(device),
+        "train_s": round(train_s),
+        "eval_s": round(eval_s),
+        "peak_memory_gb": round(memory / 1e9, 2),
+        "machine_memory_gb": round(_machine_memory(device) / 1e9, 1),
+    }
+
+
+def matmul_peak(device: torch.device, n: int = 2048, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on `device` (fp32 on CPU, bf16 on CUDA), timed for about `seconds`."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _machine_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def render(report: dict) -> str:
+    """The check as text for a terminal."""
+    lines = [f"strop data check  (model {report.get('model')}, template {report.get('template')})", ""]
+    lines.append("sources:")
+    for s in report["sources"]:
+        fmt = f"format {s.get('format', '?')}{' (detected)' if s.get('format_detected') else ''}"
+        lines.append(f"  {s['split']:<10} {s['path']}: {s['rows']} rows, {s['valid']} usable, {fmt}")
+        for r in s["rejected_rows"][:10]:
+            field = f"field {r['field']!r}: " if r["field"] else ""
+            lines.append(f"      rejected {r['where']}: {field}{r['reason']}")
+        if len(s["rejected_rows"]) > 10:
+            lines.append(f"      ... and {len(s['rejected_rows']) - 10} more (--json lists them all)")
+    if "splits" in report:
+        lines.append("")
+        lines.append(
+            "splits: "
+            + ", ".join(f"{k} {v}" for k, v in report["splits"].items())
+            + f"  (validation from {report['validation_from']})"
+        )
+    for name, m in report.get("mixture", {}).items():
+        lines.append(
+            f"  mixture {name}: {m['used']} of {m['available']} ({m['share']:.1%}, target {m['target_share']:.1%})"
+        )
+    if report.get("tokens"):
+        lines += ["", "tokens (per example):"]
+        for split, t in report["tokens"].items():
+            lines.append(
+                f"  {split:<10} {t['examples']} examples, median {t['p50']:.0f}, p90 {t['p90']:.0f}, p99 "
+                f"{t['p99']:.0f}, max {t['max']} (max_length {t['max_length']}); truncated {t['truncated']}, "
+                f"response cut away {t['response_cut_away']}; {t['label_tokens']:,} of {t['tokens']:,} tokens carry loss"
+            )
+    for split, labels in report.get("labels", {}).items():
+        lines.append(f"  labels {split}: " + ", ".join(f"{k} {v}" for k, v in labels.items()))
+    if "duplicates" in report:
+        lines += ["", "duplicates:"]
+        for split, d in report["duplicates"].items():
+            shown = [" = ".join(g[:3]) for g in d["exact_groups"][:3]] + [
+                f"{a} ~ {b} ({j})" for a, b, j in d["near_pairs"][:3]
+            ]
+            lines.append(
+                f"  within {split}: {d['repeats']} repeat(s)" + (f": {'; '.join(shown)}" if shown else "")
+            )
+        for pair, found in report.get("leakage", {}).items():
+            a, b = pair.split("_")
+            shown = "; ".join(f"{x} ~ {y} ({k})" for x, y, k in found[:5])
+            lines.append(f"  {b} vs {a}: {len(found)} pair(s)" + (f": {shown}" if shown else ""))
+    if e := report.get("estimate"):
+        lines += [
+            "",
+            f"estimate on this machine ({e['device']}, matmul peak {e['matmul_peak_gflops']} GFLOP/s):",
+            f"  {e['parameters']:,} parameters, {e['trainable']:,} trainable; {e['steps']} steps "
+            f"({e['epochs']} epochs), {e['padding_fraction']:.0%} of computed tokens are padding",
+            f"  training ~{_duration(e['train_s'])}, evaluation ~{_duration(e['eval_s'])}, peak memory "
+            f"~{e['peak_memory_gb']} GB of {e['machine_memory_gb']} GB (estimates: +-30%)",
+        ]
+        if e["peak_memory_gb"] > 0.8 * e["machine_memory_gb"]:
+            lines.append(
+                "  warning: that is close to or over this machine's memory; lower the batch or use batch_tokens"
+            )
+    lines.append("")
+    for kind in ("errors", "warnings", "notes"):
+        for msg in report[kind]:
+            lines.append(f"{kind[:-1]}: {msg}")
+    verdict = f"{len(report['errors'])} error(s), {len(report['warnings'])} warning(s)"
+    lines.append(("FAIL: " if report["errors"] else "OK: ") + verdict)
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
