@@ -53,3 +53,24 @@ def evaluate(model: torch.nn.Module, batches) -> dict[str, float]:
     model.train(was_training)
     mean = total / max(count, 1)
     return {"val_loss": mean, "val_ppl": float(torch.exp(torch.tensor(min(mean, 50.0))))}
+
+
+@torch.no_grad()
+def example_losses(
+    model: torch.nn.Module, ts, pad_id: int, device: torch.device, progress=None
+) -> list[float]:
+    """Each example's mean loss over its label tokens, one example at a time (no padding): a
+    curriculum's difficulty as the model sees it before training."""
+    from strop.data.batches import collate
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(len(ts)):
+        batch = {k: v.to(device) for k, v in collate(ts, [i], pad_id).items()}
+        s, n = loss(model, batch)
+        out.append(float(s) / max(n, 1))
+        if progress is not None:
+            progress.update(1)
+    model.train(was_training)
+    return out

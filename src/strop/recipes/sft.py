@@ -16,14 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.build import build_datasets, guard_leakage, split_records
+from strop.data.curriculum import difficulty_by_length
 from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import sft
 from strop.models.attention import enable_segment_attention
@@ -32,7 +35,7 @@ from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_p
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
-from strop.training.loop import fit
+from strop.training.loop import Curriculum, fit
 
 log = logging.getLogger("strop")
 
@@ -72,7 +75,14 @@ def train(
     template_name, template_src = resolve_template(cfg.data.template, tokenizer)
     template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
 
-    data = build_datasets(cfg.data, template, cfg.train.seed)
+    own = {  # sources with their own chat template (mixtures of differently formatted data)
+        src.label: ChatTemplate(
+            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt
+        )
+        for src in (*cfg.data.train, *cfg.data.validation)
+        if src.template
+    }
+    data = build_datasets(cfg.data, template, cfg.train.seed, own)
     data.summary["template"] = template_name
     records = split_records(cfg.data, data)
     data.summary["leakage"] = guard_leakage(cfg.data, data, records)
@@ -138,6 +148,8 @@ def train(
         device,
         show_progress,
         autocast_dtype=amp,
+        curriculum=_curriculum(cfg, model, data.train, tokenizer.pad_token_id, device, show_progress),
+        val_groups=data.validation_groups,
     )
 
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
@@ -162,6 +174,26 @@ def train(
         log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
     report = write_run_report(run_dir)
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, evaluation, report)
+
+
+def _curriculum(
+    cfg: RunConfig, model, train_set, pad_id: int, device, show_progress: bool
+) -> Curriculum | None:
+    c = cfg.data.curriculum
+    if c is None:
+        return None
+    if c.difficulty == "length":
+        difficulty = difficulty_by_length(train_set)
+    else:
+        with tqdm(total=len(train_set), desc="curriculum: base-model loss", disable=not show_progress) as bar:
+            difficulty = np.asarray(sft.example_losses(model, train_set, pad_id, device, bar))
+    log.info(
+        "curriculum: by %s, starting with the easiest %.0f%% (%s pacing)",
+        c.difficulty,
+        100 * c.start,
+        c.pacing,
+    )
+    return Curriculum(difficulty, c.start, c.full_at, c.pacing)
 
 
 def write_run_report(run_dir: Path) -> Path | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +25,7 @@ from strop.core.device import release_free_memory
 from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
+from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan, collate_packed
 from strop.data.tokenized import TokenizedSet
 from strop.training.checkpoint import (
@@ -58,17 +60,45 @@ def total_steps(micro_per_epoch: int, train: TrainConfig) -> int:
     return max(1, math.ceil(train.epochs * micro_per_epoch / train.grad_accum))
 
 
+@dataclass(frozen=True)
+class Curriculum:
+    """Easy-to-hard sampling (strop.data.curriculum): a difficulty per training example and the pacing."""
+
+    difficulty: np.ndarray
+    start: float
+    full_at: float  # a fraction (<= 1) of the run's steps, or a step number
+    pacing: str
+
+
 class MicroBatches:
     """Micro-batch `m` of the run as tensors: padded examples (`batch_size`) or one packed row
     (`batch_tokens`), plus how many real (non-padding) tokens it holds."""
 
-    def __init__(self, ts: TokenizedSet, train: TrainConfig, pad_id: int):
+    def __init__(
+        self, ts: TokenizedSet, train: TrainConfig, pad_id: int, curriculum: Curriculum | None = None
+    ):
         self.ts, self.pad_id = ts, pad_id
+        lengths = [len(x) for x in ts.ids]
         if train.batch_tokens:
-            self.plan = PackedPlan([len(x) for x in ts.ids], train.batch_tokens, train.seed)
+            self.plan = PackedPlan(lengths, train.batch_tokens, train.seed)
         else:
             self.plan = BatchPlan(len(ts), train.batch_size, train.seed)
         self.packed = train.batch_tokens is not None
+        if curriculum is not None:
+            n_steps = total_steps(self.plan.per_epoch, train)
+            c = curriculum
+            full_at = max(1, round(c.full_at * n_steps) if c.full_at <= 1 else int(c.full_at))
+            self.plan = CurriculumPlan(
+                c.difficulty,
+                lengths,
+                train.seed,
+                train.grad_accum,
+                c.start,
+                full_at,
+                c.pacing,
+                batch_size=None if self.packed else train.batch_size,
+                budget=train.batch_tokens,
+            )
 
     def __call__(self, m: int) -> tuple[dict, int]:
         picked = self.plan.micro_batch(m)
@@ -92,11 +122,19 @@ def fit(
     device: torch.device,
     show_progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    curriculum: Curriculum | None = None,
+    val_groups: dict[str, list[int]] | None = None,
 ) -> FitResult:
-    batches = MicroBatches(train_set, train, pad_id)
+    """`val_groups`: validation indices by source (a mixture), each also scored as `val_loss/NAME`."""
+    batches = MicroBatches(train_set, train, pad_id, curriculum)
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     val_batches = _validation_batches(val_set, train.batch_size, pad_id, device)
+    group_batches = {
+        name: _validation_batches(val_set.subset(index), train.batch_size, pad_id, device)
+        for name, index in (val_groups or {}).items()
+        if len(val_groups) > 1
+    }
 
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(run_dir)
@@ -198,6 +236,8 @@ def fit(
                 device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
             ):
                 metrics = eval_fn(model, val_batches)
+                for name, group in group_batches.items():
+                    metrics[f"val_loss/{name}"] = eval_fn(model, group)["val_loss"]
             sink.log({"step": step + 1, **metrics})
             final.update(metrics)
             bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
