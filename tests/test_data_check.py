@@ -116,3 +116,22 @@ def test_a_clean_config_passes_strict(tiny_llama, alpaca_file, tmp_path, capsys)
     rc, out = check([str(cfg), "--strict", "--no-estimate"], capsys)
     assert rc == 0, out
     assert out.rstrip().endswith("OK: 0 error(s), 0 warning(s)")
+
+
+def test_data_prepare_from_the_command_line(tmp_path, capsys):
+    rows = [
+        {"text": f"review number {i} was {'good' if i % 3 else 'bad'}", "label": "pos" if i % 3 else "neg"}
+        for i in range(60)
+    ]
+    rows.append(dict(rows[5]))  # an exact repeat
+    src = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "prepared"
+    rc = main(["data", "prepare", str(src), "--out", str(out), "--split", "0.5,0.25,0.25"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "removed: exact duplicate 1" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"] + manifest["counts"]["validation"] + manifest["counts"]["test"] == 60
+    assert manifest["label_counts"]["train"] == {"neg": 10, "pos": 20}  # stratified: 1:2 kept
+    assert main(["data", "prepare", str(src), "--out", str(out)]) == 2  # no silent overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "x"), "--split", "0.5,0.5"]) == 2
