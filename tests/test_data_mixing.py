@@ -93,8 +93,7 @@ def test_a_mixture_run_logs_validation_loss_per_source_and_a_curriculum_starts_e
 
     short = [{"instruction": f"Hi {i}?", "output": "Yes."} for i in range(20)]
     long = [
-        {"instruction": f"Explain topic {i} " + "in detail " * 3, "output": "Because " * 4}
-        for i in range(20)
+        {"instruction": f"Explain topic {i} " + "in detail " * 3, "output": "Because " * 4} for i in range(20)
     ]
     a, b = write_jsonl(tmp_path / "short.jsonl", short), write_jsonl(tmp_path / "long.jsonl", long)
     cfg = tiny_config(tiny_llama, a, tmp_path / "out", train={"max_steps": 4, "eval_every": 2})
