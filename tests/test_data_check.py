@@ -135,3 +135,10 @@ def test_data_prepare_from_the_command_line(tmp_path, capsys):
     assert main(["data", "prepare", str(src), "--out", str(out)]) == 2  # no silent overwrite
     assert "overwrite" in capsys.readouterr().err
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "x"), "--split", "0.5,0.5"]) == 2
+
+
+def test_a_missing_file_is_an_error_not_a_report(tmp_path, capsys):
+    rc = main(["data", "check", str(tmp_path / "nope.jsonl"), "--no-estimate"])
+    captured = capsys.readouterr()
+    assert rc == 2 and f"error: data file not found: {tmp_path / 'nope.jsonl'}" in captured.err
+    assert "FAIL" not in captured.out

@@ -4,14 +4,17 @@ rejected; nothing crashes; no valid row is changed or lost."""
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from strop.core.config import DatasetSource
 from strop.core.errors import DataError
 from strop.data.formats import to_records
 from strop.data.read import read_rows
 
+FORMATS = [f for f in get_args(DatasetSource.model_fields["format"].annotation) if f != "auto"]
 FORMAT_KEYS = ["instruction", "input", "output", "messages", "prompt", "completion", "text", "label"]
 FORMAT_KEYS += ["question", "answer", "chosen", "rejected", "role", "content", "id"]
 
@@ -85,16 +88,7 @@ def test_junk_is_rejected_or_explained_and_valid_rows_survive_unchanged(valid, j
 def test_any_row_in_any_format_is_a_record_or_a_named_rejection(row):
     from strop.data.read import Row
 
-    for fmt in (
-        "alpaca",
-        "messages",
-        "sharegpt",
-        "prompt_completion",
-        "question_answer",
-        "labelled",
-        "preference",
-        "text",
-    ):
+    for fmt in FORMATS:
         rejected: list = []
         records, _ = to_records([Row(row, "f.jsonl:1")], fmt, {}, "f.jsonl", rejected)
         assert len(records) + len(rejected) == 1

@@ -81,11 +81,7 @@ def build_datasets(
             "raise data.max_length"
         )
     groups = None
-    if val is not None and len(cfg.train) > 1 and not cfg.validation:
-        groups = {}
-        for i, eid in enumerate(val.example_ids):
-            groups.setdefault(source_of.get(original_id(eid), "?"), []).append(i)
-    elif val is not None and len(cfg.validation) > 1:
+    if val is not None and len(cfg.validation or cfg.train) > 1:  # validation drawn from several sources
         groups = {}
         for i, eid in enumerate(val.example_ids):
             groups.setdefault(source_of.get(eid, "?"), []).append(i)
@@ -383,9 +379,7 @@ def _load_source(
             "format_detected": how == "detected",
             "rejected_rows": len(rejected or []),
             "rejected": [str(r) for r in rejected or []],
-            "labels": dict(
-                Counter(r.label for r in records if r.label is not None and original_id(r.id) == r.id)
-            ),
+            "labels": dict(Counter(r.label for r in records if r.label is not None and not is_copy(r.id))),
         }
     )
     if ts.stats["dropped_no_response"]:

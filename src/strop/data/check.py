@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from strop.core.config import DataConfig
-from strop.core.errors import DataError
 from strop.data.build import LEAK_CHECK_MAX_EXAMPLES, build_datasets, source_rows, split_records
 from strop.data.duplicates import Duplicates, find_duplicates
 from strop.data.formats import Record, to_records
@@ -83,14 +82,10 @@ def check_data(cfg: DataConfig, template: ChatTemplate, seed: int) -> CheckResul
 def _check_source(src, split: str, report: dict) -> dict:
     entry = {"split": split, "path": src.path, "rows": 0, "valid": 0, "rejected": 0, "rejected_rows": []}
     rejected: list[Rejected] = []
-    try:
-        rows = source_rows(src, rejected)
-        unparsed = len(rejected)
-        records, fmt = to_records(rows, src.format, src.fields, src.path, rejected) if rows else ([], "?")
-    except DataError as e:
-        report["errors"].append(str(e))
-        entry["error"] = str(e)
-        return entry
+    # a missing file or an undetectable format is no finding about rows: it ends the check (exit 2)
+    rows = source_rows(src, rejected)
+    unparsed = len(rejected)
+    records, fmt = to_records(rows, src.format, src.fields, src.path, rejected) if rows else ([], "?")
     entry.update(
         rows=len(rows) + unparsed,
         valid=len(records),

@@ -79,6 +79,17 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_mo
         raise ConfigError(f"method.lora.target_modules: {e}") from None
 
 
+def apply_method(model: nn.Module, method) -> nn.Module:
+    """The trainable set a `MethodConfig` asks for: LoRA adapters, the last blocks, or everything."""
+    if method.name == "lora":
+        lora = method.lora
+        return apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    if method.name == "freeze":
+        f = method.freeze
+        return apply_freeze(model, f.train_last_n_blocks, f.train_patterns, f.train_lm_head)
+    return apply_full(model)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights counted once."""
     seen, trainable, total = set(), 0, 0

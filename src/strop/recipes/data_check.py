@@ -27,12 +27,12 @@ from strop.data.packing import pack
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
 from strop.models.load import load_tokenizer, resolve_source
-from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
+from strop.models.trainable import apply_method, count_parameters
 from strop.training.loop import total_steps
 
 log = logging.getLogger("strop.data")
 
-EFFICIENCY = {"packed": 0.55, "padded": 0.55}  # of the matmul peak, on the tokens computed (padding too)
+EFFICIENCY = 0.55  # of the matmul peak, on the tokens computed (padding included), packed or padded
 RUNTIME_BYTES = 0.6e9  # Python, torch, transformers, tokenizer: measured before the first batch
 GENERATION_S_PER_STEP_135M = 0.1  # one decode step at batch 8, SmolLM2-135M, 2-core CPU (issue 4)
 
@@ -56,17 +56,9 @@ def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict)
     mcfg = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
-        m = cfg.method
-        if m.name == "lora":
-            model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-        elif m.name == "freeze":
-            model = apply_freeze(
-                model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head
-            )
-        else:
-            model = apply_full(model)
+        model = apply_method(model, cfg.method)
     trainable, total = count_parameters(model)
-    n = total - (trainable if m.name == "lora" else 0)  # the base model's own parameters
+    n = total - (trainable if cfg.method.name == "lora" else 0)  # the base model's own parameters
 
     t = cfg.train
     lengths = [len(x) for x in train.ids]
@@ -85,7 +77,7 @@ def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict)
     flops = computed * epochs * (4 * n + 2 * trainable)
     device = resolve_device(cfg.model.device)
     peak = matmul_peak(device)
-    train_s = flops / (peak * EFFICIENCY["packed" if t.batch_tokens else "padded"])
+    train_s = flops / (peak * EFFICIENCY)
 
     layers = getattr(mcfg, "num_hidden_layers", 12)
     hidden = getattr(mcfg, "hidden_size", 768)

@@ -31,7 +31,7 @@ from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import sft
 from strop.models.attention import enable_segment_attention
 from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
-from strop.models.trainable import apply_freeze, apply_full, apply_lora, count_parameters
+from strop.models.trainable import apply_method, count_parameters
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
@@ -103,14 +103,7 @@ def train(
     amp = dtype if dtype != torch.float32 and cfg.method.name != "lora" else None
     model = load_causal_lm(source, device, torch.float32 if amp else dtype, cfg.model.trust_remote_code)
     m = cfg.method
-    if m.name == "lora":
-        model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-    elif m.name == "freeze":
-        model = apply_freeze(
-            model, m.freeze.train_last_n_blocks, m.freeze.train_patterns, m.freeze.train_lm_head
-        )
-    else:
-        model = apply_full(model)
+    model = apply_method(model, m)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: needs no input that requires grad, so it works with LoRA and frozen embeddings
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
