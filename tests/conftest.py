@@ -115,6 +115,30 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return _model_dir(tmp_path_factory.getbasetemp(), "gpt2")
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT-style encoder (no LM head), with the tiny tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.getbasetemp() / "tiny-bert"
+    if not (out / "config.json").exists():
+        tok = build_tokenizer()
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+        )
+        BertModel(cfg).save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request, tmp_path_factory) -> Path:
     return _model_dir(tmp_path_factory.getbasetemp(), request.param)

@@ -13,10 +13,14 @@ __all__ = ["RunConfig", "TrainResult", "load_config", "train"]
 
 def __getattr__(name: str):
     # Lazy so that `strop --help` and config checks don't pay for importing torch/transformers.
-    if name in ("train", "TrainResult"):
-        from strop.recipes import sft
+    if name == "train":
+        from strop.recipes.run import train
 
-        return getattr(sft, name)
+        return train
+    if name == "TrainResult":
+        from strop.recipes.sft import TrainResult
+
+        return TrainResult
     if name in ("load_config", "RunConfig"):
         from strop.core import config
 

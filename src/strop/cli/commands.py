@@ -22,7 +22,7 @@ def _config_path(name: str) -> str:
 def _train(args) -> int:
     from pathlib import Path
 
-    from strop.recipes.sft import train
+    from strop.core.config import load_config
 
     overrides = list(args.overrides)
     if args.resume:
@@ -38,8 +38,17 @@ def _train(args) -> int:
         config = _config_path(args.config)
     else:
         raise StropError("strop train: give a CONFIG file or --resume RUN_DIR")
-    result = train(config, overrides, show_progress=not args.no_progress)
-    _print_result(result)
+    from strop.recipes.run import train
+
+    cfg = load_config(config, overrides)
+    result = train(cfg, show_progress=not args.no_progress)
+    if isinstance(result, list):
+        for stage, r in zip(cfg.stages, result, strict=True):
+            print(f"stage {stage.name}:")
+            _print_result(r)
+        print(f"stages summary: {result[-1].run_dir.parent / 'stages.json'}")
+    else:
+        _print_result(result)
     return 0
 
 
@@ -90,6 +99,60 @@ def _chat(args) -> int:
             reply += piece
         print()
         history.append({"role": "assistant", "content": reply.strip()})
+
+
+def _load_classifier_run(target: str):
+    from pathlib import Path
+
+    import torch
+
+    from strop.models.classifier import load_classifier
+    from strop.models.load import load_tokenizer, read_run_model
+
+    run = read_run_model(Path(target))
+    if run is None or run.get("task") != "classification":
+        raise StropError(
+            f"{target}: not a finished strop classification run (no model/strop_model.json with task classification)"
+        )
+    clf = load_classifier(Path(run["dir"]), run["base_model"], torch.device("cpu"), torch.float32)
+    return clf, load_tokenizer(run["dir"])
+
+
+def _predict(args) -> int:
+    import json
+    from pathlib import Path
+
+    from strop.core.io import atomic_write_text
+    from strop.data.classes import read_texts
+    from strop.recipes.classify import predict_texts
+
+    clf, tok = _load_classifier_run(args.target)
+    texts = read_texts(Path(args.file))
+    probs = predict_texts(clf, tok, texts, args.batch_size)
+    lines = []
+    for (text, pair), q in zip(texts, probs.tolist(), strict=True):
+        row = {"text": text, **({"text_pair": pair} if pair is not None else {})}
+        row["label"] = clf.labels[max(range(len(q)), key=q.__getitem__)]
+        row["probabilities"] = {name: round(p, 6) for name, p in zip(clf.labels, q, strict=True)}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    if args.out:
+        atomic_write_text(Path(args.out), "".join(x + "\n" for x in lines))
+        print(f"wrote {len(lines)} predictions to {args.out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _explain(args) -> int:
+    from strop.eval.attribution import render_attributions
+    from strop.recipes.classify import explain
+
+    clf, tok = _load_classifier_run(args.target)
+    e = explain(clf, tok, args.text, args.pair, steps=args.steps)
+    print(f"predicted {e['predicted']} (p={e['probability']:.3f})")
+    print(render_attributions(e["tokens"], e["attributions"]))
+    print(f"(integrated gradients, {args.steps} steps; completeness gap {e['completeness_gap']:+.4f})")
+    return 0
 
 
 def _generate(args) -> int:
@@ -259,6 +322,18 @@ def _data_check(args) -> int:
     if args.max_length:
         overrides.append(f"data.max_length={args.max_length}")
     cfg = load_config(config, overrides)
+    if cfg.stages:  # each stage's data as that stage will read it, with the first stage's tokenizer
+        from strop.core.config import stage_configs
+
+        checks = {
+            s.name: run_check(s.model_copy(update={"model": cfg.model}), estimate=not args.no_estimate)
+            for s in stage_configs(cfg)
+        }
+        if args.json:
+            print(json.dumps({"stages": {k: c.report for k, c in checks.items()}}, indent=1))
+        else:
+            print("\n\n".join(f"== stage {k} ==\n{render(c.report)}" for k, c in checks.items()))
+        return 1 if args.strict and any(c.errors for c in checks.values()) else 0
     result = run_check(cfg, estimate=not args.no_estimate)
     print(json.dumps(result.report, indent=1) if args.json else render(result.report))
     return 1 if args.strict and result.errors else 0

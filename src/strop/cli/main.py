@@ -124,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
     g.set_defaults(func="generate")
 
+    pr = sub.add_parser(
+        "predict",
+        help="label texts with a trained classifier",
+        description="Label every row of a file (.jsonl/.csv/.parquet with a 'text' field, and "
+        "'text_pair' for pairs; .txt: one text per line) with a classification run; writes JSONL rows "
+        "{text, label, probabilities}.",
+    )
+    pr.add_argument("target", metavar="RUN_DIR")
+    pr.add_argument("--file", required=True)
+    pr.add_argument("--out", help="output JSONL (default: print to stdout)")
+    pr.add_argument("--batch-size", type=_positive_int, default=32)
+    pr.set_defaults(func="predict")
+
+    ex = sub.add_parser(
+        "explain",
+        help="which tokens drove a classifier's prediction",
+        description="Integrated-gradients token attributions (Sundararajan et al. 2017) towards the "
+        "predicted label: positive pushed towards it, negative away.",
+    )
+    ex.add_argument("target", metavar="RUN_DIR")
+    ex.add_argument("--text", required=True)
+    ex.add_argument("--pair", help="the second text, for pair classification")
+    ex.add_argument("--steps", type=_positive_int, default=32, help="integration steps")
+    ex.set_defaults(func="explain")
+
     m = sub.add_parser(
         "merge",
         help="fold a LoRA adapter into its base model",

@@ -28,6 +28,17 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    adapter: Literal["merge", "continue"] = Field(
+        "merge",
+        description="when model.name is a strop LoRA run: merge its adapter into the weights and apply "
+        "this run's method (merge), or keep training that adapter (continue; needs method.name: lora)",
+    )
+    keep_layers: int | None = Field(
+        None,
+        ge=1,
+        description="keep only N of the model's blocks, evenly spaced with the first and last: a smaller "
+        "student initialised from a bigger model's layers (distillation)",
+    )
 
 
 class DatasetSource(Section):
@@ -91,7 +102,9 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    train: list[DatasetSource] = Field(min_length=1)
+    train: list[DatasetSource] = Field(
+        default_factory=list, description="at least one source (in each stage, when stages are used)"
+    )
     validation: list[DatasetSource] = Field(default_factory=list)
     test: list[DatasetSource] = Field(
         default_factory=list, description="never trained on nor used to pick a checkpoint: what eval scores"
@@ -151,7 +164,9 @@ class FreezeConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora"] = "lora"
+    name: Literal["full", "freeze", "lora", "head"] = Field(
+        "lora", description="head: classification only, the backbone frozen (feature-based)"
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
 
@@ -231,15 +246,99 @@ class EvalConfig(Section):
     samples: int = Field(8, ge=0, description="paired sample generations in the report")
 
 
+STAGE_SECTIONS = ("data", "method", "optim", "train", "eval")
+
+
+class StageConfig(Section):
+    """One step of sequential fine-tuning: the top-level config with these sections overridden
+    (mappings merge key by key; lists such as data.train are replaced)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the stage's run folder")
+    start: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="from the previous stage's weights with its adapter merged in (then this stage's "
+        "method applies afresh), or by training the previous stage's LoRA adapter further",
+    )
+    replay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of this stage's training examples drawn from earlier stages' training data",
+    )
+    data: dict[str, Any] = Field(default_factory=dict)
+    method: dict[str, Any] = Field(default_factory=dict)
+    optim: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClassifyConfig(Section):
+    """Sequence classification (task: classification): a backbone, pooling, optional dense layers and a
+    linear layer over the labels."""
+
+    labels: list[str] | None = Field(None, description="label order; default: the training labels, sorted")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="auto: mean for encoders, the last non-pad token for decoders"
+    )
+    head_layers: list[int] = Field(
+        default_factory=list, description="widths of dense layers before the output"
+    )
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="balanced: n / (classes x count) per label, for imbalanced data; or by label"
+    )
+    explain: int = Field(4, ge=0, description="evaluation examples whose token attributions the report shows")
+
+
+class DistillConfig(Section):
+    """Knowledge distillation (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T)
+    + (1 - alpha) * the ordinary loss, on response tokens (SFT) or on the labels (classification)."""
+
+    teacher: str = Field(description="a strop run or any model source sharing the student's tokenizer")
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation term")
+
+
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = Field("runs", description="run directories are created under this folder")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    task: Literal["sft", "classification"] = Field(
+        "sft", description="sft: generate responses (causal LM); classification: predict a label per text"
+    )
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    distill: DistillConfig | None = Field(None, description="learn from a teacher model's distributions")
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="sequential fine-tuning: each stage starts from the previous stage's result",
+    )
+
+    @model_validator(mode="after")
+    def _needs_training_data(self) -> RunConfig:
+        if not self.stages and not self.data.train:
+            raise ValueError("data.train: at least one training source is required")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: every stage needs its own name, got {names}")
+        if self.stages and self.stages[0].start == "adapter":
+            raise ValueError(f"stages.0.start: the first stage ({names[0]}) has no previous stage's adapter")
+        if self.method.name == "head" and self.task != "classification":
+            raise ValueError("method.name: head trains a classification head; it needs task: classification")
+        if self.task == "classification" and self.train.batch_tokens is not None:
+            raise ValueError("train.batch_tokens: packing is for sft; classification batches by batch_size")
+        if self.task == "classification" and self.stages:
+            raise ValueError("stages: sequential stages are for sft runs")
+        if self.model.adapter == "continue" and self.method.name != "lora":
+            raise ValueError(
+                f"model.adapter: continue trains an existing LoRA adapter, so method.name must be lora, "
+                f"got {self.method.name!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _budget_fits_an_example(self) -> RunConfig:
@@ -253,6 +352,43 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def stage_configs(cfg: RunConfig) -> list[RunConfig]:
+    """Each stage as a complete RunConfig: run folder `<run_dir>/<stage>`, and, after the first, the
+    previous stage's model folder as its model. Errors name the stage key (`stages.1.optim.lr: ...`)."""
+    top = cfg.model_dump(mode="json", exclude={"stages"})
+    out: list[RunConfig] = []
+    for i, stage in enumerate(cfg.stages):
+        raw = copy.deepcopy(top)
+        for section in STAGE_SECTIONS:
+            _merge_into(raw[section], getattr(stage, section))
+        raw.update(name=stage.name, output_dir=str(cfg.run_dir))
+        if i:
+            if stage.start == "adapter" and (
+                out[-1].method.name != "lora" or raw["method"]["name"] != "lora"
+            ):
+                raise ConfigError(
+                    f"stages.{i}.start: adapter trains stage {out[-1].name}'s LoRA adapter further, so both "
+                    f"stages need method.name: lora (got {out[-1].method.name} then {raw['method']['name']})"
+                )
+            raw["model"]["name"] = str(out[-1].run_dir / "model")
+            raw["model"]["adapter"] = "continue" if stage.start == "adapter" else "merge"
+        try:
+            out.append(RunConfig.model_validate(raw))
+        except ValidationError as e:
+            text = _format_errors(e, f"stage {stage.name}")
+            text = re.sub(r"^  (?=\S)", f"  stages.{i}.", text, flags=re.M)
+            raise ConfigError(text) from None
+    return out
+
+
+def _merge_into(base: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge_into(base[key], value)
+        else:
+            base[key] = value
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -324,13 +460,18 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         _resolve_relative_paths(raw, path.parent)
     raw = apply_overrides(raw, overrides or [])
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, where)) from None
+    stage_configs(cfg)  # a mistake in the last stage fails now, not after the first stage has trained
+    return cfg
 
 
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
     """Data paths in a YAML file are relative to that file when such a file exists there."""
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict):
+            _resolve_relative_paths(stage, base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return

@@ -45,9 +45,15 @@ def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
         ids[b, : len(r)] = r
         mask[b, : len(r)] = 1
         labels[b, : len(r)] = torch.where(torch.from_numpy(ts.trained[i]), r, IGNORE)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if ts.targets is not None:  # classification: one class index per example
+        out["class_labels"] = torch.tensor([ts.targets[i] for i in index], dtype=torch.long)
+    return out
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss (position 0 is never predicted)."""
+    """What the loss is averaged over: examples (classification), else the tokens that carry loss
+    (position 0 is never predicted)."""
+    if "class_labels" in batch:
+        return len(batch["class_labels"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

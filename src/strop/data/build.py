@@ -150,6 +150,58 @@ def mix(
     return out, realized
 
 
+def add_replay(
+    data: Datasets, earlier: list[TokenizedSet], names: list[str], fraction: float, seed: int
+) -> Datasets:
+    """Mix earlier stages' training examples into `data.train` so they make up `fraction` of it
+    (sequential fine-tuning's guard against forgetting). Drawn uniformly from all earlier stages together
+    (so each in proportion to its size), without repeats unless the earlier data is too small, in which
+    case every example is used once and repeats get their own id (`id~repK`). Validation is unchanged."""
+    pool = TokenizedSet.concat(earlier)
+    stage_of = [name for name, part in zip(names, earlier, strict=True) for _ in range(len(part))]
+    k = round(fraction / (1 - fraction) * len(data.train))
+    if k == 0 or len(pool) == 0:
+        return data
+    rng = np.random.default_rng([seed, 11])
+    if k <= len(pool):
+        picked = sorted(rng.choice(len(pool), size=k, replace=False).tolist())
+    else:
+        picked = list(range(len(pool))) + rng.choice(len(pool), size=k - len(pool), replace=True).tolist()
+    replay = pool.subset(picked)
+    seen: dict[str, int] = {}
+    for i, eid in enumerate(replay.example_ids):
+        seen[eid] = seen.get(eid, 0) + 1
+        if seen[eid] > 1:
+            replay.example_ids[i] = f"{eid}~rep{seen[eid] - 1}"
+    train = TokenizedSet(
+        [*data.train.ids, *replay.ids],
+        [*data.train.trained, *replay.trained],
+        [*data.train.example_ids, *replay.example_ids],
+        data.train.stats,
+    )
+    by_stage = Counter(stage_of[i] for i in picked)
+    summary = {
+        **data.summary,
+        "replay": {
+            "fraction": fraction,
+            "examples": k,
+            "share": round(k / len(train), 4),
+            "repeats": max(0, k - len(pool)),
+            "from": {name: by_stage.get(name, 0) for name in names},
+        },
+        "train_examples": len(train),
+        "train_label_tokens": train.label_tokens(),
+        "train_tokens": int(sum(len(x) for x in train.ids)),
+    }
+    log.info(
+        "data: replay of %d earlier-stage examples (%.0f%% of training): %s",
+        k,
+        100 * k / len(train),
+        ", ".join(f"{n} {c}" for n, c in summary["replay"]["from"].items()),
+    )
+    return Datasets(train, data.validation, summary, data.validation_groups)
+
+
 def _largest_remainder(quotas: list[float]) -> list[int]:
     counts = [int(q) for q in quotas]
     by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])

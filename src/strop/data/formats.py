@@ -36,6 +36,7 @@ class Record:
     where: str = ""  # "file:line" of the row, for errors found later (e.g. by the template)
     label: str | None = None  # labelled rows: also the assistant turn
     rejected: str | None = None  # preference rows: the reply not chosen (messages end with the chosen one)
+    pair: str | None = None  # labelled rows with a second text (`text_pair`: entailment, similarity)
 
 
 def detect_format(row: dict) -> str | None:
@@ -241,8 +242,12 @@ def _labelled(data: dict, rid: str) -> Record:
     label = check_string(str(label).strip(), "label")
     if not label:
         raise _RowError("label", "empty or whitespace-only")
-    msgs = ({"role": "user", "content": _text(data, "text")}, {"role": "assistant", "content": label})
-    return Record(rid, messages=msgs, label=label)
+    text, pair = _text(data, "text"), _text(data, "text_pair", required=False) or None
+    if pair is not None and not pair.strip():
+        raise _RowError("text_pair", "empty or whitespace-only")
+    prompt = text if pair is None else f"{text}\n\n{pair}"
+    msgs = ({"role": "user", "content": prompt}, {"role": "assistant", "content": label})
+    return Record(rid, messages=msgs, label=label, pair=pair)
 
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")

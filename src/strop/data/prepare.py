@@ -151,7 +151,7 @@ def prepare(
     by = stratify or o.group_by
     keys = [_key(k, by) for k in kept] if by else [""] * len(kept)
     rng = random.Random(o.seed)
-    side = _split_grouped(keys, o.split, rng) if o.group_by else _split_stratified(keys, o.split, rng)
+    side = _split_grouped(keys, o.split, rng) if o.group_by else split_stratified(keys, o.split, rng)
 
     manifest: dict = {"inputs": inputs, "options": {**asdict(o), "split": list(o.split)}, "fields": fields}
     counts: dict = {"read": sum(i["rows"] for i in inputs), "kept": len(kept), "removed": len(removed)}
@@ -299,7 +299,7 @@ def _apportion(weights, total: int) -> list[int]:
     return out
 
 
-def _split_stratified(labels: list[str], fractions, rng: random.Random) -> list[int]:
+def split_stratified(labels: list[str], fractions, rng: random.Random) -> list[int]:
     rows: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         rows.setdefault(label, []).append(i)

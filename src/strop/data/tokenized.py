@@ -33,6 +33,7 @@ class TokenizedSet:
     trained: list[np.ndarray]
     example_ids: list[str]
     stats: dict = field(default_factory=dict)
+    targets: list[int] | None = None  # classification: the class index of each example
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,12 +44,17 @@ class TokenizedSet:
             [self.trained[i] for i in index],
             [self.example_ids[i] for i in index],
             dict(self.stats),
+            None if self.targets is None else [self.targets[i] for i in index],
         )
 
     @staticmethod
     def concat(parts: list[TokenizedSet]) -> TokenizedSet:
-        out = TokenizedSet([], [], [], {})
+        out = TokenizedSet(
+            [], [], [], {}, [] if parts and all(p.targets is not None for p in parts) else None
+        )
         for p in parts:
+            if out.targets is not None:
+                out.targets += p.targets
             out.ids += p.ids
             out.trained += p.trained
             out.example_ids += p.example_ids

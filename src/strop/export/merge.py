@@ -9,7 +9,7 @@ import torch
 
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir
-from strop.models.load import load_causal_lm, load_tokenizer, read_run_model, resolve_source
+from strop.models.load import load_model, load_tokenizer, read_run_model
 
 
 def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
@@ -28,10 +28,7 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
         raise StropError(
             f"{out_dir}: folder exists and is not empty; choose a new folder for the merged model"
         )
-    from peft import PeftModel
-
-    base = load_causal_lm(resolve_source(run["base_model"]), torch.device("cpu"), torch.float32)
-    merged = PeftModel.from_pretrained(base, run["dir"]).merge_and_unload()
+    merged = load_model(run["dir"], torch.device("cpu"), torch.float32, adapter="merge")
     tok = load_tokenizer(run["dir"])
 
     def fill(tmp: Path) -> None:

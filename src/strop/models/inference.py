@@ -11,7 +11,7 @@ import torch
 from strop.core.device import resolve_device, resolve_dtype
 from strop.core.errors import StropError
 from strop.data.template import ChatTemplate, resolve_template
-from strop.models.load import load_causal_lm, load_tokenizer, read_run_model, resolve_source
+from strop.models.load import load_causal_lm, load_model, load_tokenizer, read_run_model, resolve_source
 
 
 @dataclass
@@ -42,13 +42,7 @@ def load_for_inference(
         desc = target
     else:
         tok = load_tokenizer(run["dir"])
-        if run["method"] == "lora":
-            from peft import PeftModel
-
-            base = load_causal_lm(resolve_source(run["base_model"]), dev, dt, trust_remote_code)
-            model = PeftModel.from_pretrained(base, run["dir"]).to(dev)
-        else:
-            model = load_causal_lm(run["dir"], dev, dt, trust_remote_code)
+        model = load_model(run["dir"], dev, dt, trust_remote_code, adapter="keep")
         template = ChatTemplate(tok, run["template"], run.get("system_prompt"))
         desc = f"{target} ({run['method']} on {run['base_model']})"
     model.eval()

@@ -1,6 +1,8 @@
 """Resolve `model.name` to a loadable folder and load model + tokenizer on the chosen device/dtype.
 
 Sources, in order: a catalogue name, a .gguf file, a local Hugging Face folder, a hub id (online).
+A strop run (or its `model/` folder) is a source too: its full weights, or its LoRA adapter over its own
+base model (which may itself be a strop run: the stages of sequential fine-tuning chain this way).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,10 +23,11 @@ from strop.models.catalogue import CATALOGUE, convert_gguf, gguf_cache_dir, pull
 log = logging.getLogger("strop.models")
 
 
-def resolve_source(name: str) -> str:
-    """A local folder for catalogue/GGUF/local sources; the hub id itself when online."""
+def resolve_source(name: str, causal_lm: bool = True) -> str:
+    """A local folder for catalogue/GGUF/local sources; the hub id itself when online. `causal_lm=False`
+    (classification) also accepts the catalogue's encoders."""
     if name in CATALOGUE:
-        if not CATALOGUE[name].causal_lm:
+        if causal_lm and not CATALOGUE[name].causal_lm:
             raise ConfigError(
                 f"model.name: {name!r} is an encoder (for classification and embeddings), not a causal language "
                 "model; SFT, chat and generation need one such as smollm2-135m-instruct"
@@ -105,3 +109,72 @@ def read_run_model(path: Path) -> dict | None:
         if candidate.is_file():
             return {**json.loads(candidate.read_text()), "dir": str(candidate.parent)}
     return None
+
+
+def strop_run(name: str) -> dict | None:
+    """`read_run_model` for a `model.name` that is a strop run or model folder, else None."""
+    p = Path(name).expanduser()
+    return read_run_model(p) if p.is_dir() else None
+
+
+def tokenizer_source(name: str, causal_lm: bool = True) -> str:
+    """Where the tokenizer of `name` lives: a strop run saves its own (with its chat template)."""
+    run = strop_run(name)
+    return run["dir"] if run else resolve_source(name, causal_lm)
+
+
+def architecture_source(name: str, causal_lm: bool = True) -> str:
+    """The folder (or hub id) whose config.json describes the network of `name`."""
+    run = strop_run(name)
+    if run is None:
+        return resolve_source(name, causal_lm)
+    return architecture_source(run["base_model"], causal_lm) if run["method"] == "lora" else run["dir"]
+
+
+def load_adapter(base, adapter_dir: str, trainable: bool = False):
+    """A PEFT adapter over `base` (peft's own loader; saved in peft's format)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+
+
+def load_model(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    adapter: str = "merge",
+):
+    """Any model source; for a strop LoRA run, `adapter` says what becomes of its adapter: `merge`
+    (folded into plain weights), `keep` (a PeftModel for inference) or `train` (a trainable PeftModel)."""
+    run = strop_run(name)
+    if run is None:
+        return load_causal_lm(resolve_source(name), device, dtype, trust_remote_code)
+    if run["method"] != "lora":
+        if adapter == "train":
+            raise ConfigError(
+                f"model.adapter: continue needs a LoRA run, but {run['dir']} holds a {run['method']} model"
+            )
+        return load_causal_lm(run["dir"], device, dtype, trust_remote_code)
+    base = load_model(run["base_model"], device, dtype, trust_remote_code, "merge")
+    if run.get("keep_layers"):  # the adapter was trained on a model cut to fewer blocks
+        from strop.models.trainable import keep_blocks
+
+        keep_blocks(base, run["keep_layers"])
+    model = load_adapter(base, run["dir"], trainable=adapter == "train").to(device)
+    if adapter == "merge":
+        return model.merge_and_unload()
+    return model
+
+
+def check_same_tokenizer(teacher_tok, student_tok) -> None:
+    """Distillation compares distributions token by token: the vocabularies must be the same."""
+    a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ConfigError(
+            f"distill.teacher: teacher and student tokenizers differ ({len(a)} vs {len(b)} tokens; e.g. "
+            f"{diff}); distillation needs the same tokenizer"
+        )

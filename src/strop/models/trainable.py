@@ -67,11 +67,19 @@ def apply_freeze(
     return model
 
 
-def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: str | list[str]):
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: str | list[str],
+    task_type: str = "CAUSAL_LM",
+):
+    """`task_type`: CAUSAL_LM for a model with its LM head, FEATURE_EXTRACTION for a bare backbone."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )
     try:
         return get_peft_model(model, config)
@@ -88,6 +96,48 @@ def apply_method(model: nn.Module, method) -> nn.Module:
         f = method.freeze
         return apply_freeze(model, f.train_last_n_blocks, f.train_patterns, f.train_lm_head)
     return apply_full(model)
+
+
+def apply_classifier_method(clf: nn.Module, method) -> nn.Module:
+    """The trainable set of a SequenceClassifier: its head always; of the backbone nothing (`head`),
+    the last blocks (`freeze`), LoRA adapters (`lora`) or everything (`full`)."""
+    if method.name == "lora":
+        lora = method.lora
+        clf.backbone = apply_lora(
+            clf.backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, "FEATURE_EXTRACTION"
+        )
+    elif method.name == "freeze":
+        f = method.freeze
+        apply_freeze(clf.backbone, f.train_last_n_blocks, f.train_patterns, False)
+    else:
+        clf.backbone.requires_grad_(method.name == "full")
+    clf.head.requires_grad_(True)
+    return clf
+
+
+def keep_blocks(model: nn.Module, n: int) -> nn.Module:
+    """Keep `n` of the model's blocks, evenly spaced, the first and the last among them: a smaller
+    model initialised from a bigger one's layers (a distillation student, as DistilBERT's every other
+    layer). Blocks are renumbered so a KV cache indexes them correctly."""
+    prefix, blocks = decoder_blocks(model)
+    if n >= len(blocks):
+        raise ConfigError(f"model.keep_layers: {n} is not fewer than the model's {len(blocks)} blocks")
+    keep = sorted({round(i * (len(blocks) - 1) / max(1, n - 1)) for i in range(n)})
+    kept = nn.ModuleList([blocks[i] for i in keep])
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    setattr(parent, prefix.rsplit(".", 1)[-1], kept)
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, len(kept))
+    log.info("kept blocks %s of %d (%s)", keep, len(blocks), prefix)
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from strop.data.check import CheckResult, check_data
 from strop.data.packing import pack
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
-from strop.models.load import load_tokenizer, resolve_source
+from strop.models.load import architecture_source, load_tokenizer, tokenizer_source
 from strop.models.trainable import apply_method, count_parameters
 from strop.training.loop import total_steps
 
@@ -38,15 +38,16 @@ GENERATION_S_PER_STEP_135M = 0.1  # one decode step at batch 8, SmolLM2-135M, 2-
 
 
 def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
-    source = resolve_source(cfg.model.name)
-    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template_src = resolve_template(cfg.data.template, tokenizer)
     template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
     result = check_data(cfg.data, template, cfg.train.seed)
     result.report["model"] = cfg.model.name
     result.report["template"] = template_name
     if estimate and result.train is not None and len(result.train):
-        result.report["estimate"] = estimate_run(cfg, source, result.train, result.report)
+        result.report["estimate"] = estimate_run(
+            cfg, architecture_source(cfg.model.name), result.train, result.report
+        )
     return result
 
 

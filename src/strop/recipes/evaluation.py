@@ -22,7 +22,7 @@ from strop.eval.extract import get_extractor
 from strop.eval.metrics import build_metrics
 from strop.eval.suite import adapter_disabled, evaluate_one, metric_names, run_suite
 from strop.models.inference import load_for_inference
-from strop.models.load import load_causal_lm, resolve_source
+from strop.models.load import load_model
 
 log = logging.getLogger("strop.eval")
 
@@ -89,7 +89,7 @@ def _base_model(cfg: RunConfig, model):
     def fresh():
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        base = load_causal_lm(resolve_source(cfg.model.name), device, dtype, cfg.model.trust_remote_code)
+        base = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
         try:
             yield base
         finally:

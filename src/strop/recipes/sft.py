@@ -10,6 +10,7 @@ Run directory:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -23,15 +24,15 @@ from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
-from strop.core.errors import StropError
+from strop.core.errors import ConfigError, StropError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
-from strop.data.build import build_datasets, guard_leakage, split_records
+from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
 from strop.data.curriculum import difficulty_by_length
 from strop.data.template import ChatTemplate, resolve_template
-from strop.methods import sft
+from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
-from strop.models.load import load_causal_lm, load_tokenizer, resolve_source
-from strop.models.trainable import apply_method, count_parameters
+from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, strop_run, tokenizer_source
+from strop.models.trainable import apply_method, count_parameters, keep_blocks
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
@@ -52,13 +53,25 @@ class TrainResult:
 
 
 def train(
-    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
+    config: RunConfig | dict | str | Path,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+    earlier: list[RunConfig] | None = None,
+    replay: float = 0.0,
 ) -> TrainResult:
-    """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint."""
+    """Fine-tune as `config` says; resumes automatically when the run directory holds a checkpoint.
+
+    `earlier`: the configs of earlier stages (sequential fine-tuning, see recipes/stages.py): their
+    validation sets are watched for forgetting, and `replay` of this run's training examples are theirs.
+    """
     t0 = time.time()
     if isinstance(config, RunConfig):
         config = config.model_dump(mode="json") if overrides else config
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if cfg.stages or cfg.task != "sft":
+        raise StropError(
+            "train this config with strop.train (strop.recipes.run.train), which picks the recipe"
+        )
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     run_dir = cfg.run_dir
     ckpts = list_checkpoints(run_dir)
@@ -70,19 +83,19 @@ def train(
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    source = resolve_source(cfg.model.name)
-    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    template_name, template_src = resolve_template(cfg.data.template, tokenizer)
-    template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
-
-    own = {  # sources with their own chat template (mixtures of differently formatted data)
-        src.label: ChatTemplate(
-            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt
-        )
-        for src in (*cfg.data.train, *cfg.data.validation)
-        if src.template
-    }
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
+    template_name, template, own = _templates(cfg, tokenizer)
     data = build_datasets(cfg.data, template, cfg.train.seed, own)
+    monitors = {}
+    if earlier:
+        before = [_stage_data(e, tokenizer) for e in earlier]
+        if replay:
+            data = add_replay(
+                data, [b.train for b in before], [e.name for e in earlier], replay, cfg.train.seed
+            )
+        monitors = {
+            f"stage:{e.name}": b.validation for e, b in zip(earlier, before, strict=True) if b.validation
+        }
     data.summary["template"] = template_name
     records = split_records(cfg.data, data)
     data.summary["leakage"] = guard_leakage(cfg.data, data, records)
@@ -101,9 +114,19 @@ def train(
     torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
     # weights that train stay fp32 (bf16 updates round to nothing); the forward runs in `dtype` by autocast
     amp = dtype if dtype != torch.float32 and cfg.method.name != "lora" else None
-    model = load_causal_lm(source, device, torch.float32 if amp else dtype, cfg.model.trust_remote_code)
+    continuing = cfg.model.adapter == "continue"  # the LoRA adapter of a strop run trains further
+    model = load_model(
+        cfg.model.name,
+        device,
+        torch.float32 if amp else dtype,
+        cfg.model.trust_remote_code,
+        adapter="train" if continuing else "merge",
+    )
+    if cfg.model.keep_layers:
+        keep_blocks(model, cfg.model.keep_layers)
     m = cfg.method
-    model = apply_method(model, m)
+    if not continuing:
+        model = apply_method(model, m)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: needs no input that requires grad, so it works with LoRA and frozen embeddings
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
@@ -128,9 +151,17 @@ def train(
         threads,
     )
 
+    loss_fn = sft.loss
+    if cfg.distill:
+        loss_fn = functools.partial(
+            distill.lm_loss,
+            teacher=_teacher(cfg, model, tokenizer, device, torch.float32 if amp else dtype),
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+        )
     result = fit(
         model,
-        sft.loss,
+        loss_fn,
         sft.evaluate,
         data.train,
         data.validation,
@@ -143,6 +174,7 @@ def train(
         autocast_dtype=amp,
         curriculum=_curriculum(cfg, model, data.train, tokenizer.pad_token_id, device, show_progress),
         val_groups=data.validation_groups,
+        monitors=monitors,
     )
 
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
@@ -167,6 +199,42 @@ def train(
         log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
     report = write_run_report(run_dir)
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, evaluation, report)
+
+
+def _teacher(cfg: RunConfig, student, tokenizer, device, dtype):
+    """The frozen teacher: any model source or strop run, with the student's tokenizer and vocabulary."""
+    teacher_tok = load_tokenizer(tokenizer_source(cfg.distill.teacher), cfg.model.trust_remote_code)
+    check_same_tokenizer(teacher_tok, tokenizer)
+    teacher = load_model(cfg.distill.teacher, device, dtype, cfg.model.trust_remote_code).eval()
+    t, s = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
+    if t != s:
+        raise ConfigError(
+            f"distill.teacher: its output vocabulary has {t} rows, the student's {s}; they must match"
+        )
+    log.info(
+        "distilling from %s (T=%g, alpha=%g)", cfg.distill.teacher, cfg.distill.temperature, cfg.distill.alpha
+    )
+    return teacher.requires_grad_(False)
+
+
+def _templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:
+    """The run's chat template (its name too), and those of sources that have their own (mixtures of
+    differently formatted data) by source name."""
+    name, source = resolve_template(cfg.data.template, tokenizer)
+    own = {
+        src.label: ChatTemplate(
+            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt
+        )
+        for src in (*cfg.data.train, *cfg.data.validation)
+        if src.template
+    }
+    return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt), own
+
+
+def _stage_data(cfg: RunConfig, tokenizer):
+    """An earlier stage's train and validation sets, built as that stage built them."""
+    _, template, own = _templates(cfg, tokenizer)
+    return build_datasets(cfg.data, template, cfg.train.seed, own)
 
 
 def _curriculum(
@@ -257,10 +325,13 @@ def export_model(
     """Write the adapter (PEFT format) or the full model, the tokenizer with the training chat template,
     and `strop_model.json`, atomically."""
     base = cfg.model.name
+    if cfg.model.adapter == "continue":  # the adapter grew from that run's, over that run's own base
+        base = strop_run(base)["base_model"]
     if Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
     meta = {
         "base_model": base,
+        "keep_layers": cfg.model.keep_layers if cfg.method.name == "lora" else None,
         "method": cfg.method.name,
         "template": template.source,
         "template_name": template_name,

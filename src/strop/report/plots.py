@@ -20,7 +20,8 @@ DPI = 100
 
 
 def loss_plot(records: list[dict], best_step=None) -> bytes | None:
-    """Training loss (raw, faint, and smoothed) and validation loss against step, on one figure."""
+    """Training loss (raw, faint, and smoothed) and validation loss against step, on one figure, with
+    the validation loss of each source of a mixture or each earlier stage (`val_loss/NAME`) dashed."""
     steps, loss = series(records, "loss")
     vsteps, vloss = series(records, "val_loss")
     if len(loss) == 0 and len(vloss) == 0:
@@ -31,6 +32,12 @@ def loss_plot(records: list[dict], best_step=None) -> bytes | None:
         ax.plot(steps, smooth(loss), color="C0", linewidth=2, label="train (smoothed)")
     if len(vloss):
         ax.plot(vsteps, vloss, color="C1", marker="o", markersize=4, linewidth=1.5, label="validation")
+    parts = sorted({k for r in records for k in r if k.startswith("val_loss/")})
+    for i, key in enumerate(parts):
+        psteps, ploss = series(records, key)
+        if len(ploss):
+            color = f"C{(i + 3) % 10}"
+            ax.plot(psteps, ploss, color=color, linestyle="--", marker=".", linewidth=1.2, label=key[9:])
     if best_step is not None and len(vloss) and best_step in vsteps:
         ax.axvline(best_step, color="C2", linestyle=":", linewidth=1.2, label=f"best step {best_step}")
     ax.set(xlabel="step", ylabel="loss", title="Loss")

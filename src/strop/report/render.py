@@ -11,6 +11,7 @@ from pathlib import Path
 
 from strop.core.errors import StropError
 from strop.core.io import atomic_write_json
+from strop.report.classification import classification_headline, classification_section, is_classification
 from strop.report.collect import Run, config_summary, dig, is_number, read_run, training_facts
 from strop.report.diagnose import diagnose
 from strop.report.document import (
@@ -60,7 +61,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
             _data_section(run),
             _training_section(run, facts),
             _throughput_section(run, facts),
-            eval_section(run.eval),
+            classification_section(run.eval) if is_classification(run.eval) else eval_section(run.eval),
             forgetting_section(run.eval),
             samples_section(run.samples, metric),
         ],
@@ -83,7 +84,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 
 
 def _headline(run: Run, facts: dict) -> list[str]:
-    lines = [eval_headline(run.eval)]
+    lines = [classification_headline(run.eval) if is_classification(run.eval) else eval_headline(run.eval)]
     if facts["steps"] is not None:
         line = f"Trained {num(facts['steps'])} steps"
         line += " (stopped early)" if facts["stopped_early"] else ""

@@ -124,8 +124,11 @@ def fit(
     autocast_dtype: torch.dtype | None = None,
     curriculum: Curriculum | None = None,
     val_groups: dict[str, list[int]] | None = None,
+    monitors: dict[str, TokenizedSet] | None = None,
 ) -> FitResult:
-    """`val_groups`: validation indices by source (a mixture), each also scored as `val_loss/NAME`."""
+    """`val_groups`: validation indices by source (a mixture), each also scored as `val_loss/NAME`.
+    `monitors`: further held-out sets (earlier stages' validation), scored as `val_loss/NAME` with the
+    validation but never part of `val_loss`, so they watch forgetting without choosing checkpoints."""
     batches = MicroBatches(train_set, train, pad_id, curriculum)
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
@@ -134,6 +137,9 @@ def fit(
         name: _validation_batches(val_set.subset(index), train.batch_size, pad_id, device)
         for name, index in (val_groups or {}).items()
         if len(val_groups) > 1
+    }
+    group_batches |= {
+        name: _validation_batches(s, train.batch_size, pad_id, device) for name, s in (monitors or {}).items()
     }
 
     run_dir.mkdir(parents=True, exist_ok=True)

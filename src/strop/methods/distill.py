@@ -1,0 +1,93 @@
+"""Knowledge distillation: learn the teacher's temperature-softened distribution as well as the labels.
+
+loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy,
+summed over label tokens (causal LMs, response tokens only) or over examples (classifiers), so the loop
+averages it like the ordinary loss. T^2 keeps the soft term's gradients on the scale of the hard term's
+as T changes. Hinton, Vinyals & Dean 2015, https://arxiv.org/abs/1503.02531; for sequence models the
+word-level variant of Kim & Rush 2016, https://arxiv.org/abs/1606.07947.
+The teacher runs on the fly, under no_grad, on the same batch; teacher and student share the tokenizer
+and the output vocabulary (the recipe checks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from strop.methods import sft
+from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
+
+CHUNK = 256  # label positions whose (chunk, V) logits exist at once, for student and teacher alike
+
+
+def kd_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Sum over rows of T^2 * KL(p_teacher || p_student) at temperature T; logits (n, V) each."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (n, V)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
+    return temperature**2 * (t.exp() * (t - s)).sum()
+
+
+def lm_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    teacher: torch.nn.Module,
+    temperature: float,
+    alpha: float,
+) -> tuple[torch.Tensor, int]:
+    """(alpha * soft + (1 - alpha) * hard, label tokens) for a causal LM student and teacher."""
+    inputs = {k: batch[k] for k in sft.MODEL_INPUTS if k in batch}
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    keep = targets != sft.IGNORE
+    student, teacher_parts = hidden_and_head(model), hidden_and_head(teacher)
+    with torch.no_grad():
+        if teacher_parts is None:
+            t_logits = teacher(**inputs).logits[:, :-1][keep]  # (N, V)
+        else:
+            t_hidden = teacher_parts[0](**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
+    if student is None:
+        s_logits = model(**inputs).logits[:, :-1][keep].float()  # (N, V)
+        hard = F.cross_entropy(s_logits, targets[keep], reduction="sum")
+        if teacher_parts is not None:
+            t_logits = t_hidden @ teacher_parts[1].weight.T
+        soft = kd_divergence(s_logits, t_logits, temperature)
+        return alpha * soft + (1 - alpha) * hard, int(keep.sum())
+
+    backbone, head = student
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
+    hard = linear_cross_entropy(hidden, head.weight, targets[keep])
+    soft = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.size(0), CHUNK):
+        if teacher_parts is None:
+            t_chunk = t_logits[i : i + CHUNK]
+        else:
+            t_chunk = t_hidden[i : i + CHUNK] @ teacher_parts[1].weight.T  # (chunk, V)
+        # recomputed in backward, so only one chunk's (chunk, V) student logits are ever held
+        soft = soft + checkpoint(
+            _soft_chunk, hidden[i : i + CHUNK], head.weight, t_chunk, temperature, use_reentrant=False
+        )
+    return alpha * soft + (1 - alpha) * hard, int(keep.sum())
+
+
+def _soft_chunk(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):
+    return kd_divergence(hidden @ weight.T, teacher_logits, temperature)
+
+
+def classifier_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    teacher: torch.nn.Module,
+    temperature: float,
+    alpha: float,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The same mix for classifiers: the teacher's label distribution and the true labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # (b, labels)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    w = None if weights is None else weights.to(logits.device)
+    hard = F.cross_entropy(logits.float(), batch["class_labels"], weight=w, reduction="sum")
+    soft = kd_divergence(logits, t_logits, temperature)
+    return alpha * soft + (1 - alpha) * hard, len(logits)

@@ -1,0 +1,288 @@
+"""Sequence classification recipe (`task: classification`): encoder or decoder backbone + head, trained
+head-only, with frozen blocks, with LoRA or fully; optionally distilled from a teacher classifier.
+
+Run directory (as SFT's, recipes/sft.py):
+    config.yaml  data_summary.json  metrics.jsonl  result.json  checkpoints/
+    model/       backbone (adapter or full), head.safetensors, classifier.json (labels), tokenizer, strop_model.json
+    eval/summary.json       accuracy, macro-F1, per-class precision/recall, confusion matrix, explanations
+    eval/predictions.jsonl  label and probabilities per evaluation example
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from strop.core.config import RunConfig, load_config, to_yaml
+from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.errors import ConfigError
+from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from strop.data.batches import collate
+from strop.data.classes import build_labelled, class_weights, encode, texts_of
+from strop.data.tokenized import TokenizedSet
+from strop.eval.attribution import integrated_gradients
+from strop.eval.classification import classification_metrics
+from strop.methods import classify, distill
+from strop.models.classifier import (
+    SequenceClassifier,
+    default_pooling,
+    load_backbone,
+    load_classifier,
+)
+from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
+from strop.models.trainable import apply_classifier_method, count_parameters, keep_blocks
+from strop.recipes.sft import TrainResult, write_run_report
+from strop.training.loop import fit
+
+log = logging.getLogger("strop")
+
+
+def train_classifier(
+    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
+) -> TrainResult:
+    t0 = time.time()
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    run_dir = cfg.run_dir
+    threads = set_threads(cfg.train.threads)
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name, causal_lm=False), cfg.model.trust_remote_code)
+    data = build_labelled(cfg.data, tokenizer, cfg.classify.labels, cfg.train.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_json(run_dir / "data_summary.json", data.summary)
+
+    torch.manual_seed(cfg.train.seed)  # the head's (and LoRA's) initial weights depend on the seed only
+    backbone = load_backbone(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
+    if cfg.model.keep_layers:
+        keep_blocks(backbone, cfg.model.keep_layers)
+    c = cfg.classify
+    pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
+    model = SequenceClassifier(backbone, data.labels, pooling, c.head_layers, c.head_dropout).to(device)
+    model = apply_classifier_method(model, cfg.method)
+    trainable, total = count_parameters(model)
+    log.info(
+        "classifier: %s pooling, head %s, method %s: %s of %s parameters train (%.2f%%); %s, %d threads",
+        pooling,
+        [*c.head_layers, len(data.labels)],
+        cfg.method.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        device,
+        threads,
+    )
+    weights = class_weights(data.train.targets, data.labels, c.class_weights)
+    w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    if cfg.distill:
+        teacher = _teacher(cfg, data.labels, tokenizer, device, dtype)
+        loss_fn = functools.partial(
+            distill.classifier_loss,
+            teacher=teacher,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+            weights=w,
+        )
+    else:
+        loss_fn = functools.partial(classify.loss, weights=w)
+    pad_id = tokenizer.pad_token_id
+    result = fit(
+        model,
+        loss_fn,
+        evaluate,
+        data.train,
+        data.validation,
+        cfg.train,
+        cfg.optim,
+        run_dir,
+        pad_id,
+        device,
+        show_progress,
+    )
+
+    model_dir = _export(run_dir / "model", model, tokenizer, cfg)
+    metrics = {
+        **result.final,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val_loss": result.best_val_loss,
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    seconds = time.time() - t0
+    atomic_write_json(
+        run_dir / "result.json",
+        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
+    )
+    summary = None
+    if cfg.eval.enabled:
+        summary = evaluate_classifier(model, tokenizer, data, cfg, run_dir)
+    report = write_run_report(run_dir)
+    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
+
+
+def evaluate(model, batches) -> dict[str, float]:
+    """Validation during training: mean cross-entropy, accuracy and macro-F1."""
+    probs, targets = classify.predict(model, batches)
+    nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), targets).item()
+    m = classification_metrics(targets.tolist(), probs.argmax(-1).tolist(), probs.size(1))
+    return {"val_loss": nll, "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"]}
+
+
+def evaluate_classifier(model, tokenizer, data, cfg: RunConfig, run_dir: Path) -> dict | None:
+    """Metrics on the test set (else validation), against always predicting the commonest training
+    label; predictions with probabilities; token attributions for a few examples."""
+    set_name = "test" if data.records["test"] else "validation"
+    records = data.records[set_name][: cfg.eval.max_examples]
+    if not records:
+        log.info("eval: no test or validation set to score")
+        return None
+    index = {name: i for i, name in enumerate(data.labels)}
+    ts = encode(records, tokenizer, index, cfg.data.max_length)
+    probs = predict_probabilities(model, ts, tokenizer.pad_token_id, cfg.eval.batch_size)
+    pred = probs.argmax(-1).tolist()
+    m = classification_metrics(ts.targets, pred, len(data.labels), data.labels)
+    majority = max(data.summary["train_label_counts"], key=data.summary["train_label_counts"].get)
+    baseline = classification_metrics(ts.targets, [index[majority]] * len(ts), len(data.labels), data.labels)
+    summary = {
+        "task": "classification",
+        "set": set_name,
+        "examples": len(ts),
+        "labels": data.labels,
+        "metrics": {k: {"tuned": m[k], "majority": baseline[k]} for k in ("accuracy", "macro_f1")},
+        "majority_label": majority,
+        "per_class": m["per_class"],
+        "confusion": m["confusion"],
+        "explanations": explain_examples(
+            model, tokenizer, records[: cfg.classify.explain], cfg.data.max_length
+        ),
+    }
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    rows = [
+        {"id": r.id, "label": r.label, "predicted": data.labels[p], "probabilities": _named(q, data.labels)}
+        for r, p, q in zip(records, pred, probs.tolist(), strict=True)
+    ]
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out / "summary.json", summary)
+    log.info(
+        "eval: accuracy %.3f, macro-F1 %.3f on %d %s examples (majority-label baseline %.3f)",
+        m["accuracy"],
+        m["macro_f1"],
+        len(ts),
+        set_name,
+        baseline["accuracy"],
+    )
+    return summary
+
+
+def predict_texts(
+    model, tokenizer, texts: list[tuple[str, str | None]], batch_size: int, max_length: int = 512
+):
+    """(n, labels) probabilities for (text, pair) tuples."""
+    pairs = [p for _, p in texts] if texts and texts[0][1] is not None else None
+    enc = tokenizer([t for t, _ in texts], pairs, truncation=True, max_length=max_length)["input_ids"]
+    ts = TokenizedSet(
+        [np.asarray(x, dtype=np.int64) for x in enc],
+        [np.zeros(len(x), bool) for x in enc],
+        [str(i) for i in range(len(enc))],
+    )
+    return predict_probabilities(model, ts, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def predict_probabilities(model, ts, pad_id: int, batch_size: int) -> torch.Tensor:
+    """(n, labels) probabilities, batches sorted by length (little padding), returned in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(ts)), key=lambda i: len(ts.ids[i]))
+    out = torch.zeros(len(ts), len(model.labels))
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        b = collate(ts, idx, pad_id)
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+        out[idx] = logits.float().softmax(-1).cpu()
+    model.train(was_training)
+    return out
+
+
+def explain(
+    model, tokenizer, text: str, pair: str | None = None, max_length: int = 512, steps: int = 32
+) -> dict:
+    """The predicted label and each token's integrated-gradients attribution towards it."""
+    enc = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
+    device = next(model.parameters()).device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    model.eval()
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask).float().softmax(-1)[0]
+    target = int(probs.argmax())
+    embeds = model.input_embeddings()(ids).detach()
+
+    def forward(e, m):
+        return model(inputs_embeds=e, attention_mask=m)
+
+    ig = integrated_gradients(forward, embeds, mask, target, steps=steps)
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    return {
+        "predicted": model.labels[target],
+        "probability": float(probs[target]),
+        "tokens": tokens,
+        "attributions": [round(float(a), 5) for a in ig.attributions],
+        "completeness_gap": float(ig.delta),
+    }
+
+
+def explain_examples(model, tokenizer, records, max_length: int) -> list[dict]:
+    return [
+        {"id": r.id, "label": r.label, **explain(model, tokenizer, *texts_of(r), max_length=max_length)}
+        for r in records
+    ]
+
+
+def _named(probs: list[float], labels: list[str]) -> dict[str, float]:
+    return {name: round(p, 6) for name, p in zip(labels, probs, strict=True)}
+
+
+def _teacher(cfg: RunConfig, labels: list[str], tokenizer, device, dtype):
+    """A strop classification run with the same labels and tokenizer, frozen."""
+    run = read_run_model(Path(cfg.distill.teacher).expanduser())
+    if run is None or run.get("task") != "classification":
+        raise ConfigError(f"distill.teacher: {cfg.distill.teacher} is not a strop classification run")
+    if run.get("labels") != labels:
+        raise ConfigError(
+            f"distill.teacher: the teacher's labels {run.get('labels')} differ from this run's {labels}"
+        )
+    check_same_tokenizer(load_tokenizer(run["dir"]), tokenizer)
+    teacher = load_classifier(Path(run["dir"]), run["base_model"], device, dtype)
+    return teacher.requires_grad_(False)
+
+
+def _export(out: Path, model: SequenceClassifier, tokenizer, cfg: RunConfig) -> Path:
+    base = cfg.model.name
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())
+    meta = {
+        "task": "classification",
+        "base_model": base,
+        "method": cfg.method.name,
+        "labels": model.labels,
+        "keep_layers": cfg.model.keep_layers,
+    }
+
+    def fill(tmp: Path) -> None:
+        model.save(tmp, cfg.model.keep_layers)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
+
+    return atomic_dir(out, fill)
