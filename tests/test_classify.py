@@ -5,6 +5,7 @@ padding, bad labels are named, and `strop predict` / `strop explain` work on a r
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -220,3 +221,113 @@ def test_constrained_label_scoring_picks_the_planted_label(tokenizer):
     assert torch.allclose(
         with_shots, label_logprobs(Planted("blue"), template, prompts, labels)
     )  # shots are context only
+
+
+def test_sft_on_labelled_rows_reports_constrained_label_accuracy(tiny_llama, tmp_path):
+    from strop.recipes.run import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", labelled_rows(40))
+    cfg = tiny_config(tiny_llama, data, tmp_path / "out")
+    cfg["eval"] = {
+        "enabled": True,
+        "max_examples": 6,
+        "max_new_tokens": 4,
+        "forgetting": False,
+        "bootstrap": 100,
+        "kshot": 2,
+    }
+    result = train(cfg, show_progress=False)
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["primary_metric"] == "label_accuracy" and summary["labels"] == ["city", "sea"]
+    assert "on label_accuracy" in (result.run_dir / "report.md").read_text()  # the headline's metric
+    row = summary["metrics"]["label_accuracy"]
+    assert {"base", "tuned", "kshot", "diff", "ci95", "kshot_diff"} <= set(row)
+    samples = [json.loads(x) for x in (result.run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    refs = [s["reference"] for s in samples]
+    for name in ("base", "tuned", "kshot"):
+        picks = summary["label_predictions"][name]
+        assert set(picks) <= {"city", "sea"}
+        assert row[name] == pytest.approx(sum(p == r for p, r in zip(picks, refs, strict=True)) / len(refs))
+
+
+def test_a_classifier_distils_from_a_teacher_classifier(tiny_bert, tmp_path, monkeypatch):
+    from strop.methods import distill
+    from strop.recipes import classify as recipe
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "s").mkdir()
+    teacher = train_classifier(config(tiny_bert, tmp_path / "t", "full"), show_progress=False)
+    cfg = config(tiny_bert, tmp_path / "s", "head", model={"name": str(tiny_bert), "keep_layers": 1})
+    cfg["distill"] = {"teacher": str(teacher.run_dir), "temperature": 3.0, "alpha": 0.5}
+    used = []
+    real = distill.classifier_loss
+
+    def spy(model, batch, teacher, temperature, alpha, weights=None):
+        used.append((type(teacher).__name__, temperature, alpha))
+        return real(model, batch, teacher, temperature, alpha, weights)
+
+    monkeypatch.setattr(recipe.distill, "classifier_loss", spy)
+    student = train_classifier(cfg, show_progress=False)
+    assert used and used[0] == ("SequenceClassifier", 3.0, 0.5)
+    assert student.metrics["val_accuracy"] >= 0.9
+    clf = load_classifier(student.model_dir, str(tiny_bert), torch.device("cpu"), torch.float32)
+    assert len(clf.backbone.encoder.layer) == 1  # the student keeps one block
+
+    cfg["classify"]["labels"] = ["sea", "city"]  # a teacher with other labels (order) is refused
+    from strop.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="labels"):
+        train_classifier(cfg, show_progress=False)
+
+
+def test_classifier_kd_loss_by_hand():
+    from strop.methods import distill
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return self.logits
+
+    s = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
+    batch = {
+        "input_ids": torch.zeros(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3),
+        "class_labels": torch.tensor([0, 1]),
+    }
+    T, alpha = 2.0, 0.25
+    soft = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist(), strict=True):
+        ps = [math.exp(x / T) / sum(math.exp(y / T) for y in srow) for x in srow]
+        pt = [math.exp(x / T) / sum(math.exp(y / T) for y in trow) for x in trow]
+        soft += T * T * sum(p * math.log(p / q) for p, q in zip(pt, ps, strict=True))
+    hard = -math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1) / (1 + math.exp(1)))
+    got, n = distill.classifier_loss(Fixed(s), batch, Fixed(t), T, alpha)
+    assert n == 2 and got.item() == pytest.approx(alpha * soft + (1 - alpha) * hard, rel=1e-6)
+
+
+def test_cached_features_give_the_backbones_logits_and_skip_it(tiny_bert):
+    from strop.models.classifier import SequenceClassifier, load_backbone
+
+    clf = SequenceClassifier(
+        load_backbone(str(tiny_bert), torch.device("cpu"), torch.float32), ["a", "b"], "mean", [8], 0.0
+    )
+    clf.backbone.requires_grad_(False)
+    clf.eval()
+    rows = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        direct = clf(input_ids=ids, attention_mask=mask)
+    clf.cache_features(rows, pad_id=0, batch_size=2)
+    calls = []
+    clf.backbone.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        cached = clf(input_ids=ids, attention_mask=mask)
+        clf(
+            input_ids=torch.tensor([[20, 21]]), attention_mask=torch.ones(1, 2, dtype=torch.long)
+        )  # not cached
+    assert torch.allclose(direct, cached, atol=1e-5) and calls == [1]  # only the unseen text ran the backbone

@@ -20,6 +20,7 @@ from strop.data.template import ChatTemplate
 from strop.eval.bootstrap import paired_bootstrap
 from strop.eval.examples import EvalExample, pick_shots, with_shots
 from strop.eval.extract import get_extractor
+from strop.eval.label_scoring import label_logprobs
 from strop.eval.metrics import Metric, build_metrics
 from strop.eval.model_eval import GenerationSettings, ModelResult, evaluate_model, text_loss
 
@@ -62,9 +63,11 @@ def run_suite(
     set_note: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    labels: list[str] | None = None,
 ) -> dict:
     """Evaluate the tuned model (and, when `base` is given, the base model, plainly and k-shot) on the
-    same examples; return and write the summary."""
+    same examples; return and write the summary. `labels`: the label set of labelled data, which adds
+    `label_accuracy` by constrained label likelihood (eval/label_scoring.py) as the first metric."""
     metrics = build_metrics(metric_names(cfg), get_extractor(cfg.extract))
     gen = settings(cfg)
     plain = [list(e.prompt) for e in examples]
@@ -74,6 +77,9 @@ def run_suite(
 
     log.info("eval: tuned model on %d %s examples", len(examples), set_name)
     results["tuned"] = evaluate_model(tuned, template, examples, plain, metrics, gen, max_length, progress)
+    chosen: dict[str, list[str]] = {}
+    if labels:
+        chosen["tuned"] = choose_labels(tuned, template, plain, labels, cfg.batch_size)
     if cfg.forgetting:
         forgetting_loss["tuned"] = text_loss(tuned, template, text, max_length, cfg.batch_size)
     shots = pick_shots(shot_pool, cfg.kshot, seed) if cfg.kshot else []
@@ -83,22 +89,53 @@ def run_suite(
             results["base"] = evaluate_model(
                 model, template, examples, plain, metrics, gen, max_length, progress
             )
+            if labels:
+                chosen["base"] = choose_labels(model, template, plain, labels, cfg.batch_size)
             if shots:
                 log.info("eval: base model with %d examples in the prompt (%d-shot)", len(shots), len(shots))
                 prompted = [with_shots(e, shots) for e in examples]
                 results["kshot"] = evaluate_model(
                     model, template, examples, prompted, metrics, gen, max_length, progress, with_loss=False
                 )
+                if labels:
+                    chosen["kshot"] = choose_labels(model, template, prompted, labels, cfg.batch_size)
             if cfg.forgetting:
                 forgetting_loss["base"] = text_loss(model, template, text, max_length, cfg.batch_size)
 
     summary = _summary(results, metrics, examples, cfg, set_name, set_note, len(shots))
+    if chosen:
+        summary["metrics"] = {"label_accuracy": _label_row(chosen, examples, cfg), **summary["metrics"]}
+        summary["labels"] = labels
+        summary["primary_metric"] = "label_accuracy"  # what the headline reports (JSON keys get sorted)
+        summary["label_predictions"] = chosen
     if forgetting_loss.get("base") is not None and forgetting_loss.get("tuned") is not None:
         summary["forgetting"] = _forgetting(forgetting_loss["base"], forgetting_loss["tuned"], cfg, text_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "samples.jsonl", _samples(examples, results))
     return summary
+
+
+LABEL_ACCURACY = Metric("label_accuracy", per_example=lambda pred, ref: float(pred == ref))
+
+
+def choose_labels(
+    model, template: ChatTemplate, prompts: list[list[dict]], labels: list[str], batch: int
+) -> list[str]:
+    """The label each prompt's reply most probably is (no generation, no parsing)."""
+    scores = label_logprobs(model, template, prompts, labels, batch)
+    return [labels[j] for j in scores.argmax(-1).tolist()]
+
+
+def _label_row(chosen: dict[str, list[str]], examples: list[EvalExample], cfg: EvalConfig) -> dict:
+    refs = [e.reference.strip() for e in examples]
+    row: dict = {name: LABEL_ACCURACY.score(picks, refs) for name, picks in chosen.items()}
+    for other, prefix in (("base", ""), ("kshot", "kshot_")):
+        if other in chosen:
+            ci = paired_bootstrap(LABEL_ACCURACY, refs, chosen[other], chosen["tuned"], cfg.bootstrap)
+            row[f"{prefix}diff"], row[f"{prefix}ci95"] = ci["diff"], ci["ci"]
+    row["ci_level"] = 0.95
+    return row
 
 
 def _summary(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -44,6 +45,7 @@ class SequenceClassifier(nn.Module):
             width = w
         layers += [nn.Dropout(dropout), nn.Linear(width, len(labels))]
         self.head = nn.Sequential(*layers)
+        self.features: dict[bytes, torch.Tensor] = {}  # pooled features by token ids (cache_features)
 
     @property
     def config(self):  # what generic code (dtype, counting) reads from a model
@@ -59,6 +61,29 @@ class SequenceClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (b, t, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
+    @torch.no_grad()
+    def cache_features(self, rows: list, pad_id: int, batch_size: int = 64, progress=None) -> None:
+        """Pool every example's backbone output once (eval mode): a frozen backbone's features never
+        change, so head-only (feature-based) training then runs the head alone, every epoch."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        device = next(self.backbone.parameters()).device
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[i] for i in order[start : start + batch_size]]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, r in enumerate(chunk):
+                ids[b, : len(r)], mask[b, : len(r)] = torch.as_tensor(r, dtype=torch.long), 1
+            hidden = self.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            pooled = self.pool(hidden.last_hidden_state, mask.to(device)).float()
+            for b, r in enumerate(chunk):
+                self.features[_key(r)] = pooled[b].clone()
+            if progress is not None:
+                progress.update(len(chunk))
+        self.backbone.train(was_training)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -66,11 +91,16 @@ class SequenceClassifier(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (b, labels). A frozen backbone runs without building a graph (feature-based training
-        then costs a forward pass only)."""
+        then costs a forward pass only), or not at all for texts whose features are cached."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         if attention_mask is None:
             ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        if frozen and self.features and input_ids is not None:
+            lengths = attention_mask.sum(1).tolist()
+            keys = [_key(row[:n].tolist()) for row, n in zip(input_ids.cpu(), lengths, strict=True)]
+            if all(k in self.features for k in keys):
+                return self.head(torch.stack([self.features[k] for k in keys]))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not (frozen and inputs_embeds is None)):
             hidden = self.backbone(
                 input_ids=input_ids,
@@ -99,6 +129,10 @@ class SequenceClassifier(nn.Module):
             "keep_layers": keep_layers,
         }
         (out / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _key(ids) -> bytes:
+    return np.asarray(ids, dtype=np.int64).tobytes()
 
 
 def default_pooling(backbone_config) -> str:

