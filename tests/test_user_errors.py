@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_config, write_jsonl
 from strop.core.config import load_config
 from strop.core.errors import ConfigError, DataError, StropError
-from strop.data.build import _held_out
+from strop.data.build import held_out
 from strop.data.formats import to_records
 from strop.data.read import read_rows
 from strop.models.load import resolve_source
@@ -55,7 +55,7 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
 
 def test_windows_of_one_document_stay_on_one_side_of_the_split():
     ids = [f"doc{d}" if w == 0 else f"doc{d}#{w}" for d in range(10) for w in range(3)]
-    val = _held_out(ids, 0.2, seed=0)
+    val = held_out(ids, 0.2, seed=0)
     docs_val = {ids[i].split("#")[0] for i in val}
     docs_train = {ids[i].split("#")[0] for i in range(len(ids)) if i not in val}
     assert val and not docs_val & docs_train

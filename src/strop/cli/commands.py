@@ -143,6 +143,23 @@ def _predict(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    import json
+    from pathlib import Path
+
+    from strop.core.io import atomic_write_text
+    from strop.recipes.preference import score_rows
+
+    rows = score_rows(Path(args.target), Path(args.file))
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    if args.out:
+        atomic_write_text(Path(args.out), "".join(x + "\n" for x in lines))
+        print(f"wrote {len(lines)} scored rows to {args.out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def _explain(args) -> int:
     from strop.eval.attribution import render_attributions
     from strop.recipes.classify import explain

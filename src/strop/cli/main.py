@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive_int, default=32)
     pr.set_defaults(func="predict")
 
+    sc = sub.add_parser(
+        "score",
+        help="score replies with a trained reward model",
+        description="Score every row of a file ({prompt, response} or {messages} ending in the reply) "
+        "with a reward run; writes the rows with a 'reward' field as JSONL.",
+    )
+    sc.add_argument("target", metavar="RUN_DIR")
+    sc.add_argument("--file", required=True)
+    sc.add_argument("--out", help="output JSONL (default: print to stdout)")
+    sc.set_defaults(func="score")
+
     ex = sub.add_parser(
         "explain",
         help="which tokens drove a classifier's prediction",

@@ -299,6 +299,14 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation term")
 
 
+class DPOConfig(Section):
+    """Direct preference optimisation (task: dpo) against the frozen starting model."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO; ipo: Azar et al. 2023")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO: assumed share of flipped labels")
+
+
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = Field("runs", description="run directories are created under this folder")
@@ -308,9 +316,12 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    task: Literal["sft", "classification"] = Field(
-        "sft", description="sft: generate responses (causal LM); classification: predict a label per text"
+    task: Literal["sft", "classification", "reward", "dpo"] = Field(
+        "sft",
+        description="sft: generate responses (causal LM); classification: predict a label per text; "
+        "reward: score replies from preference pairs; dpo: prefer the chosen replies",
     )
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     distill: DistillConfig | None = Field(None, description="learn from a teacher model's distributions")
     stages: list[StageConfig] = Field(
@@ -327,12 +338,17 @@ class RunConfig(Section):
             raise ValueError(f"stages: every stage needs its own name, got {names}")
         if self.stages and self.stages[0].start == "adapter":
             raise ValueError(f"stages.0.start: the first stage ({names[0]}) has no previous stage's adapter")
-        if self.method.name == "head" and self.task != "classification":
-            raise ValueError("method.name: head trains a classification head; it needs task: classification")
-        if self.task == "classification" and self.train.batch_tokens is not None:
-            raise ValueError("train.batch_tokens: packing is for sft; classification batches by batch_size")
-        if self.task == "classification" and self.stages:
+        if self.method.name == "head" and self.task not in ("classification", "reward"):
+            raise ValueError(
+                f"method.name: head trains only a head on a frozen backbone; it needs task: classification "
+                f"or reward, got task: {self.task}"
+            )
+        if self.task != "sft" and self.train.batch_tokens is not None:
+            raise ValueError(f"train.batch_tokens: packing is for sft; {self.task} batches by batch_size")
+        if self.task != "sft" and self.stages:
             raise ValueError("stages: sequential stages are for sft runs")
+        if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
+            raise ValueError("dpo.label_smoothing: applies to the sigmoid loss, not ipo")
         if self.model.adapter == "continue" and self.method.name != "lora":
             raise ValueError(
                 f"model.adapter: continue trains an existing LoRA adapter, so method.name must be lora, "

@@ -34,7 +34,21 @@ class BatchPlan:
 
 
 def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), IGNORE where untrained."""
+    """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), IGNORE where untrained.
+    Preference pairs: the chosen rows, then the rejected rows (B = 2 x pairs), plus `pairs` and, when
+    computed, `reference` (pairs, 2) log-probs."""
+    if ts.rejected is not None:
+        index = list(index)
+        both = TokenizedSet(
+            [*(ts.ids[i] for i in index), *(ts.rejected.ids[i] for i in index)],
+            [*(ts.trained[i] for i in index), *(ts.rejected.trained[i] for i in index)],
+            [],
+        )
+        out = collate(both, range(2 * len(index)), pad_id)
+        out["pairs"] = torch.tensor(len(index))
+        if ts.reference is not None:
+            out["reference"] = torch.from_numpy(ts.reference[index]).float()
+        return out
     rows = [ts.ids[i] for i in index]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -56,4 +70,6 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
     (position 0 is never predicted)."""
     if "class_labels" in batch:
         return len(batch["class_labels"])
+    if "pairs" in batch:
+        return int(batch["pairs"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -62,7 +62,7 @@ def build_datasets(
         )
         val = TokenizedSet.concat(val_parts)
     elif cfg.val_fraction > 0 and len(train) >= 2:
-        val_index = _held_out(train.example_ids, cfg.val_fraction, seed)
+        val_index = held_out(train.example_ids, cfg.val_fraction, seed)
         train_index = sorted(set(range(len(train))) - set(val_index))
         val, train = train.subset(val_index), train.subset(train_index)
         # augmented copies and repeats train only: the original's other copies went to validation with it
@@ -340,7 +340,7 @@ def source_rows(src: DatasetSource, rejected: list[Rejected] | None = None) -> l
     return rows[src.skip :]
 
 
-def _held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
+def held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
     """A seeded random fraction of examples, whole documents at a time: the windows of one long text
     ("id", "id#1", ...) stay on one side, so validation never sees text it trained on."""
     groups: dict[str, list[int]] = {}

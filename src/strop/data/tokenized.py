@@ -34,6 +34,8 @@ class TokenizedSet:
     example_ids: list[str]
     stats: dict = field(default_factory=dict)
     targets: list[int] | None = None  # classification: the class index of each example
+    rejected: TokenizedSet | None = None  # preference pairs: row i's rejected side (rows are the chosen)
+    reference: np.ndarray | None = None  # (n, 2) reference log-probs of chosen and rejected (DPO)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,6 +47,8 @@ class TokenizedSet:
             [self.example_ids[i] for i in index],
             dict(self.stats),
             None if self.targets is None else [self.targets[i] for i in index],
+            None if self.rejected is None else self.rejected.subset(index),
+            None if self.reference is None else self.reference[list(index)],
         )
 
     @staticmethod
@@ -52,6 +56,10 @@ class TokenizedSet:
         out = TokenizedSet(
             [], [], [], {}, [] if parts and all(p.targets is not None for p in parts) else None
         )
+        if parts and all(p.rejected is not None for p in parts):
+            out.rejected = TokenizedSet.concat([p.rejected for p in parts])
+        if parts and all(p.reference is not None for p in parts):
+            out.reference = np.concatenate([p.reference for p in parts])
         for p in parts:
             if out.targets is not None:
                 out.targets += p.targets

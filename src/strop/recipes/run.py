@@ -19,6 +19,10 @@ def train(
         from strop.recipes.stages import train_stages
 
         return train_stages(cfg, show_progress=show_progress)
+    if cfg.task in ("reward", "dpo"):
+        from strop.recipes.preference import train_preference
+
+        return train_preference(cfg, show_progress=show_progress)
     if cfg.task == "classification":
         from strop.recipes.classify import train_classifier
 

@@ -1,0 +1,100 @@
+"""Direct preference optimisation as an objective: the policy's log-probs of the chosen and rejected
+replies against the reference's (computed once before training and carried in the batch), through
+`preference.dpo_loss` (sigmoid DPO, cDPO label smoothing or IPO). Rafailov et al. 2023,
+https://arxiv.org/abs/2305.18290.
+
+Batches hold the chosen rows then the rejected rows (data/batches.py), so one forward pass scores both.
+Log-probs come from the label positions only, with the LM head applied in chunks that are recomputed in
+backward, so (tokens x vocabulary) logits are never held for the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from strop.data.batches import IGNORE
+from strop.methods.lm_loss import hidden_and_head
+from strop.methods.preference import dpo_loss, sequence_logps
+
+CHUNK = 512  # label positions whose (chunk, V) logits exist at once
+
+
+def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log-probs of each row's label tokens, float32 (B,)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE  # (B, T-1)
+    parts = hidden_and_head(model)
+    if parts is None:
+        logits = model(**inputs).logits  # (B, T, V)
+        return sequence_logps(logits, labels, labels != IGNORE)
+    backbone, head = parts
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
+    targets = labels[:, 1:][keep]  # (N,)
+    pieces = [
+        checkpoint(
+            _picked_logps, hidden[i : i + CHUNK], head.weight, targets[i : i + CHUNK], use_reentrant=False
+        )
+        for i in range(0, hidden.size(0), CHUNK)
+    ]
+    token = torch.cat(pieces) if pieces else hidden.new_zeros(0)  # (N,)
+    rows = keep.nonzero()[:, 0]  # (N,) the row of each label position
+    return torch.zeros(labels.size(0), device=token.device).index_add(0, rows, token.float())
+
+
+def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()  # (chunk, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def split_pairs(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    n = int(batch["pairs"])
+    return values[:n], values[n:]
+
+
+def loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, int]:
+    """(sum over pairs of the DPO loss, pairs)."""
+    chosen, rejected = split_pairs(reply_logps(model, batch), batch)
+    ref = batch["reference"].to(chosen.device)  # (pairs, 2)
+    mean, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    return mean * len(chosen), len(chosen)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    """Mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
+    accuracy: the share of pairs whose chosen reply the policy itself finds more probable."""
+    was_training = model.training
+    model.eval()
+    sums = {
+        "val_loss": 0.0,
+        "val_reward_accuracy": 0.0,
+        "val_reward_margin": 0.0,
+        "val_preference_accuracy": 0.0,
+    }
+    n = 0
+    for batch in batches:
+        chosen, rejected = split_pairs(reply_logps(model, batch), batch)
+        ref = batch["reference"].to(chosen.device)
+        mean, m = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+        k = len(chosen)
+        sums["val_loss"] += float(mean) * k
+        sums["val_reward_accuracy"] += m["rewards/accuracy"] * k
+        sums["val_reward_margin"] += m["rewards/margin"] * k
+        sums["val_preference_accuracy"] += float((chosen > rejected).float().sum())
+        n += k
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}

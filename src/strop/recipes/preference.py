@@ -1,0 +1,234 @@
+"""Preference tuning recipes: a reward model (`task: reward`) and DPO (`task: dpo`), both on preference
+pairs (data/pairs.py) and the same loop, checkpoints and report as SFT.
+
+Run directory (as recipes/sft.py), plus eval/summary.json:
+    reward: pairwise accuracy and mean margin on the test (else validation) pairs
+    dpo:    preference accuracy (the chosen reply more probable) of the starting model and the tuned
+            one, reward accuracy and margin, on the test (else validation) pairs
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from strop.core.config import RunConfig, load_config, to_yaml
+from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.io import atomic_write_json, atomic_write_text
+from strop.data.batches import collate
+from strop.data.pairs import build_pairs, encode_pairs
+from strop.data.tokenized import TokenizedSet
+from strop.methods import dpo, reward
+from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
+from strop.models.load import load_model, load_tokenizer, tokenizer_source
+from strop.models.trainable import apply_classifier_method, apply_method, count_parameters, keep_blocks
+from strop.recipes.classify import export_classifier
+from strop.recipes.sft import TrainResult, _templates, export_model, write_run_report
+from strop.training.loop import fit
+
+log = logging.getLogger("strop")
+
+
+def train_preference(
+    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
+) -> TrainResult:
+    t0 = time.time()
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    run_dir = cfg.run_dir
+    threads = set_threads(cfg.train.threads)
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    is_reward = cfg.task == "reward"
+    tokenizer = load_tokenizer(
+        tokenizer_source(cfg.model.name, causal_lm=not is_reward), cfg.model.trust_remote_code
+    )
+    template_name, template, _ = _templates(cfg, tokenizer)
+    data = build_pairs(cfg.data, template, cfg.train.seed)
+    data.summary["template"] = template_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_json(run_dir / "data_summary.json", data.summary)
+    pad_id = tokenizer.pad_token_id
+    test = data.records["test"][: cfg.eval.max_examples]
+    test_set = encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
+
+    torch.manual_seed(cfg.train.seed)
+    if is_reward:
+        backbone = load_backbone(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
+        if cfg.model.keep_layers:
+            keep_blocks(backbone, cfg.model.keep_layers)
+        c = cfg.classify
+        pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
+        model = SequenceClassifier(backbone, ["reward"], pooling, c.head_layers, c.head_dropout).to(device)
+        model = apply_classifier_method(model, cfg.method)
+        loss_fn, eval_fn = reward.loss, reward.evaluate
+    else:
+        model = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
+        if cfg.model.keep_layers:
+            keep_blocks(model, cfg.model.keep_layers)
+        model = apply_method(model, cfg.method)
+        # the reference is the starting model: its log-probs, computed once, ride along in the batches
+        # (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing)
+        for name, ts in (("train", data.train), ("validation", data.validation), ("test", test_set)):
+            if ts is not None and len(ts):
+                ts.reference = reference_logps(model, ts, pad_id, cfg.train.batch_size, show_progress, name)
+        d = cfg.dpo
+        loss_fn = functools.partial(
+            dpo.loss, beta=d.beta, loss_type=d.loss, label_smoothing=d.label_smoothing
+        )
+        eval_fn = functools.partial(
+            dpo.evaluate, beta=d.beta, loss_type=d.loss, label_smoothing=d.label_smoothing
+        )
+    trainable, total = count_parameters(model)
+    log.info(
+        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
+        cfg.task,
+        cfg.method.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        device,
+        threads,
+    )
+    result = fit(
+        model,
+        loss_fn,
+        eval_fn,
+        data.train,
+        data.validation,
+        cfg.train,
+        cfg.optim,
+        run_dir,
+        pad_id,
+        device,
+        show_progress,
+    )
+    if is_reward:
+        model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, {"template": template.source})
+    else:
+        model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
+    metrics = {
+        **result.final,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val_loss": result.best_val_loss,
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    seconds = time.time() - t0
+    atomic_write_json(
+        run_dir / "result.json",
+        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
+    )
+    summary = None
+    if cfg.eval.enabled:
+        summary = _evaluate(cfg, model, test_set, data.validation, eval_fn, pad_id, run_dir)
+    report = write_run_report(run_dir)
+    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
+
+
+@torch.no_grad()
+def score_rows(run_dir: Path, path: Path, batch_size: int = 8) -> list[dict]:
+    """Rewards of a reward run for rows `{prompt, response}` or `{messages}` (ending in the reply)."""
+    from strop.core.errors import StropError
+    from strop.data.read import read_rows
+    from strop.data.template import ChatTemplate
+    from strop.models.classifier import load_classifier
+    from strop.models.load import read_run_model
+
+    run = read_run_model(Path(run_dir))
+    if run is None or run.get("task") != "reward":
+        raise StropError(
+            f"{run_dir}: not a finished strop reward run (task reward in model/strop_model.json)"
+        )
+    model = load_classifier(Path(run["dir"]), run["base_model"], torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(run["dir"])
+    template = ChatTemplate(tokenizer, run["template"])
+    rows, ids = read_rows(str(path)), []
+    for row in rows:
+        d = row.data
+        if isinstance(d.get("messages"), list):
+            messages = d["messages"]
+        elif isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str):
+            messages = [
+                {"role": "user", "content": d["prompt"]},
+                {"role": "assistant", "content": d["response"]},
+            ]
+        else:
+            raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
+        ids.append(template.encode(messages).ids)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        width = max(map(len, chunk))
+        x = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for b, r in enumerate(chunk):
+            x[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+        out += model(input_ids=x, attention_mask=mask)[:, 0].tolist()
+    return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
+
+
+@torch.no_grad()
+def reference_logps(
+    model, ts: TokenizedSet, pad_id: int, batch_size: int, progress: bool, name: str
+) -> np.ndarray:
+    """(pairs, 2) log-probs of the chosen and rejected replies under `model`, in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(ts), 2), dtype=np.float32)
+    with tqdm(total=len(ts), desc=f"reference log-probs ({name})", disable=not progress) as bar:
+        for i in range(0, len(ts), batch_size):
+            idx = list(range(i, min(i + batch_size, len(ts))))
+            b = {k: v.to(device) for k, v in collate(ts, idx, pad_id).items()}
+            chosen, rejected = dpo.split_pairs(dpo.reply_logps(model, b), b)
+            out[idx, 0], out[idx, 1] = chosen.cpu().numpy(), rejected.cpu().numpy()
+            bar.update(len(idx))
+    model.train(was_training)
+    return out
+
+
+def _evaluate(
+    cfg: RunConfig, model, test_set, validation, eval_fn, pad_id: int, run_dir: Path
+) -> dict | None:
+    """On the test pairs, else the validation pairs (never trained on either way)."""
+    set_name, ts = ("test", test_set) if test_set is not None else ("validation", validation)
+    if ts is None or len(ts) == 0:
+        return None
+    if set_name == "validation" and cfg.eval.max_examples:
+        ts = ts.subset(list(range(min(len(ts), cfg.eval.max_examples))))
+    device = next(model.parameters()).device
+    batches = [
+        {
+            k: v.to(device)
+            for k, v in collate(ts, list(range(i, min(i + cfg.eval.batch_size, len(ts)))), pad_id).items()
+        }
+        for i in range(0, len(ts), cfg.eval.batch_size)
+    ]
+    summary: dict = {"task": cfg.task, "set": set_name, "pairs": len(ts)}
+    if cfg.task == "reward":
+        summary["metrics"] = {k.removeprefix("val_"): v for k, v in eval_fn(model, batches).items()}
+    else:
+        m = eval_fn(model, batches)
+        summary["metrics"] = {k.removeprefix("val_"): v for k, v in m.items()}
+        summary["preference_accuracy"] = {
+            "start": float(np.mean(ts.reference[:, 0] > ts.reference[:, 1])),
+            "tuned": m["val_preference_accuracy"],
+        }
+    (run_dir / "eval").mkdir(exist_ok=True)
+    atomic_write_json(run_dir / "eval" / "summary.json", summary)
+    log.info(
+        "eval (%s pairs): %s", set_name, json.dumps(summary.get("preference_accuracy") or summary["metrics"])
+    )
+    return summary

@@ -1,0 +1,162 @@
+"""Preference pairs, the reward model and DPO: pairs share their prompt tokens and mask only the replies,
+chunked reply log-probs equal the full-logits reference (values and gradients), DPO starts at exactly
+log 2 and raises the preference for planted chosen replies, and a reward model learns to rank them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_jsonl
+from strop.core.config import DataConfig, load_config
+from strop.core.errors import ConfigError, DataError
+from strop.data.batches import IGNORE, collate
+from strop.data.pairs import build_pairs, encode_pairs
+from strop.data.template import ChatTemplate, resolve_template
+from strop.methods import dpo
+from strop.methods.preference import sequence_logps
+from strop.models.load import load_model
+from strop.recipes.run import train
+
+
+def pairs(n: int) -> list[dict]:
+    """The chosen reply always answers about the sea; the rejected one about Paris."""
+    return [
+        {
+            "prompt": f"Write a short poem {i}.",
+            "chosen": "The sea is wide and blue and deep.",
+            "rejected": "The capital of France is Paris." + " Paris." * (i % 3),
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def template(tokenizer):
+    return ChatTemplate(tokenizer, resolve_template("chatml", tokenizer)[1])
+
+
+def test_pairs_share_the_prompt_and_mask_only_the_replies(tmp_path, template, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", pairs(6))
+    data = build_pairs(DataConfig(train=[str(path)], val_fraction=0.0, max_length=64), template, seed=0)
+    ts = data.train
+    assert len(ts) == 6 and len(ts.rejected) == 6
+    c, r = ts.ids[0].tolist(), ts.rejected.ids[0].tolist()
+    start = ts.trained[0].tolist().index(True)
+    assert c[:start] == r[:start] and ts.rejected.trained[0].tolist().index(True) == start
+    assert tokenizer.decode(ts.ids[0][ts.trained[0]]).startswith("The sea is wide")
+    b = collate(ts, [0, 1], tokenizer.pad_token_id)
+    assert b["input_ids"].shape[0] == 4 and int(b["pairs"]) == 2
+    assert torch.equal(
+        b["labels"][0][b["labels"][0] != IGNORE], torch.from_numpy(ts.ids[0][ts.trained[0]]).long()
+    )
+
+    records = data.records["train"]
+    starts = [m.tolist().index(True) for m in [*ts.trained, *ts.rejected.trained]]
+    cut = encode_pairs(records, template, max_length=min(starts))  # the prompt fills it: replies cut away
+    assert len(cut) == 0 and cut.stats["dropped"] == 6
+    kept = encode_pairs(records, template, max_length=max(starts) + 2)
+    assert len(kept) == 6 and kept.stats["truncated"] == 6  # both replies keep a token: kept, truncated
+    with pytest.raises(DataError, match="no preference pairs left"):
+        build_pairs(DataConfig(train=[str(path)], val_fraction=0.0, max_length=min(starts)), template, seed=0)
+
+
+def test_chunked_reply_logps_equal_full_logits(tiny_llama, template, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(dpo, "CHUNK", 5)
+    path = write_jsonl(tmp_path / "p.jsonl", pairs(4))
+    ts = build_pairs(DataConfig(train=[str(path)], val_fraction=0.0, max_length=64), template, seed=0).train
+    b = collate(ts, [0, 1, 2], tokenizer.pad_token_id)
+    model = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
+    got = dpo.reply_logps(model, b)
+    got.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    want = sequence_logps(logits, b["labels"], b["labels"] != IGNORE)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-4)
+    for k, p in model.named_parameters():
+        assert torch.allclose(grads[k], p.grad, atol=1e-4), k
+
+
+def dpo_config(model_dir, tmp_path, **extra):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(24))
+    cfg = tiny_config(model_dir, data, tmp_path / "out", **{"task": "dpo", **extra})
+    cfg["data"]["template"] = "chatml"
+    cfg["optim"] = {"lr": 2e-2, "schedule": "constant"}
+    cfg["train"] = {"batch_size": 4, "max_steps": 8, "eval_every": 4, "seed": 0}
+    cfg["eval"] = {"enabled": True}
+    return cfg
+
+
+def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, monkeypatch):
+    from strop.recipes import preference as recipe
+
+    first = []
+    real = recipe.fit
+
+    def spy(model, loss_fn, eval_fn, train_set, *args, **kwargs):
+        b = collate(train_set, [0, 1, 2, 3], 3)
+        s, n = loss_fn(model, b)
+        first.append(float(s) / n)
+        return real(model, loss_fn, eval_fn, train_set, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "fit", spy)
+    result = train(dpo_config(tiny_llama, tmp_path), show_progress=False)
+    assert first[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before any step
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    pa = summary["preference_accuracy"]
+    # held-out pairs: the chosen reply gained on the rejected one relative to the start, every time
+    assert summary["set"] == "validation" and pa["tuned"] >= pa["start"]
+    assert summary["metrics"]["reward_accuracy"] == 1.0 and summary["metrics"]["reward_margin"] > 0.1
+    assert result.metrics["val_loss"] < math.log(2)
+    assert (result.model_dir / "adapter_model.safetensors").is_file()
+
+
+def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
+    from strop.models.classifier import load_classifier
+
+    cfg = dpo_config(tiny_llama, tmp_path, task="reward")
+    cfg["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    cfg["optim"] = {"lr": 1e-2, "schedule": "constant"}
+    cfg["train"]["max_steps"] = 12
+    result = train(cfg, show_progress=False)
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["task"] == "reward" and summary["metrics"]["accuracy"] >= 0.9
+    assert summary["metrics"]["margin"] > 0
+    meta = json.loads((result.model_dir / "strop_model.json").read_text())
+    clf = load_classifier(result.model_dir, meta["base_model"], torch.device("cpu"), torch.float32)
+    assert clf.labels == ["reward"] and clf.pooling == "last"
+
+
+def test_preference_config_mistakes_are_named(tiny_llama, tmp_path):
+    cfg = dpo_config(tiny_llama, tmp_path)
+    cfg["method"] = {"name": "head"}
+    with pytest.raises(ConfigError, match="method.name: head trains only a head.*got task: dpo"):
+        load_config(cfg)
+    cfg = dpo_config(tiny_llama, tmp_path, dpo={"loss": "ipo", "label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="dpo.label_smoothing"):
+        load_config(cfg)
+
+
+def test_strop_score_ranks_the_planted_reply_higher(tiny_llama, tmp_path, capsys):
+    from strop.cli.main import main
+
+    cfg = dpo_config(tiny_llama, tmp_path, task="reward")
+    cfg["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    cfg["optim"] = {"lr": 1e-2, "schedule": "constant"}
+    cfg["train"]["max_steps"] = 12
+    result = train(cfg, show_progress=False)
+    rows = write_jsonl(
+        tmp_path / "replies.jsonl",
+        [
+            {"prompt": "Write a short poem 99.", "response": "The sea is wide and blue and deep."},
+            {"prompt": "Write a short poem 99.", "response": "The capital of France is Paris."},
+        ],
+    )
+    assert main(["score", str(result.run_dir), "--file", str(rows)]) == 0
+    scored = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert scored[0]["reward"] > scored[1]["reward"] and scored[0]["prompt"] == "Write a short poem 99."
