@@ -142,3 +142,52 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_llama, alpaca_file, tm
 
     with pytest.raises(ConfigError, match="tokenizers differ"):
         train(cfg, show_progress=False)
+
+
+def test_cached_top_k_with_the_whole_vocabulary_equals_the_teacher_on_the_fly(tiny_llama, tokenizer):
+    from strop.data.batches import collate
+    from strop.data.tokenized import TokenizedSet
+
+    student = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
+    teacher = load_model(str(tiny_llama), torch.device("cpu"), torch.float32).requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch(tokenizer)
+    ids = [row[m.bool()].numpy() for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    trained = [(lab[: len(i)] != -100).numpy() for lab, i in zip(b["labels"], ids, strict=True)]
+    ts = TokenizedSet(ids, trained, ["a", "b"])
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    ts.teacher = distill.teacher_top_k(teacher, ts, 0, vocab, 2, torch.device("cpu"))
+    cached = collate(ts, [0, 1], 0)
+    assert cached["teacher_logits"].shape == (8, vocab)
+    live, _ = distill.lm_loss(
+        student, collate(TokenizedSet(ids, trained, ["a", "b"]), [0, 1], 0), teacher, 2.0, 0.6
+    )
+    from_cache, n = distill.lm_loss(student, cached, None, 2.0, 0.6)
+    assert n == 8 and from_cache.item() == pytest.approx(live.item(), rel=1e-5)
+    ts.teacher = distill.teacher_top_k(teacher, ts, 0, 4, 2, torch.device("cpu"))
+    top4, _ = distill.lm_loss(student, collate(ts, [0, 1], 0), None, 2.0, 0.6)
+    assert math.isfinite(top4.item()) and top4.item() != pytest.approx(live.item(), rel=1e-3)
+
+
+def test_a_cached_teacher_run_never_calls_the_teacher_while_training(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch
+):
+    from strop.recipes import sft as recipe
+    from strop.recipes.run import train
+
+    teacher_calls = []
+    real = distill.lm_loss
+
+    def spy(model, batch, teacher, temperature, alpha):
+        teacher_calls.append(teacher)
+        assert "teacher_logits" in batch and batch["teacher_logits"].shape[1] == 8
+        return real(model, batch, teacher, temperature, alpha)
+
+    monkeypatch.setattr(recipe.distill, "lm_loss", spy)
+    cfg = tiny_config(
+        tiny_llama, alpaca_file, tmp_path, distill={"teacher": str(tiny_llama), "cache_top_k": 8}
+    )
+    result = train(cfg, show_progress=False)
+    assert result.metrics["steps"] == 4 and teacher_calls and all(t is None for t in teacher_calls)

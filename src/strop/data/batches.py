@@ -60,6 +60,9 @@ def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
         mask[b, : len(r)] = 1
         labels[b, : len(r)] = torch.where(torch.from_numpy(ts.trained[i]), r, IGNORE)
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if ts.teacher is not None:  # cached teacher top-k per label token, in the row-major order of the labels
+        out["teacher_logits"] = torch.from_numpy(np.concatenate([ts.teacher[i][0] for i in index])).float()
+        out["teacher_ids"] = torch.from_numpy(np.concatenate([ts.teacher[i][1] for i in index])).long()
     if ts.targets is not None:  # classification: one class index per example
         out["class_labels"] = torch.tensor([ts.targets[i] for i in index], dtype=torch.long)
     return out

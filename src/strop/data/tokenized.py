@@ -36,6 +36,9 @@ class TokenizedSet:
     targets: list[int] | None = None  # classification: the class index of each example
     rejected: TokenizedSet | None = None  # preference pairs: row i's rejected side (rows are the chosen)
     reference: np.ndarray | None = None  # (n, 2) reference log-probs of chosen and rejected (DPO)
+    teacher: list[tuple[np.ndarray, np.ndarray]] | None = (
+        None  # per example: top-k (logits, ids), (labels, k)
+    )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,6 +52,7 @@ class TokenizedSet:
             None if self.targets is None else [self.targets[i] for i in index],
             None if self.rejected is None else self.rejected.subset(index),
             None if self.reference is None else self.reference[list(index)],
+            None if self.teacher is None else [self.teacher[i] for i in index],
         )
 
     @staticmethod
@@ -58,6 +62,8 @@ class TokenizedSet:
         )
         if parts and all(p.rejected is not None for p in parts):
             out.rejected = TokenizedSet.concat([p.rejected for p in parts])
+        if parts and all(p.teacher is not None for p in parts):
+            out.teacher = [t for p in parts for t in p.teacher]
         if parts and all(p.reference is not None for p in parts):
             out.reference = np.concatenate([p.reference for p in parts])
         for p in parts:

@@ -11,6 +11,7 @@ and the output vocabulary (the recipe checks).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -41,6 +42,8 @@ def lm_loss(
     inputs = {k: batch[k] for k in sft.MODEL_INPUTS if k in batch}
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != sft.IGNORE
+    if "teacher_logits" in batch:
+        return _cached_loss(model, inputs, targets, keep, batch, temperature, alpha)
     student, teacher_parts = hidden_and_head(model), hidden_and_head(teacher)
     with torch.no_grad():
         if teacher_parts is None:
@@ -69,6 +72,61 @@ def lm_loss(
             _soft_chunk, hidden[i : i + CHUNK], head.weight, t_chunk, temperature, use_reentrant=False
         )
     return alpha * soft + (1 - alpha) * hard, int(keep.sum())
+
+
+def _cached_loss(model, inputs, targets, keep, batch, temperature: float, alpha: float):
+    """The soft term against the teacher's cached top-k logits: the teacher's tempered distribution
+    renormalized over its k tokens, the student's full tempered log-softmax read at those tokens. With
+    k = vocabulary size this is exactly the on-the-fly loss."""
+    parts = hidden_and_head(model)
+    if parts is None:
+        raise ValueError("distill.cache_top_k needs a model whose LM head strop can run itself")
+    backbone, head = parts
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
+    hard = linear_cross_entropy(hidden, head.weight, targets[keep])
+    t_logits, t_ids = batch["teacher_logits"], batch["teacher_ids"]  # (N, k) each
+    soft = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.size(0), CHUNK):
+        sl = slice(i, i + CHUNK)
+        soft = soft + checkpoint(
+            _cached_chunk, hidden[sl], head.weight, t_logits[sl], t_ids[sl], temperature, use_reentrant=False
+        )
+    return alpha * soft + (1 - alpha) * hard, int(keep.sum())
+
+
+def _cached_chunk(hidden, weight, t_logits, t_ids, temperature: float) -> torch.Tensor:
+    s = F.log_softmax((hidden @ weight.T).float() / temperature, dim=-1).gather(-1, t_ids)  # (chunk, k)
+    t = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (chunk, k)
+    return temperature**2 * (t.exp() * (t - s)).sum()
+
+
+@torch.no_grad()
+def teacher_top_k(
+    teacher: torch.nn.Module, ts, pad_id: int, k: int, batch_size: int, device, progress=None
+) -> list:
+    """Per example: the teacher's top-k logits and token ids at each label position, (labels, k) each."""
+    from strop.data.batches import collate
+
+    out = []
+    teacher.eval()
+    for start in range(0, len(ts), batch_size):
+        index = list(range(start, min(start + batch_size, len(ts))))
+        batch = {key: v.to(device) for key, v in collate(ts, index, pad_id).items()}
+        inputs = {key: batch[key] for key in sft.MODEL_INPUTS if key in batch}
+        keep = batch["labels"][:, 1:] != sft.IGNORE  # (b, T-1)
+        parts = hidden_and_head(teacher)
+        if parts is None:
+            logits = teacher(**inputs).logits[:, :-1]  # (b, T-1, V)
+        else:
+            logits = None
+            hidden = parts[0](**inputs, use_cache=False).last_hidden_state[:, :-1]  # (b, T-1, d)
+        for row in range(len(index)):
+            h = logits[row][keep[row]] if logits is not None else hidden[row][keep[row]] @ parts[1].weight.T
+            values, ids = h.float().topk(min(k, h.size(-1)), dim=-1)  # (labels, k)
+            out.append((values.cpu().numpy().astype(np.float32), ids.cpu().numpy().astype(np.int32)))
+        if progress is not None:
+            progress.update(len(index))
+    return out
 
 
 def _soft_chunk(hidden: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor, temperature: float):

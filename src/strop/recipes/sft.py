@@ -153,11 +153,28 @@ def train(
 
     loss_fn = sft.loss
     if cfg.distill:
+        teacher = _teacher(cfg, model, tokenizer, device, torch.float32 if amp else dtype)
+        if cfg.distill.cache_top_k:
+            t_cache = time.time()
+            with tqdm(total=len(data.train), desc="teacher top-k", disable=not show_progress) as bar:
+                data.train.teacher = distill.teacher_top_k(
+                    teacher,
+                    data.train,
+                    tokenizer.pad_token_id,
+                    cfg.distill.cache_top_k,
+                    cfg.train.batch_size,
+                    device,
+                    bar,
+                )
+            log.info(
+                "teacher: top-%d logits of %d examples cached in %.1f s",
+                cfg.distill.cache_top_k,
+                len(data.train),
+                time.time() - t_cache,
+            )
+            teacher = None  # the cache replaces it; its memory goes back before training
         loss_fn = functools.partial(
-            distill.lm_loss,
-            teacher=_teacher(cfg, model, tokenizer, device, torch.float32 if amp else dtype),
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
+            distill.lm_loss, teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha
         )
     result = fit(
         model,
