@@ -331,3 +331,18 @@ def test_cached_features_give_the_backbones_logits_and_skip_it(tiny_bert):
             input_ids=torch.tensor([[20, 21]]), attention_mask=torch.ones(1, 2, dtype=torch.long)
         )  # not cached
     assert torch.allclose(direct, cached, atol=1e-5) and calls == [1]  # only the unseen text ran the backbone
+
+
+def test_skip_bad_rows_applies_to_classification_data(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    from strop.core.config import DataConfig
+    from strop.data.classes import build_labelled
+
+    rows = labelled_rows(10) + [{"text": "bad row", "label": ["sea"]}]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    with pytest.raises(DataError, match=r"bad\.jsonl:11"):
+        build_labelled(DataConfig(train=[str(path)], val_fraction=0.0), tok, None, 0)
+    data = build_labelled(DataConfig(train=[str(path)], val_fraction=0.0, skip_bad_rows=True), tok, None, 0)
+    assert len(data.train) == 10

@@ -56,13 +56,19 @@ def reference(student, teacher, b, T, alpha):
     return alpha * soft + (1 - alpha) * hard
 
 
-def test_chunked_lm_kd_equals_full_logits_values_and_gradients(tiny_llama, tokenizer, monkeypatch):
-    monkeypatch.setattr(distill, "CHUNK", 3)  # three chunks over 8 label tokens
-    student = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
-    teacher = load_model(str(tiny_llama), torch.device("cpu"), torch.float32).requires_grad_(False)
+def student_and_teacher(model_dir):
+    """The tiny model, and a frozen copy with slightly moved weights as its teacher."""
+    student = load_model(str(model_dir), torch.device("cpu"), torch.float32)
+    teacher = load_model(str(model_dir), torch.device("cpu"), torch.float32).requires_grad_(False)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
+def test_chunked_lm_kd_equals_full_logits_values_and_gradients(tiny_llama, tokenizer, monkeypatch):
+    monkeypatch.setattr(distill, "CHUNK", 3)  # three chunks over 8 label tokens
+    student, teacher = student_and_teacher(tiny_llama)
     b = batch(tokenizer)
     got, n = distill.lm_loss(student, b, teacher, temperature=2.0, alpha=0.7)
     got.backward()
@@ -148,11 +154,7 @@ def test_cached_top_k_with_the_whole_vocabulary_equals_the_teacher_on_the_fly(ti
     from strop.data.batches import collate
     from strop.data.tokenized import TokenizedSet
 
-    student = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
-    teacher = load_model(str(tiny_llama), torch.device("cpu"), torch.float32).requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_llama)
     b = batch(tokenizer)
     ids = [row[m.bool()].numpy() for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
     trained = [(lab[: len(i)] != -100).numpy() for lab, i in zip(b["labels"], ids, strict=True)]

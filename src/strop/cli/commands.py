@@ -101,6 +101,19 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+def _emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
+    """JSON lines to a file (atomically, with a count on stderr) or to stdout."""
+    if out:
+        from pathlib import Path
+
+        from strop.core.io import atomic_write_text
+
+        atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} {what} to {out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+
+
 def _load_classifier_run(target: str):
     from pathlib import Path
 
@@ -122,7 +135,6 @@ def _predict(args) -> int:
     import json
     from pathlib import Path
 
-    from strop.core.io import atomic_write_text
     from strop.data.classes import read_texts
     from strop.recipes.classify import predict_texts
 
@@ -135,11 +147,7 @@ def _predict(args) -> int:
         row["label"] = clf.labels[max(range(len(q)), key=q.__getitem__)]
         row["probabilities"] = {name: round(p, 6) for name, p in zip(clf.labels, q, strict=True)}
         lines.append(json.dumps(row, ensure_ascii=False))
-    if args.out:
-        atomic_write_text(Path(args.out), "".join(x + "\n" for x in lines))
-        print(f"wrote {len(lines)} predictions to {args.out}", file=sys.stderr)
-    else:
-        print("\n".join(lines))
+    _emit_jsonl(lines, args.out, "predictions")
     return 0
 
 
@@ -147,16 +155,11 @@ def _score(args) -> int:
     import json
     from pathlib import Path
 
-    from strop.core.io import atomic_write_text
     from strop.recipes.preference import score_rows
 
     rows = score_rows(Path(args.target), Path(args.file))
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
-    if args.out:
-        atomic_write_text(Path(args.out), "".join(x + "\n" for x in lines))
-        print(f"wrote {len(lines)} scored rows to {args.out}", file=sys.stderr)
-    else:
-        print("\n".join(lines))
+    _emit_jsonl(lines, args.out, "scored rows")
     return 0
 
 
@@ -198,13 +201,7 @@ def _generate(args) -> int:
         json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})
         for it, r in zip(items, replies, strict=True)
     ]
-    if args.out:
-        from strop.core.io import atomic_write_text
-
-        atomic_write_text(args.out, "".join(line + "\n" for line in lines))
-        print(f"wrote {len(lines)} responses to {args.out}", file=sys.stderr)
-    else:
-        print("\n".join(lines))
+    _emit_jsonl(lines, args.out, "responses")
     return 0
 
 

@@ -40,7 +40,7 @@ class LabelledData:
 def build_labelled(cfg: DataConfig, tokenizer, labels: list[str] | None, seed: int) -> LabelledData:
     """Read, split (stratified by label when no validation file is given), check leakage, tokenize."""
     splits = {
-        split: [r for src in sources for r in _read(src)]
+        split: [r for src in sources for r in _read(src, cfg.skip_bad_rows)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
@@ -145,7 +145,7 @@ def texts_of(r: Record) -> tuple[str, str | None]:
     return (prompt, None) if r.pair is None else (prompt[: -len(r.pair) - 2], r.pair)  # formats.py: "a\n\nb"
 
 
-def _read(src: DatasetSource) -> list[Record]:
+def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
     if src.format == "auto":
         src = src.model_copy(update={"format": "labelled"})
     if src.format != "labelled":
@@ -153,7 +153,7 @@ def _read(src: DatasetSource) -> list[Record]:
             f"{src.path}: format {src.format}: classification reads labelled rows (text, label); "
             "map your columns with fields: {text: ..., label: ...}"
         )
-    return read_records(src)
+    return read_records(src, [] if skip_bad_rows else None)  # honour data.skip_bad_rows as SFT does
 
 
 def _guard_leakage(cfg: DataConfig, splits: dict[str, list[Record]]) -> dict:

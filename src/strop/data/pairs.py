@@ -34,7 +34,7 @@ class PairData:
 
 def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
     splits = {
-        split: [r for src in sources for r in _read(src)]
+        split: [r for src in sources for r in _read(src, cfg.skip_bad_rows)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
@@ -97,10 +97,10 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
     return out
 
 
-def _read(src: DatasetSource) -> list[Record]:
+def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
     if src.format == "auto":
         src = src.model_copy(update={"format": "preference"})
-    records = read_records(src)
+    records = read_records(src, [] if skip_bad_rows else None)  # honour data.skip_bad_rows as SFT does
     bad = next((r for r in records if r.rejected is None), None)
     if bad is not None:
         raise DataError(

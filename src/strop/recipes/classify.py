@@ -38,7 +38,7 @@ from strop.models.classifier import (
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
 from strop.models.trainable import apply_classifier_method, count_parameters, keep_blocks
-from strop.recipes.sft import TrainResult, write_run_report
+from strop.recipes.sft import TrainResult, save_result, write_run_report
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
@@ -117,21 +117,7 @@ def train_classifier(
     )
 
     model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg)
-    metrics = {
-        **result.final,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_val_loss": result.best_val_loss,
-        "skipped_steps": result.skipped_steps,
-        "stopped_early": result.stopped_early,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
-    seconds = time.time() - t0
-    atomic_write_json(
-        run_dir / "result.json",
-        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
-    )
+    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
     summary = None
     if cfg.eval.enabled:
         summary = evaluate_classifier(model, tokenizer, data, cfg, run_dir)

@@ -30,7 +30,7 @@ from strop.models.classifier import SequenceClassifier, default_pooling, load_ba
 from strop.models.load import load_model, load_tokenizer, tokenizer_source
 from strop.models.trainable import apply_classifier_method, apply_method, count_parameters, keep_blocks
 from strop.recipes.classify import export_classifier
-from strop.recipes.sft import TrainResult, _templates, export_model, write_run_report
+from strop.recipes.sft import TrainResult, export_model, run_templates, save_result, write_run_report
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
@@ -50,7 +50,7 @@ def train_preference(
     tokenizer = load_tokenizer(
         tokenizer_source(cfg.model.name, causal_lm=not is_reward), cfg.model.trust_remote_code
     )
-    template_name, template, _ = _templates(cfg, tokenizer)
+    template_name, template, _ = run_templates(cfg, tokenizer)
     data = build_pairs(cfg.data, template, cfg.train.seed)
     data.summary["template"] = template_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -115,21 +115,7 @@ def train_preference(
         model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, {"template": template.source})
     else:
         model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics = {
-        **result.final,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_val_loss": result.best_val_loss,
-        "skipped_steps": result.skipped_steps,
-        "stopped_early": result.stopped_early,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
-    seconds = time.time() - t0
-    atomic_write_json(
-        run_dir / "result.json",
-        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
-    )
+    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
     summary = None
     if cfg.eval.enabled:
         summary = _evaluate(cfg, model, test_set, data.validation, eval_fn, pad_id, run_dir)

@@ -84,7 +84,7 @@ def train(
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
-    template_name, template, own = _templates(cfg, tokenizer)
+    template_name, template, own = run_templates(cfg, tokenizer)
     data = build_datasets(cfg.data, template, cfg.train.seed, own)
     monitors = {}
     if earlier:
@@ -195,21 +195,7 @@ def train(
     )
 
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics = {
-        **result.final,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_val_loss": result.best_val_loss,
-        "skipped_steps": result.skipped_steps,
-        "stopped_early": result.stopped_early,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
-    seconds = time.time() - t0
-    atomic_write_json(
-        run_dir / "result.json",
-        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data.summary},
-    )
+    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
     t_eval = time.time()
     evaluation = evaluate_after_training(cfg, model, template, records, run_dir, show_progress)
     if evaluation is not None:
@@ -234,7 +220,7 @@ def _teacher(cfg: RunConfig, student, tokenizer, device, dtype):
     return teacher.requires_grad_(False)
 
 
-def _templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:
+def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:
     """The run's chat template (its name too), and those of sources that have their own (mixtures of
     differently formatted data) by source name."""
     name, source = resolve_template(cfg.data.template, tokenizer)
@@ -248,9 +234,32 @@ def _templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, 
     return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt), own
 
 
+def save_result(
+    run_dir: Path, result, trainable: int, total: int, model_dir: Path, t0: float, data_summary: dict
+) -> tuple[dict, float]:
+    """result.json of a finished run (any recipe): the loop's final metrics, parameter counts, where the
+    model is, the wall time since `t0` and the data summary. Returns (metrics, seconds)."""
+    metrics = {
+        **result.final,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_val_loss": result.best_val_loss,
+        "skipped_steps": result.skipped_steps,
+        "stopped_early": result.stopped_early,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    seconds = time.time() - t0
+    atomic_write_json(
+        run_dir / "result.json",
+        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data_summary},
+    )
+    return metrics, seconds
+
+
 def _stage_data(cfg: RunConfig, tokenizer):
     """An earlier stage's train and validation sets, built as that stage built them."""
-    _, template, own = _templates(cfg, tokenizer)
+    _, template, own = run_templates(cfg, tokenizer)
     return build_datasets(cfg.data, template, cfg.train.seed, own)
 
 
