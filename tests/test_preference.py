@@ -132,6 +132,30 @@ def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     assert clf.labels == ["reward"] and clf.pooling == "last"
 
 
+def test_head_only_reward_model_runs_the_backbone_once_per_reply(tiny_llama, tmp_path, monkeypatch):
+    """Feature-based reward model: every reply's pooled features are computed once (before training),
+    so the frozen backbone never runs inside the training loop, and it still learns the planted ranking."""
+    from strop.models.classifier import SequenceClassifier
+
+    calls = {"n": 0}
+    original = SequenceClassifier.cache_features
+
+    def counting(self, rows, *args, **kwargs):
+        calls["n"] += len(rows)
+        return original(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(SequenceClassifier, "cache_features", counting)
+    cfg = dpo_config(tiny_llama, tmp_path, task="reward")
+    cfg["method"] = {"name": "head"}
+    cfg["optim"] = {"lr": 5e-2, "schedule": "constant"}
+    cfg["train"]["max_steps"] = 30
+    result = train(cfg, show_progress=False)
+    data = json.loads((result.run_dir / "data_summary.json").read_text())
+    assert calls["n"] == 2 * (data["train_pairs"] + data["validation_pairs"])
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["accuracy"] >= 0.9
+
+
 def test_preference_config_mistakes_are_named(tiny_llama, tmp_path):
     cfg = dpo_config(tiny_llama, tmp_path)
     cfg["method"] = {"name": "head"}

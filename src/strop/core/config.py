@@ -22,6 +22,7 @@ from strop.core.data_config import (  # noqa: F401 - re-exported: the data secti
     MixtureConfig,
 )
 from strop.core.errors import ConfigError
+from strop.core.rl_config import RLConfig
 from strop.core.section import Section
 
 
@@ -217,12 +218,14 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    task: Literal["sft", "classification", "reward", "dpo"] = Field(
+    task: Literal["sft", "classification", "reward", "dpo", "ppo", "grpo"] = Field(
         "sft",
         description="sft: generate responses (causal LM); classification: predict a label per text; "
-        "reward: score replies from preference pairs; dpo: prefer the chosen replies",
+        "reward: score replies from preference pairs; dpo: prefer the chosen replies; ppo, grpo: "
+        "climb a reward (rl section) on sampled replies",
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rl: RLConfig | None = Field(None, description="task ppo or grpo: the reward and the rollouts")
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     distill: DistillConfig | None = Field(None, description="learn from a teacher model's distributions")
     stages: list[StageConfig] = Field(
@@ -248,6 +251,15 @@ class RunConfig(Section):
             raise ValueError(f"train.batch_tokens: packing is for sft; {self.task} batches by batch_size")
         if self.task != "sft" and self.stages:
             raise ValueError("stages: sequential stages are for sft runs")
+        if self.task in ("ppo", "grpo") and self.rl is None:
+            raise ValueError(f"rl: task {self.task} needs an rl section with at least rl.reward")
+        if self.task == "grpo" and self.rl.group_size < 2:
+            raise ValueError(
+                f"rl.group_size: grpo compares replies to the same prompt, so it needs at least 2, "
+                f"got {self.rl.group_size}"
+            )
+        if self.rl is not None and self.task not in ("ppo", "grpo"):
+            raise ValueError(f"rl: the rl section is for task ppo or grpo, got task: {self.task}")
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing: applies to the sigmoid loss, not ipo")
         if self.distill and self.distill.cache_top_k and (self.task != "sft" or self.train.batch_tokens):
@@ -391,6 +403,11 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
     for stage in raw.get("stages") or []:
         if isinstance(stage, dict):
             _resolve_relative_paths(stage, base)
+    rl = raw.get("rl")
+    if isinstance(rl, dict) and isinstance(rl.get("reward"), str):  # a reward run or file.py:function
+        where, _, fn = rl["reward"].rpartition(":") if ".py:" in rl["reward"] else (rl["reward"], "", "")
+        if not Path(where).is_absolute() and (base / where).exists():
+            rl["reward"] = str((base / where).resolve()) + (f":{fn}" if fn else "")
     data = raw.get("data")
     if not isinstance(data, dict):
         return

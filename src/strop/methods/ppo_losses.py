@@ -151,3 +151,11 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
     mean = groups.mean(dim=1, keepdim=True)  # (N / G, 1)
     std = groups.std(dim=1, keepdim=True)  # (N / G, 1), unbiased
     return ((groups - mean) / (std + eps)).view(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean of exp(ref - logp) - (ref - logp) - 1: an unbiased, never negative per-token estimate
+    of KL(policy || reference) on samples from the policy (Schulman 2020, http://joschu.net/blog/kl-approx.html),
+    the penalty GRPO adds to its loss. logps carry the gradient; all (B, T)."""
+    d = ref_logps - logps
+    return masked_mean(torch.exp(d) - d - 1.0, mask)

@@ -6,9 +6,14 @@ with one output; batches hold the chosen rows then the rejected rows.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from strop.data.template import ChatTemplate
 from strop.methods.preference import bradley_terry_loss
+from strop.models.classifier import load_classifier
+from strop.models.load import load_tokenizer, read_run_model
 
 
 def rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,3 +48,41 @@ def evaluate(model: torch.nn.Module, batches) -> dict[str, float]:
         "val_accuracy": correct / max(n, 1),
         "val_margin": margin / max(n, 1),
     }
+
+
+class RewardScorer:
+    """A finished strop reward run as a scorer of whole conversations (the reply as the last turn).
+
+    It renders them with the reward run's own template and tokenizer, so the policy being scored may
+    use another tokenizer; conversations are batched by length.
+    """
+
+    def __init__(self, run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32):
+        from strop.core.errors import StropError
+
+        run = read_run_model(Path(run_dir))
+        if run is None or run.get("task") != "reward":
+            raise StropError(
+                f"{run_dir}: not a finished strop reward run (task reward in model/strop_model.json)"
+            )
+        self.model = load_classifier(Path(run["dir"]), run["base_model"], device, dtype).eval()
+        self.template = ChatTemplate(load_tokenizer(run["dir"]), run["template"])
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+        ids = [self.template.encode(c).ids for c in conversations]
+        pad = self.template.tokenizer.pad_token_id
+        out = [0.0] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            x = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for b, i in enumerate(chunk):
+                x[b, : len(ids[i])], mask[b, : len(ids[i])] = torch.tensor(ids[i]), 1
+            scores = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device))[:, 0]
+            for i, s in zip(chunk, scores.float().tolist(), strict=True):
+                out[i] = s
+        return out

@@ -22,8 +22,11 @@ import torch
 
 from strop.core.config import RunConfig
 from strop.core.device import resolve_device
+from strop.core.errors import DataError
 from strop.data.check import CheckResult, check_data
 from strop.data.packing import pack
+from strop.data.pairs import build_pairs
+from strop.data.prompts import prompt_splits
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
 from strop.models.load import architecture_source, load_tokenizer, tokenizer_source
@@ -41,14 +44,65 @@ def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template_src = resolve_template(cfg.data.template, tokenizer)
     template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
+    if cfg.task in ("ppo", "grpo"):
+        return _check_prompts(cfg, template, template_name)
     result = check_data(cfg.data, template, cfg.train.seed)
     result.report["model"] = cfg.model.name
     result.report["template"] = template_name
+    if cfg.task in ("reward", "dpo") and not result.errors:
+        _check_pairs(cfg, template, result.report)
     if estimate and result.train is not None and len(result.train):
         result.report["estimate"] = estimate_run(
             cfg, architecture_source(cfg.model.name), result.train, result.report
         )
     return result
+
+
+def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
+    """Preference pairs as training reads them: a pair counts as truncated when either side is longer
+    than max_length, and is dropped when truncation cuts either reply away."""
+    lenient = cfg.data.model_copy(update={"skip_bad_rows": True, "allow_leakage": True})
+    summary = build_pairs(lenient, template, cfg.train.seed).summary
+    report["pairs"] = {
+        k: summary[k] for k in ("train_pairs", "validation_pairs", "truncated_pairs", "dropped_pairs")
+    }
+    if summary["dropped_pairs"]:
+        report["errors"].append(
+            f"{summary['dropped_pairs']} pair(s) lose a whole reply at max_length {cfg.data.max_length} "
+            "and would be dropped"
+        )
+    if summary["truncated_pairs"]:
+        report["warnings"].append(
+            f"{summary['truncated_pairs']} pair(s) have a side longer than max_length {cfg.data.max_length} "
+            "and would be truncated"
+        )
+
+
+def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
+    """PPO and GRPO read prompts only: each row must yield a prompt that leaves room for the reply."""
+    report: dict = {
+        "model": cfg.model.name,
+        "template": template_name,
+        "sources": [],
+        "errors": [],
+        "warnings": [],
+        "notes": [],
+    }
+    try:
+        _, summary = prompt_splits(cfg.data, template, cfg.rl.max_new_tokens, cfg.train.seed)
+    except DataError as e:
+        report["errors"].append(str(e))
+        return CheckResult(report)
+    report["prompts"] = summary
+    if summary["prompts_too_long"]:
+        report["warnings"].append(
+            f"{summary['prompts_too_long']} prompt(s) are longer than {summary['max_prompt_tokens']} tokens "
+            "(data.max_length minus rl.max_new_tokens) and would be left out"
+        )
+    for split, n in summary["held_out_prompts_also_in_train"].items():
+        if n:
+            report["warnings"].append(f"{split}: {n} prompt(s) also appear in the training prompts")
+    return CheckResult(report)
 
 
 def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict) -> dict:
@@ -158,6 +212,19 @@ def render(report: dict) -> str:
         lines.append(
             f"  mixture {name}: {m['used']} of {m['available']} ({m['share']:.1%}, target {m['target_share']:.1%})"
         )
+    if report.get("pairs"):
+        lines += [
+            "",
+            "preference pairs: "
+            + ", ".join(f"{k.removesuffix('_pairs')} {v}" for k, v in report["pairs"].items()),
+        ]
+    if report.get("prompts"):
+        pr = report["prompts"]
+        lines += [
+            "",
+            f"prompts: train {pr['train_prompts']}, validation {pr['validation_prompts']}, test {pr['test_prompts']}; "
+            f"{pr['prompts_too_long']} longer than {pr['max_prompt_tokens']} tokens",
+        ]
     if report.get("tokens"):
         lines += ["", "tokens (per example):"]
         for split, t in report["tokens"].items():

@@ -69,6 +69,11 @@ def train_preference(
         pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
         model = SequenceClassifier(backbone, ["reward"], pooling, c.head_layers, c.head_dropout).to(device)
         model = apply_classifier_method(model, cfg.method)
+        if cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
+            sets = [s for s in (data.train, data.validation, test_set) if s is not None]
+            rows = [r for s in sets for r in (*s.ids, *s.rejected.ids)]
+            with tqdm(total=len(rows), desc="features", unit="ex", disable=not show_progress) as bar:
+                model.cache_features(rows, pad_id, cfg.eval.batch_size * 4, bar)
         loss_fn, eval_fn = reward.loss, reward.evaluate
     else:
         model = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
@@ -123,45 +128,24 @@ def train_preference(
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
 
 
-@torch.no_grad()
 def score_rows(run_dir: Path, path: Path, batch_size: int = 8) -> list[dict]:
     """Rewards of a reward run for rows `{prompt, response}` or `{messages}` (ending in the reply)."""
     from strop.core.errors import StropError
     from strop.data.read import read_rows
-    from strop.data.template import ChatTemplate
-    from strop.models.classifier import load_classifier
-    from strop.models.load import read_run_model
 
-    run = read_run_model(Path(run_dir))
-    if run is None or run.get("task") != "reward":
-        raise StropError(
-            f"{run_dir}: not a finished strop reward run (task reward in model/strop_model.json)"
-        )
-    model = load_classifier(Path(run["dir"]), run["base_model"], torch.device("cpu"), torch.float32)
-    tokenizer = load_tokenizer(run["dir"])
-    template = ChatTemplate(tokenizer, run["template"])
-    rows, ids = read_rows(str(path)), []
+    scorer = reward.RewardScorer(Path(run_dir), torch.device("cpu"))
+    rows, conversations = read_rows(str(path)), []
     for row in rows:
         d = row.data
         if isinstance(d.get("messages"), list):
-            messages = d["messages"]
+            conversations.append(d["messages"])
         elif isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str):
-            messages = [
-                {"role": "user", "content": d["prompt"]},
-                {"role": "assistant", "content": d["response"]},
-            ]
+            conversations.append(
+                [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["response"]}]
+            )
         else:
             raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
-        ids.append(template.encode(messages).ids)
-    out = []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i : i + batch_size]
-        width = max(map(len, chunk))
-        x = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for b, r in enumerate(chunk):
-            x[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
-        out += model(input_ids=x, attention_mask=mask)[:, 0].tolist()
+    out = scorer(conversations, batch_size)
     return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
 
 

@@ -1,4 +1,5 @@
-"""`strop train` for any config: sequential stages, classification or supervised fine-tuning."""
+"""`strop train` for any config: sequential stages, classification, preference tuning (reward, DPO,
+PPO, GRPO) or supervised fine-tuning."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def train(
         from strop.recipes.preference import train_preference
 
         return train_preference(cfg, show_progress=show_progress)
+    if cfg.task in ("ppo", "grpo"):
+        from strop.recipes.rl import train_rl
+
+        return train_rl(cfg, show_progress=show_progress)
     if cfg.task == "classification":
         from strop.recipes.classify import train_classifier
 

@@ -26,7 +26,7 @@ def loss_plot(records: list[dict], best_step=None) -> bytes | None:
     vsteps, vloss = series(records, "val_loss")
     if len(loss) == 0 and len(vloss) == 0:
         return None
-    fig, ax = _figure(FIGSIZE)
+    fig, ax = new_figure(FIGSIZE)
     if len(loss):
         ax.plot(steps, loss, color="C0", alpha=0.3, linewidth=1, label="train (raw)")
         ax.plot(steps, smooth(loss), color="C0", linewidth=2, label="train (smoothed)")
@@ -42,18 +42,18 @@ def loss_plot(records: list[dict], best_step=None) -> bytes | None:
         ax.axvline(best_step, color="C2", linestyle=":", linewidth=1.2, label=f"best step {best_step}")
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.legend(fontsize=8, frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
 def lr_plot(records: list[dict]) -> bytes | None:
     steps, lr = series(records, "lr")
     if len(lr) < 2:
         return None
-    fig, ax = _figure(SHORT_FIGSIZE)
+    fig, ax = new_figure(SHORT_FIGSIZE)
     ax.plot(steps, lr, color="C4", linewidth=1.5)
     ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    return _png(fig)
+    return to_png(fig)
 
 
 def length_plot(histogram: dict, max_length=None) -> bytes | None:
@@ -62,7 +62,7 @@ def length_plot(histogram: dict, max_length=None) -> bytes | None:
     edges = histogram.get("edges") if isinstance(histogram, dict) else None
     if not isinstance(edges, list) or len(edges) < 2:
         return None
-    fig, ax = _figure(SHORT_FIGSIZE)
+    fig, ax = new_figure(SHORT_FIGSIZE)
     drawn = False
     for split, color, fill in (("train", "C0", True), ("validation", "C1", False)):
         counts = histogram.get(split)
@@ -79,7 +79,7 @@ def length_plot(histogram: dict, max_length=None) -> bytes | None:
         ax.axvline(max_length, color="C3", linestyle="--", linewidth=1, label=f"max_length {max_length}")
     ax.set(xlabel="tokens per example", ylabel="share of examples", title="Example length")
     ax.legend(fontsize=8, frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
 def overlay_plot(
@@ -89,7 +89,7 @@ def overlay_plot(
     curves = {name: c for name, c in curves.items() if len(c[1])}
     if not curves:
         return None
-    fig, ax = _figure(FIGSIZE)
+    fig, ax = new_figure(FIGSIZE)
     for i, (name, (steps, values)) in enumerate(curves.items()):
         color = f"C{i % 10}"
         if smoothed:
@@ -99,10 +99,10 @@ def overlay_plot(
             ax.plot(steps, values, color=color, marker="o", markersize=4, linewidth=1.5, label=name)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend(fontsize=8, frameon=False)
-    return _png(fig)
+    return to_png(fig)
 
 
-def _figure(size: tuple[float, float]):
+def new_figure(size: tuple[float, float]):
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     ax.grid(alpha=0.3)
@@ -110,7 +110,7 @@ def _figure(size: tuple[float, float]):
     return fig, ax
 
 
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     # fixed metadata keeps the bytes identical for identical inputs (diffable reports)
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})

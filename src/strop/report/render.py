@@ -37,6 +37,7 @@ from strop.report.evaluation import (
     samples_section,
 )
 from strop.report.plots import length_plot, loss_plot, lr_plot
+from strop.report.rl import is_rl, rl_headline, rl_section
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
@@ -61,7 +62,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
             _data_section(run),
             _training_section(run, facts),
             _throughput_section(run, facts),
-            classification_section(run.eval) if is_classification(run.eval) else eval_section(run.eval),
+            _eval_section(run, run_dir),
             forgetting_section(run.eval),
             samples_section(run.samples, metric),
         ],
@@ -84,7 +85,12 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 
 
 def _headline(run: Run, facts: dict) -> list[str]:
-    lines = [classification_headline(run.eval) if is_classification(run.eval) else eval_headline(run.eval)]
+    if is_rl(run.eval, run.config):
+        lines = [rl_headline(run.eval)]
+    elif is_classification(run.eval):
+        lines = [classification_headline(run.eval)]
+    else:
+        lines = [eval_headline(run.eval)]
     if facts["steps"] is not None:
         line = f"Trained {num(facts['steps'])} steps"
         line += " (stopped early)" if facts["stopped_early"] else ""
@@ -95,6 +101,14 @@ def _headline(run: Run, facts: dict) -> list[str]:
         lines.append(line + ".")
     lines.append(forgetting_headline(run.eval))
     return [line for line in lines if line]
+
+
+def _eval_section(run: Run, run_dir: Path) -> dict:
+    if is_rl(run.eval, run.config):
+        return rl_section(run_dir, run.eval, run.records)
+    if is_classification(run.eval):
+        return classification_section(run.eval)
+    return eval_section(run.eval)
 
 
 def _config_section(run: Run) -> dict:
@@ -110,6 +124,8 @@ def _data_section(run: Run) -> dict:
         return section("Data", [note("No data_summary.json in this run.")])
     parts = [
         f"{num(d['train_examples'])} training examples" if "train_examples" in d else None,
+        f"{num(d['train_prompts'])} training prompts" if "train_prompts" in d else None,
+        f"{num(d['validation_prompts'])} validation prompts" if "validation_prompts" in d else None,
         f"{num(d['validation_examples'])} validation examples" if "validation_examples" in d else None,
         f"{num(d['train_label_tokens'])} label tokens in training" if "train_label_tokens" in d else None,
         f"template: {d['template']}" if d.get("template") else None,

@@ -1,0 +1,89 @@
+"""The report's section for reinforcement-learning runs (task ppo or grpo): the reward curve, KL and reply
+length per step, and the mean reward of the starting and the tuned model's greedy replies to held-out
+prompts, with paired examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from strop.report.diagnose import series, smooth
+from strop.report.document import example, image, note, num, section, table, text
+from strop.report.plots import FIGSIZE, new_figure, to_png
+
+
+def is_rl(ev: dict, config: dict | None) -> bool:
+    return (isinstance(ev, dict) and ev.get("task") in ("ppo", "grpo")) or (
+        isinstance(config, dict) and config.get("task") in ("ppo", "grpo")
+    )
+
+
+def rl_headline(ev: dict) -> str | None:
+    r = ev.get("reward") if isinstance(ev, dict) else None
+    if not isinstance(r, dict) or r.get("tuned") is None:
+        return None
+    start = f" (starting model {num(r['start'])})" if r.get("start") is not None else ""
+    return f"Mean reward of greedy replies to {ev.get('prompts')} {ev.get('set')} prompts: {num(r['tuned'])}{start}."
+
+
+def reward_plot(records: list[dict]) -> bytes | None:
+    """Mean rollout reward per step (raw, faint, and smoothed), the held-out greedy reward, and the KL
+    to the starting model on a second axis."""
+    steps, reward = series(records, "reward")
+    vsteps, vreward = series(records, "val_reward")
+    if len(reward) == 0:
+        return None
+    fig, ax = new_figure(FIGSIZE)
+    ax.plot(steps, reward, color="C0", alpha=0.3, linewidth=1, label="rollout reward (raw)")
+    ax.plot(steps, smooth(reward), color="C0", linewidth=2, label="rollout reward (smoothed)")
+    if len(vreward):
+        ax.plot(
+            vsteps, vreward, color="C1", marker="o", markersize=4, linewidth=1.5, label="held-out (greedy)"
+        )
+    ksteps, kl = series(records, "kl")
+    if len(kl):
+        twin = ax.twinx()
+        twin.plot(ksteps, kl, color="C3", linestyle="--", linewidth=1, label="KL to start")
+        twin.set_ylabel("KL per reply", fontsize=8)
+        twin.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.set(xlabel="step", ylabel="reward", title="Reward")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    return to_png(fig)
+
+
+def rl_section(run_dir: Path, ev: dict, records: list[dict]) -> dict:
+    title = "Reward (reinforcement learning)"
+    blocks = [image("reward", reward_plot(records), "reward and KL per step")]
+    if not ev:
+        return section(title, [*blocks, note("No evaluation in this run (no eval/summary.json).")])
+    r, n = ev.get("reward") or {}, ev.get("reply_tokens") or {}
+    blocks.append(
+        text(
+            f"Greedy replies to {ev.get('prompts')} {ev.get('set')} prompts, never trained on, scored by the run's reward."
+        )
+    )
+    blocks.append(
+        table(
+            ["model", "mean reward", "reply tokens"],
+            [
+                ["starting", num(r.get("start")), num(n.get("start"))],
+                ["tuned", num(r.get("tuned")), num(n.get("tuned"))],
+            ],
+        )
+    )
+    path = run_dir / "eval" / "rl_samples.jsonl"
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+    for s in rows[:4]:
+        blocks.append(
+            example(
+                str(s.get("id")),
+                [
+                    ("prompt", s.get("prompt")),
+                    (f"starting model (reward {num(s.get('start_reward'))})", s.get("start_reply")),
+                    (f"tuned (reward {num(s.get('reward'))})", s.get("reply")),
+                ],
+            )
+        )
+    return section(title, blocks)

@@ -1,0 +1,230 @@
+"""`fit_rl`: the rollout loop beside `fit`, for PPO and GRPO. Per step:
+sample replies -> score them -> old, reference (and value) estimates -> advantages -> `update_epochs`
+passes of clipped updates in mini-batches -> adaptive KL -> log -> evaluate -> checkpoint.
+
+It shares the optimizer, schedule, checkpoints (resume included) and metrics sink with `fit`; the
+objectives are methods/rl.py's. One step is one rollout of `prompts_per_step x group_size` replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from strop.core.config import OptimConfig, TrainConfig
+from strop.core.metrics import MetricsSink
+from strop.core.rl_config import RLConfig
+from strop.data.prompts import Prompt, prompt_order
+from strop.data.template import ChatTemplate
+from strop.methods.ppo_losses import AdaptiveKLController, gae, grpo_advantages, kl_penalty_rewards, whiten
+from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
+from strop.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from strop.training.loop import FitResult
+from strop.training.optim import build_optimizer, lr_factor, set_lr
+from strop.training.rollout import Reward, evaluate_reward, sample
+
+log = logging.getLogger("strop.train")
+
+Reference = Callable[[dict], torch.Tensor]  # batch -> the reference's reply log-probs (B, T_reply)
+
+
+def fit_rl(
+    policy: nn.Module,
+    value_head: ValueHead | None,
+    reference: Reference,
+    reward: Reward,
+    prompts: list[Prompt],
+    val_prompts: list[Prompt],
+    template: ChatTemplate,
+    rl: RLConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    run_dir: Path,
+    device: torch.device,
+    show_progress: bool = True,
+) -> tuple[FitResult, dict]:
+    """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
+    evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
+    group = rl.group_size
+    n_steps = train.max_steps or max(1, math.ceil(train.epochs * len(prompts) / rl.prompts_per_step))
+    modules = nn.ModuleDict({"policy": policy, **({"value_head": value_head} if value_head else {})})
+    optimizer = build_optimizer(
+        modules, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(run_dir)
+    state = {"step": 0, "total_steps": n_steps, "finished": False, "kl_coef": rl.kl_coef, "best_step": None}
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        state.update(load_checkpoint(ckpts[-1], modules, optimizer))
+        log.info("resumed from %s (step %d of %d)", ckpts[-1], state["step"], n_steps)
+    else:
+        torch.manual_seed(train.seed)
+        random.seed(train.seed)
+    kl_ctl = AdaptiveKLController(state["kl_coef"], rl.target_kl, rl.kl_horizon) if rl.target_kl else None
+    sink = MetricsSink(run_dir, resume_step=state["step"])
+    held = val_prompts[: rl.eval_prompts]
+    evals: dict = {}
+
+    def evaluate(step: int, key: str) -> None:
+        ev = evaluate_reward(policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4)
+        evals[key] = ev
+        sink.log({"step": step, "val_reward": ev["reward"], "val_reply_tokens": ev["reply_tokens"]})
+
+    if held and state["step"] == 0:
+        evaluate(0, "start")
+    bar = tqdm(
+        total=n_steps,
+        initial=state["step"],
+        desc=f"{'ppo' if value_head else 'grpo'}",
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    final: dict = {}
+    t_start = time.perf_counter()
+    while state["step"] < n_steps:
+        step = state["step"]
+        lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
+        set_lr(optimizer, lr)
+        t0 = time.perf_counter()
+        picked = [
+            _prompt_at(prompts, step * rl.prompts_per_step + j, train.seed)
+            for j in range(rl.prompts_per_step)
+        ]
+        s = sample(
+            policy,
+            template,
+            [p for p in picked for _ in range(group)],
+            rl.max_new_tokens,
+            rl.temperature,
+            rl.top_p,
+            batch_size=train.batch_size * 4,
+        )
+        scores = torch.tensor(reward(s.prompts, s.replies), dtype=torch.float32, device=device)  # (B,)
+        batch = {k: v.to(device) for k, v in s.batch.items()}
+        mask = batch["response_mask"]
+        with torch.no_grad():
+            old_logps, old_values = _in_chunks(
+                lambda b: response_logps(policy, b, rl.temperature, value_head), batch, train.batch_size
+            )
+            ref_logps = _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
+        kl_seq = (old_logps - ref_logps).masked_fill(~mask, 0.0).sum(1)  # (B,) sampled KL per reply
+        batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
+        if value_head is not None:
+            rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
+            advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
+            if mask.sum() > 1:
+                advantages = whiten(advantages, mask)
+            batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
+
+            def objective(b):
+                return ppo_loss(policy, value_head, b, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef)
+        else:
+            batch["advantages"] = grpo_advantages(scores, group)
+
+            def objective(b):
+                return grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
+
+        sums: dict[str, float] = {}
+        updates, grad_norm = 0, 0.0
+        policy.eval()  # no dropout: the update's first ratios are exactly 1, as the rollout sampled
+        size, mini = len(s.replies), rl.mini_batch or len(s.replies)
+        for _ in range(rl.update_epochs):
+            order = torch.randperm(size)
+            for start in range(0, size, mini):
+                rows = order[start : start + mini]
+                n_tokens = mask[rows].sum()
+                for m in range(0, len(rows), train.batch_size):
+                    sub = rows[m : m + train.batch_size]
+                    weight = mask[sub].sum() / n_tokens  # the masked mean over the whole mini-batch
+                    loss, metrics = objective(_rows(batch, sub))
+                    (loss * weight).backward()
+                    for k, v in {"loss": loss.item(), **metrics}.items():
+                        sums[k] = sums.get(k, 0.0) + v * float(weight)
+                params = [p for p in modules.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
+                if math.isfinite(grad_norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+        if kl_ctl is not None:
+            state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
+        state["step"] = step + 1
+        record = {
+            "step": step + 1,
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl": float(kl_seq.mean()),
+            "kl_coef": state["kl_coef"],
+            "reply_tokens": sum(s.lengths) / len(s.lengths),
+            **{k: v / updates for k, v in sums.items()},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        sink.log(record)
+        final.update(record)
+        bar.set_postfix(
+            reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['reply_tokens']:.0f}"
+        )
+        bar.update(1)
+        last = step + 1 == n_steps
+        if held and (last or (train.eval_every and (step + 1) % train.eval_every == 0)):
+            evaluate(step + 1, "end" if last else "latest")
+            final["val_reward"] = evals["end" if last else "latest"]["reward"]
+            bar.write(f"step {step + 1}: val_reward {final['val_reward']:.4f}")
+        state["finished"] = last
+        if last or (train.save_every and (step + 1) % train.save_every == 0):
+            save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
+    bar.close()
+    sink.close()
+    return FitResult(state["step"], final, None, None, 0, False), evals
+
+
+def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:
+    """The k-th prompt the run draws: epochs of seeded shuffles, so resuming draws the same ones."""
+    epoch, at = divmod(k, len(prompts))
+    return prompts[prompt_order(len(prompts), seed, epoch)[at]]
+
+
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch's rows `rows`, with the padding columns none of them uses trimmed away."""
+    width = int(batch["attention_mask"][rows].sum(1).max())
+    reply = int(batch["response_mask"][rows].sum(1).max())
+    out = {}
+    for k, v in batch.items():
+        v = v[rows]
+        if k in ("input_ids", "attention_mask", "labels"):
+            v = v[:, :width]
+        elif v.dim() == 2:
+            v = v[:, :reply]
+        out[k] = v
+    return out
+
+
+def _in_chunks(fn, batch: dict, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fn over the batch in row chunks of `size`, results re-padded to the batch's reply width."""
+    n, reply = batch["input_ids"].size(0), batch["response_mask"].size(1)
+    firsts, seconds = [], []
+    for start in range(0, n, size):
+        rows = torch.arange(start, min(start + size, n))
+        a, b = fn(_rows(batch, rows))
+        firsts.append(torch.nn.functional.pad(a, (0, reply - a.size(1))))
+        if b is not None:
+            seconds.append(torch.nn.functional.pad(b, (0, reply - b.size(1))))
+    return torch.cat(firsts), (torch.cat(seconds) if seconds else None)

@@ -1,0 +1,246 @@
+"""PPO and GRPO: prompts keep their columns, reply log-probs and values equal the full-logits reference,
+micro-batching leaves the update unchanged, the LoRA reference is the starting model, the reward rises on
+a programmatic task, and rewards come from built-ins, Python files or a strop reward run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_jsonl
+from strop.core.config import DatasetSource, load_config
+from strop.core.errors import ConfigError, DataError
+from strop.data.batches import IGNORE
+from strop.data.prompts import read_prompts
+from strop.data.template import ChatTemplate, resolve_template
+from strop.eval import rewards
+from strop.methods.ppo_losses import grpo_advantages
+from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
+from strop.models.load import load_model
+from strop.recipes.run import train
+from strop.training.rl_loop import _rows
+from strop.training.rollout import layout
+
+REWARD_FILE = """
+def letter_e(prompts, completions, **_):
+    return [float("e" in c) for c in completions]
+"""
+
+
+@pytest.fixture
+def template(tokenizer):
+    return ChatTemplate(tokenizer, resolve_template("chatml", tokenizer)[1])
+
+
+def rl_config(model_dir, tmp_path, task="ppo", method="full", steps=25, **rl):
+    data = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Say something about {i}."} for i in range(40)]
+    )
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    section = {
+        "reward": f"{tmp_path / 'reward.py'}:letter_e",
+        "prompts_per_step": 8,
+        "group_size": 4 if task == "grpo" else 1,
+        "max_new_tokens": 2,
+        "update_epochs": 4,
+        "eval_prompts": 8,
+        **rl,
+    }
+    cfg = tiny_config(
+        model_dir,
+        data,
+        tmp_path / "runs",
+        task=task,
+        name=task,
+        rl=section,
+        method={"name": method},
+        optim={"lr": 1e-2},
+        train={"max_steps": steps, "threads": 1},
+        eval={"enabled": True},
+    )
+    cfg["data"]["max_length"] = 96
+    return cfg
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", ["ppo", "grpo"])
+def test_reward_rises_on_a_programmatic_task(tiny_llama, tmp_path, task):
+    result = train(rl_config(tiny_llama, tmp_path, task), show_progress=False)
+    steps = [r for r in metrics(result.run_dir) if "reward" in r]
+    first = sum(r["reward"] for r in steps[:5]) / 5
+    last = sum(r["reward"] for r in steps[-5:]) / 5
+    assert last > first + 0.3, (first, last)  # about 0.2 -> 0.9 for both
+    assert (
+        result.eval["set"] == "validation"
+        and result.eval["reward"]["tuned"] >= result.eval["reward"]["start"]
+    )
+    report = (result.run_dir / "report.md").read_text()
+    assert (
+        "Reward (reinforcement learning)" in report
+        and (result.run_dir / "report_files" / "reward.png").is_file()
+    )
+    assert (result.model_dir / "strop_model.json").is_file()
+
+
+def test_lora_reference_is_the_starting_model(tiny_llama, tmp_path):
+    """With LoRA the reference is the adapter switched off: at step 1 policy = reference, so the
+    sampled KL is exactly 0; later it is not."""
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=3)
+    cfg["optim"]["lr"] = 5e-2
+    result = train(cfg, show_progress=False)
+    kls = [r["kl"] for r in metrics(result.run_dir) if "kl" in r]
+    assert abs(kls[0]) < 1e-5 and any(abs(k) > 1e-4 for k in kls[1:])
+    assert (result.model_dir / "adapter_config.json").is_file()
+
+
+def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer):
+    model = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
+    prompts = [
+        template.prompt_ids([{"role": "user", "content": t}]) for t in ("Hi there.", "Tell me a story")
+    ]
+    replies = [[5, 9, 17], [40]]
+    batch = layout(prompts, replies, tokenizer.pad_token_id)
+    assert batch["response_mask"].tolist() == [[True, True, True], [True, False, False]]
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight)
+    logps, values = response_logps(model, batch, temperature=0.7, value_head=head)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+    )
+    for b, (p, r) in enumerate(zip(prompts, replies, strict=True)):
+        for t, token in enumerate(r):
+            pos = len(p) + t - 1  # the position that predicts reply token t
+            want = (out.logits[b, pos] / 0.7).log_softmax(-1)[token]
+            assert torch.allclose(logps[b, t], want, atol=1e-5)
+            assert torch.allclose(values[b, t], head(out.hidden_states[-1][b, pos]), atol=1e-5)
+        assert batch["labels"][b][batch["labels"][b] != IGNORE].tolist() == r
+    assert logps[1, 1:].eq(0).all() and values[1, 1:].eq(0).all()
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_micro_batches_give_the_same_gradient(tiny_llama, template, tokenizer, method):
+    """A mini-batch run as micro-batches, each weighted by its share of reply tokens, gives the
+    gradient of the whole mini-batch (the loop's accumulation)."""
+    torch.manual_seed(0)
+    model = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
+    head = ValueHead(model.config.hidden_size)
+    prompts = [template.prompt_ids([{"role": "user", "content": "x" * (i + 1)}]) for i in range(4)]
+    replies = [[5, 9, 17, 3], [40], [7, 7], [11, 12, 13]]
+    batch = layout(prompts, replies, tokenizer.pad_token_id)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        old, values = response_logps(model, batch, 1.0, head)
+    batch |= {"old_logps": old - 0.05 * torch.randn_like(old), "ref_logps": old + 0.1, "old_values": values}
+    if method == "ppo":
+        batch |= {"advantages": torch.randn(mask.shape), "returns": torch.randn(mask.shape)}
+    else:
+        batch["advantages"] = grpo_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2]), 2)
+
+    def objective(b):
+        if method == "ppo":
+            return ppo_loss(model, head, b, 1.0, 0.2, 0.2, 0.5)[0]
+        return grpo_loss(model, b, 1.0, 0.2, 0.1)[0]
+
+    params = [p for p in model.parameters()] + list(head.parameters())
+    whole = torch.autograd.grad(objective(batch), params, allow_unused=True)
+    parts = [torch.tensor([0, 3]), torch.tensor([1]), torch.tensor([2])]
+    total = None
+    for rows in parts:
+        w = mask[rows].sum() / mask.sum()
+        g = torch.autograd.grad(objective(_rows(batch, rows)) * w, params, allow_unused=True)
+        total = g if total is None else [a + b if a is not None else b for a, b in zip(total, g, strict=True)]
+    for a, b in zip(whole, total, strict=True):
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_prompt_rows_keep_their_columns(tmp_path, template):
+    rows = [
+        {"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+        {"prompt": "Human: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"},
+        {
+            "messages": [
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Red."},
+            ]
+        },
+        {"instruction": "Translate", "input": "bonjour", "word": "hello"},
+        {"prompt": "x " * 200},
+    ]
+    got, too_long = read_prompts(
+        DatasetSource(path=str(write_jsonl(tmp_path / "p.jsonl", rows))), template, 60
+    )
+    assert too_long == 1 and len(got) == 4
+    assert got[0].columns["answer"].endswith("#### 4") and got[0].messages[-1]["content"] == "What is 2 + 2?"
+    assert [m["role"] for m in got[1].messages] == ["user", "assistant", "user"]
+    assert got[2].messages == ({"role": "user", "content": "Name a colour."},)
+    assert got[3].columns["word"] == "hello" and got[3].messages[-1]["content"] == "Translate\n\nbonjour"
+    assert list(got[0].ids) == template.prompt_ids(list(got[0].messages))
+
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok?"}, {"text": "no prompt here"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2.*'prompt', 'messages'"):
+        read_prompts(DatasetSource(path=str(tmp_path / "bad.jsonl")), template, 60)
+
+
+def test_built_in_rewards():
+    assert rewards.length([""] * 3, ["a b", "a b c d", ""], target=2) == [0.0, -1.0, -1.0]
+    assert rewards.contains([""] * 2, ["Hello World", "nothing"], word="world") == [1.0, 0.0]
+    assert rewards.avoid([""] * 2, ["The cat and the theme.", "A cat."], word="the") == [-2.0, -0.0]
+    answers = ["Natalia sold 48 + 24 = 72 clips.\n#### 72", "#### 1,200"]
+    assert rewards.gsm8k(
+        [""] * 2, ["So the answer is 72.", "It is 1200 dollars, not 1300."], answer=answers
+    ) == [
+        1.0,
+        0.0,
+    ]
+    assert rewards.exact_match([""] * 2, ["the answer: 7", "8"], answer=["7", "9"]) == [1.0, 0.0]
+
+
+def test_reward_function_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="rl.reward: 'nope' is not"):
+        rewards.reward_function("nope", {})
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
+        rewards.reward_function("no_such_module:f", {})
+    (tmp_path / "r.py").write_text("def short(prompts, completions, **_):\n    return [1.0]\n")
+    fn = rewards.reward_function(f"{tmp_path / 'r.py'}:short", {})
+    with pytest.raises(ConfigError, match="short returned 1 scores for 2 completions"):
+        rewards.call_reward(fn, ["a", "b"], ["c", "d"], [{}, {}])
+    with pytest.raises(ConfigError, match="has no function 'other'"):
+        rewards.reward_function(f"{tmp_path / 'r.py'}:other", {})
+
+
+def test_rl_config_mistakes_are_named(tiny_llama, tmp_path):
+    cfg = rl_config(tiny_llama, tmp_path)
+    with pytest.raises(ConfigError, match="rl: task ppo needs an rl section"):
+        load_config({**cfg, "rl": None})
+    with pytest.raises(ConfigError, match="rl.group_size: grpo compares"):
+        load_config({**cfg, "task": "grpo", "rl": {**cfg["rl"], "group_size": 1}})
+    with pytest.raises(ConfigError, match="rl: the rl section is for task ppo or grpo"):
+        load_config({**cfg, "task": "sft"})
+    with pytest.raises(ConfigError, match="method.name: head"):
+        load_config({**cfg, "method": {"name": "head"}})
+
+
+def test_a_strop_reward_run_scores_the_rollouts(tiny_llama, tmp_path):
+    """PPO against a frozen reward model: the rollout rewards are that run's scores of the replies."""
+    from strop.methods.reward import RewardScorer
+    from strop.recipes.rl import build_reward
+
+    pairs = [{"prompt": f"Q{i}", "chosen": "The sea is wide.", "rejected": "Paris."} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    rm = train(tiny_config(tiny_llama, data, tmp_path / "rm", task="reward", name="rm"), show_progress=False)
+    cfg = rl_config(tiny_llama, tmp_path, "ppo", steps=2, reward=str(rm.run_dir))
+    result = train(cfg, show_progress=False)
+    assert len([r for r in metrics(result.run_dir) if "reward" in r]) == 2
+    reward = build_reward(str(rm.run_dir), {}, torch.device("cpu"))
+    from strop.data.prompts import Prompt
+
+    p = Prompt("a", ({"role": "user", "content": "Q1"},))
+    scorer = RewardScorer(rm.run_dir, torch.device("cpu"))
+    want = scorer([[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "The sea is wide."}]])
+    assert reward([p], ["The sea is wide."]) == pytest.approx(want)
