@@ -84,6 +84,7 @@ def test_reward_rises_on_a_programmatic_task(tiny_llama, tmp_path, task):
         "Reward (reinforcement learning)" in report
         and (result.run_dir / "report_files" / "reward.png").is_file()
     )
+    assert "Rollout reward rose" in report and "final training loss" not in report.split("## Summary")[0]
     assert (result.model_dir / "strop_model.json").is_file()
 
 

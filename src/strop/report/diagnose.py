@@ -33,9 +33,10 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
-def smooth(values: np.ndarray) -> np.ndarray:
-    """Bias-corrected exponential moving average with a span of ~len/SMOOTH_POINTS points."""
-    span = max(1, len(values) // SMOOTH_POINTS)
+def smooth(values: np.ndarray, min_span: int = 1) -> np.ndarray:
+    """Bias-corrected exponential moving average with a span of ~len/SMOOTH_POINTS points (at least
+    `min_span`)."""
+    span = max(min_span, len(values) // SMOOTH_POINTS)
     alpha = 2.0 / (span + 1)
     out, avg, weight = np.empty(len(values)), 0.0, 0.0
     for i, v in enumerate(values):

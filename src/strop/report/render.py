@@ -37,7 +37,7 @@ from strop.report.evaluation import (
     samples_section,
 )
 from strop.report.plots import length_plot, loss_plot, lr_plot
-from strop.report.rl import is_rl, rl_headline, rl_section
+from strop.report.rl import is_rl, rl_findings, rl_headline, rl_section
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
@@ -49,7 +49,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         raise StropError(f"report: {run_dir} is not a run directory")
     run = read_run(run_dir)
     facts = training_facts(run)
-    diagnosis = diagnose(run.records, run.result)
+    diagnosis = rl_findings(run.records) if is_rl(run.eval, run.config) else diagnose(run.records, run.result)
     headline = _headline(run, facts)
     metric = primary_metric(run.eval, run.samples)
     doc = {
@@ -95,7 +95,8 @@ def _headline(run: Run, facts: dict) -> list[str]:
         line = f"Trained {num(facts['steps'])} steps"
         line += " (stopped early)" if facts["stopped_early"] else ""
         line += f" in {duration(facts['seconds'])}" if facts["seconds"] is not None else ""
-        line += f"; final training loss {num(facts['loss'])}" if is_number(facts["loss"]) else ""
+        if is_number(facts["loss"]) and not is_rl(run.eval, run.config):  # RL losses are surrogates
+            line += f"; final training loss {num(facts['loss'])}"
         if is_number(facts["best_val_loss"]):
             line += f"; best validation loss {num(facts['best_val_loss'])} at step {num(facts['best_step'])}"
         lines.append(line + ".")

@@ -34,8 +34,8 @@ def reward_plot(records: list[dict]) -> bytes | None:
     if len(reward) == 0:
         return None
     fig, ax = new_figure(FIGSIZE)
-    ax.plot(steps, reward, color="C0", alpha=0.3, linewidth=1, label="rollout reward (raw)")
-    ax.plot(steps, smooth(reward), color="C0", linewidth=2, label="rollout reward (smoothed)")
+    ax.plot(steps, reward, color="C0", alpha=0.35, linewidth=1, label="rollout reward (raw)")
+    ax.plot(steps, smooth(reward, min_span=5), color="C0", linewidth=2, label="rollout reward (smoothed)")
     if len(vreward):
         ax.plot(
             vsteps, vreward, color="C1", marker="o", markersize=4, linewidth=1.5, label="held-out (greedy)"
@@ -87,3 +87,49 @@ def rl_section(run_dir: Path, ev: dict, records: list[dict]) -> dict:
             )
         )
     return section(title, blocks)
+
+
+KL_WARN = 10.0  # nats per reply: far from the starting model, where reward hacking tends to begin
+
+
+def rl_findings(records: list[dict]) -> list[dict]:
+    """The loss-curve diagnosis does not apply to RL (its losses are surrogate objectives); this says
+    whether the rollout reward and the held-out reward rose, and whether the policy drifted far."""
+    _, reward = series(records, "reward")
+    _, vreward = series(records, "val_reward")
+    _, kl = series(records, "kl")
+    out = []
+    if len(reward) >= 8:
+        q = max(1, len(reward) // 4)
+        first, last = float(reward[:q].mean()), float(reward[-q:].mean())
+        rose = last > first
+        out.append(
+            {
+                "kind": "trend",
+                "severity": "ok" if rose else "warning",
+                "text": f"Rollout reward {'rose' if rose else 'did not rise'}: {num(first)} in the first "
+                f"quarter of steps, {num(last)} in the last.",
+            }
+        )
+    if len(vreward) >= 2:
+        rose = vreward[-1] > vreward[0]
+        out.append(
+            {
+                "kind": "heldout",
+                "severity": "ok" if rose else "warning",
+                "text": f"Held-out greedy reward {num(float(vreward[0]))} at the start, {num(float(vreward[-1]))} "
+                "at the end.",
+            }
+        )
+    if len(kl) and float(kl[-1]) > KL_WARN:
+        out.append(
+            {
+                "kind": "kl",
+                "severity": "warning",
+                "text": f"KL to the starting model reached {num(float(kl[-1]))} nats per reply: read the samples "
+                "for reward hacking, or raise rl.kl_coef / set rl.target_kl.",
+            }
+        )
+    return out or [
+        {"kind": "empty", "severity": "info", "text": "Too few steps to judge the reward's trend."}
+    ]
