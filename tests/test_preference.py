@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,3 +185,61 @@ def test_strop_score_ranks_the_planted_reply_higher(tiny_llama, tmp_path, capsys
     assert main(["score", str(result.run_dir), "--file", str(rows)]) == 0
     scored = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert scored[0]["reward"] > scored[1]["reward"] and scored[0]["prompt"] == "Write a short poem 99."
+
+
+def rated(n: int) -> list[dict]:
+    """Replies about the sea are rated 5, replies about Paris 1, a mix in between 3."""
+    replies = [("The sea is wide and blue.", 5), ("The capital is Paris.", 1), ("The sea of Paris.", 3)]
+    return [
+        {"prompt": f"Write a line {i}.", "response": replies[i % 3][0], "rating": replies[i % 3][1]}
+        for i in range(n)
+    ]
+
+
+def test_reward_model_on_ratings_learns_the_scores(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "rated.jsonl", rated(30))
+    test = write_jsonl(tmp_path / "test.jsonl", rated(9))
+    cfg = tiny_config(tiny_llama, data, tmp_path / "runs", task="reward", reward_model={"target": "ratings"})
+    cfg["data"]["test"] = [str(test)]
+    cfg["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    cfg["optim"] = {"lr": 1e-2, "schedule": "constant"}
+    cfg["train"]["max_steps"] = 40
+    cfg["eval"] = {"enabled": True}
+    result = train(cfg, show_progress=False)
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["set"] == "test" and summary["examples"] == 9
+    m = summary["metrics"]
+    variance = float(np.var([5, 1, 3]))  # the error of always predicting the mean rating
+    assert m["spearman"] > 0.9 and m["pair_accuracy"] == 1.0 and m["loss"] < 0.5 * variance, m
+
+
+def test_rating_metrics_against_hand_computed_values():
+    from strop.methods.reward import evaluate_ratings
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return input_ids[:, :1].float()  # the "reward" is the first token id
+
+    batch = {
+        "input_ids": torch.tensor([[1], [2], [4], [3]]),
+        "attention_mask": torch.ones(4, 1, dtype=torch.long),
+        "ratings": torch.tensor([1.0, 2.0, 3.0, 3.0]),
+    }
+    m = evaluate_ratings(Fixed(), [batch])
+    assert m["val_loss"] == pytest.approx((0 + 0 + 1 + 0) / 4)
+    # pairs rated differently: (1,2) (1,3) (1,4) (2,3) (2,4), ordered the same way by the model: all 5
+    assert m["val_pair_accuracy"] == 1.0
+    assert m["val_pearson"] == pytest.approx(float(np.corrcoef([1, 2, 4, 3], [1, 2, 3, 3])[0, 1]))
+    # Spearman: ranks (0,1,3,2) vs (0,1,2.5,2.5)
+    assert m["val_spearman"] == pytest.approx(float(np.corrcoef([0, 1, 3, 2], [0, 1, 2.5, 2.5])[0, 1]))
+
+
+def test_bad_rating_names_file_line_and_field(tiny_llama, tmp_path):
+    rows = rated(4)
+    rows[2]["rating"] = "good"
+    data = write_jsonl(tmp_path / "rated.jsonl", rows)
+    cfg = tiny_config(tiny_llama, data, tmp_path / "runs", task="reward", reward_model={"target": "ratings"})
+    with pytest.raises(DataError, match=r"rated.jsonl:3: field 'rating': expected a number, got 'good'"):
+        train(cfg, show_progress=False)
+    with pytest.raises(ConfigError, match="reward_model.target: ratings train a reward model"):
+        load_config({**cfg, "task": "dpo"})

@@ -209,6 +209,17 @@ class DPOConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO: assumed share of flipped labels")
 
 
+class RewardModelConfig(Section):
+    """What a reward model (task: reward) learns from."""
+
+    target: Literal["pairs", "ratings"] = Field(
+        "pairs",
+        description="pairs: rank chosen over rejected (Bradley-Terry); ratings: regress a score per reply "
+        "(rows {prompt, response, rating} or {messages, rating})",
+    )
+    rating_field: str = Field("rating", description="the rows' field holding the score (ratings)")
+
+
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = Field("runs", description="run directories are created under this folder")
@@ -226,6 +237,7 @@ class RunConfig(Section):
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     rl: RLConfig | None = Field(None, description="task ppo or grpo: the reward and the rollouts")
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     distill: DistillConfig | None = Field(None, description="learn from a teacher model's distributions")
     stages: list[StageConfig] = Field(
@@ -260,6 +272,10 @@ class RunConfig(Section):
             )
         if self.rl is not None and self.task not in ("ppo", "grpo"):
             raise ValueError(f"rl: the rl section is for task ppo or grpo, got task: {self.task}")
+        if self.reward_model.target == "ratings" and self.task != "reward":
+            raise ValueError(
+                f"reward_model.target: ratings train a reward model (task: reward), got task: {self.task}"
+            )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing: applies to the sigmoid loss, not ipo")
         if self.distill and self.distill.cache_top_k and (self.task != "sft" or self.train.batch_tokens):

@@ -63,6 +63,8 @@ def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
     if ts.teacher is not None:  # cached teacher top-k per label token, in the row-major order of the labels
         out["teacher_logits"] = torch.from_numpy(np.concatenate([ts.teacher[i][0] for i in index])).float()
         out["teacher_ids"] = torch.from_numpy(np.concatenate([ts.teacher[i][1] for i in index])).long()
+    if ts.ratings is not None:  # reward model on ratings: one score per example
+        out["ratings"] = torch.from_numpy(ts.ratings[list(index)]).float()
     if ts.targets is not None:  # classification: one class index per example
         out["class_labels"] = torch.tensor([ts.targets[i] for i in index], dtype=torch.long)
     return out
@@ -73,6 +75,8 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
     (position 0 is never predicted)."""
     if "class_labels" in batch:
         return len(batch["class_labels"])
+    if "ratings" in batch:
+        return len(batch["ratings"])
     if "pairs" in batch:
         return int(batch["pairs"])
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -39,6 +39,7 @@ class TokenizedSet:
     teacher: list[tuple[np.ndarray, np.ndarray]] | None = (
         None  # per example: top-k (logits, ids), (labels, k)
     )
+    ratings: np.ndarray | None = None  # (n,) float32 scores of each reply (reward models on ratings)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,6 +54,7 @@ class TokenizedSet:
             None if self.rejected is None else self.rejected.subset(index),
             None if self.reference is None else self.reference[list(index)],
             None if self.teacher is None else [self.teacher[i] for i in index],
+            None if self.ratings is None else self.ratings[list(index)],
         )
 
     @staticmethod
@@ -64,6 +66,8 @@ class TokenizedSet:
             out.rejected = TokenizedSet.concat([p.rejected for p in parts])
         if parts and all(p.teacher is not None for p in parts):
             out.teacher = [t for p in parts for t in p.teacher]
+        if parts and all(p.ratings is not None for p in parts):
+            out.ratings = np.concatenate([p.ratings for p in parts])
         if parts and all(p.reference is not None for p in parts):
             out.reference = np.concatenate([p.reference for p in parts])
         for p in parts:

@@ -72,7 +72,13 @@ def gsm8k(prompts: list[str], completions: list[str], answer: list[str] | None =
     return [float(r is not None and last_number(c) == r) for c, r in zip(completions, refs, strict=True)]
 
 
-BUILT_IN = {"length": length, "contains": contains, "avoid": avoid, "exact_match": exact_match, "gsm8k": gsm8k}
+BUILT_IN = {
+    "length": length,
+    "contains": contains,
+    "avoid": avoid,
+    "exact_match": exact_match,
+    "gsm8k": gsm8k,
+}
 
 
 def reward_function(spec: str, args: dict) -> RewardFn:

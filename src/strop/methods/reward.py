@@ -86,3 +86,52 @@ class RewardScorer:
             for i, s in zip(chunk, scores.float().tolist(), strict=True):
                 out[i] = s
         return out
+
+
+def rating_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Squared error of the scalar head against each reply's rating, summed (the loop averages)."""
+    pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[:, 0].float()
+    return ((pred - batch["ratings"]) ** 2).sum(), len(pred)
+
+
+@torch.no_grad()
+def evaluate_ratings(model: torch.nn.Module, batches) -> dict[str, float]:
+    """Mean squared error, Pearson and Spearman correlation with the ratings, and pairwise accuracy: of
+    the pairs of replies rated differently, the share the model orders the same way."""
+    was_training = model.training
+    model.eval()
+    preds, ratings = [], []
+    for batch in batches:
+        preds.append(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[:, 0].float()
+        )
+        ratings.append(batch["ratings"].float())
+    model.train(was_training)
+    p, r = torch.cat(preds).cpu(), torch.cat(ratings).cpu()
+    out = {"val_loss": float(((p - r) ** 2).mean())}
+    if len(p) >= 2:
+        out["val_pearson"] = _pearson(p, r)
+        out["val_spearman"] = _pearson(_ranks(p), _ranks(r))
+        dr, dp = r[:, None] - r[None, :], p[:, None] - p[None, :]
+        differ = dr != 0
+        out["val_pair_accuracy"] = (
+            float(((dr * dp) > 0)[differ].float().mean()) if differ.any() else float("nan")
+        )
+    return out
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties averaged (as Spearman's rho needs)."""
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for v in x.unique():
+        tied = x == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")

@@ -27,6 +27,7 @@ from strop.data.check import CheckResult, check_data
 from strop.data.packing import pack
 from strop.data.pairs import build_pairs
 from strop.data.prompts import prompt_splits
+from strop.data.ratings import build_ratings
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
 from strop.models.load import architecture_source, load_tokenizer, tokenizer_source
@@ -46,6 +47,8 @@ def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
     template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
     if cfg.task in ("ppo", "grpo"):
         return _check_prompts(cfg, template, template_name)
+    if cfg.task == "reward" and cfg.reward_model.target == "ratings":
+        return _check_ratings(cfg, template, template_name)
     result = check_data(cfg.data, template, cfg.train.seed)
     result.report["model"] = cfg.model.name
     result.report["template"] = template_name
@@ -76,6 +79,30 @@ def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
             f"{summary['truncated_pairs']} pair(s) have a side longer than max_length {cfg.data.max_length} "
             "and would be truncated"
         )
+
+
+def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
+    """Rated replies: every row needs a conversation and a numeric rating; truncation is counted."""
+    report: dict = {
+        "model": cfg.model.name,
+        "template": template_name,
+        "sources": [],
+        "errors": [],
+        "warnings": [],
+        "notes": [],
+    }
+    try:
+        summary = build_ratings(cfg.data, template, cfg.train.seed, cfg.reward_model.rating_field).summary
+    except DataError as e:
+        report["errors"].append(str(e))
+        return CheckResult(report)
+    report["ratings"] = summary
+    if summary["truncated"]:
+        report["warnings"].append(
+            f"{summary['truncated']} rated conversation(s) are longer than max_length {cfg.data.max_length} "
+            "and would be truncated"
+        )
+    return CheckResult(report)
 
 
 def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
@@ -217,6 +244,13 @@ def render(report: dict) -> str:
             "",
             "preference pairs: "
             + ", ".join(f"{k.removesuffix('_pairs')} {v}" for k, v in report["pairs"].items()),
+        ]
+    if report.get("ratings"):
+        r = report["ratings"]
+        lines += [
+            "",
+            f"rated replies: train {r['train_examples']}, validation {r['validation_examples']}, test "
+            f"{r['test_examples']}; ratings {r['ratings']}; truncated {r['truncated']}",
         ]
     if report.get("prompts"):
         pr = report["prompts"]

@@ -24,6 +24,7 @@ from strop.core.device import resolve_device, resolve_dtype, set_threads
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
+from strop.data.ratings import build_ratings
 from strop.data.tokenized import TokenizedSet
 from strop.methods import dpo, reward
 from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
@@ -51,14 +52,21 @@ def train_preference(
         tokenizer_source(cfg.model.name, causal_lm=not is_reward), cfg.model.trust_remote_code
     )
     template_name, template, _ = run_templates(cfg, tokenizer)
-    data = build_pairs(cfg.data, template, cfg.train.seed)
+    ratings = is_reward and cfg.reward_model.target == "ratings"
+    if ratings:
+        data = build_ratings(cfg.data, template, cfg.train.seed, cfg.reward_model.rating_field)
+        test_set = data.test if cfg.eval.enabled else None
+        if test_set is not None and cfg.eval.max_examples:
+            test_set = test_set.subset(list(range(min(len(test_set), cfg.eval.max_examples))))
+    else:
+        data = build_pairs(cfg.data, template, cfg.train.seed)
+        test = data.records["test"][: cfg.eval.max_examples]
+        test_set = encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
     data.summary["template"] = template_name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     atomic_write_json(run_dir / "data_summary.json", data.summary)
     pad_id = tokenizer.pad_token_id
-    test = data.records["test"][: cfg.eval.max_examples]
-    test_set = encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
 
     torch.manual_seed(cfg.train.seed)
     if is_reward:
@@ -71,10 +79,13 @@ def train_preference(
         model = apply_classifier_method(model, cfg.method)
         if cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
             sets = [s for s in (data.train, data.validation, test_set) if s is not None]
-            rows = [r for s in sets for r in (*s.ids, *s.rejected.ids)]
+            rows = [r for s in sets for r in (*s.ids, *(s.rejected.ids if s.rejected is not None else []))]
             with tqdm(total=len(rows), desc="features", unit="ex", disable=not show_progress) as bar:
                 model.cache_features(rows, pad_id, cfg.eval.batch_size * 4, bar)
-        loss_fn, eval_fn = reward.loss, reward.evaluate
+        if ratings:
+            loss_fn, eval_fn = reward.rating_loss, reward.evaluate_ratings
+        else:
+            loss_fn, eval_fn = reward.loss, reward.evaluate
     else:
         model = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
         if cfg.model.keep_layers:
@@ -186,7 +197,11 @@ def _evaluate(
         }
         for i in range(0, len(ts), cfg.eval.batch_size)
     ]
-    summary: dict = {"task": cfg.task, "set": set_name, "pairs": len(ts)}
+    summary: dict = {
+        "task": cfg.task,
+        "set": set_name,
+        "pairs" if ts.rejected is not None else "examples": len(ts),
+    }
     if cfg.task == "reward":
         summary["metrics"] = {k.removeprefix("val_"): v for k, v in eval_fn(model, batches).items()}
     else:

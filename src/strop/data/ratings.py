@@ -1,0 +1,111 @@
+"""Rated replies -> tokenized conversations with a score each, for reward models trained by regression
+(`reward_model.target: ratings`): human reviewers' 1-5 scores, say, instead of pairwise choices.
+
+Rows: `{prompt, response, rating}` (`completion` for `response` also works; an HH-style "Human: ...
+Assistant:" prompt becomes turns) or `{messages, rating}` ending with the rated assistant turn. The
+rating field is named by `reward_model.rating_field`. The whole conversation is rendered with the chat
+template and truncated at max_length (counted); a bad row is an error naming file:line and the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from strop.core.config import DataConfig, DatasetSource
+from strop.core.errors import DataError
+from strop.data.build import held_out, source_rows
+from strop.data.formats import hh_turns
+from strop.data.template import ChatTemplate
+from strop.data.tokenized import TokenizedSet
+
+
+@dataclass
+class RatingData:
+    train: TokenizedSet
+    validation: TokenizedSet | None
+    test: TokenizedSet | None
+    summary: dict
+
+
+def read_rated(src: DatasetSource, field: str) -> list[tuple[str, list[dict], float]]:
+    """(id, conversation ending with the rated reply, rating) per row."""
+    out = []
+    for row in source_rows(src):
+        d = dict(row.data)
+        d |= {ours: row.data[theirs] for ours, theirs in src.fields.items() if theirs in row.data}
+        rating = d.get(field)
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+            try:
+                rating = float(str(rating).strip())
+                if not math.isfinite(rating):
+                    raise ValueError
+            except ValueError:
+                raise DataError(
+                    f"{row.where}: field {field!r}: expected a number, got {d.get(field)!r}"
+                ) from None
+        reply = d.get("response", d.get("completion"))
+        if isinstance(d.get("messages"), list):
+            msgs = [m for m in d["messages"] if isinstance(m, dict)]
+            if (
+                not msgs
+                or msgs[-1].get("role") != "assistant"
+                or not isinstance(msgs[-1].get("content"), str)
+            ):
+                raise DataError(f"{row.where}: field 'messages': must end with the rated assistant turn")
+        elif isinstance(d.get("prompt"), str) and isinstance(reply, str) and reply.strip():
+            msgs = [*hh_turns(d["prompt"]), {"role": "assistant", "content": reply.strip()}]
+        else:
+            raise DataError(
+                f"{row.where}: expected 'prompt' and a non-empty 'response' (or 'messages') with {field!r}"
+            )
+        rid = str(d["id"]) if isinstance(d.get("id"), (str, int)) else row.where
+        out.append((rid, msgs, float(rating)))
+    return out
+
+
+def encode_rated(
+    items: list[tuple[str, list[dict], float]], template: ChatTemplate, max_length: int
+) -> TokenizedSet:
+    ids, truncated = [], 0
+    for _, msgs, _ in items:
+        enc = template.encode(msgs).ids
+        truncated += len(enc) > max_length
+        ids.append(np.asarray(enc[:max_length], dtype=np.int32))
+    return TokenizedSet(
+        ids,
+        [np.zeros(len(x), dtype=bool) for x in ids],
+        [i for i, _, _ in items],
+        {"truncated": truncated},
+        ratings=np.asarray([r for _, _, r in items], dtype=np.float32),
+    )
+
+
+def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str) -> RatingData:
+    splits = {
+        split: [x for src in sources for x in read_rated(src, field)]
+        for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
+    }
+    if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
+        held = set(held_out([x[0] for x in splits["train"]], cfg.val_fraction, seed))
+        splits["validation"] = [x for i, x in enumerate(splits["train"]) if i in held]
+        splits["train"] = [x for i, x in enumerate(splits["train"]) if i not in held]
+    if not splits["train"]:
+        raise DataError("data.train: no rated replies")
+    sets = {k: encode_rated(v, template, cfg.max_length) if v else None for k, v in splits.items()}
+    r = sets["train"].ratings
+    summary = {
+        "train_examples": len(sets["train"]),
+        "validation_examples": len(sets["validation"]) if sets["validation"] is not None else 0,
+        "test_examples": len(sets["test"]) if sets["test"] is not None else 0,
+        "truncated": sum(s.stats["truncated"] for s in sets.values() if s is not None),
+        "ratings": {
+            "min": float(r.min()),
+            "max": float(r.max()),
+            "mean": float(r.mean()),
+            "std": float(r.std()),
+        },
+    }
+    return RatingData(sets["train"], sets["validation"], sets["test"], summary)
