@@ -243,3 +243,16 @@ def test_bad_rating_names_file_line_and_field(tiny_llama, tmp_path):
         train(cfg, show_progress=False)
     with pytest.raises(ConfigError, match="reward_model.target: ratings train a reward model"):
         load_config({**cfg, "task": "dpo"})
+
+
+def test_rated_rows_whose_reply_is_cut_away_are_dropped(tmp_path, template):
+    from strop.data.ratings import build_ratings
+
+    rows = rated(6)
+    rows[1]["prompt"] = "word " * 200  # the reply starts past max_length
+    path = write_jsonl(tmp_path / "rated.jsonl", rows)
+    data = build_ratings(
+        DataConfig(train=[str(path)], val_fraction=0.0, max_length=64), template, seed=0, field="rating"
+    )
+    assert len(data.train) == 5 and data.summary["dropped_reply_cut_away"] == 1
+    assert data.train.ratings.tolist() == [r["rating"] for i, r in enumerate(rows) if i != 1]

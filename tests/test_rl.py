@@ -245,3 +245,28 @@ def test_a_strop_reward_run_scores_the_rollouts(tiny_llama, tmp_path):
     scorer = RewardScorer(rm.run_dir, torch.device("cpu"))
     want = scorer([[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "The sea is wide."}]])
     assert reward([p], ["The sea is wide."]) == pytest.approx(want)
+
+
+def test_sampling_ignores_the_models_own_generation_settings(tiny_llama, template):
+    """A model's generation_config may switch on min_p, repetition penalties and the like; rollouts must
+    still draw from softmax(logits / T), the distribution the log-probs score."""
+    from strop.data.prompts import Prompt
+    from strop.training.rollout import sample
+
+    model = load_model(str(tiny_llama), torch.device("cpu"), torch.float32)
+    model.generation_config.min_p = 0.99  # on its own, every sample would be the most likely token
+    model.generation_config.repetition_penalty = 50.0
+    msgs = ({"role": "user", "content": "Say something."},)
+    p = Prompt("a", msgs, {}, tuple(template.prompt_ids(list(msgs))))
+    torch.manual_seed(0)
+    s = sample(model, template, [p] * 64, 1, 1.0)
+    first = s.batch["input_ids"][torch.arange(64), s.batch["attention_mask"].sum(1) - 1]
+    assert len(set(first.tolist())) > 20  # near-uniform tiny model: ~60 distinct of 400
+
+
+def test_reward_args_win_over_row_columns():
+    fn = rewards.reward_function("contains", {"word": "sea"})
+    got = rewards.call_reward(fn, ["p", "q"], ["the sea", "a cat"], [{"word": "cat"}, {"word": "cat"}])
+    assert got == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="rl.reward_args.target"):
+        rewards.length(["p"], ["a b"], target=0)

@@ -69,17 +69,23 @@ def read_rated(src: DatasetSource, field: str) -> list[tuple[str, list[dict], fl
 def encode_rated(
     items: list[tuple[str, list[dict], float]], template: ChatTemplate, max_length: int
 ) -> TokenizedSet:
-    ids, truncated = [], 0
-    for _, msgs, _ in items:
-        enc = template.encode(msgs).ids
-        truncated += len(enc) > max_length
-        ids.append(np.asarray(enc[:max_length], dtype=np.int32))
+    """A conversation whose rated reply truncation cuts away entirely is dropped (and counted): the
+    reward would be learned from the prompt alone."""
+    ids, kept, truncated, dropped = [], [], 0, 0
+    for item in items:
+        enc = template.encode(item[1])
+        truncated += len(enc.ids) > max_length
+        if not any(enc.trained[:max_length]):
+            dropped += 1
+            continue
+        ids.append(np.asarray(enc.ids[:max_length], dtype=np.int32))
+        kept.append(item)
     return TokenizedSet(
         ids,
         [np.zeros(len(x), dtype=bool) for x in ids],
-        [i for i, _, _ in items],
-        {"truncated": truncated},
-        ratings=np.asarray([r for _, _, r in items], dtype=np.float32),
+        [i for i, _, _ in kept],
+        {"truncated": truncated, "dropped": dropped},
+        ratings=np.asarray([r for _, _, r in kept], dtype=np.float32),
     )
 
 
@@ -95,12 +101,15 @@ def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str
     if not splits["train"]:
         raise DataError("data.train: no rated replies")
     sets = {k: encode_rated(v, template, cfg.max_length) if v else None for k, v in splits.items()}
+    if len(sets["train"]) == 0:
+        raise DataError(f"data.train: every rated reply is cut away at max_length {cfg.max_length}; raise it")
     r = sets["train"].ratings
     summary = {
         "train_examples": len(sets["train"]),
         "validation_examples": len(sets["validation"]) if sets["validation"] is not None else 0,
         "test_examples": len(sets["test"]) if sets["test"] is not None else 0,
         "truncated": sum(s.stats["truncated"] for s in sets.values() if s is not None),
+        "dropped_reply_cut_away": sum(s.stats["dropped"] for s in sets.values() if s is not None),
         "ratings": {
             "min": float(r.min()),
             "max": float(r.max()),

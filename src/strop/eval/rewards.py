@@ -31,6 +31,8 @@ RewardFn = Callable[..., list[float]]
 
 
 def length(prompts: list[str], completions: list[str], target: int = 20, **_) -> list[float]:
+    if not isinstance(target, (int, float)) or target <= 0:
+        raise ConfigError(f"rl.reward_args.target: expected a positive number of words, got {target!r}")
     return [-abs(len(c.split()) - target) / target for c in completions]
 
 
@@ -111,7 +113,8 @@ def reward_function(spec: str, args: dict) -> RewardFn:
 
 def call_reward(fn: RewardFn, prompts: list[str], completions: list[str], columns: list[dict]) -> list[float]:
     """Scores, checked: one finite number per completion, else a ConfigError naming the function."""
-    keys = sorted({k for c in columns for k in c} - {"prompts", "completions"})
+    bound = set(getattr(fn, "keywords", None) or {})  # rl.reward_args win over same-named row columns
+    keys = sorted({k for c in columns for k in c} - {"prompts", "completions"} - bound)
     kwargs = {k: [c.get(k) for c in columns] for k in keys}
     name = getattr(getattr(fn, "func", fn), "__name__", repr(fn))
     params = inspect.signature(fn).parameters.values()

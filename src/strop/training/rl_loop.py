@@ -59,6 +59,7 @@ def fit_rl(
     """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
     evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
     group = rl.group_size
+    policy.eval()  # no dropout in any pass: rollout, old and reference log-probs and updates agree
     n_steps = train.max_steps or max(1, math.ceil(train.epochs * len(prompts) / rl.prompts_per_step))
     modules = nn.ModuleDict({"policy": policy, **({"value_head": value_head} if value_head else {})})
     optimizer = build_optimizer(
@@ -141,7 +142,6 @@ def fit_rl(
 
         sums: dict[str, float] = {}
         updates, grad_norm = 0, 0.0
-        policy.eval()  # no dropout: the update's first ratios are exactly 1, as the rollout sampled
         size, mini = len(s.replies), rl.mini_batch or len(s.replies)
         for _ in range(rl.update_epochs):
             order = torch.randperm(size)

@@ -21,6 +21,21 @@ from strop.data.template import ChatTemplate
 Reward = Callable[[list[Prompt], list[str]], list[float]]
 
 
+# Sampling must draw from softmax(logits / temperature), the distribution response_logps scores, so the
+# logit processors a model's own generation_config may switch on (Qwen2.5-Instruct: repetition_penalty
+# 1.05; others: top_k, min_p, ...) are switched off explicitly; generate() fills only unset values from it.
+NEUTRAL = {  # logit processors, applied in greedy decoding too
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_new_tokens": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "bad_words_ids": None,
+}
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
 @dataclass
 class Samples:
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (B, T); response_mask (B, T_reply)
@@ -56,17 +71,16 @@ def sample(
         for row, p in enumerate(chunk):
             ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
             mask[row, width - len(p.ids) :] = 1
-        sampling = (
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        )
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, **NEUTRAL_SAMPLING}
+        if greedy:
+            sampling = {"do_sample": False}
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
             pad_token_id=pad,
+            **NEUTRAL,
             **sampling,
         )
         for row in out[:, width:].tolist():
