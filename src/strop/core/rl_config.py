@@ -27,7 +27,13 @@ class RLConfig(Section):
     )
     max_new_tokens: int = Field(48, ge=1, description="longest reply sampled in a rollout")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of rollouts")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="nucleus sampling of rollouts; below 1 the importance ratios use the untruncated "
+        "distribution (as TRL does), so keep 1 unless replies degenerate",
+    )
     update_epochs: int = Field(2, ge=1, description="passes over each rollout batch")
     mini_batch: int | None = Field(
         None, ge=1, description="rollout replies per optimizer update (default: the whole rollout)"

@@ -103,7 +103,11 @@ def ppo_loss(
 def grpo_loss(
     model: nn.Module, batch: dict, temperature: float, clip: float, kl_coef: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate with one group-relative advantage per reply, + kl_coef x k3 KL to the reference."""
+    """Clipped surrogate with one group-relative advantage per reply, + kl_coef x k3 KL to the reference.
+
+    Averaged over all reply tokens of the batch (DAPO's token-level mean, Yu et al. 2025,
+    https://arxiv.org/abs/2503.14476), not per reply first as DeepSeekMath wrote it: long replies are
+    not down-weighted per token."""
     logps, _ = response_logps(model, batch, temperature)
     mask = batch["response_mask"]
     pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"][:, None], mask, clip)
