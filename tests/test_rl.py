@@ -205,6 +205,8 @@ def test_built_in_rewards():
 def test_reward_function_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="rl.reward: 'nope' is not"):
         rewards.reward_function("nope", {})
+    with pytest.raises(ConfigError, match="rl.reward: file not found: missing.py"):
+        rewards.reward_function("missing.py:f", {})
     with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
         rewards.reward_function("no_such_module:f", {})
     (tmp_path / "r.py").write_text("def short(prompts, completions, **_):\n    return [1.0]\n")

@@ -92,13 +92,15 @@ def reward_function(spec: str, args: dict) -> RewardFn:
         try:
             if where.endswith(".py"):
                 if not Path(where).is_file():
-                    raise FileNotFoundError(where)
+                    raise ConfigError(
+                        f"rl.reward: file not found: {where} (relative paths start at the YAML's folder)"
+                    )
                 loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
                 module = importlib.util.module_from_spec(loaded)
                 loaded.loader.exec_module(module)
             else:
                 module = importlib.import_module(where)
-        except (ImportError, FileNotFoundError) as e:
+        except ImportError as e:
             raise ConfigError(f"rl.reward: cannot import {where!r} ({e})") from None
         fn = getattr(module, name, None)
         if not callable(fn):

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, load_config, to_yaml
-from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.config import RunConfig, to_yaml
 from strop.core.errors import ConfigError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.batches import collate
@@ -38,7 +37,7 @@ from strop.models.classifier import (
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
 from strop.models.trainable import apply_classifier_method, count_parameters, keep_blocks
-from strop.recipes.sft import TrainResult, save_result, write_run_report
+from strop.recipes.sft import TrainResult, save_result, start_run, write_run_report
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
@@ -48,12 +47,8 @@ def train_classifier(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
     t0 = time.time()
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    cfg, threads, device, dtype = start_run(config, overrides)
     run_dir = cfg.run_dir
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name, causal_lm=False), cfg.model.trust_remote_code)
     data = build_labelled(cfg.data, tokenizer, cfg.classify.labels, cfg.train.seed)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -81,9 +81,9 @@ def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
         )
 
 
-def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
-    """Rated replies: every row needs a conversation and a numeric rating; truncation is counted."""
-    report: dict = {
+def _blank_report(cfg: RunConfig, template_name: str) -> dict:
+    """The report skeleton of the checks that do not read rows as SFT records (ratings, RL prompts)."""
+    return {
         "model": cfg.model.name,
         "template": template_name,
         "sources": [],
@@ -91,6 +91,11 @@ def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -
         "warnings": [],
         "notes": [],
     }
+
+
+def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
+    """Rated replies: every row needs a conversation and a numeric rating; truncation is counted."""
+    report = _blank_report(cfg, template_name)
     try:
         summary = build_ratings(cfg.data, template, cfg.train.seed, cfg.reward_model.rating_field).summary
     except DataError as e:
@@ -107,14 +112,7 @@ def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -
 
 def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
     """PPO and GRPO read prompts only: each row must yield a prompt that leaves room for the reply."""
-    report: dict = {
-        "model": cfg.model.name,
-        "template": template_name,
-        "sources": [],
-        "errors": [],
-        "warnings": [],
-        "notes": [],
-    }
+    report = _blank_report(cfg, template_name)
     try:
         _, summary = prompt_splits(cfg.data, template, cfg.rl.max_new_tokens, cfg.train.seed)
     except DataError as e:

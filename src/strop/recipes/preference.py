@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, load_config, to_yaml
-from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.config import RunConfig, to_yaml
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
@@ -29,9 +28,17 @@ from strop.data.tokenized import TokenizedSet
 from strop.methods import dpo, reward
 from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
 from strop.models.load import load_model, load_tokenizer, tokenizer_source
-from strop.models.trainable import apply_classifier_method, apply_method, count_parameters, keep_blocks
+from strop.models.trainable import apply_classifier_method, apply_method, keep_blocks
 from strop.recipes.classify import export_classifier
-from strop.recipes.sft import TrainResult, export_model, run_templates, save_result, write_run_report
+from strop.recipes.sft import (
+    TrainResult,
+    export_model,
+    log_parameters,
+    run_templates,
+    save_result,
+    start_run,
+    write_run_report,
+)
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
@@ -41,12 +48,8 @@ def train_preference(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
     t0 = time.time()
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    cfg, threads, device, dtype = start_run(config, overrides)
     run_dir = cfg.run_dir
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
     is_reward = cfg.task == "reward"
     tokenizer = load_tokenizer(
         tokenizer_source(cfg.model.name, causal_lm=not is_reward), cfg.model.trust_remote_code
@@ -103,17 +106,7 @@ def train_preference(
         eval_fn = functools.partial(
             dpo.evaluate, beta=d.beta, loss_type=d.loss, label_smoothing=d.label_smoothing
         )
-    trainable, total = count_parameters(model)
-    log.info(
-        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
-        cfg.task,
-        cfg.method.name,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        device,
-        threads,
-    )
+    trainable, total = log_parameters(model, cfg, device, threads)
     result = fit(
         model,
         loss_fn,

@@ -18,16 +18,23 @@ from pathlib import Path
 
 import torch
 
-from strop.core.config import RunConfig, load_config, to_yaml
-from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.config import RunConfig, to_yaml
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.prompts import Prompt, prompt_splits
 from strop.eval.rewards import call_reward, reward_function
 from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
 from strop.models.load import load_model, load_tokenizer, strop_run, tokenizer_source
-from strop.models.trainable import apply_method, count_parameters, keep_blocks
-from strop.recipes.sft import TrainResult, export_model, run_templates, save_result, write_run_report
+from strop.models.trainable import apply_method, keep_blocks
+from strop.recipes.sft import (
+    TrainResult,
+    export_model,
+    log_parameters,
+    run_templates,
+    save_result,
+    start_run,
+    write_run_report,
+)
 from strop.training.rl_loop import fit_rl
 from strop.training.rollout import Reward, evaluate_reward
 
@@ -38,12 +45,8 @@ def train_rl(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
     t0 = time.time()
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    cfg, threads, device, dtype = start_run(config, overrides)
     rl, run_dir = cfg.rl, cfg.run_dir
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template, _ = run_templates(cfg, tokenizer)
     splits, summary = prompt_splits(cfg.data, template, rl.max_new_tokens, cfg.train.seed)
@@ -70,17 +73,7 @@ def train_rl(
     value_head = ValueHead(model.config.hidden_size).to(device) if cfg.task == "ppo" else None
     frozen = None if cfg.method.name == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
     reference = _reference(model, frozen, rl.temperature)
-    trainable, total = count_parameters(model)
-    log.info(
-        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
-        cfg.task,
-        cfg.method.name,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        device,
-        threads,
-    )
+    trainable, total = log_parameters(model, cfg, device, threads)
     test = splits["test"][: cfg.eval.max_examples]
     result, evals = fit_rl(
         model,

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -232,6 +233,40 @@ def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[st
         if src.template
     }
     return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt), own
+
+
+class RunSetup(NamedTuple):
+    """What every recipe resolves first: the validated config (output_dir made absolute), threads, device
+    and dtype."""
+
+    cfg: RunConfig
+    threads: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def start_run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunSetup:
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    threads = set_threads(cfg.train.threads)
+    device = resolve_device(cfg.model.device)
+    return RunSetup(cfg, threads, device, resolve_dtype(cfg.model.dtype, device))
+
+
+def log_parameters(model, cfg: RunConfig, device: torch.device, threads: int) -> tuple[int, int]:
+    """Log how many parameters train; returns (trainable, total)."""
+    trainable, total = count_parameters(model)
+    log.info(
+        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
+        cfg.task,
+        cfg.method.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        device,
+        threads,
+    )
+    return trainable, total
 
 
 def save_result(
