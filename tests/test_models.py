@@ -562,7 +562,7 @@ def test_cli_generate_txt_prompts_and_single_prompt(tiny_llama, tmp_path, capsys
 
 
 def test_cli_generate_bad_prompts_file(tiny_llama, tmp_path, capsys):
-    bad = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"question": "no known field"}])
+    bad = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"answer": "no known field"}])
     assert main(["-q", "generate", str(tiny_llama), "--file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "'prompt'" in err and "Traceback" not in err
