@@ -112,9 +112,28 @@ def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, mon
     pa = summary["preference_accuracy"]
     # held-out pairs: the chosen reply gained on the rejected one relative to the start, every time
     assert summary["set"] == "validation" and pa["tuned"] >= pa["start"]
+    per_token = summary["preference_accuracy_per_token"]
+    assert per_token["tuned"] >= per_token["start"]
     assert summary["metrics"]["reward_accuracy"] == 1.0 and summary["metrics"]["reward_margin"] > 0.1
     assert result.metrics["val_loss"] < math.log(2)
     assert (result.model_dir / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_preference_accuracy_by_sum_and_per_token(monkeypatch):
+    from strop.methods import dpo
+
+    x = -100
+    batch = {
+        "labels": torch.tensor([[x, 1, 1, 1, 1], [x, 1, 1, 1, 1], [x, 1, 1, x, x], [x, 1, 1, x, x]]),
+        "pairs": torch.tensor(2),
+        "reference": torch.tensor([[-4.0, -3.0], [-1.0, -3.0]]),
+    }
+    # chosen replies: 4 tokens, log-probs -4 and -1; rejected: 2 tokens, -3 each
+    monkeypatch.setattr(dpo, "reply_logps", lambda model, b: torch.tensor([-4.0, -1.0, -3.0, -3.0]))
+    m = dpo.evaluate(torch.nn.Linear(1, 1), [batch])
+    assert m["val_preference_accuracy"] == 0.5  # summed: -4 < -3, -1 > -3
+    assert m["val_preference_accuracy_per_token"] == 1.0  # means: -1 > -1.5, -0.25 > -1.5
+    assert m["val_reward_accuracy"] == 0.0 and m["val_loss"] == pytest.approx(math.log(2))
 
 
 def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
@@ -234,6 +253,16 @@ def test_rating_metrics_against_hand_computed_values():
     assert m["val_spearman"] == pytest.approx(float(np.corrcoef([0, 1, 3, 2], [0, 1, 2.5, 2.5])[0, 1]))
 
 
+def test_pair_accuracy_counts_only_pairs_rated_differently_in_any_chunking():
+    from strop.methods.reward import _pair_accuracy
+
+    pred, rating = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([1.0, 2.0, 2.0, 3.0])
+    # rated differently: (0,1) agree, (0,2) agree, (0,3) (1,3) (2,3) disagree; (1,2) tied, not counted
+    for chunk in (1, 3, 1024):
+        assert _pair_accuracy(pred, rating, chunk) == pytest.approx(2 / 5)
+    assert np.isnan(_pair_accuracy(pred, torch.ones(4)))
+
+
 def test_bad_rating_names_file_line_and_field(tiny_llama, tmp_path):
     rows = rated(4)
     rows[2]["rating"] = "good"
@@ -243,6 +272,27 @@ def test_bad_rating_names_file_line_and_field(tiny_llama, tmp_path):
         train(cfg, show_progress=False)
     with pytest.raises(ConfigError, match="reward_model.target: ratings train a reward model"):
         load_config({**cfg, "task": "dpo"})
+
+
+def test_bad_rated_rows_are_listed_by_the_check_and_skipped_on_request(tiny_llama, tmp_path, template):
+    import re
+
+    from strop.data.ratings import build_ratings
+    from strop.recipes.data_check import run_check
+
+    rows = rated(6)
+    rows[1]["rating"] = "good"
+    rows[4] = {"prompt": "no reply", "rating": 2}
+    data = write_jsonl(tmp_path / "rated.jsonl", rows)
+    cfg = tiny_config(tiny_llama, data, tmp_path / "runs", task="reward", reward_model={"target": "ratings"})
+    errors = run_check(load_config(cfg)).report["errors"]
+    assert len(errors) == 2, errors  # every bad row, not only the first
+    assert re.search(r"rated.jsonl:2: field 'rating': expected a number, got 'good'$", errors[0])
+    assert re.search(r"rated.jsonl:5: field 'response': expected 'prompt' and a non-empty", errors[1])
+    lenient = DataConfig(train=[str(data)], val_fraction=0.0, max_length=64, skip_bad_rows=True)
+    out = build_ratings(lenient, template, seed=0, field="rating")
+    assert len(out.train) == 4 and out.summary["rejected_rows"] == 2
+    assert [r.where.rsplit(":", 1)[1] for r in out.rejected] == ["2", "5"]
 
 
 def test_rated_rows_whose_reply_is_cut_away_are_dropped(tmp_path, template):

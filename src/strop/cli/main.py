@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="run a fine-tuning job from a YAML config",
-        description="Run the SFT job a YAML config describes (see `strop configs`). "
+        description="Run the job a YAML config describes, whatever its task (sft, classification, "
+        "reward, dpo, ppo, grpo; see `strop configs`). "
         "A run directory that already holds a checkpoint is resumed automatically.",
     )
     t.add_argument("config", nargs="?", help="YAML config file or the name of a shipped config")

@@ -9,6 +9,7 @@ template and truncated at max_length (counted); a bad row is an error naming fil
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
 from strop.data.formats import hh_turns
+from strop.data.read import Rejected
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import TokenizedSet
+
+log = logging.getLogger("strop.data")
 
 
 @dataclass
@@ -28,42 +32,55 @@ class RatingData:
     validation: TokenizedSet | None
     test: TokenizedSet | None
     summary: dict
+    rejected: list[Rejected]  # malformed rows left out (data.skip_bad_rows)
 
 
-def read_rated(src: DatasetSource, field: str) -> list[tuple[str, list[dict], float]]:
-    """(id, conversation ending with the rated reply, rating) per row."""
+def read_rated(
+    src: DatasetSource, field: str, rejected: list[Rejected] | None = None
+) -> list[tuple[str, list[dict], float]]:
+    """(id, conversation ending with the rated reply, rating) per row. A malformed row is an error naming
+    file:line and the field, or, when `rejected` is given (data.skip_bad_rows), is appended there and
+    left out."""
     out = []
-    for row in source_rows(src):
-        d = dict(row.data)
-        d |= {ours: row.data[theirs] for ours, theirs in src.fields.items() if theirs in row.data}
-        rating = d.get(field)
-        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
-            try:
-                rating = float(str(rating).strip())
-                if not math.isfinite(rating):
-                    raise ValueError
-            except ValueError:
-                raise DataError(
-                    f"{row.where}: field {field!r}: expected a number, got {d.get(field)!r}"
-                ) from None
-        reply = d.get("response", d.get("completion"))
-        if isinstance(d.get("messages"), list):
-            msgs = [m for m in d["messages"] if isinstance(m, dict)]
-            if (
-                not msgs
-                or msgs[-1].get("role") != "assistant"
-                or not isinstance(msgs[-1].get("content"), str)
-            ):
-                raise DataError(f"{row.where}: field 'messages': must end with the rated assistant turn")
-        elif isinstance(d.get("prompt"), str) and isinstance(reply, str) and reply.strip():
-            msgs = [*hh_turns(d["prompt"]), {"role": "assistant", "content": reply.strip()}]
-        else:
-            raise DataError(
-                f"{row.where}: expected 'prompt' and a non-empty 'response' (or 'messages') with {field!r}"
-            )
-        rid = str(d["id"]) if isinstance(d.get("id"), (str, int)) else row.where
-        out.append((rid, msgs, float(rating)))
+    for row in source_rows(src, rejected):
+        try:
+            out.append(_rated(row, src, field))
+        except _BadRow as bad:
+            if rejected is None:
+                raise DataError(f"{row.where}: field {bad.field!r}: {bad.reason}") from None
+            rejected.append(Rejected(row.where, bad.field, bad.reason))
     return out
+
+
+class _BadRow(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+
+
+def _rated(row, src: DatasetSource, field: str) -> tuple[str, list[dict], float]:
+    d = dict(row.data)
+    d |= {ours: row.data[theirs] for ours, theirs in src.fields.items() if theirs in row.data}
+    rating = d.get(field)
+    if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+        try:
+            rating = float(str(rating).strip())
+            if not math.isfinite(rating):
+                raise ValueError
+        except ValueError:
+            raise _BadRow(field, f"expected a number, got {d.get(field)!r}") from None
+    reply = d.get("response", d.get("completion"))
+    if isinstance(d.get("messages"), list):
+        msgs = [m for m in d["messages"] if isinstance(m, dict)]
+        if not msgs or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
+            raise _BadRow("messages", "must end with the rated assistant turn")
+    elif isinstance(d.get("prompt"), str) and isinstance(reply, str) and reply.strip():
+        msgs = [*hh_turns(d["prompt"]), {"role": "assistant", "content": reply.strip()}]
+    else:
+        raise _BadRow(
+            "response", f"expected 'prompt' and a non-empty 'response' (or 'messages') with {field!r}"
+        )
+    rid = str(d["id"]) if isinstance(d.get("id"), (str, int)) else row.where
+    return rid, msgs, float(rating)
 
 
 def encode_rated(
@@ -90,8 +107,9 @@ def encode_rated(
 
 
 def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str) -> RatingData:
+    rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
     splits = {
-        split: [x for src in sources for x in read_rated(src, field)]
+        split: [x for src in sources for x in read_rated(src, field, rejected)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
@@ -110,6 +128,7 @@ def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str
         "test_examples": len(sets["test"]) if sets["test"] is not None else 0,
         "truncated": sum(s.stats["truncated"] for s in sets.values() if s is not None),
         "dropped_reply_cut_away": sum(s.stats["dropped"] for s in sets.values() if s is not None),
+        "rejected_rows": len(rejected or []),
         "ratings": {
             "min": float(r.min()),
             "max": float(r.max()),
@@ -117,4 +136,10 @@ def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str
             "std": float(r.std()),
         },
     }
-    return RatingData(sets["train"], sets["validation"], sets["test"], summary)
+    if rejected:
+        log.warning(
+            "data: left out %d malformed rated row(s) (data.skip_bad_rows), e.g. %s",
+            len(rejected),
+            rejected[0],
+        )
+    return RatingData(sets["train"], sets["validation"], sets["test"], summary, rejected or [])

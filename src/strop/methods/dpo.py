@@ -48,6 +48,11 @@ def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
+def reply_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Label tokens per row, float (B,), at least 1: the denominators of per-token log-probs."""
+    return (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1).float()
+
+
 def split_pairs(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     n = int(batch["pairs"])
     return values[:n], values[n:]
@@ -76,7 +81,9 @@ def evaluate(
     label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """Mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
-    accuracy: the share of pairs whose chosen reply the policy itself finds more probable."""
+    accuracy: the share of pairs whose chosen reply the policy itself finds more probable (summed
+    log-prob, which favours the shorter reply) and, per token, by the mean log-prob of the reply's
+    tokens (length-normalised)."""
     was_training = model.training
     model.eval()
     sums = {
@@ -84,6 +91,7 @@ def evaluate(
         "val_reward_accuracy": 0.0,
         "val_reward_margin": 0.0,
         "val_preference_accuracy": 0.0,
+        "val_preference_accuracy_per_token": 0.0,
     }
     n = 0
     for batch in batches:
@@ -95,6 +103,8 @@ def evaluate(
         sums["val_reward_accuracy"] += m["rewards/accuracy"] * k
         sums["val_reward_margin"] += m["rewards/margin"] * k
         sums["val_preference_accuracy"] += float((chosen > rejected).float().sum())
+        c_len, r_len = split_pairs(reply_lengths(batch), batch)
+        sums["val_preference_accuracy_per_token"] += float((chosen / c_len > rejected / r_len).sum())
         n += k
     model.train(was_training)
     return {k: v / max(n, 1) for k, v in sums.items()}

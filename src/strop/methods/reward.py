@@ -6,6 +6,7 @@ with one output; batches hold the chosen rows then the rejected rows.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from strop.data.template import ChatTemplate
 from strop.methods.preference import bradley_terry_loss
 from strop.models.classifier import load_classifier
 from strop.models.load import load_tokenizer, read_run_model
+
+log = logging.getLogger("strop")
 
 
 def rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +57,9 @@ class RewardScorer:
     """A finished strop reward run as a scorer of whole conversations (the reply as the last turn).
 
     It renders them with the reward run's own template and tokenizer, so the policy being scored may
-    use another tokenizer; conversations are batched by length.
+    use another tokenizer; conversations are batched by length. A conversation longer than the reward
+    model was trained on (its data.max_length, else the backbone's position limit) keeps its last tokens:
+    the reply being scored is at the end. `truncated` counts those.
     """
 
     def __init__(self, run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -68,10 +73,22 @@ class RewardScorer:
         self.model = load_classifier(Path(run["dir"]), run["base_model"], device, dtype).eval()
         self.template = ChatTemplate(load_tokenizer(run["dir"]), run["template"])
         self.device = device
+        self.max_length = run.get("max_length") or getattr(self.model.config, "max_position_embeddings", None)
+        self.truncated = 0
 
     @torch.no_grad()
     def __call__(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
         ids = [self.template.encode(c).ids for c in conversations]
+        if self.max_length:
+            cut = sum(len(x) > self.max_length for x in ids)
+            if cut and not self.truncated:
+                log.warning(
+                    "reward model: conversations longer than its %d tokens keep their last %d (the reply)",
+                    self.max_length,
+                    self.max_length,
+                )
+            self.truncated += cut
+            ids = [x[-self.max_length :] for x in ids]
         pad = self.template.tokenizer.pad_token_id
         out = [0.0] * len(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -112,12 +129,20 @@ def evaluate_ratings(model: torch.nn.Module, batches) -> dict[str, float]:
     if len(p) >= 2:
         out["val_pearson"] = _pearson(p, r)
         out["val_spearman"] = _pearson(_ranks(p), _ranks(r))
-        dr, dp = r[:, None] - r[None, :], p[:, None] - p[None, :]
-        differ = dr != 0
-        out["val_pair_accuracy"] = (
-            float(((dr * dp) > 0)[differ].float().mean()) if differ.any() else float("nan")
-        )
+        out["val_pair_accuracy"] = _pair_accuracy(p, r)
     return out
+
+
+def _pair_accuracy(pred: torch.Tensor, rating: torch.Tensor, chunk: int = 1024) -> float:
+    """Of the pairs of replies rated differently, the share `pred` orders the same way; (chunk, n)
+    differences at a time, so memory stays O(chunk x n) for any number of replies."""
+    agree = differ = 0
+    for i in range(0, len(pred), chunk):
+        dr = rating[i : i + chunk, None] - rating[None, :]  # (chunk, n)
+        dp = pred[i : i + chunk, None] - pred[None, :]
+        agree += int(((dr * dp) > 0).sum())
+        differ += int((dr != 0).sum())
+    return agree / differ if differ else float("nan")
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:

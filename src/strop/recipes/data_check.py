@@ -94,14 +94,18 @@ def _blank_report(cfg: RunConfig, template_name: str) -> dict:
 
 
 def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
-    """Rated replies: every row needs a conversation and a numeric rating; truncation is counted."""
+    """Rated replies: every row needs a conversation and a numeric rating (each bad row is listed: an
+    error, or a warning under data.skip_bad_rows); truncation is counted."""
     report = _blank_report(cfg, template_name)
+    lenient = cfg.data.model_copy(update={"skip_bad_rows": True})
     try:
-        summary = build_ratings(cfg.data, template, cfg.train.seed, cfg.reward_model.rating_field).summary
+        data = build_ratings(lenient, template, cfg.train.seed, cfg.reward_model.rating_field)
     except DataError as e:
         report["errors"].append(str(e))
         return CheckResult(report)
+    summary = data.summary
     report["ratings"] = summary
+    report["warnings" if cfg.data.skip_bad_rows else "errors"] += [str(r) for r in data.rejected]
     if summary["truncated"]:
         report["warnings"].append(
             f"{summary['truncated']} rated conversation(s) are longer than max_length {cfg.data.max_length} "

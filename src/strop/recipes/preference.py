@@ -42,6 +42,7 @@ from strop.recipes.sft import (
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
+PREFERENCE = ("preference_accuracy", "preference_accuracy_per_token")  # start vs tuned, in eval summaries
 
 
 def train_preference(
@@ -121,7 +122,8 @@ def train_preference(
         show_progress,
     )
     if is_reward:
-        model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, {"template": template.source})
+        extra = {"template": template.source, "max_length": cfg.data.max_length}
+        model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, extra)
     else:
         model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
     metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
@@ -200,13 +202,22 @@ def _evaluate(
     else:
         m = eval_fn(model, batches)
         summary["metrics"] = {k.removeprefix("val_"): v for k, v in m.items()}
+        c_len = np.array([max(int(t[1:].sum()), 1) for t in ts.trained])
+        r_len = np.array([max(int(t[1:].sum()), 1) for t in ts.rejected.trained])
+        ref = ts.reference
         summary["preference_accuracy"] = {
-            "start": float(np.mean(ts.reference[:, 0] > ts.reference[:, 1])),
+            "start": float(np.mean(ref[:, 0] > ref[:, 1])),
             "tuned": m["val_preference_accuracy"],
+        }
+        summary["preference_accuracy_per_token"] = {
+            "start": float(np.mean(ref[:, 0] / c_len > ref[:, 1] / r_len)),
+            "tuned": m["val_preference_accuracy_per_token"],
         }
     (run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_json(run_dir / "eval" / "summary.json", summary)
     log.info(
-        "eval (%s pairs): %s", set_name, json.dumps(summary.get("preference_accuracy") or summary["metrics"])
+        "eval (%s pairs): %s",
+        set_name,
+        json.dumps(summary["metrics"] if cfg.task == "reward" else {k: summary[k] for k in PREFERENCE}),
     )
     return summary
