@@ -247,6 +247,24 @@ def test_a_strop_reward_run_scores_the_rollouts(tiny_llama, tmp_path):
     scorer = RewardScorer(rm.run_dir, torch.device("cpu"))
     want = scorer([[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "The sea is wide."}]])
     assert reward([p], ["The sea is wide."]) == pytest.approx(want)
+    # a conversation longer than the reward model was trained on (64 tokens) keeps its last 64
+    long = [{"role": "user", "content": "Q1 " * 100}, {"role": "assistant", "content": "Paris."}]
+    ids = scorer.template.encode(long).ids
+    assert scorer.max_length == 64 and len(ids) > 64
+    with torch.no_grad():
+        tail = scorer.model(
+            input_ids=torch.tensor([ids[-64:]]), attention_mask=torch.ones(1, 64, dtype=torch.long)
+        )[0, 0]
+    assert scorer([long]) == pytest.approx([float(tail)], abs=1e-5) and scorer.truncated == 1
+
+
+def test_missing_eos_penalty_is_taken_off_cut_off_replies(tiny_llama, tmp_path):
+    """Two-token replies from a random model rarely end their turn: each cut-off reply loses 5."""
+    cfg = rl_config(tiny_llama, tmp_path, "ppo", steps=2, missing_eos_penalty=5.0)
+    result = train(cfg, show_progress=False)
+    for r in [r for r in metrics(result.run_dir) if "reward" in r]:
+        assert r["cut_off"] > 0.5  # the raw reward (letter e) is 0 or 1 per reply, so:
+        assert -5 * r["cut_off"] - 1e-6 <= r["reward"] <= 1 - 5 * r["cut_off"] + 1e-6, r
 
 
 def test_sampling_ignores_the_models_own_generation_settings(tiny_llama, template):

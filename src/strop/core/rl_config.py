@@ -14,8 +14,8 @@ class RLConfig(Section):
     toward higher reward while a KL penalty keeps it near the starting model."""
 
     reward: str = Field(
-        description="a strop reward run (its folder), a built-in reward (length, contains, exact_match, "
-        "gsm8k) or a Python function module:function or path/file.py:function, called as "
+        description="a strop reward run (its folder), a built-in reward (length, contains, avoid, "
+        "exact_match, gsm8k) or a Python function module:function or path/file.py:function, called as "
         "f(prompts, completions, **columns) -> list of floats"
     )
     reward_args: dict[str, Any] = Field(
@@ -26,6 +26,12 @@ class RLConfig(Section):
         1, ge=1, description="replies sampled per prompt; grpo compares them, so it needs at least 2"
     )
     max_new_tokens: int = Field(48, ge=1, description="longest reply sampled in a rollout")
+    missing_eos_penalty: float = Field(
+        0.0,
+        ge=0.0,
+        description="subtracted from the reward of a rollout reply cut off at max_new_tokens before it "
+        "ended its turn (TRL's missing_eos_penalty), so the policy learns to finish; 0 turns it off",
+    )
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of rollouts")
     top_p: float = Field(
         1.0,

@@ -116,6 +116,8 @@ def fit_rl(
             batch_size=train.batch_size * 4,
         )
         scores = torch.tensor(reward(s.prompts, s.replies), dtype=torch.float32, device=device)  # (B,)
+        unfinished = torch.tensor([not e for e in s.ended], device=device)  # (B,) cut off at max_new_tokens
+        scores = scores - rl.missing_eos_penalty * unfinished.float()
         batch = {k: v.to(device) for k, v in s.batch.items()}
         mask = batch["response_mask"]
         with torch.no_grad():
@@ -171,6 +173,7 @@ def fit_rl(
             "kl": float(kl_seq.mean()),
             "kl_coef": state["kl_coef"],
             "reply_tokens": sum(s.lengths) / len(s.lengths),
+            "cut_off": float(unfinished.float().mean()),
             **{k: v / updates for k, v in sums.items()},
             "lr": lr,
             "grad_norm": grad_norm,

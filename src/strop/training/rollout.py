@@ -42,6 +42,7 @@ class Samples:
     prompts: list[Prompt]
     replies: list[str]
     lengths: list[int]  # reply tokens, end-of-turn included
+    ended: list[bool]  # the reply ended its turn (False: cut off at max_new_tokens)
 
 
 @torch.no_grad()
@@ -63,6 +64,7 @@ def sample(
     was_training = model.training
     model.eval()
     replies: list[list[int]] = []
+    ended: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p.ids) for p in chunk)
@@ -84,11 +86,13 @@ def sample(
             **sampling,
         )
         for row in out[:, width:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in template.stop_ids), len(row))
+            end = next((i + 1 for i, t in enumerate(row) if t in template.stop_ids), None)
             replies.append(row[:end])
+            ended.append(end is not None)
     model.train(was_training)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in replies]
-    return Samples(layout([p.ids for p in prompts], replies, pad), prompts, texts, [len(r) for r in replies])
+    lengths = [len(r) for r in replies]
+    return Samples(layout([p.ids for p in prompts], replies, pad), prompts, texts, lengths, ended)
 
 
 def layout(prompt_ids: list, reply_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
