@@ -113,6 +113,11 @@ class TrainConfig(Section):
         False,
         description="recompute each block's activations in backward: far less memory, ~1.3-1.5x the time",
     )
+    release_memory: bool = Field(
+        False,
+        description="CPU: hand freed memory back to the OS after every micro-batch (lower resident memory "
+        "between steps; each step then page-faults its activations in again, which costs time)",
+    )
 
 
 class EvalConfig(Section):

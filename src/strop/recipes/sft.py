@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
-from strop.core.device import resolve_device, resolve_dtype, set_threads
+from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, set_threads
 from strop.core.errors import ConfigError, StropError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
@@ -84,6 +84,7 @@ def train(
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
+    configure_memory(cfg, device)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template, own = run_templates(cfg, tokenizer)
     data = build_datasets(cfg.data, template, cfg.train.seed, own)
@@ -250,7 +251,16 @@ def start_run(config: RunConfig | dict | str | Path, overrides: list[str] | None
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
+    configure_memory(cfg, device)
     return RunSetup(cfg, threads, device, resolve_dtype(cfg.model.dtype, device))
+
+
+def configure_memory(cfg: RunConfig, device: torch.device) -> None:
+    """On CPU, keep freed memory in the process for reuse (no page faults to re-touch each step's
+    activations, reference passes and feature caches included) unless train.release_memory asks for a
+    trim after every micro-batch instead."""
+    if device.type == "cpu" and not cfg.train.release_memory:
+        keep_freed_memory()
 
 
 def log_parameters(model, cfg: RunConfig, device: torch.device, threads: int) -> tuple[int, int]:

@@ -191,8 +191,8 @@ def fit(
             (s / n_labels).backward()
             loss_sum += float(s.detach())
             tokens_since += n_real
-            if device.type == "cpu":
-                release_free_memory()  # the next micro-batch would otherwise grow the heap further
+            if device.type == "cpu" and train.release_memory:
+                release_free_memory()  # resident memory drops back to what is live between micro-batches
         loss = loss_sum / n_labels
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
