@@ -101,7 +101,7 @@ def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, mon
 
     def spy(model, loss_fn, eval_fn, train_set, *args, **kwargs):
         b = collate(train_set, [0, 1, 2, 3], 3)
-        s, n = loss_fn(model, b)
+        s, n, _ = loss_fn(model, b)
         first.append(float(s) / n)
         return real(model, loss_fn, eval_fn, train_set, *args, **kwargs)
 
@@ -117,6 +117,14 @@ def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, mon
     assert summary["metrics"]["reward_accuracy"] == 1.0 and summary["metrics"]["reward_margin"] > 0.1
     assert result.metrics["val_loss"] < math.log(2)
     assert (result.model_dir / "adapter_model.safetensors").is_file()
+
+    steps = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").open()) if "loss" in r]
+    assert steps[0]["reward_margin"] == pytest.approx(0, abs=1e-6)  # the policy is still the reference
+    assert steps[0]["reward_accuracy"] == 0.0  # ties are not wins
+    for r in steps:  # per-pair means over the step's pairs
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"], abs=1e-6)
+        assert r["logps_chosen"] < 0 and r["logps_rejected"] < 0
+    assert steps[-1]["reward_accuracy"] == 1.0 and steps[-1]["reward_margin"] > 0.1
 
 
 def test_dpo_preference_accuracy_by_sum_and_per_token(monkeypatch):
@@ -136,6 +144,59 @@ def test_dpo_preference_accuracy_by_sum_and_per_token(monkeypatch):
     assert m["val_reward_accuracy"] == 0.0 and m["val_loss"] == pytest.approx(math.log(2))
 
 
+def test_step_metrics_are_means_over_the_step_with_accumulation(tiny_llama, tmp_path):
+    """Stats a loss returns are summed over micro-batches and divided by the step's pairs, so a step of
+    2 x 2 pairs logs multiples of 1/4, and the same data in one batch of 4 logs the same values."""
+    logged = []
+    for accum in (1, 2):
+        (tmp_path / str(accum)).mkdir()
+        cfg = dpo_config(tiny_llama, tmp_path / str(accum))
+        cfg["train"] = {"batch_size": 4 // accum, "grad_accum": accum, "max_steps": 3, "seed": 0}
+        cfg["eval"] = {"enabled": False}
+        run = train(cfg, show_progress=False).run_dir
+        logged.append([r for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r])
+    for one, two in zip(*logged, strict=True):
+        assert (one["reward_accuracy"] * 4) % 1 == 0
+        for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_reward_margin_from_the_rows(tmp_path, template, monkeypatch):
+    """A pair's `margin` (mapped from any column) shifts the Bradley-Terry loss by hand-derived amounts;
+    rows without one use 0; a bad margin names the file, line and field."""
+    from strop.core.config import DatasetSource
+    from strop.data.pairs import _read
+    from strop.methods import reward
+
+    rows = pairs(3)
+    rows[0]["gap"], rows[1]["gap"] = 2.0, "0.5"
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    records = _read(DatasetSource(path=str(path), fields={"margin": "gap"}), False)
+    ts = encode_pairs(records, template, 64)
+    assert ts.margins.tolist() == [2.0, 0.5, 0.0]
+    b = collate(ts, [0, 1, 2], 0)
+    assert b["margins"].tolist() == [2.0, 0.5, 0.0]
+    monkeypatch.setattr(reward, "rewards", lambda m, b: (torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3)))
+    s, n, stats = reward.loss(None, b)
+    want = sum(math.log1p(math.exp(-(1.0 - m))) for m in (2.0, 0.5, 0.0))  # -logsigmoid(diff - margin)
+    assert n == 3 and float(s) == pytest.approx(want, abs=1e-6)
+    assert stats == {"accuracy": 3.0, "margin": 3.0}
+    assert (
+        encode_pairs(
+            _read(DatasetSource(path=str(write_jsonl(tmp_path / "n.jsonl", pairs(2)))), False), template, 64
+        ).margins
+        is None
+    )
+
+    rows[2]["gap"] = "wide"
+    rows[1]["gap"] = -1
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        _read(DatasetSource(path=str(path), fields={"margin": "gap"}), False)
+    assert "bad.jsonl:2" in str(e.value) and "gap" in str(e.value) and ">= 0" in str(e.value)
+    assert "bad.jsonl:3" in str(e.value) and "'wide'" in str(e.value)
+
+
 def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     from strop.models.classifier import load_classifier
 
@@ -147,6 +208,8 @@ def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
     assert summary["task"] == "reward" and summary["metrics"]["accuracy"] >= 0.9
     assert summary["metrics"]["margin"] > 0
+    steps = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").open()) if "loss" in r]
+    assert steps[-1]["accuracy"] >= 0.75 and steps[-1]["margin"] > steps[0]["margin"]
     meta = json.loads((result.model_dir / "strop_model.json").read_text())
     clf = load_classifier(result.model_dir, meta["base_model"], torch.device("cpu"), torch.float32)
     assert clf.labels == ["reward"] and clf.pooling == "last"

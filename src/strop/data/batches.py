@@ -36,7 +36,7 @@ class BatchPlan:
 def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), IGNORE where untrained.
     Preference pairs: the chosen rows, then the rejected rows (B = 2 x pairs), plus `pairs` and, when
-    computed, `reference` (pairs, 2) log-probs."""
+    computed, `reference` (pairs, 2) log-probs and, when the rows give them, `margins` (pairs,)."""
     if ts.rejected is not None:
         index = list(index)
         both = TokenizedSet(
@@ -48,6 +48,8 @@ def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
         out["pairs"] = torch.tensor(len(index))
         if ts.reference is not None:
             out["reference"] = torch.from_numpy(ts.reference[index]).float()
+        if ts.margins is not None:
+            out["margins"] = torch.from_numpy(ts.margins[index]).float()
         return out
     rows = [ts.ids[i] for i in index]
     width = max(len(r) for r in rows)

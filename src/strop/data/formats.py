@@ -8,6 +8,7 @@ names can be mapped; the format is the one most of the first rows show.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ class Record:
     where: str = ""  # "file:line" of the row, for errors found later (e.g. by the template)
     label: str | None = None  # labelled rows: also the assistant turn
     rejected: str | None = None  # preference rows: the reply not chosen (messages end with the chosen one)
+    margin: float | None = None  # preference rows: how strongly chosen is preferred (reward models' margin)
     pair: str | None = None  # labelled rows with a second text (`text_pair`: entailment, similarity)
 
 
@@ -292,7 +294,22 @@ def _preference(data: dict, rid: str) -> Record:
     if not prompt or prompt[-1]["role"] == "assistant":
         raise _RowError("prompt", "the conversation must end with a user turn before the replies")
     msgs = (*prompt, {"role": "assistant", "content": chosen})
-    return Record(rid, messages=tuple(msgs), rejected=rejected)
+    return Record(rid, messages=tuple(msgs), rejected=rejected, margin=_margin(data.get("margin")))
+
+
+def _margin(value) -> float | None:
+    """An optional `margin` field of a preference row: a finite number (or numeric string) >= 0."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        margin = float(value)
+    except ValueError:
+        raise _RowError("margin", f"expected a number, got {value!r}") from None
+    if not math.isfinite(margin) or margin < 0:
+        raise _RowError("margin", f"expected a finite number >= 0, got {value!r}")
+    return margin
 
 
 def _plain_text(data: dict, rid: str) -> Record:

@@ -60,6 +60,7 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
         "dropped_pairs": train.stats["dropped"] + (val.stats["dropped"] if val is not None else 0),
         "truncated_pairs": train.stats["truncated"] + (val.stats["truncated"] if val is not None else 0),
         "train_tokens": int(sum(len(x) for x in train.ids) + sum(len(x) for x in train.rejected.ids)),
+        "train_pairs_with_margin": sum(r.margin is not None for r in splits["train"]),
         "leakage": leakage,
     }
     log.info(
@@ -74,7 +75,14 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
 
 def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int) -> TokenizedSet:
     """Chosen rows (with `.rejected` holding the other side, row for row)."""
-    sides: dict[str, list] = {"ids": [], "trained": [], "r_ids": [], "r_trained": [], "kept": []}
+    sides: dict[str, list] = {
+        "ids": [],
+        "trained": [],
+        "r_ids": [],
+        "r_trained": [],
+        "kept": [],
+        "margin": [],
+    }
     truncated = dropped = 0
     for r in records:
         chosen = template.encode(r.messages)
@@ -91,9 +99,12 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
         sides["r_ids"].append(np.asarray(r_ids, dtype=np.int32))
         sides["r_trained"].append(np.asarray(r_tr, dtype=bool))
         sides["kept"].append(r.id)
+        sides["margin"].append(r.margin)
     stats = {"truncated": truncated, "dropped": dropped}
     out = TokenizedSet(sides["ids"], sides["trained"], sides["kept"], stats)
     out.rejected = TokenizedSet(sides["r_ids"], sides["r_trained"], list(sides["kept"]), {})
+    if any(m is not None for m in sides["margin"]):  # a row without a margin asks for none (0)
+        out.margins = np.array([m or 0.0 for m in sides["margin"]], dtype=np.float32)
     return out
 
 

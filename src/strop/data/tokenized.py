@@ -40,6 +40,7 @@ class TokenizedSet:
         None  # per example: top-k (logits, ids), (labels, k)
     )
     ratings: np.ndarray | None = None  # (n,) float32 scores of each reply (reward models on ratings)
+    margins: np.ndarray | None = None  # (n,) float32 preference margins of pairs (reward models)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,6 +56,7 @@ class TokenizedSet:
             None if self.reference is None else self.reference[list(index)],
             None if self.teacher is None else [self.teacher[i] for i in index],
             None if self.ratings is None else self.ratings[list(index)],
+            None if self.margins is None else self.margins[list(index)],
         )
 
     @staticmethod
@@ -70,6 +72,10 @@ class TokenizedSet:
             out.ratings = np.concatenate([p.ratings for p in parts])
         if parts and all(p.reference is not None for p in parts):
             out.reference = np.concatenate([p.reference for p in parts])
+        if parts and any(p.margins is not None for p in parts):  # pairs without a margin have 0
+            out.margins = np.concatenate(
+                [p.margins if p.margins is not None else np.zeros(len(p), np.float32) for p in parts]
+            )
         for p in parts:
             if out.targets is not None:
                 out.targets += p.targets

@@ -64,12 +64,25 @@ def loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, int]:
-    """(sum over pairs of the DPO loss, pairs)."""
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """(sum over pairs of the DPO loss, pairs, sums over pairs of the step metrics): the implicit
+    reward accuracy and margin, the rewards and the policy's log-probs of chosen and rejected replies
+    (both falling together is DPO's known failure mode)."""
     chosen, rejected = split_pairs(reply_logps(model, batch), batch)
     ref = batch["reference"].to(chosen.device)  # (pairs, 2)
-    mean, _ = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
-    return mean * len(chosen), len(chosen)
+    mean, m = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    k = len(chosen)
+    return mean * k, k, {name: m[key] * k for name, key in STEP_METRICS.items()}
+
+
+STEP_METRICS = {  # logged name -> dpo_loss metric (a mean over the pairs)
+    "reward_accuracy": "rewards/accuracy",
+    "reward_margin": "rewards/margin",
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
 
 
 @torch.no_grad()
@@ -83,7 +96,7 @@ def evaluate(
     """Mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
     accuracy: the share of pairs whose chosen reply the policy itself finds more probable (summed
     log-prob, which favours the shorter reply) and, per token, by the mean log-prob of the reply's
-    tokens (length-normalised)."""
+    tokens (length-normalised); the mean log-probs of the chosen and rejected replies."""
     was_training = model.training
     model.eval()
     sums = {
@@ -92,6 +105,8 @@ def evaluate(
         "val_reward_margin": 0.0,
         "val_preference_accuracy": 0.0,
         "val_preference_accuracy_per_token": 0.0,
+        "val_logps_chosen": 0.0,
+        "val_logps_rejected": 0.0,
     }
     n = 0
     for batch in batches:
@@ -105,6 +120,8 @@ def evaluate(
         sums["val_preference_accuracy"] += float((chosen > rejected).float().sum())
         c_len, r_len = split_pairs(reply_lengths(batch), batch)
         sums["val_preference_accuracy_per_token"] += float((chosen / c_len > rejected / r_len).sum())
+        sums["val_logps_chosen"] += float(chosen.sum())
+        sums["val_logps_rejected"] += float(rejected.sum())
         n += k
     model.train(was_training)
     return {k: v / max(n, 1) for k, v in sums.items()}

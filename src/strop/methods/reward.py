@@ -25,10 +25,16 @@ def rewards(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return r[:n], r[n:]
 
 
-def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """(sum over pairs of the Bradley-Terry loss, pairs, sums over pairs of accuracy and margin); pairs
+    with a `margin` field must be scored apart by at least about that much (Llama 2's margin loss)."""
     chosen, rejected = rewards(model, batch)
-    mean, _ = bradley_terry_loss(chosen, rejected)
-    return mean * len(chosen), len(chosen)
+    mean, _ = bradley_terry_loss(chosen, rejected, _margins(batch, chosen))
+    diff = (chosen - rejected).detach()
+    stats = {"accuracy": float((diff > 0).sum()), "margin": float(diff.sum())}
+    return mean * len(chosen), len(chosen), stats
 
 
 @torch.no_grad()
@@ -40,7 +46,7 @@ def evaluate(model: torch.nn.Module, batches) -> dict[str, float]:
     n = 0
     for batch in batches:
         chosen, rejected = rewards(model, batch)
-        mean, _ = bradley_terry_loss(chosen, rejected)
+        mean, _ = bradley_terry_loss(chosen, rejected, _margins(batch, chosen))
         total += float(mean) * len(chosen)
         correct += float((chosen > rejected).sum())
         margin += float((chosen - rejected).sum())
@@ -51,6 +57,11 @@ def evaluate(model: torch.nn.Module, batches) -> dict[str, float]:
         "val_accuracy": correct / max(n, 1),
         "val_margin": margin / max(n, 1),
     }
+
+
+def _margins(batch: dict, like: torch.Tensor) -> torch.Tensor | None:
+    m = batch.get("margins")
+    return None if m is None else m.to(like.device, like.dtype)
 
 
 class RewardScorer:

@@ -95,6 +95,8 @@ def train_preference(
         if cfg.model.keep_layers:
             keep_blocks(model, cfg.model.keep_layers)
         model = apply_method(model, cfg.method)
+        if data.summary["train_pairs_with_margin"]:
+            log.warning("data: DPO ignores the pairs' 'margin' field (reward models use it)")
         # the reference is the starting model: its log-probs, computed once, ride along in the batches
         # (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing)
         for name, ts in (("train", data.train), ("validation", data.validation), ("test", test_set)):

@@ -2,7 +2,9 @@
 
 Every method goes through it; a method only supplies `loss(model, batch) -> (loss_sum, n_tokens)`
 and `evaluate(model, batches) -> metrics`. The loss of an optimizer step is normalized over the label
-tokens of all its micro-batches, so accumulation never changes the result.
+tokens of all its micro-batches, so accumulation never changes the result. A loss may return a third
+item, `{name: sum over the micro-batch}` (DPO's reward accuracy, say): each is logged per step as its
+mean over the step's label units, the same denominator as the loss.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from strop.training.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("strop.train")
 
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int]]
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, float]]]
 EvalFn = Callable[[nn.Module, list[dict]], dict]
 
 
@@ -181,13 +183,15 @@ def fit(
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
 
-        loss_sum = 0.0
+        loss_sum, stats = 0.0, {}
         for batch, n_real in micro:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.autocast(
                 device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
             ):
-                s, _ = loss_fn(model, batch)
+                s, _, *extra = loss_fn(model, batch)
+            for name, v in (extra[0] if extra else {}).items():
+                stats[name] = stats.get(name, 0.0) + v
             (s / n_labels).backward()
             loss_sum += float(s.detach())
             tokens_since += n_real
@@ -227,6 +231,7 @@ def fit(
             "label_tokens": n_labels,
             "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
             "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
+            **{name: v / n_labels for name, v in stats.items()},
         }
         tokens_since = 0
         if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
