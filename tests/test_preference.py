@@ -17,6 +17,7 @@ from strop.core.errors import ConfigError, DataError
 from strop.data.batches import IGNORE, collate
 from strop.data.pairs import build_pairs, encode_pairs
 from strop.data.template import ChatTemplate, resolve_template
+from strop.eval.significance import binomial_two_sided, mcnemar
 from strop.methods import dpo
 from strop.methods.preference import sequence_logps
 from strop.models.load import load_model
@@ -114,6 +115,16 @@ def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, mon
     assert summary["set"] == "validation" and pa["tuned"] >= pa["start"]
     per_token = summary["preference_accuracy_per_token"]
     assert per_token["tuned"] >= per_token["start"]
+    n = summary["pairs"]
+    for v in (pa, per_token):  # flips account for the change, and their test is the exact binomial
+        assert v["improved"] - v["worsened"] == round((v["tuned"] - v["start"]) * n)
+        assert v["p_value"] == pytest.approx(binomial_two_sided(v["improved"], v["worsened"]))
+    rows = [json.loads(x) for x in (result.run_dir / "eval" / "pairs.jsonl").open()]
+    assert len(rows) == n and all(len(r["start"]) == len(r["tuned"]) == 2 for r in rows)
+    assert sum(r["tuned"][0] > r["tuned"][1] for r in rows) == round(pa["tuned"] * n)
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Preferences (DPO)" in report and "pairs flipped right / wrong" in report
+    assert "pairs trained on" in report and "training pairs" in report
     assert summary["metrics"]["reward_accuracy"] == 1.0 and summary["metrics"]["reward_margin"] > 0.1
     assert result.metrics["val_loss"] < math.log(2)
     assert (result.model_dir / "adapter_model.safetensors").is_file()
@@ -197,6 +208,15 @@ def test_reward_margin_from_the_rows(tmp_path, template, monkeypatch):
     assert "bad.jsonl:3" in str(e.value) and "'wide'" in str(e.value)
 
 
+def test_mcnemar_exact_against_hand_values():
+    assert binomial_two_sided(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # C(10, <=2) / 2^10, twice
+    assert binomial_two_sided(5, 5) == 1.0 and binomial_two_sided(0, 0) == 1.0
+    assert binomial_two_sided(0, 6) == pytest.approx(2 / 64)
+    before = np.array([0, 0, 0, 1, 1, 0], bool)
+    after = np.array([1, 1, 0, 1, 0, 0], bool)
+    assert mcnemar(before, after) == {"improved": 2, "worsened": 1, "p_value": 1.0}
+
+
 def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     from strop.models.classifier import load_classifier
 
@@ -210,6 +230,8 @@ def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     assert summary["metrics"]["margin"] > 0
     steps = [r for r in map(json.loads, (result.run_dir / "metrics.jsonl").open()) if "loss" in r]
     assert steps[-1]["accuracy"] >= 0.75 and steps[-1]["margin"] > steps[0]["margin"]
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Preferences (reward model)" in report and "the reward model ranks" in report
     meta = json.loads((result.model_dir / "strop_model.json").read_text())
     clf = load_classifier(result.model_dir, meta["base_model"], torch.device("cpu"), torch.float32)
     assert clf.labels == ["reward"] and clf.pooling == "last"

@@ -10,6 +10,7 @@ backward, so (tokens x vocabulary) logits are never held for the whole batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -86,6 +87,52 @@ STEP_METRICS = {  # logged name -> dpo_loss metric (a mean over the pairs)
 
 
 @torch.no_grad()
+def pair_logps(model: torch.nn.Module, batches) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of each pair's chosen and rejected reply under `model` (eval mode), and the
+    replies' label-token counts: two (pairs, 2) float arrays, in batch order."""
+    was_training = model.training
+    model.eval()
+    logps, lengths = [], []
+    for batch in batches:
+        chosen, rejected = split_pairs(reply_logps(model, batch), batch)
+        c_len, r_len = split_pairs(reply_lengths(batch), batch)
+        logps.append(torch.stack([chosen, rejected], 1).cpu().double().numpy())
+        lengths.append(torch.stack([c_len, r_len], 1).cpu().double().numpy())
+    model.train(was_training)
+    if not logps:
+        return np.zeros((0, 2)), np.ones((0, 2))
+    return np.concatenate(logps), np.concatenate(lengths)
+
+
+def summarise(
+    policy: np.ndarray,
+    reference: np.ndarray,
+    lengths: np.ndarray,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> dict[str, float]:
+    """Held-out metrics from (pairs, 2) arrays of chosen/rejected log-probs (policy, reference) and reply
+    lengths: mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
+    accuracy: the share of pairs whose chosen reply the policy itself finds more probable, by summed
+    log-prob (which favours the shorter reply) and per token (mean log-prob of the reply's tokens);
+    the mean log-probs of the chosen and rejected replies."""
+    if len(policy) == 0:
+        return {}
+    pol, ref = torch.from_numpy(policy), torch.from_numpy(reference)
+    mean, m = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    per_token = policy / lengths
+    return {
+        "val_loss": float(mean),
+        "val_reward_accuracy": m["rewards/accuracy"],
+        "val_reward_margin": m["rewards/margin"],
+        "val_preference_accuracy": float(np.mean(policy[:, 0] > policy[:, 1])),
+        "val_preference_accuracy_per_token": float(np.mean(per_token[:, 0] > per_token[:, 1])),
+        "val_logps_chosen": float(policy[:, 0].mean()),
+        "val_logps_rejected": float(policy[:, 1].mean()),
+    }
+
+
 def evaluate(
     model: torch.nn.Module,
     batches,
@@ -93,35 +140,9 @@ def evaluate(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> dict[str, float]:
-    """Mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
-    accuracy: the share of pairs whose chosen reply the policy itself finds more probable (summed
-    log-prob, which favours the shorter reply) and, per token, by the mean log-prob of the reply's
-    tokens (length-normalised); the mean log-probs of the chosen and rejected replies."""
-    was_training = model.training
-    model.eval()
-    sums = {
-        "val_loss": 0.0,
-        "val_reward_accuracy": 0.0,
-        "val_reward_margin": 0.0,
-        "val_preference_accuracy": 0.0,
-        "val_preference_accuracy_per_token": 0.0,
-        "val_logps_chosen": 0.0,
-        "val_logps_rejected": 0.0,
-    }
-    n = 0
-    for batch in batches:
-        chosen, rejected = split_pairs(reply_logps(model, batch), batch)
-        ref = batch["reference"].to(chosen.device)
-        mean, m = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
-        k = len(chosen)
-        sums["val_loss"] += float(mean) * k
-        sums["val_reward_accuracy"] += m["rewards/accuracy"] * k
-        sums["val_reward_margin"] += m["rewards/margin"] * k
-        sums["val_preference_accuracy"] += float((chosen > rejected).float().sum())
-        c_len, r_len = split_pairs(reply_lengths(batch), batch)
-        sums["val_preference_accuracy_per_token"] += float((chosen / c_len > rejected / r_len).sum())
-        sums["val_logps_chosen"] += float(chosen.sum())
-        sums["val_logps_rejected"] += float(rejected.sum())
-        n += k
-    model.train(was_training)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    """`summarise` of the policy on `batches`, which carry the reference log-probs."""
+    policy, lengths = pair_logps(model, batches)
+    reference = (
+        np.concatenate([b["reference"].cpu().double().numpy() for b in batches]) if batches else policy
+    )
+    return summarise(policy, reference, lengths, beta, loss_type, label_smoothing)

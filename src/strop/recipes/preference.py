@@ -4,7 +4,8 @@ pairs (data/pairs.py) and the same loop, checkpoints and report as SFT.
 Run directory (as recipes/sft.py), plus eval/summary.json:
     reward: pairwise accuracy and mean margin on the test (else validation) pairs
     dpo:    preference accuracy (the chosen reply more probable) of the starting model and the tuned
-            one, reward accuracy and margin, on the test (else validation) pairs
+            one with the pairs that flipped and a McNemar p-value, reward accuracy and margin, on the
+            test (else validation) pairs; eval/pairs.jsonl: each pair's chosen/rejected log-probs
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
 from strop.data.ratings import build_ratings
 from strop.data.tokenized import TokenizedSet
+from strop.eval.significance import mcnemar
 from strop.methods import dpo, reward
 from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
 from strop.models.load import load_model, load_tokenizer, tokenizer_source
@@ -163,17 +165,13 @@ def reference_logps(
 ) -> np.ndarray:
     """(pairs, 2) log-probs of the chosen and rejected replies under `model`, in eval mode."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = np.zeros((len(ts), 2), dtype=np.float32)
     with tqdm(total=len(ts), desc=f"reference log-probs ({name})", disable=not progress) as bar:
         for i in range(0, len(ts), batch_size):
             idx = list(range(i, min(i + batch_size, len(ts))))
             b = {k: v.to(device) for k, v in collate(ts, idx, pad_id).items()}
-            chosen, rejected = dpo.split_pairs(dpo.reply_logps(model, b), b)
-            out[idx, 0], out[idx, 1] = chosen.cpu().numpy(), rejected.cpu().numpy()
+            out[idx] = dpo.pair_logps(model, [b])[0]
             bar.update(len(idx))
-    model.train(was_training)
     return out
 
 
@@ -199,23 +197,11 @@ def _evaluate(
         "set": set_name,
         "pairs" if ts.rejected is not None else "examples": len(ts),
     }
+    (run_dir / "eval").mkdir(exist_ok=True)
     if cfg.task == "reward":
         summary["metrics"] = {k.removeprefix("val_"): v for k, v in eval_fn(model, batches).items()}
     else:
-        m = eval_fn(model, batches)
-        summary["metrics"] = {k.removeprefix("val_"): v for k, v in m.items()}
-        c_len = np.array([max(int(t[1:].sum()), 1) for t in ts.trained])
-        r_len = np.array([max(int(t[1:].sum()), 1) for t in ts.rejected.trained])
-        ref = ts.reference
-        summary["preference_accuracy"] = {
-            "start": float(np.mean(ref[:, 0] > ref[:, 1])),
-            "tuned": m["val_preference_accuracy"],
-        }
-        summary["preference_accuracy_per_token"] = {
-            "start": float(np.mean(ref[:, 0] / c_len > ref[:, 1] / r_len)),
-            "tuned": m["val_preference_accuracy_per_token"],
-        }
-    (run_dir / "eval").mkdir(exist_ok=True)
+        summary.update(_dpo_summary(cfg, model, ts, batches, run_dir))
     atomic_write_json(run_dir / "eval" / "summary.json", summary)
     log.info(
         "eval (%s pairs): %s",
@@ -223,3 +209,31 @@ def _evaluate(
         json.dumps(summary["metrics"] if cfg.task == "reward" else {k: summary[k] for k in PREFERENCE}),
     )
     return summary
+
+
+def _dpo_summary(cfg: RunConfig, model, ts: TokenizedSet, batches: list[dict], run_dir: Path) -> dict:
+    """Metrics of the tuned policy; for each preference accuracy the starting and tuned values and the
+    pairs that flipped either way, with an exact McNemar p-value; every pair's log-probs in
+    eval/pairs.jsonl."""
+    d = cfg.dpo
+    policy, lengths = dpo.pair_logps(model, batches)
+    ref = ts.reference.astype(np.float64)
+    m = dpo.summarise(policy, ref, lengths, d.beta, d.loss, d.label_smoothing)
+    out: dict = {"metrics": {k.removeprefix("val_"): v for k, v in m.items()}}
+    for key, start, tuned in (
+        ("preference_accuracy", ref, policy),
+        ("preference_accuracy_per_token", ref / lengths, policy / lengths),
+    ):
+        before, after = start[:, 0] > start[:, 1], tuned[:, 0] > tuned[:, 1]
+        out[key] = {"start": float(before.mean()), "tuned": float(after.mean()), **mcnemar(before, after)}
+    rows = [
+        {
+            "id": pid,
+            "start": [round(float(x), 4) for x in r],
+            "tuned": [round(float(x), 4) for x in p],
+            "reply_tokens": [int(n) for n in n_],
+        }
+        for pid, r, p, n_ in zip(ts.example_ids, ref, policy, lengths, strict=True)
+    ]
+    atomic_write_text(run_dir / "eval" / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out

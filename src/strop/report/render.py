@@ -37,6 +37,12 @@ from strop.report.evaluation import (
     samples_section,
 )
 from strop.report.plots import length_plot, loss_plot, lr_plot
+from strop.report.preference import (
+    is_preference,
+    preference_findings,
+    preference_headline,
+    preference_section,
+)
 from strop.report.rl import is_rl, rl_findings, rl_headline, rl_section
 
 
@@ -50,6 +56,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     run = read_run(run_dir)
     facts = training_facts(run)
     diagnosis = rl_findings(run.records) if is_rl(run.eval, run.config) else diagnose(run.records, run.result)
+    if is_preference(run.eval, run.config):
+        diagnosis += preference_findings(run.eval, run.records)
     headline = _headline(run, facts)
     metric = primary_metric(run.eval, run.samples)
     doc = {
@@ -87,6 +95,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 def _headline(run: Run, facts: dict) -> list[str]:
     if is_rl(run.eval, run.config):
         lines = [rl_headline(run.eval)]
+    elif is_preference(run.eval, run.config):
+        lines = [preference_headline(run.eval)]
     elif is_classification(run.eval):
         lines = [classification_headline(run.eval)]
     else:
@@ -107,6 +117,8 @@ def _headline(run: Run, facts: dict) -> list[str]:
 def _eval_section(run: Run, run_dir: Path) -> dict:
     if is_rl(run.eval, run.config):
         return rl_section(run_dir, run.eval, run.records)
+    if is_preference(run.eval, run.config):
+        return preference_section(run.eval, run.records)
     if is_classification(run.eval):
         return classification_section(run.eval)
     return eval_section(run.eval)
@@ -125,6 +137,9 @@ def _data_section(run: Run) -> dict:
         return section("Data", [note("No data_summary.json in this run.")])
     parts = [
         f"{num(d['train_examples'])} training examples" if "train_examples" in d else None,
+        f"{num(d['train_pairs'])} training pairs" if "train_pairs" in d else None,
+        f"{num(d['validation_pairs'])} validation pairs" if "validation_pairs" in d else None,
+        f"{num(d['train_pairs_with_margin'])} with a margin" if d.get("train_pairs_with_margin") else None,
         f"{num(d['train_prompts'])} training prompts" if "train_prompts" in d else None,
         f"{num(d['validation_prompts'])} validation prompts" if "validation_prompts" in d else None,
         f"{num(d['validation_examples'])} validation examples" if "validation_examples" in d else None,
@@ -138,7 +153,9 @@ def _data_section(run: Run) -> dict:
         rows = [[Path(str(s.get("path", "?"))).name] + [_cell(s.get(k)) for k in keys] for s in sources]
         header = ["source", "split", "format", "rows", "examples", "truncated", "no response", "cached"]
         blocks.append(table(header, rows))
-    blocks.append(text(_dropped_line(d, sources, dig(run.config, "data", "max_length"))))
+    max_length = dig(run.config, "data", "max_length")
+    pairs = "truncated_pairs" in d
+    blocks.append(text(_pairs_line(d, max_length) if pairs else _dropped_line(d, sources, max_length)))
     blocks += _leakage_blocks(d.get("leakage"))
     pct = d.get("length_percentiles")
     stats = (
@@ -195,6 +212,14 @@ def _dropped_line(d: dict, sources: list[dict], max_length) -> str:
     )
 
 
+def _pairs_line(d: dict, max_length) -> str:
+    limit = f" at {num(max_length)} tokens" if max_length is not None else ""
+    return (
+        f"Preference pairs: {num(d.get('truncated_pairs'))} truncated{limit} (a reply kept at least one "
+        f"token), {num(d.get('dropped_pairs'))} dropped (truncation cut a reply away)."
+    )
+
+
 def _training_section(run: Run, facts: dict) -> dict:
     plot = loss_plot(run.records, facts["best_step"])
     if plot is None:
@@ -227,7 +252,7 @@ def _throughput_section(run: Run, facts: dict) -> dict:
     rows = [
         ["median training tokens/s", num(facts["median_tokens_per_s"])],
         ["total training time", duration(facts["seconds"])],
-        ["label tokens trained on", num(facts["label_tokens"])],
+        [_unit(run), num(facts["label_tokens"])],
     ]
     trainable, total = facts["trainable_parameters"], facts["total_parameters"]
     if is_number(trainable) and is_number(total) and total > 0:
@@ -244,6 +269,18 @@ def _throughput_section(run: Run, facts: dict) -> dict:
     if not rows:
         return section("Throughput", [note("No timing was recorded.")])
     return section("Throughput", [table(["", "value"], rows)])
+
+
+def _unit(run: Run) -> str:
+    """What the loss was averaged over, summed over the steps."""
+    task = run.config.get("task") if isinstance(run.config, dict) else None
+    if task == "reward" and dig(run.config, "reward_model", "target") == "ratings":
+        return "rated replies trained on"
+    return {
+        "reward": "pairs trained on",
+        "dpo": "pairs trained on",
+        "classification": "examples trained on",
+    }.get(task, "label tokens trained on")
 
 
 def _cell(v) -> str:
