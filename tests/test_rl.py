@@ -5,6 +5,7 @@ a programmatic task, and rewards come from built-ins, Python files or a strop re
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -97,6 +98,34 @@ def test_lora_reference_is_the_starting_model(tiny_llama, tmp_path):
     kls = [r["kl"] for r in metrics(result.run_dir) if "kl" in r]
     assert abs(kls[0]) < 1e-5 and any(abs(k) > 1e-4 for k in kls[1:])
     assert (result.model_dir / "adapter_config.json").is_file()
+
+
+def test_no_kl_penalty_skips_the_reference_pass(tiny_llama, tmp_path, monkeypatch):
+    """kl_coef 0 without target_kl: the reference never runs and no KL is logged, but training does."""
+    from strop.recipes import rl as recipe
+
+    calls = {"n": 0}
+    real = recipe._reference
+
+    def counting(*args):
+        ref = real(*args)
+
+        def wrapped(batch):
+            calls["n"] += 1
+            return ref(batch)
+
+        return wrapped
+
+    monkeypatch.setattr(recipe, "_reference", counting)
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=2, kl_coef=0.0)
+    result = train(cfg, show_progress=False)
+    steps = [r for r in metrics(result.run_dir) if "reward" in r]
+    assert calls["n"] == 0 and len(steps) == 2 and all("kl" not in r for r in steps)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    (tmp_path / "kl").mkdir()
+    cfg = rl_config(tiny_llama, tmp_path / "kl", "grpo", method="lora", steps=1, kl_coef=0.01)
+    train(cfg, show_progress=False)
+    assert calls["n"] > 0
 
 
 def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer):

@@ -76,6 +76,9 @@ def fit_rl(
         torch.manual_seed(train.seed)
         random.seed(train.seed)
     kl_ctl = AdaptiveKLController(state["kl_coef"], rl.target_kl, rl.kl_horizon) if rl.target_kl else None
+    # with no KL penalty (and none to adapt) the reference pass is skipped and no KL is logged, as TRL
+    # does for beta 0: the reference log-probs then stand in as the old ones, and every KL term is 0
+    use_reference = state["kl_coef"] > 0 or kl_ctl is not None
     sink = MetricsSink(run_dir, resume_step=state["step"])
     held = val_prompts[: rl.eval_prompts]
     evals: dict = {}
@@ -124,7 +127,11 @@ def fit_rl(
             old_logps, old_values = _in_chunks(
                 lambda b: response_logps(policy, b, rl.temperature, value_head), batch, train.batch_size
             )
-            ref_logps = _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
+            ref_logps = (
+                _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
+                if use_reference
+                else old_logps
+            )
         kl_seq = (old_logps - ref_logps).masked_fill(~mask, 0.0).sum(1)  # (B,) sampled KL per reply
         batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
         if value_head is not None:
@@ -170,8 +177,7 @@ def fit_rl(
             "step": step + 1,
             "reward": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl": float(kl_seq.mean()),
-            "kl_coef": state["kl_coef"],
+            **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
             "reply_tokens": sum(s.lengths) / len(s.lengths),
             "cut_off": float(unfinished.float().mean()),
             **{k: v / updates for k, v in sums.items()},
@@ -183,7 +189,9 @@ def fit_rl(
         sink.log(record)
         final.update(record)
         bar.set_postfix(
-            reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}", len=f"{record['reply_tokens']:.0f}"
+            reward=f"{record['reward']:.3f}",
+            kl=f"{record.get('kl', 0.0):.3f}",
+            len=f"{record['reply_tokens']:.0f}",
         )
         bar.update(1)
         last = step + 1 == n_steps
