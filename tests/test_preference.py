@@ -237,6 +237,20 @@ def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     assert clf.labels == ["reward"] and clf.pooling == "last"
 
 
+def test_a_finished_dpo_run_is_refused_unless_asked_for_more_steps(tiny_llama, tmp_path):
+    from strop.core.errors import StropError
+
+    cfg = dpo_config(tiny_llama, tmp_path)
+    cfg["train"] = {"batch_size": 4, "max_steps": 1, "seed": 0}
+    cfg["eval"] = {"enabled": False}
+    train(cfg, show_progress=False)
+    with pytest.raises(StropError, match="already holds a finished run"):
+        train(cfg, show_progress=False)
+    more = train(cfg, ["train.max_steps=2"], show_progress=False)
+    records = [json.loads(x) for x in (more.run_dir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # resumed, not restarted
+
+
 def test_head_only_reward_model_runs_the_backbone_once_per_reply(tiny_llama, tmp_path, monkeypatch):
     """Feature-based reward model: every reply's pooled features are computed once (before training),
     so the frozen backbone never runs inside the training loop, and it still learns the planted ranking."""

@@ -128,6 +128,17 @@ def test_no_kl_penalty_skips_the_reference_pass(tiny_llama, tmp_path, monkeypatc
     assert calls["n"] > 0
 
 
+def test_a_finished_rl_run_is_not_trained_or_exported_again(tiny_llama, tmp_path):
+    from strop.core.errors import StropError
+
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=1)
+    first = train(cfg, show_progress=False)
+    exported = (first.model_dir / "adapter_model.safetensors").stat().st_mtime_ns
+    with pytest.raises(StropError, match="already holds a finished run"):
+        train(cfg, show_progress=False)
+    assert (first.model_dir / "adapter_model.safetensors").stat().st_mtime_ns == exported
+
+
 def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer):
     model = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
     prompts = [

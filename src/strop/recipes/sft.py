@@ -75,11 +75,7 @@ def train(
         )
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     run_dir = cfg.run_dir
-    ckpts = list_checkpoints(run_dir)
-    if ckpts:
-        _refuse_finished(run_dir, json.loads((ckpts[-1] / "state.json").read_text()), cfg)
-        _warn_config_changes(run_dir / "config.yaml", cfg)
-
+    check_rerun(cfg)
     check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
@@ -249,6 +245,7 @@ class RunSetup(NamedTuple):
 def start_run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunSetup:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    check_rerun(cfg)
     threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.model.device)
     configure_memory(cfg, device)
@@ -353,6 +350,15 @@ def _headline(summary: dict) -> str:
         else:
             parts.append(f"{name} {row['tuned']:.3f}")
     return "; ".join(parts) + f" on {summary['examples']} {summary['set']} examples"
+
+
+def check_rerun(cfg: RunConfig) -> None:
+    """Before any work on a run directory that holds checkpoints: refuse a finished run, and say which
+    config keys differ from the saved config of the run being resumed."""
+    ckpts = list_checkpoints(cfg.run_dir)
+    if ckpts:
+        _refuse_finished(cfg.run_dir, json.loads((ckpts[-1] / "state.json").read_text()), cfg)
+        _warn_config_changes(cfg.run_dir / "config.yaml", cfg)
 
 
 def _refuse_finished(run_dir: Path, state: dict, cfg: RunConfig) -> None:
