@@ -128,6 +128,30 @@ def test_no_kl_penalty_skips_the_reference_pass(tiny_llama, tmp_path, monkeypatc
     assert calls["n"] > 0
 
 
+def test_the_weights_of_the_best_held_out_reward_are_kept(tiny_llama, tmp_path, monkeypatch):
+    """Scripted held-out rewards 0.1 (start), 0.9 (step 1), 0.3, 0.2 (end): the run ends with step 1's
+    weights, re-scores them for the summary, and the report says which step was kept."""
+    from strop.training import rl_loop
+
+    scripted, seen = [0.1, 0.9, 0.3, 0.2, 0.9], []
+
+    def fake(policy, *args):
+        seen.append([p.detach().clone() for p in policy.parameters() if p.requires_grad])
+        return {"reward": scripted[len(seen) - 1], "reply_tokens": 2.0, "samples": []}
+
+    monkeypatch.setattr(rl_loop, "evaluate_reward", fake)
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=3)
+    cfg["train"]["eval_every"] = 1
+    cfg["optim"]["lr"] = 5e-2
+    result = train(cfg, show_progress=False)
+    assert len(seen) == 5  # start, steps 1-3, and the kept weights re-scored
+    assert all(torch.equal(a, b) for a, b in zip(seen[4], seen[1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[1], strict=True))
+    saved = json.loads((result.run_dir / "result.json").read_text())["metrics"]
+    assert saved["best_step"] == 1 and saved["best_val_reward"] == 0.9 and saved["val_reward"] == 0.9
+    assert "Kept the weights of step 1" in (result.run_dir / "report.md").read_text()
+
+
 def test_a_finished_rl_run_is_not_trained_or_exported_again(tiny_llama, tmp_path):
     from strop.core.errors import StropError
 

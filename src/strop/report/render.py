@@ -55,7 +55,11 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         raise StropError(f"report: {run_dir} is not a run directory")
     run = read_run(run_dir)
     facts = training_facts(run)
-    diagnosis = rl_findings(run.records) if is_rl(run.eval, run.config) else diagnose(run.records, run.result)
+    diagnosis = (
+        rl_findings(run.records, run.result)
+        if is_rl(run.eval, run.config)
+        else diagnose(run.records, run.result)
+    )
     if is_preference(run.eval, run.config):
         diagnosis += preference_findings(run.eval, run.records)
     headline = _headline(run, facts)

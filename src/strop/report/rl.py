@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from strop.report.collect import dig, is_number
 from strop.report.diagnose import series, smooth
 from strop.report.document import example, image, note, num, section, table, text
 from strop.report.plots import FIGSIZE, new_figure, to_png
@@ -92,9 +93,10 @@ def rl_section(run_dir: Path, ev: dict, records: list[dict]) -> dict:
 KL_WARN = 10.0  # nats per reply: far from the starting model, where reward hacking tends to begin
 
 
-def rl_findings(records: list[dict]) -> list[dict]:
+def rl_findings(records: list[dict], result: dict | None = None) -> list[dict]:
     """The loss-curve diagnosis does not apply to RL (its losses are surrogate objectives); this says
-    whether the rollout reward and the held-out reward rose, and whether the policy drifted far."""
+    whether the rollout reward and the held-out reward rose, whether the policy drifted far, and which
+    step's weights were kept."""
     _, reward = series(records, "reward")
     _, vreward = series(records, "val_reward")
     _, kl = series(records, "kl")
@@ -128,6 +130,18 @@ def rl_findings(records: list[dict]) -> list[dict]:
                 "severity": "warning",
                 "text": f"KL to the starting model reached {num(float(kl[-1]))} nats per reply: read the samples "
                 "for reward hacking, or raise rl.kl_coef / set rl.target_kl.",
+            }
+        )
+    best, steps = dig(result, "metrics", "best_step"), dig(result, "metrics", "steps")
+    if is_number(best) and is_number(steps) and best != steps:
+        out.append(
+            {
+                "kind": "best",
+                "severity": "info",
+                "text": f"Kept the weights of step {num(best)}, whose held-out greedy reward "
+                f"({num(dig(result, 'metrics', 'best_val_reward'))}) was the best of the run; the tuned "
+                "figures below are for them. They were chosen on the validation prompts, so only a test "
+                "set (data.test) scores them without bias.",
             }
         )
     return out or [

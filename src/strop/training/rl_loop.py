@@ -1,6 +1,8 @@
 """`fit_rl`: the rollout loop beside `fit`, for PPO and GRPO. Per step:
 sample replies -> score them -> old, reference (and value) estimates -> advantages -> `update_epochs`
 passes of clipped updates in mini-batches -> adaptive KL -> log -> evaluate -> checkpoint.
+As `fit` keeps the weights of the best validation loss, this keeps those of the best held-out greedy
+reward (`val_reward`, every `train.eval_every` steps and at the end).
 
 It shares the optimizer, schedule, checkpoints (resume included) and metrics sink with `fit`; the
 objectives are methods/rl.py's. One step is one rollout of `prompts_per_step x group_size` replies.
@@ -27,8 +29,10 @@ from strop.data.template import ChatTemplate
 from strop.methods.ppo_losses import AdaptiveKLController, gae, grpo_advantages, kl_penalty_rewards, whiten
 from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
 from strop.training.checkpoint import (
+    checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
+    load_weights,
     remove_partial_checkpoints,
     save_checkpoint,
 )
@@ -67,7 +71,14 @@ def fit_rl(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(run_dir)
-    state = {"step": 0, "total_steps": n_steps, "finished": False, "kl_coef": rl.kl_coef, "best_step": None}
+    state = {
+        "step": 0,
+        "total_steps": n_steps,
+        "finished": False,
+        "kl_coef": rl.kl_coef,
+        "best_step": None,
+        "best_val_reward": None,
+    }
     ckpts = list_checkpoints(run_dir)
     if ckpts:
         state.update(load_checkpoint(ckpts[-1], modules, optimizer))
@@ -83,10 +94,16 @@ def fit_rl(
     held = val_prompts[: rl.eval_prompts]
     evals: dict = {}
 
-    def evaluate(step: int, key: str) -> None:
+    def evaluate(step: int, key: str) -> bool:
+        """Score the held-out prompts; True when this is the best reward of the run so far."""
         ev = evaluate_reward(policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4)
         evals[key] = ev
         sink.log({"step": step, "val_reward": ev["reward"], "val_reply_tokens": ev["reply_tokens"]})
+        best = state["best_val_reward"]
+        if step == 0 or not math.isfinite(ev["reward"]) or (best is not None and ev["reward"] <= best):
+            return False
+        state.update(best_val_reward=ev["reward"], best_step=step)
+        return True
 
     if held and state["step"] == 0:
         evaluate(0, "start")
@@ -195,16 +212,32 @@ def fit_rl(
         )
         bar.update(1)
         last = step + 1 == n_steps
+        improved = False
         if held and (last or (train.eval_every and (step + 1) % train.eval_every == 0)):
-            evaluate(step + 1, "end" if last else "latest")
+            improved = evaluate(step + 1, "end" if last else "latest")
             final["val_reward"] = evals["end" if last else "latest"]["reward"]
             bar.write(f"step {step + 1}: val_reward {final['val_reward']:.4f}")
         state["finished"] = last
-        if last or (train.save_every and (step + 1) % train.save_every == 0):
+        if improved or last or (train.save_every and (step + 1) % train.save_every == 0):
             save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
     bar.close()
     sink.close()
-    return FitResult(state["step"], final, None, None, 0, False), evals
+
+    best = state["best_step"]
+    if (
+        best is not None
+        and best != state["step"]
+        and (checkpoint_dir(run_dir, best) / "state.json").is_file()
+    ):
+        load_weights(checkpoint_dir(run_dir, best), modules)
+        log.info("kept the best weights: step %d (val_reward %.4f)", best, state["best_val_reward"])
+        evals["end"] = evaluate_reward(
+            policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
+        )
+        final["val_reward"] = evals["end"]["reward"]
+    if best is not None:
+        final["best_val_reward"] = state["best_val_reward"]
+    return FitResult(state["step"], final, best, None, 0, False), evals
 
 
 def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:
