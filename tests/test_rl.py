@@ -120,7 +120,9 @@ def test_no_kl_penalty_skips_the_reference_pass(tiny_llama, tmp_path, monkeypatc
     cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=2, kl_coef=0.0)
     result = train(cfg, show_progress=False)
     steps = [r for r in metrics(result.run_dir) if "reward" in r]
-    assert calls["n"] == 0 and len(steps) == 2 and all("kl" not in r for r in steps)
+    assert calls["n"] == 0 and len(steps) == 2
+    assert all("kl" not in r and "kl_loss" not in r for r in steps)
+    assert "No KL to the starting model was measured" in (result.run_dir / "report.md").read_text()
     assert all(math.isfinite(r["loss"]) for r in steps)
     (tmp_path / "kl").mkdir()
     cfg = rl_config(tiny_llama, tmp_path / "kl", "grpo", method="lora", steps=1, kl_coef=0.01)
@@ -129,11 +131,12 @@ def test_no_kl_penalty_skips_the_reference_pass(tiny_llama, tmp_path, monkeypatc
 
 
 def test_the_weights_of_the_best_held_out_reward_are_kept(tiny_llama, tmp_path, monkeypatch):
-    """Scripted held-out rewards 0.1 (start), 0.9 (step 1), 0.3, 0.2 (end): the run ends with step 1's
-    weights, re-scores them for the summary, and the report says which step was kept."""
+    """Scripted held-out rewards 0.95 (start), 0.9 (step 1), 0.3, 0.2 (end): the run ends with step 1's
+    weights, re-scores them for the summary, and the report says which step was kept and that the
+    start (never a candidate) beat them all."""
     from strop.training import rl_loop
 
-    scripted, seen = [0.1, 0.9, 0.3, 0.2, 0.9], []
+    scripted, seen = [0.95, 0.9, 0.3, 0.2, 0.9], []
 
     def fake(policy, *args):
         seen.append([p.detach().clone() for p in policy.parameters() if p.requires_grad])
@@ -148,8 +151,10 @@ def test_the_weights_of_the_best_held_out_reward_are_kept(tiny_llama, tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(seen[4], seen[1], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[1], strict=True))
     saved = json.loads((result.run_dir / "result.json").read_text())["metrics"]
-    assert saved["best_step"] == 1 and saved["best_val_reward"] == 0.9 and saved["val_reward"] == 0.9
-    assert "Kept the weights of step 1" in (result.run_dir / "report.md").read_text()
+    assert saved["kept_step"] == saved["best_step"] == 1 and saved["best_val_reward"] == 0.9
+    assert saved["val_reward"] == 0.9
+    report = (result.run_dir / "report.md").read_text()
+    assert "Kept the weights of step 1" in report and "beat every trained step" in report
 
 
 def test_a_finished_rl_run_is_not_trained_or_exported_again(tiny_llama, tmp_path):

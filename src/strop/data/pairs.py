@@ -87,13 +87,12 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
     for r in records:
         chosen = template.encode(r.messages)
         rejected = template.encode([*r.messages[:-1], {"role": "assistant", "content": r.rejected}])
-        if len(chosen.ids) > max_length or len(rejected.ids) > max_length:
-            truncated += 1
         c_ids, c_tr = chosen.ids[:max_length], chosen.trained[:max_length]
         r_ids, r_tr = rejected.ids[:max_length], rejected.trained[:max_length]
         if not any(c_tr[1:]) or not any(r_tr[1:]):
             dropped += 1
             continue
+        truncated += len(chosen.ids) > max_length or len(rejected.ids) > max_length  # kept, but cut
         sides["ids"].append(np.asarray(c_ids, dtype=np.int32))
         sides["trained"].append(np.asarray(c_tr, dtype=bool))
         sides["r_ids"].append(np.asarray(r_ids, dtype=np.int32))

@@ -212,14 +212,18 @@ def _evaluate(
 
 
 def _dpo_summary(cfg: RunConfig, model, ts: TokenizedSet, batches: list[dict], run_dir: Path) -> dict:
-    """Metrics of the tuned policy; for each preference accuracy the starting and tuned values and the
-    pairs that flipped either way, with an exact McNemar p-value; every pair's log-probs in
-    eval/pairs.jsonl."""
+    """Metrics of the tuned policy and of the starting one (the reference: DPO loss log 2 for sigmoid,
+    1/(4 beta^2) for IPO); for each preference accuracy the starting and tuned values and the pairs that
+    flipped either way, with an exact McNemar p-value; every pair's log-probs in eval/pairs.jsonl."""
     d = cfg.dpo
     policy, lengths = dpo.pair_logps(model, batches)
     ref = ts.reference.astype(np.float64)
     m = dpo.summarise(policy, ref, lengths, d.beta, d.loss, d.label_smoothing)
-    out: dict = {"metrics": {k.removeprefix("val_"): v for k, v in m.items()}}
+    start = dpo.summarise(ref, ref, lengths, d.beta, d.loss, d.label_smoothing)  # policy = reference
+    out: dict = {
+        "metrics": {k.removeprefix("val_"): v for k, v in m.items()},
+        "start_metrics": {k.removeprefix("val_"): v for k, v in start.items()},
+    }
     for key, start, tuned in (
         ("preference_accuracy", ref, policy),
         ("preference_accuracy_per_token", ref / lengths, policy / lengths),

@@ -56,14 +56,20 @@ def preference_section(ev: dict, records: list[dict]) -> dict:
     unit = "pairs" if "pairs" in ev else "rated replies"
     blocks.append(text(f"Scored on {num(n)} {ev.get('set')} {unit}, never trained on."))
     if ev.get("task") == "dpo":
+        start = ev.get("start_metrics") if isinstance(ev.get("start_metrics"), dict) else {}
         rows = [
             _start_tuned("preference accuracy (summed log-prob)", ev.get("preference_accuracy")),
             _start_tuned("preference accuracy (per token)", ev.get("preference_accuracy_per_token")),
             ["implicit reward accuracy", "—", _with_ci(metrics.get("reward_accuracy"), n), ""],
             ["implicit reward margin", _f4(0.0), _f4(metrics.get("reward_margin")), ""],
-            ["DPO loss", _f4(math.log(2)), _f4(metrics.get("loss")), ""],
-            ["mean log-prob, chosen", "—", num(metrics.get("logps_chosen")), ""],
-            ["mean log-prob, rejected", "—", num(metrics.get("logps_rejected")), ""],
+            ["DPO loss", _f4(start.get("loss")), _f4(metrics.get("loss")), ""],
+            ["mean log-prob, chosen", _f4(start.get("logps_chosen")), _f4(metrics.get("logps_chosen")), ""],
+            [
+                "mean log-prob, rejected",
+                _f4(start.get("logps_rejected")),
+                _f4(metrics.get("logps_rejected")),
+                "",
+            ],
         ]
         blocks.append(table(["", "starting model", "tuned", "pairs flipped right / wrong (McNemar p)"], rows))
         blocks.append(
@@ -86,11 +92,14 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
     pa, pt = dig(ev, "preference_accuracy"), dig(ev, "preference_accuracy_per_token")
     if isinstance(pa, dict) and is_number(pa.get("start")) and is_number(pa.get("tuned")):
         pt = pt if isinstance(pt, dict) and is_number(pt.get("tuned")) else None
-        rose = [v["tuned"] > v["start"] and _significant(v) for v in (pa, pt) if v is not None]
+        tested = [v for v in (pa, pt) if v is not None]
+        adjusted = _holm([v.get("p_value") for v in tested])  # two tests of one question
+        rose = [v["tuned"] > v["start"] and p < 0.05 for v, p in zip(tested, adjusted, strict=True)]
         verdict = (
             ": the tuned policy prefers the chosen replies more than the start did."
             if any(rose)
-            else ": no clear gain (McNemar p >= 0.05, or a fall); the tuned policy does not yet prefer "
+            else ": no clear gain (McNemar p >= 0.05 after Holm's correction for the two measures, or a "
+            "fall); the tuned policy does not yet prefer "
             "the chosen replies more than the start did."
         )
         out.append(
@@ -173,17 +182,27 @@ def logps_plot(records: list[dict]) -> bytes | None:
 
 def _start_tuned(label: str, v) -> list[str]:
     v = v if isinstance(v, dict) else {}
-    flips = f"{v['improved']} / {v['worsened']} (p {num(v.get('p_value'))})" if "improved" in v else "—"
+    flips = f"{v['improved']} / {v['worsened']} (p {_pval(v['p_value'])})" if "improved" in v else "—"
     return [label, _acc(v.get("start")), _acc(v.get("tuned")), flips]
 
 
-def _significant(v: dict) -> bool:
-    """McNemar p < 0.05; summaries from before the test was recorded count as not significant."""
-    return is_number(v.get("p_value")) and v["p_value"] < 0.05
+def _holm(p_values: list) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (a missing p, from summaries older than the test, is 1)."""
+    ps = [p if is_number(p) else 1.0 for p in p_values]
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    adjusted, running = [1.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _p(v) -> str:
-    return f" (p {num(v['p_value'])})" if isinstance(v, dict) and is_number(v.get("p_value")) else ""
+    return f" (p {_pval(v['p_value'])})" if isinstance(v, dict) and is_number(v.get("p_value")) else ""
+
+
+def _pval(p: float) -> str:
+    return f"{p:.3g}"
 
 
 def _f4(x) -> str:

@@ -123,6 +123,15 @@ def rl_findings(records: list[dict], result: dict | None = None) -> list[dict]:
                 "at the end.",
             }
         )
+    if len(reward) and not len(kl):
+        out.append(
+            {
+                "kind": "kl",
+                "severity": "info",
+                "text": "No KL to the starting model was measured (rl.kl_coef 0 skips the reference pass), "
+                "so drift is unchecked: read the samples.",
+            }
+        )
     if len(kl) and float(kl[-1]) > KL_WARN:
         out.append(
             {
@@ -132,16 +141,24 @@ def rl_findings(records: list[dict], result: dict | None = None) -> list[dict]:
                 "for reward hacking, or raise rl.kl_coef / set rl.target_kl.",
             }
         )
-    best, steps = dig(result, "metrics", "best_step"), dig(result, "metrics", "steps")
-    if is_number(best) and is_number(steps) and best != steps:
+    kept, best = dig(result, "metrics", "kept_step"), dig(result, "metrics", "best_val_reward")
+    if is_number(kept):
         out.append(
             {
                 "kind": "best",
                 "severity": "info",
-                "text": f"Kept the weights of step {num(best)}, whose held-out greedy reward "
-                f"({num(dig(result, 'metrics', 'best_val_reward'))}) was the best of the run; the tuned "
-                "figures below are for them. They were chosen on the validation prompts, so only a test "
-                "set (data.test) scores them without bias.",
+                "text": f"Kept the weights of step {num(kept)}, whose held-out greedy reward ({num(best)}) was "
+                "the best of the trained steps; the tuned figures below are for them. They were chosen on "
+                "the validation prompts, so only a test set (data.test) scores them without bias.",
+            }
+        )
+    if len(vreward) >= 2 and is_number(best) and best < vreward[0]:
+        out.append(
+            {
+                "kind": "start_best",
+                "severity": "warning",
+                "text": f"The starting model's held-out reward ({num(float(vreward[0]))}) beat every trained "
+                f"step (best {num(best)}): training did not help on held-out prompts.",
             }
         )
     return out or [

@@ -95,7 +95,8 @@ def fit_rl(
     evals: dict = {}
 
     def evaluate(step: int, key: str) -> bool:
-        """Score the held-out prompts; True when this is the best reward of the run so far."""
+        """Score the held-out prompts; True when this is the best reward of the steps trained so far
+        (the start, step 0, is scored but never kept: a run that never beats it says so in its report)."""
         ev = evaluate_reward(policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4)
         evals[key] = ev
         sink.log({"step": step, "val_reward": ev["reward"], "val_reply_tokens": ev["reply_tokens"]})
@@ -197,7 +198,7 @@ def fit_rl(
             **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
             "reply_tokens": sum(s.lengths) / len(s.lengths),
             "cut_off": float(unfinished.float().mean()),
-            **{k: v / updates for k, v in sums.items()},
+            **{k: v / updates for k, v in sums.items() if use_reference or k != "kl_loss"},
             "lr": lr,
             "grad_norm": grad_norm,
             "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
@@ -230,6 +231,7 @@ def fit_rl(
         and (checkpoint_dir(run_dir, best) / "state.json").is_file()
     ):
         load_weights(checkpoint_dir(run_dir, best), modules)
+        final["kept_step"] = best
         log.info("kept the best weights: step %d (val_reward %.4f)", best, state["best_val_reward"])
         evals["end"] = evaluate_reward(
             policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
