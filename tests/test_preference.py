@@ -138,6 +138,29 @@ def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, mon
     assert steps[-1]["reward_accuracy"] == 1.0 and steps[-1]["reward_margin"] > 0.1
 
 
+def test_simpo_trains_without_a_reference_on_the_training_pairs(tiny_llama, tmp_path, monkeypatch):
+    """SimPO is reference-free: no reference pass over the training pairs (the held-out pairs still get
+    one, for the start-vs-tuned figures), beta defaults to its own scale, and the policy's per-token
+    preference, which SimPO optimises directly, rises on held-out pairs."""
+    from strop.recipes import preference as recipe
+
+    passes = []
+    real = recipe.reference_logps
+    monkeypatch.setattr(recipe, "reference_logps", lambda *a: passes.append(a[-1]) or real(*a))
+    cfg = dpo_config(tiny_llama, tmp_path, dpo={"loss": "simpo"})
+    result = train(cfg, show_progress=False)
+    assert passes == ["validation"]
+    assert load_config(cfg).dpo.beta == 2.0
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["objective"] == "simpo"
+    per_token = summary["preference_accuracy_per_token"]
+    assert per_token["tuned"] == 1.0 and per_token["tuned"] >= per_token["start"]
+    assert summary["start_metrics"]["loss"] > summary["metrics"]["loss"]
+    assert "loss (simpo)" in (result.run_dir / "report.md").read_text()
+    with pytest.raises(ConfigError, match="dpo.simpo_gamma: applies to loss: simpo"):
+        load_config(dpo_config(tiny_llama, tmp_path, dpo={"simpo_gamma": 1.0}))
+
+
 def test_dpo_preference_accuracy_by_sum_and_per_token(monkeypatch):
     from strop.methods import dpo
 

@@ -19,7 +19,7 @@ from strop.methods.ppo_losses import (
     ppo_value_loss,
     whiten,
 )
-from strop.methods.preference import bradley_terry_loss, dpo_loss, sequence_logps, token_logps
+from strop.methods.preference import bradley_terry_loss, dpo_loss, sequence_logps, simpo_loss, token_logps
 
 LOG2 = math.log(2.0)
 
@@ -132,6 +132,33 @@ def test_ipo_by_hand():
     loss, _ = dpo_loss(PC, PR, RC, RR, beta=0.25, loss_type="ipo")
     # target h = 1 / (2 * 0.25) = 2
     assert loss.item() == pytest.approx(((1.5 - 2.0) ** 2 + (-2.0 - 2.0) ** 2) / 2, abs=1e-6)
+
+
+def test_simpo_by_hand():
+    c, r = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.5])  # mean log-prob per reply token
+    loss, m = simpo_loss(c, r, beta=2.0, gamma=0.5, label_smoothing=0.1)
+    z = [2.0 * 1.0 - 0.5, 2.0 * -0.5 - 0.5]  # beta * (chosen - rejected) - gamma
+    per_pair = [0.9 * neg_logsigmoid(x) + 0.1 * neg_logsigmoid(-x) for x in z]
+    assert loss.item() == pytest.approx(sum(per_pair) / 2, abs=1e-6)
+    assert m["rewards/accuracy"] == 0.5 and m["rewards/margin"] == pytest.approx((2.0 - 1.0) / 2)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_simpo_matches_trl_cpo_trainer(label_smoothing):
+    pytest.importorskip("trl")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    g = torch.Generator().manual_seed(3)
+    c, r = -3 * torch.rand(6, generator=g), -3 * torch.rand(6, generator=g)
+    stub = SimpleNamespace(
+        alpha=0.0, loss_type="simpo", beta=2.5, simpo_gamma=0.7, label_smoothing=label_smoothing,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )  # fmt: skip
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(stub, c, r)
+    loss, m = simpo_loss(c, r, beta=2.5, gamma=0.7, label_smoothing=label_smoothing)
+    assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert m["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-6)
+    assert m["rewards/margin"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-6)
 
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():

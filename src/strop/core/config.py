@@ -207,11 +207,30 @@ class DistillConfig(Section):
 
 
 class DPOConfig(Section):
-    """Direct preference optimisation (task: dpo) against the frozen starting model."""
+    """Direct preference optimisation (task: dpo) against the frozen starting model, or SimPO, which
+    needs no reference."""
 
-    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO; ipo: Azar et al. 2023")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="sigmoid/ipo: strength of the pull towards the reference; simpo: the reward scale "
+        "(default 2.0 there, as Meng et al. use 2-2.5)",
+    )
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO; ipo: Azar et al. 2023; simpo: Meng et al. 2024, reference-free, on mean "
+        "log-probs per reply token",
+    )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO: assumed share of flipped labels")
+    simpo_gamma: float = Field(
+        0.5, ge=0.0, description="simpo: the reward margin the chosen reply must win by"
+    )
+
+    @model_validator(mode="after")
+    def _simpo_scale(self):
+        if self.loss == "simpo" and "beta" not in self.model_fields_set:
+            object.__setattr__(self, "beta", 2.0)  # 0.1 suits DPO's log-ratios, not SimPO's mean log-probs
+        return self
 
 
 class RewardModelConfig(Section):
@@ -283,6 +302,8 @@ class RunConfig(Section):
             )
         if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing: applies to the sigmoid loss, not ipo")
+        if self.dpo.loss != "simpo" and self.dpo.simpo_gamma != DPOConfig.model_fields["simpo_gamma"].default:
+            raise ValueError(f"dpo.simpo_gamma: applies to loss: simpo, got loss: {self.dpo.loss}")
         if self.distill and self.distill.cache_top_k and (self.task != "sft" or self.train.batch_tokens):
             raise ValueError("distill.cache_top_k: for sft runs with padded batches (no train.batch_tokens)")
         if self.model.adapter == "continue" and self.method.name != "lora":

@@ -1,7 +1,8 @@
 """Direct preference optimisation as an objective: the policy's log-probs of the chosen and rejected
 replies against the reference's (computed once before training and carried in the batch), through
 `preference.dpo_loss` (sigmoid DPO, cDPO label smoothing or IPO). Rafailov et al. 2023,
-https://arxiv.org/abs/2305.18290.
+https://arxiv.org/abs/2305.18290. `loss_type="simpo"` uses `preference.simpo_loss` instead: mean
+log-probs per reply token and no reference.
 
 Batches hold the chosen rows then the rejected rows (data/batches.py), so one forward pass scores both.
 Log-probs come from the label positions only, with the LM head applied in chunks that are recomputed in
@@ -16,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from strop.data.batches import IGNORE
 from strop.methods.lm_loss import hidden_and_head
-from strop.methods.preference import dpo_loss, sequence_logps
+from strop.methods.preference import dpo_loss, sequence_logps, simpo_loss
 
 CHUNK = 512  # label positions whose (chunk, V) logits exist at once
 
@@ -65,15 +66,41 @@ def loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, int, dict[str, float]]:
     """(sum over pairs of the DPO loss, pairs, sums over pairs of the step metrics): the implicit
     reward accuracy and margin, the rewards and the policy's log-probs of chosen and rejected replies
     (both falling together is DPO's known failure mode)."""
     chosen, rejected = split_pairs(reply_logps(model, batch), batch)
-    ref = batch["reference"].to(chosen.device)  # (pairs, 2)
-    mean, m = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    c_len, r_len = split_pairs(reply_lengths(batch), batch)
+    ref = batch.get("reference")
+    mean, m = pair_loss(chosen, rejected, c_len, r_len, ref, beta, loss_type, label_smoothing, simpo_gamma)
     k = len(chosen)
     return mean * k, k, {name: m[key] * k for name, key in STEP_METRICS.items()}
+
+
+def pair_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_len: torch.Tensor,
+    rejected_len: torch.Tensor,
+    reference: torch.Tensor | None,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    simpo_gamma: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of `loss_type` from summed reply log-probs (B,), reply lengths (B,) and the reference's
+    (B, 2) log-probs (unused by simpo); metrics as `preference.dpo_loss`."""
+    if loss_type == "simpo":
+        mean, m = simpo_loss(chosen / chosen_len, rejected / rejected_len, beta, simpo_gamma, label_smoothing)
+        m |= {
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        }
+        return mean, m
+    ref = reference.to(chosen.device)
+    return dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
 
 
 STEP_METRICS = {  # logged name -> dpo_loss metric (a mean over the pairs)
@@ -111,6 +138,7 @@ def summarise(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> dict[str, float]:
     """Held-out metrics from (pairs, 2) arrays of chosen/rejected log-probs (policy, reference) and reply
     lengths: mean DPO loss; reward accuracy and margin (implicit rewards vs the reference); preference
@@ -119,8 +147,10 @@ def summarise(
     the mean log-probs of the chosen and rejected replies."""
     if len(policy) == 0:
         return {}
-    pol, ref = torch.from_numpy(policy), torch.from_numpy(reference)
-    mean, m = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta, loss_type, label_smoothing)
+    pol, ref, n = torch.from_numpy(policy), torch.from_numpy(reference), torch.from_numpy(lengths)
+    mean, m = pair_loss(
+        pol[:, 0], pol[:, 1], n[:, 0], n[:, 1], ref, beta, loss_type, label_smoothing, simpo_gamma
+    )
     per_token = policy / lengths
     return {
         "val_loss": float(mean),
@@ -139,10 +169,12 @@ def evaluate(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> dict[str, float]:
-    """`summarise` of the policy on `batches`, which carry the reference log-probs."""
+    """`summarise` of the policy on `batches`, which carry the reference log-probs (but for simpo)."""
     policy, lengths = pair_logps(model, batches)
-    reference = (
-        np.concatenate([b["reference"].cpu().double().numpy() for b in batches]) if batches else policy
-    )
-    return summarise(policy, reference, lengths, beta, loss_type, label_smoothing)
+    if batches and all("reference" in b for b in batches):
+        reference = np.concatenate([b["reference"].cpu().double().numpy() for b in batches])
+    else:  # simpo trains without one, and its metrics do not read it
+        reference = policy
+    return summarise(policy, reference, lengths, beta, loss_type, label_smoothing, simpo_gamma)

@@ -1,10 +1,11 @@
-"""Preference objectives on log-probs and rewards: DPO, IPO and the Bradley-Terry reward-model loss.
+"""Preference objectives on log-probs and rewards: DPO, IPO, SimPO and the Bradley-Terry reward-model loss.
 
 Pure functions of tensors: the caller runs the policy, the reference and the reward model, and passes
 per-sequence log-probs (`sequence_logps`) or scalar rewards. Every loss is a mean over the pairs of the
 batch; metrics are python floats for logging.
 DPO: Rafailov et al. 2023, https://arxiv.org/abs/2305.18290 (cDPO label smoothing: Mitchell 2023,
 https://ericmitchell.ai/cdpo.pdf). IPO: Azar et al. 2023, https://arxiv.org/abs/2310.12036.
+SimPO: Meng et al. 2024, https://arxiv.org/abs/2405.14734 (TRL's CPOTrainer loss_type="simpo").
 Bradley-Terry with a margin: Touvron et al. 2023 (Llama 2, Eq. 2), https://arxiv.org/abs/2307.09288.
 """
 
@@ -80,6 +81,35 @@ def dpo_loss(
         "rewards/margin": (chosen_rewards - rejected_rewards).mean().item(),
         "logps/chosen": policy_chosen.detach().mean().item(),
         "logps/rejected": policy_rejected.detach().mean().item(),
+    }
+    return losses.mean(), metrics
+
+
+def simpo_loss(
+    chosen_mean: torch.Tensor,
+    rejected_mean: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(mean loss over the B pairs, metrics) from the policy's mean log-prob per reply token, each (B,).
+
+    No reference model: the reward of a reply is beta x its mean token log-prob, and the chosen reply
+    must win by the margin gamma: with z = beta * (chosen_mean - rejected_mean) - gamma,
+    loss = -(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z), eps = label_smoothing.
+    Metrics: rewards/{chosen,rejected,accuracy,margin} as `dpo_loss`, from these rewards.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {label_smoothing}")
+    chosen_rewards, rejected_rewards = beta * chosen_mean, beta * rejected_mean  # (B,)
+    z = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    metrics = {
+        "rewards/chosen": c.mean().item(),
+        "rewards/rejected": r.mean().item(),
+        "rewards/accuracy": (c > r).float().mean().item(),
+        "rewards/margin": (c - r).mean().item(),
     }
     return losses.mean(), metrics
 

@@ -100,17 +100,21 @@ def train_preference(
         if data.summary["train_pairs_with_margin"]:
             log.warning("data: DPO ignores the pairs' 'margin' field (reward models use it)")
         # the reference is the starting model: its log-probs, computed once, ride along in the batches
-        # (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing)
-        for name, ts in (("train", data.train), ("validation", data.validation), ("test", test_set)):
+        # (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing);
+        # simpo trains without it, so only the held-out pairs get it, for the start-vs-tuned figures
+        d = cfg.dpo
+        sets = [("train", data.train)] if d.loss != "simpo" else []
+        for name, ts in (*sets, ("validation", data.validation), ("test", test_set)):
             if ts is not None and len(ts):
                 ts.reference = reference_logps(model, ts, pad_id, cfg.train.batch_size, show_progress, name)
-        d = cfg.dpo
-        loss_fn = functools.partial(
-            dpo.loss, beta=d.beta, loss_type=d.loss, label_smoothing=d.label_smoothing
-        )
-        eval_fn = functools.partial(
-            dpo.evaluate, beta=d.beta, loss_type=d.loss, label_smoothing=d.label_smoothing
-        )
+        options = {
+            "beta": d.beta,
+            "loss_type": d.loss,
+            "label_smoothing": d.label_smoothing,
+            "simpo_gamma": d.simpo_gamma,
+        }
+        loss_fn = functools.partial(dpo.loss, **options)
+        eval_fn = functools.partial(dpo.evaluate, **options)
     trainable, total = log_parameters(model, cfg, device, threads)
     result = fit(
         model,
@@ -218,9 +222,10 @@ def _dpo_summary(cfg: RunConfig, model, ts: TokenizedSet, batches: list[dict], r
     d = cfg.dpo
     policy, lengths = dpo.pair_logps(model, batches)
     ref = ts.reference.astype(np.float64)
-    m = dpo.summarise(policy, ref, lengths, d.beta, d.loss, d.label_smoothing)
-    start = dpo.summarise(ref, ref, lengths, d.beta, d.loss, d.label_smoothing)  # policy = reference
+    m = dpo.summarise(policy, ref, lengths, d.beta, d.loss, d.label_smoothing, d.simpo_gamma)
+    start = dpo.summarise(ref, ref, lengths, d.beta, d.loss, d.label_smoothing, d.simpo_gamma)  # the start
     out: dict = {
+        "objective": d.loss,
         "metrics": {k.removeprefix("val_"): v for k, v in m.items()},
         "start_metrics": {k.removeprefix("val_"): v for k, v in start.items()},
     }

@@ -57,12 +57,20 @@ def preference_section(ev: dict, records: list[dict]) -> dict:
     blocks.append(text(f"Scored on {num(n)} {ev.get('set')} {unit}, never trained on."))
     if ev.get("task") == "dpo":
         start = ev.get("start_metrics") if isinstance(ev.get("start_metrics"), dict) else {}
+        objective = ev.get("objective") or "dpo"
+        # DPO's implicit reward is a log-ratio to the start, so the start ties on every pair; SimPO's is not
+        start_acc = _acc(start.get("reward_accuracy")) if objective == "simpo" else "—"
         rows = [
             _start_tuned("preference accuracy (summed log-prob)", ev.get("preference_accuracy")),
             _start_tuned("preference accuracy (per token)", ev.get("preference_accuracy_per_token")),
-            ["implicit reward accuracy", "—", _with_ci(metrics.get("reward_accuracy"), n), ""],
-            ["implicit reward margin", _f4(0.0), _f4(metrics.get("reward_margin")), ""],
-            ["DPO loss", _f4(start.get("loss")), _f4(metrics.get("loss")), ""],
+            ["implicit reward accuracy", start_acc, _with_ci(metrics.get("reward_accuracy"), n), ""],
+            [
+                "implicit reward margin",
+                _f4(start.get("reward_margin", 0.0)),
+                _f4(metrics.get("reward_margin")),
+                "",
+            ],
+            [f"loss ({objective})", _f4(start.get("loss")), _f4(metrics.get("loss")), ""],
             ["mean log-prob, chosen", _f4(start.get("logps_chosen")), _f4(metrics.get("logps_chosen")), ""],
             [
                 "mean log-prob, rejected",
