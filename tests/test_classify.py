@@ -274,6 +274,7 @@ def test_a_classifier_distils_from_a_teacher_classifier(tiny_bert, tmp_path, mon
     assert len(clf.backbone.encoder.layer) == 1  # the student keeps one block
 
     cfg["classify"]["labels"] = ["sea", "city"]  # a teacher with other labels (order) is refused
+    cfg["name"] = "other-labels"  # a new run: the finished one above is never rerun
     from strop.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="labels"):
