@@ -263,18 +263,35 @@ def test_reward_model_learns_to_rank_and_reloads(tiny_llama, tmp_path):
     assert clf.labels == ["reward"] and clf.pooling == "last"
 
 
-def test_a_finished_dpo_run_is_refused_unless_asked_for_more_steps(tiny_llama, tmp_path):
+def test_a_finished_dpo_run_is_refused_unless_asked_for_more_steps(tiny_llama, tmp_path, monkeypatch):
+    """...and training it further reuses the stored reference log-probs (identical values), unless the
+    file is damaged, when they are computed again."""
     from strop.core.errors import StropError
+    from strop.recipes import preference as recipe
 
+    passes, seen = [], []
+    real = recipe.reference_logps
+    monkeypatch.setattr(recipe, "reference_logps", lambda *a: passes.append(a[-1]) or real(*a))
+    real_fit = recipe.fit
+    monkeypatch.setattr(
+        recipe,
+        "fit",
+        lambda m, lf, ef, ts, *a, **k: seen.append(ts.reference) or real_fit(m, lf, ef, ts, *a, **k),
+    )
     cfg = dpo_config(tiny_llama, tmp_path)
     cfg["train"] = {"batch_size": 4, "max_steps": 1, "seed": 0}
     cfg["eval"] = {"enabled": False}
     train(cfg, show_progress=False)
+    assert passes == ["train", "validation"]
     with pytest.raises(StropError, match="already holds a finished run"):
         train(cfg, show_progress=False)
     more = train(cfg, ["train.max_steps=2"], show_progress=False)
     records = [json.loads(x) for x in (more.run_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # resumed, not restarted
+    assert passes == ["train", "validation"] and np.array_equal(seen[0], seen[1])
+    (more.run_dir / "reference_logps.safetensors").write_bytes(b"not safetensors")
+    train(cfg, ["train.max_steps=3"], show_progress=False)
+    assert passes == ["train", "validation"] * 2 and np.allclose(seen[2], seen[0], atol=1e-5)
 
 
 def test_head_only_reward_model_runs_the_backbone_once_per_reply(tiny_llama, tmp_path, monkeypatch):

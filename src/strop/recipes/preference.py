@@ -11,13 +11,17 @@ Run directory (as recipes/sft.py), plus eval/summary.json:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, to_yaml
@@ -106,7 +110,7 @@ def train_preference(
         sets = [("train", data.train)] if d.loss != "simpo" else []
         for name, ts in (*sets, ("validation", data.validation), ("test", test_set)):
             if ts is not None and len(ts):
-                ts.reference = reference_logps(model, ts, pad_id, cfg.train.batch_size, show_progress, name)
+                ts.reference = cached_reference(model, ts, pad_id, cfg, show_progress, name)
         options = {
             "beta": d.beta,
             "loss_type": d.loss,
@@ -161,6 +165,45 @@ def score_rows(run_dir: Path, path: Path, batch_size: int = 8) -> list[dict]:
             raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
     out = scorer(conversations, batch_size)
     return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
+
+
+def cached_reference(
+    model, ts: TokenizedSet, pad_id: int, cfg: RunConfig, progress: bool, name: str
+) -> np.ndarray:
+    """`reference_logps`, kept in RUN/reference_logps.safetensors so that a resumed run, or one trained
+    further, does not recompute them. They are reused only for the same pairs' tokens and the same
+    starting model (a fingerprint per set in the file's metadata)."""
+    path = cfg.run_dir / "reference_logps.safetensors"
+    key = _fingerprint(ts, cfg)
+    arrays, meta = {}, {}
+    if path.is_file():
+        try:
+            with safe_open(str(path), "numpy") as f:
+                meta = dict(f.metadata() or {})
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a damaged cache is recomputed, never trusted
+            log.warning("%s: unreadable (%s); computing the reference log-probs again", path, e)
+            arrays, meta = {}, {}
+    if meta.get(name) == key and name in arrays and arrays[name].shape == (len(ts), 2):
+        log.info("reference log-probs (%s): %d pairs reused from %s", name, len(ts), path.name)
+        return arrays[name]
+    out = reference_logps(model, ts, pad_id, cfg.train.batch_size, progress, name)
+    arrays[name], meta[name] = out, key
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(arrays, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return out
+
+
+def _fingerprint(ts: TokenizedSet, cfg: RunConfig) -> str:
+    """What the reference log-probs depend on: every pair's tokens and loss mask, and the start model."""
+    h = hashlib.sha256(json.dumps([cfg.model.name, cfg.model.keep_layers, cfg.model.dtype]).encode())
+    for side in (ts, ts.rejected):
+        for ids, trained in zip(side.ids, side.trained, strict=True):
+            h.update(np.asarray(ids, np.int32).tobytes())
+            h.update(np.packbits(trained).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
 
 
 @torch.no_grad()
