@@ -238,6 +238,9 @@ def test_mcnemar_exact_against_hand_values():
     assert binomial_two_sided(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # C(10, <=2) / 2^10, twice
     assert binomial_two_sided(5, 5) == 1.0 and binomial_two_sided(0, 0) == 1.0
     assert binomial_two_sided(0, 6) == pytest.approx(2 / 64)
+    exact = 2 * sum(math.comb(300, i) for i in range(131)) / 2**300
+    assert binomial_two_sided(170, 130) == pytest.approx(exact, rel=1e-9)
+    assert binomial_two_sided(26000, 24000) < 1e-18  # large sets stay fast and finite
     before = np.array([0, 0, 0, 1, 1, 0], bool)
     after = np.array([1, 1, 0, 1, 0, 0], bool)
     assert mcnemar(before, after) == {"improved": 2, "worsened": 1, "p_value": 1.0}

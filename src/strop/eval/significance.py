@@ -25,5 +25,11 @@ def binomial_two_sided(a: int, b: int) -> float:
     n, k = a + b, min(a, b)
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    # in logs, so tens of thousands of discordant pairs cost a loop over k, not giant integers
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(x - top) for x in logs)
     return min(1.0, 2 * tail)
