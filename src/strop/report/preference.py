@@ -119,22 +119,18 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
                 + verdict,
             )
         )
-    _, chosen = series(records, "logps_chosen")
-    _, rejected = series(records, "logps_rejected")
-    if len(chosen) >= 8 and len(rejected) == len(chosen):
-        q = max(2, len(chosen) // 4)
-        dc = float(chosen[-q:].mean() - chosen[:q].mean())
-        dr = float(rejected[-q:].mean() - rejected[:q].mean())
-        if dc < -DISPLACED:
-            out.append(
-                _item(
-                    "displacement",
-                    "warning" if dr >= dc else "info",
-                    f"The chosen replies' log-prob fell by {num(-dc)} (rejected: {num(dr, signed=True)}) "
-                    "from the first to the last quarter of steps: DPO widens the gap partly by making both "
-                    "replies less likely. Watch the samples; a lower optim.lr or a larger dpo.beta limits it.",
-                )
+    shift = _logp_shift(ev, records)
+    if shift is not None and shift[0] < -DISPLACED:
+        dc, dr, where = shift
+        out.append(
+            _item(
+                "displacement",
+                "warning" if dr >= dc else "info",
+                f"The chosen replies' summed log-prob fell by {num(-dc)} (rejected: {num(dr, signed=True)}) "
+                f"{where}: the gap widened partly by making both replies less likely. Read the model's "
+                "replies; a lower optim.lr (or, for sigmoid/ipo, a larger dpo.beta) limits it.",
             )
+        )
     acc = dig(ev, "metrics", "accuracy")
     n = ev.get("pairs") if isinstance(ev, dict) else None
     if ev.get("task") == "reward" and is_number(acc) and is_number(n) and n:
@@ -148,6 +144,26 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
             )
         )
     return out
+
+
+def _logp_shift(ev: dict, records: list[dict]) -> tuple[float, float, str] | None:
+    """(change of the chosen and of the rejected replies' mean summed log-prob, where measured): on the
+    held-out pairs, start vs tuned, when the summary has both; else the first vs the last quarter of the
+    training steps, which see different pairs, so only a large change there means much."""
+    start, tuned = dig(ev, "start_metrics"), dig(ev, "metrics")
+    keys = ("logps_chosen", "logps_rejected")
+    if isinstance(start, dict) and isinstance(tuned, dict) and all(is_number(start.get(k)) for k in keys):
+        if all(is_number(tuned.get(k)) for k in keys):
+            dc, dr = (tuned[k] - start[k] for k in keys)
+            return dc, dr, f"on the {num(ev.get('pairs'))} held-out pairs, start to tuned"
+    _, chosen = series(records, "logps_chosen")
+    _, rejected = series(records, "logps_rejected")
+    if len(chosen) < 8 or len(rejected) != len(chosen):
+        return None
+    q = max(2, len(chosen) // 4)
+    dc = float(chosen[-q:].mean() - chosen[:q].mean())
+    dr = float(rejected[-q:].mean() - rejected[:q].mean())
+    return dc, dr, "from the first to the last quarter of training steps"
 
 
 def pairs_plot(records: list[dict], dpo: bool) -> bytes | None:
