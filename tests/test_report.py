@@ -316,3 +316,30 @@ def test_headline_says_when_the_interval_spans_zero():
     ev["metrics"]["rouge_l"].update(diff=-0.05, ci95=[-0.09, -0.01])
     assert eval_headline(ev).startswith("Tuned is worse than base on rouge_l by -0.05")
     assert eval_headline({"metrics": {"bleu": {"tuned": 20.0}}}) is None  # no base: nothing to compare
+
+
+def test_preference_report_judges_by_held_out_loss_not_the_training_curve(tmp_path):
+    """A one-pass preference run sees new pairs every step, so a flat training loss is no verdict when
+    the held-out loss of the start and the tuned model is known."""
+    import json
+
+    from strop.report import write_report
+
+    (tmp_path / "config.yaml").write_text("task: dpo\nname: p\n")
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": i, "loss": 0.69 + 0.001 * (i % 2), "lr": 1e-4}) + "\n" for i in range(1, 41)
+        )
+    )
+    (tmp_path / "eval").mkdir()
+    summary = {"task": "dpo", "set": "test", "pairs": 10, "objective": "sigmoid",
+               "metrics": {"loss": 0.66}, "start_metrics": {"loss": 0.6931}}  # fmt: skip
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path)
+    kinds = [d["kind"] for d in json.loads((tmp_path / "report.json").read_text())["diagnosis"]]
+    assert "heldout_loss" in kinds and "underfitting" not in kinds
+    summary["metrics"] = {}
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path)
+    kinds = [d["kind"] for d in json.loads((tmp_path / "report.json").read_text())["diagnosis"]]
+    assert "underfitting" in kinds  # without held-out figures the curve is all there is

@@ -119,6 +119,17 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
                 + verdict,
             )
         )
+    before, after = dig(ev, "start_metrics", "loss"), dig(ev, "metrics", "loss")
+    if is_number(before) and is_number(after):  # one pass over the pairs: each step's loss is on new pairs
+        fell = after < before
+        out.append(
+            _item(
+                "heldout_loss",
+                "ok" if fell else "warning",
+                f"Held-out {ev.get('objective') or 'dpo'} loss {_f4(before)} at the start, {_f4(after)} tuned"
+                + ("." if fell else ": training did not lower it on pairs it never saw."),
+            )
+        )
     shift = _logp_shift(ev, records)
     if shift is not None and shift[0] < -DISPLACED:
         dc, dr, where = shift

@@ -61,7 +61,10 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         else diagnose(run.records, run.result)
     )
     if is_preference(run.eval, run.config):
-        diagnosis += preference_findings(run.eval, run.records)
+        extra = preference_findings(run.eval, run.records)
+        if any(f["kind"] == "heldout_loss" for f in extra):  # better evidence than the training loss's
+            diagnosis = [d for d in diagnosis if d["kind"] not in ("underfitting", "instability")]
+        diagnosis += extra
     headline = _headline(run, facts)
     metric = primary_metric(run.eval, run.samples)
     doc = {
