@@ -272,11 +272,11 @@ def _dpo_summary(cfg: RunConfig, model, ts: TokenizedSet, batches: list[dict], r
         "metrics": {k.removeprefix("val_"): v for k, v in m.items()},
         "start_metrics": {k.removeprefix("val_"): v for k, v in start.items()},
     }
-    for key, start, tuned in (
+    for key, ref_score, policy_score in (
         ("preference_accuracy", ref, policy),
         ("preference_accuracy_per_token", ref / lengths, policy / lengths),
     ):
-        before, after = start[:, 0] > start[:, 1], tuned[:, 0] > tuned[:, 1]
+        before, after = ref_score[:, 0] > ref_score[:, 1], policy_score[:, 0] > policy_score[:, 1]
         out[key] = {"start": float(before.mean()), "tuned": float(after.mean()), **mcnemar(before, after)}
     rows = [
         {

@@ -55,7 +55,7 @@ def diagnose(records: list[dict], result: dict | None) -> list[dict]:
     skipped = metrics.get("skipped_steps")
     if _finite(skipped) and skipped > 0:
         out.append(
-            _item(
+            finding(
                 "instability",
                 "warning",
                 f"{int(skipped)} step(s) were skipped because the loss or gradients were not finite "
@@ -65,13 +65,15 @@ def diagnose(records: list[dict], result: dict | None) -> list[dict]:
     steps, loss = series(records, "loss")
     nonfinite = sum(1 for r in records if "loss" in r and not _finite(r["loss"]))
     if nonfinite:
-        out.append(_item("instability", "warning", f"{nonfinite} logged training loss(es) were not finite."))
+        out.append(
+            finding("instability", "warning", f"{nonfinite} logged training loss(es) were not finite.")
+        )
     if len(loss) == 0:
-        out.append(_item("too_few_points", "info", "No training steps were logged: nothing to judge."))
+        out.append(finding("too_few_points", "info", "No training steps were logged: nothing to judge."))
         return out
     if len(loss) < MIN_TRAIN_POINTS:
         out.append(
-            _item(
+            finding(
                 "too_few_points",
                 "info",
                 f"Only {len(loss)} training step(s) were logged: too little to judge the curves.",
@@ -83,7 +85,7 @@ def diagnose(records: list[dict], result: dict | None) -> list[dict]:
     val_steps, val = series(records, "val_loss")
     if len(val) == 0:
         out.append(
-            _item(
+            finding(
                 "no_validation",
                 "info",
                 "No validation loss was logged, so overfitting cannot be checked "
@@ -96,7 +98,7 @@ def diagnose(records: list[dict], result: dict | None) -> list[dict]:
             out.append(over)
     if metrics.get("stopped_early") is True:
         out.append(
-            _item(
+            finding(
                 "stopped_early",
                 "info",
                 f"Training stopped early at step {metrics.get('steps', '?')} because validation loss "
@@ -115,7 +117,7 @@ def _trend(loss: np.ndarray, records: list[dict]) -> list[dict]:
     drop = (start - end) / start
     if drop <= -UNDERFIT_MIN_DROP:
         return [
-            _item(
+            finding(
                 "instability",
                 "warning",
                 f"Training loss ended higher than it started ({start:#.3g} → {end:#.3g}, {-drop:+.0%}): "
@@ -126,7 +128,7 @@ def _trend(loss: np.ndarray, records: list[dict]) -> list[dict]:
         _, lrs = series(records, "lr")
         lr = f" (peak learning rate {lrs.max():.3g})" if len(lrs) else ""
         return [
-            _item(
+            finding(
                 "underfitting",
                 "warning",
                 f"Training loss barely moved ({start:#.3g} → {end:#.3g}, {-drop:+.1%} over {len(loss)} logged "
@@ -141,7 +143,7 @@ def _spikes(steps: np.ndarray, loss: np.ndarray, records: list[dict]) -> list[di
     spiky = _spike_steps(steps, loss, SPIKE_FACTOR)
     if spiky:
         out.append(
-            _item(
+            finding(
                 "instability",
                 "warning",
                 f"Training loss spiked at {_name_steps(spiky)} (above {SPIKE_FACTOR:g}× the running "
@@ -152,7 +154,7 @@ def _spikes(steps: np.ndarray, loss: np.ndarray, records: list[dict]) -> list[di
     gspiky = _spike_steps(gsteps, gnorm, GRAD_SPIKE_FACTOR)
     if gspiky:
         out.append(
-            _item(
+            finding(
                 "instability",
                 "info",
                 f"Gradient norm spiked at {_name_steps(gspiky)} (above {GRAD_SPIKE_FACTOR:g}× the "
@@ -192,7 +194,7 @@ def _overfitting(steps, smoothed, val_steps, val, best_step) -> dict | None:
         text += (
             f". Stop near step {best} (train.early_stopping), train fewer steps or epochs, or add more data."
         )
-    return _item("overfitting", "warning", text)
+    return finding("overfitting", "warning", text)
 
 
 def _ok(loss: np.ndarray, val_steps: np.ndarray, val: np.ndarray) -> dict:
@@ -202,7 +204,7 @@ def _ok(loss: np.ndarray, val_steps: np.ndarray, val: np.ndarray) -> dict:
     if len(val):
         b = int(np.argmin(val))
         text += f"; validation loss was best at step {int(val_steps[b])} ({val[b]:#.3g})"
-    return _item("ok", "info", text + ".")
+    return finding("ok", "info", text + ".")
 
 
 def _edges(values: np.ndarray) -> tuple[float, float]:
@@ -217,7 +219,7 @@ def _name_steps(steps: list[int]) -> str:
     return f"step{'s' if len(steps) > 1 else ''} {named}" + (f" and {more} more" if more > 0 else "")
 
 
-def _item(kind: str, severity: str, text: str) -> dict:
+def finding(kind: str, severity: str, text: str) -> dict:
     return {"kind": kind, "severity": severity, "text": text}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from strop.report.collect import dig, is_number
-from strop.report.diagnose import series, smooth
+from strop.report.diagnose import finding, series, smooth
 from strop.report.document import image, note, num, section, table, text
 from strop.report.plots import FIGSIZE, new_figure, to_png
 
@@ -111,7 +111,7 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
             "the chosen replies more than the start did."
         )
         out.append(
-            _item(
+            finding(
                 "preference",
                 "ok" if any(rose) else "warning",
                 f"Held-out preference accuracy {_acc(pa['start'])} → {_acc(pa['tuned'])}{_p(pa)}"
@@ -123,7 +123,7 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
     if is_number(before) and is_number(after):  # one pass over the pairs: each step's loss is on new pairs
         fell = after < before
         out.append(
-            _item(
+            finding(
                 "heldout_loss",
                 "ok" if fell else "warning",
                 f"Held-out {ev.get('objective') or 'dpo'} loss {_f4(before)} at the start, {_f4(after)} tuned"
@@ -134,7 +134,7 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
     if shift is not None and shift[0] < -DISPLACED:
         dc, dr, where = shift
         out.append(
-            _item(
+            finding(
                 "displacement",
                 "warning" if dr >= dc else "info",
                 f"The chosen replies' summed log-prob fell by {num(-dc)} (rejected: {num(dr, signed=True)}) "
@@ -147,7 +147,7 @@ def preference_findings(ev: dict, records: list[dict]) -> list[dict]:
     if ev.get("task") == "reward" and is_number(acc) and is_number(n) and n:
         lo, _ = _wilson(acc, n)
         out.append(
-            _item(
+            finding(
                 "accuracy",
                 "ok" if lo > 0.5 else "warning",
                 f"Held-out accuracy {_acc(acc)} on {num(n)} pairs (95% CI from {_acc(lo)}): "
@@ -264,7 +264,3 @@ def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def _pct(x) -> str:
     return f"{x:.1%}" if is_number(x) else "—"
-
-
-def _item(kind: str, severity: str, text_: str) -> dict:
-    return {"kind": kind, "severity": severity, "text": text_}
