@@ -57,13 +57,47 @@ def test_pairs_share_the_prompt_and_mask_only_the_replies(tmp_path, template, to
     )
 
     records = data.records["train"]
-    starts = [m.tolist().index(True) for m in [*ts.trained, *ts.rejected.trained]]
-    cut = encode_pairs(records, template, max_length=min(starts))  # the prompt fills it: replies cut away
-    assert len(cut) == 0 and cut.stats["dropped"] == 6
-    kept = encode_pairs(records, template, max_length=max(starts) + 2)
-    assert len(kept) == 6 and kept.stats["truncated"] == 6  # both replies keep a token: kept, truncated
-    with pytest.raises(DataError, match="no preference pairs left"):
-        build_pairs(DataConfig(train=[str(path)], val_fraction=0.0, max_length=min(starts)), template, seed=0)
+    assert encode_pairs(records, template, max_length=2).stats["dropped"] == 6  # replies' first tokens alike
+    alike = [{**p, "chosen": "Same words here, again and again: yes.", "rejected": "Same words here, again "
+              "and again: no."} for p in pairs(3)]  # fmt: skip
+    with pytest.raises(DataError, match="no preference pairs left"):  # nothing differs in the kept window
+        build_pairs(
+            DataConfig(train=[str(write_jsonl(tmp_path / "a.jsonl", alike))], val_fraction=0.0, max_length=8),
+            template,
+            seed=0,
+        )
+
+
+def test_long_pairs_lose_the_prompts_oldest_tokens_not_the_replies(tmp_path, template, tokenizer):
+    prompt = "Human: " + "tell me more " * 30 + "\n\nAssistant: ok.\n\nHuman: Which one?\n\nAssistant:"
+    rows = [{"prompt": prompt, "chosen": " The sea.", "rejected": " Paris, the capital of France."}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    full = encode_pairs(read_pairs(path), template, max_length=4096)
+    assert full.stats == {"truncated": 0, "replies_cut": 0, "dropped": 0}
+    start = full.trained[0].tolist().index(True)
+    assert not full.trained[0][:start].any()  # the earlier assistant turn ("ok.") is prompt, not loss
+    assert "ok." in tokenizer.decode(full.ids[0][:start])
+    assert template.encode(read_pairs(path)[0].messages).ids == full.ids[0].tolist()  # same tokens as SFT's
+    r_reply = full.rejected.ids[0][start:].tolist()
+
+    budget = len(r_reply) + 30  # room for the replies and the prompt's last 30 tokens
+    cut = encode_pairs(read_pairs(path), template, max_length=budget)
+    assert cut.stats == {"truncated": 1, "replies_cut": 0, "dropped": 0}
+    assert cut.rejected.ids[0].tolist() == full.rejected.ids[0][start - 30 :].tolist()  # the prompt's end
+    assert cut.ids[0].tolist() == full.ids[0][start - 30 :].tolist()
+    assert "Which one?" in tokenizer.decode(cut.ids[0])
+
+    half = encode_pairs(read_pairs(path), template, max_length=12)  # the rejected reply is longer than 6
+    assert half.stats == {"truncated": 1, "replies_cut": 1, "dropped": 0}
+    assert len(half.rejected.ids[0]) == 12 and half.rejected.trained[0].tolist() == [False] * 6 + [True] * 6
+    assert half.rejected.ids[0][6:].tolist() == r_reply[:6]  # the reply keeps its start
+
+
+def read_pairs(path):
+    from strop.core.config import DatasetSource
+    from strop.data.pairs import _read
+
+    return _read(DatasetSource(path=str(path)), False)
 
 
 def test_chunked_reply_logps_equal_full_logits(tiny_llama, template, tokenizer, tmp_path, monkeypatch):
@@ -440,14 +474,15 @@ def test_bad_rated_rows_are_listed_by_the_check_and_skipped_on_request(tiny_llam
     assert [r.where.rsplit(":", 1)[1] for r in out.rejected] == ["2", "5"]
 
 
-def test_rated_rows_whose_reply_is_cut_away_are_dropped(tmp_path, template):
+def test_rated_rows_keep_their_reply_when_the_prompt_is_long(tmp_path, template, tokenizer):
     from strop.data.ratings import build_ratings
 
     rows = rated(6)
-    rows[1]["prompt"] = "word " * 200  # the reply starts past max_length
+    rows[1]["prompt"] = "word " * 200  # the reply starts past max_length: the prompt's start goes
     path = write_jsonl(tmp_path / "rated.jsonl", rows)
     data = build_ratings(
         DataConfig(train=[str(path)], val_fraction=0.0, max_length=64), template, seed=0, field="rating"
     )
-    assert len(data.train) == 5 and data.summary["dropped_reply_cut_away"] == 1
-    assert data.train.ratings.tolist() == [r["rating"] for i, r in enumerate(rows) if i != 1]
+    assert data.summary["dropped_reply_cut_away"] == 0 and len(data.train.ids[1]) == 64
+    assert rows[1]["response"] in tokenizer.decode(data.train.ids[1])
+    assert data.train.ratings.tolist() == [r["rating"] for r in rows]

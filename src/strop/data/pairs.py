@@ -3,8 +3,8 @@
 Rows are `{prompt, chosen, rejected}` (an HH-style "Human: ... Assistant:" prompt becomes turns) or
 chat conversations whose chosen and rejected final turns differ (formats.py). Both sides are rendered
 with the chat template, so the prompt tokens are identical and only the reply differs; the loss mask
-marks each reply (with its end-of-turn). A pair is dropped, and counted, when truncation at
-`max_length` cuts either reply away entirely.
+marks each final reply (with its end-of-turn). A long pair loses its prompt's oldest tokens first
+(`fit_reply`); a pair is dropped, and counted, when nothing is left to compare.
 """
 
 from __future__ import annotations
@@ -59,22 +59,32 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
         "validation_pairs": len(val) if val is not None else 0,
         "dropped_pairs": train.stats["dropped"] + (val.stats["dropped"] if val is not None else 0),
         "truncated_pairs": train.stats["truncated"] + (val.stats["truncated"] if val is not None else 0),
+        "replies_cut_pairs": train.stats["replies_cut"]
+        + (val.stats["replies_cut"] if val is not None else 0),
         "train_tokens": int(sum(len(x) for x in train.ids) + sum(len(x) for x in train.rejected.ids)),
         "train_pairs_with_margin": sum(r.margin is not None for r in splits["train"]),
         "leakage": leakage,
     }
     log.info(
-        "data: %d train / %d validation preference pairs (%d truncated, %d dropped: a reply cut away)",
+        "data: %d train / %d validation preference pairs (%d truncated, %d of them with a reply cut; "
+        "%d dropped: replies cut away or identical)",
         len(train),
         summary["validation_pairs"],
         summary["truncated_pairs"],
+        summary["replies_cut_pairs"],
         summary["dropped_pairs"],
     )
     return PairData(train, val, splits, summary)
 
 
 def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int) -> TokenizedSet:
-    """Chosen rows (with `.rejected` holding the other side, row for row)."""
+    """Chosen rows (with `.rejected` holding the other side, row for row).
+
+    Only the final reply carries loss (earlier assistant turns are part of the prompt). A pair longer
+    than `max_length` loses its prompt's oldest tokens first, down to half the budget, so the replies,
+    where the two sides differ, survive; only then are the replies cut at their end. A pair whose
+    replies are identical after that cut has nothing to compare and is dropped.
+    """
     sides: dict[str, list] = {
         "ids": [],
         "trained": [],
@@ -83,28 +93,47 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
         "kept": [],
         "margin": [],
     }
-    truncated = dropped = 0
+    truncated = replies_cut = dropped = 0
     for r in records:
-        chosen = template.encode(r.messages)
-        rejected = template.encode([*r.messages[:-1], {"role": "assistant", "content": r.rejected}])
-        c_ids, c_tr = chosen.ids[:max_length], chosen.trained[:max_length]
-        r_ids, r_tr = rejected.ids[:max_length], rejected.trained[:max_length]
-        if not any(c_tr[1:]) or not any(r_tr[1:]):
+        chosen = template.encode(r.messages, last_turn_only=True)
+        rejected = template.encode(
+            [*r.messages[:-1], {"role": "assistant", "content": r.rejected}], last_turn_only=True
+        )
+        if not (any(chosen.trained) and any(rejected.trained)):
             dropped += 1
             continue
-        truncated += len(chosen.ids) > max_length or len(rejected.ids) > max_length  # kept, but cut
+        start = chosen.trained.index(True)  # the prompt (identical on both sides) ends here
+        reply_len = max(len(chosen.ids), len(rejected.ids)) - start
+        keep_prompt, keep_reply = fit_reply(start, reply_len, max_length)
+        window = slice(start - keep_prompt, start + keep_reply)
+        c_ids, c_tr = chosen.ids[window], chosen.trained[window]
+        r_ids, r_tr = rejected.ids[window], rejected.trained[window]
+        if c_ids == r_ids or not any(c_tr[1:]) or not any(r_tr[1:]):  # token 0 is never predicted
+            dropped += 1
+            continue
+        truncated += keep_prompt < start or keep_reply < reply_len
+        replies_cut += keep_reply < reply_len
         sides["ids"].append(np.asarray(c_ids, dtype=np.int32))
         sides["trained"].append(np.asarray(c_tr, dtype=bool))
         sides["r_ids"].append(np.asarray(r_ids, dtype=np.int32))
         sides["r_trained"].append(np.asarray(r_tr, dtype=bool))
         sides["kept"].append(r.id)
         sides["margin"].append(r.margin)
-    stats = {"truncated": truncated, "dropped": dropped}
+    stats = {"truncated": truncated, "replies_cut": replies_cut, "dropped": dropped}
     out = TokenizedSet(sides["ids"], sides["trained"], sides["kept"], stats)
     out.rejected = TokenizedSet(sides["r_ids"], sides["r_trained"], list(sides["kept"]), {})
     if any(m is not None for m in sides["margin"]):  # a row without a margin asks for none (0)
         out.margins = np.array([m or 0.0 for m in sides["margin"]], dtype=np.float32)
     return out
+
+
+def fit_reply(prompt_len: int, reply_len: int, max_length: int) -> tuple[int, int]:
+    """(prompt tokens kept, counted from its end; reply tokens kept, counted from its start) within
+    `max_length`: the prompt gives up its oldest tokens first, down to half the budget, then the reply
+    is cut at its end. The latest turns are what a reply answers; TRL's DPO keeps the prompt's end too.
+    """
+    keep_prompt = min(prompt_len, max(max_length - reply_len, max_length // 2, 1))
+    return keep_prompt, min(reply_len, max_length - keep_prompt)
 
 
 def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:

@@ -117,15 +117,22 @@ class ChatTemplate:
                 pass  # a template that can't be trained on (not incremental) still renders for chat
         return self._tokenize(prompt)
 
-    def encode(self, messages: tuple[dict, ...] | list[dict], train_on_prompt: bool = False) -> Encoded:
-        """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss.
+    def encode(
+        self,
+        messages: tuple[dict, ...] | list[dict],
+        train_on_prompt: bool = False,
+        last_turn_only: bool = False,
+    ) -> Encoded:
+        """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss, or
+        only the final one with `last_turn_only` (a preference pair's reply; earlier turns are its prompt).
 
         Renders growing prefixes and takes the text each assistant turn adds, so the template decides
         the format and this function only cuts it into trained and untrained pieces.
         """
         messages = list(messages)
-        pieces: list[tuple[str, bool]] = []
+        pieces: list[tuple[str, bool, bool]] = []  # (text, is an assistant turn, carries loss)
         done = ""
+        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -137,20 +144,23 @@ class ChatTemplate:
                     "assistant turn, or skip a role?); if your conversations are fine, "
                     "choose data.template: chatml or alpaca"
                 )
-            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
+            pieces += [
+                (before[len(done) :], False, False),
+                (after[len(before) :], True, k == last or not last_turn_only),
+            ]
             done = after
         full = self.render(messages, add_generation_prompt=False)
         if full[len(done) :]:
-            pieces.append((full[len(done) :], False))
+            pieces.append((full[len(done) :], False, False))
 
         ids: list[int] = []
         trained: list[bool] = []
-        for text, is_response in pieces:
+        for text, is_response, carries in pieces:
             piece = self._tokenize(text)
             if is_response and not (piece and piece[-1] in self.stop_ids) and not self._ends_turn(piece):
                 piece.append(self.tokenizer.eos_token_id)  # a tuned model must learn to stop
             ids += piece
-            trained += [is_response or train_on_prompt] * len(piece)
+            trained += [carries or train_on_prompt] * len(piece)
         return Encoded(ids, trained)
 
     def _ends_turn(self, piece: list[int]) -> bool:

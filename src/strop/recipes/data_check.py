@@ -62,22 +62,28 @@ def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
 
 
 def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
-    """Preference pairs as training reads them: a pair counts as truncated when either side is longer
-    than max_length, and is dropped when truncation cuts either reply away."""
+    """Preference pairs as training reads them: a pair longer than max_length is truncated (its prompt's
+    oldest tokens first, then the replies' ends), and dropped when nothing is left to compare."""
     lenient = cfg.data.model_copy(update={"skip_bad_rows": True, "allow_leakage": True})
     summary = build_pairs(lenient, template, cfg.train.seed).summary
     report["pairs"] = {
-        k: summary[k] for k in ("train_pairs", "validation_pairs", "truncated_pairs", "dropped_pairs")
+        k: summary[k]
+        for k in ("train_pairs", "validation_pairs", "truncated_pairs", "replies_cut_pairs", "dropped_pairs")
     }
     if summary["dropped_pairs"]:
         report["errors"].append(
-            f"{summary['dropped_pairs']} pair(s) lose a whole reply at max_length {cfg.data.max_length} "
-            "and would be dropped"
+            f"{summary['dropped_pairs']} pair(s) have nothing left to compare at max_length "
+            f"{cfg.data.max_length} (a reply cut away, or both replies identical after the cut) and would be dropped"
         )
-    if summary["truncated_pairs"]:
+    if summary["replies_cut_pairs"]:
         report["warnings"].append(
-            f"{summary['truncated_pairs']} pair(s) have a side longer than max_length {cfg.data.max_length} "
-            "and would be truncated"
+            f"{summary['replies_cut_pairs']} pair(s) have a reply cut at its end at max_length "
+            f"{cfg.data.max_length} (after their prompt was trimmed to half of it); raise data.max_length"
+        )
+    elif summary["truncated_pairs"]:
+        report["notes"].append(
+            f"{summary['truncated_pairs']} pair(s) are longer than max_length {cfg.data.max_length}: their "
+            "prompt's oldest tokens are dropped, the replies are kept whole"
         )
 
 

@@ -222,8 +222,9 @@ def _dropped_line(d: dict, sources: list[dict], max_length) -> str:
 def _pairs_line(d: dict, max_length) -> str:
     limit = f" at {num(max_length)} tokens" if max_length is not None else ""
     return (
-        f"Preference pairs: {num(d.get('truncated_pairs'))} truncated{limit} (a reply kept at least one "
-        f"token), {num(d.get('dropped_pairs'))} dropped (truncation cut a reply away)."
+        f"Preference pairs: {num(d.get('truncated_pairs'))} truncated{limit} (the prompt's oldest tokens "
+        f"first; {num(d.get('replies_cut_pairs'))} with a reply cut at its end), {num(d.get('dropped_pairs'))} "
+        "dropped (nothing left to compare)."
     )
 
 
