@@ -18,7 +18,7 @@ from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import check_leakage, held_out, read_records
 from strop.data.formats import Record
-from strop.data.template import ChatTemplate
+from strop.data.template import ChatTemplate, Encoded
 from strop.data.tokenized import TokenizedSet
 
 log = logging.getLogger("strop.data")
@@ -125,6 +125,15 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
     if any(m is not None for m in sides["margin"]):  # a row without a margin asks for none (0)
         out.margins = np.array([m or 0.0 for m in sides["margin"]], dtype=np.float32)
     return out
+
+
+def fit_conversation(enc: Encoded, max_length: int) -> tuple[list[int], list[bool]]:
+    """One conversation (ids, loss mask) cut as `fit_reply` cuts a pair; its final reply starts at the
+    first trained token (encode it with `last_turn_only`)."""
+    start = enc.trained.index(True) if any(enc.trained) else len(enc.ids)
+    keep_prompt, keep_reply = fit_reply(start, len(enc.ids) - start, max_length)
+    window = slice(start - keep_prompt, start + keep_reply)
+    return enc.ids[window], enc.trained[window]
 
 
 def fit_reply(prompt_len: int, reply_len: int, max_length: int) -> tuple[int, int]:

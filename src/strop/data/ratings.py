@@ -19,7 +19,7 @@ from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
 from strop.data.formats import hh_turns
-from strop.data.pairs import fit_reply
+from strop.data.pairs import fit_conversation
 from strop.data.read import Rejected
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import TokenizedSet
@@ -87,18 +87,17 @@ def _rated(row, src: DatasetSource, field: str) -> tuple[str, list[dict], float]
 def encode_rated(
     items: list[tuple[str, list[dict], float]], template: ChatTemplate, max_length: int
 ) -> TokenizedSet:
-    """A long conversation loses its prompt's oldest tokens first (`fit_reply`); one whose rated reply
+    """A long conversation loses its prompt's oldest tokens first (`fit_conversation`); one whose rated reply
     is still cut away entirely is dropped (and counted): the reward would be learned from the prompt."""
     ids, kept, truncated, dropped = [], [], 0, 0
     for item in items:
         enc = template.encode(item[1], last_turn_only=True)
-        start = enc.trained.index(True) if any(enc.trained) else len(enc.ids)
-        keep_prompt, keep_reply = fit_reply(start, len(enc.ids) - start, max_length)
+        fitted, trained = fit_conversation(enc, max_length)
         truncated += len(enc.ids) > max_length
-        if keep_reply == 0:
+        if not any(trained):
             dropped += 1
             continue
-        ids.append(np.asarray(enc.ids[start - keep_prompt : start + keep_reply], dtype=np.int32))
+        ids.append(np.asarray(fitted, dtype=np.int32))
         kept.append(item)
     return TokenizedSet(
         ids,

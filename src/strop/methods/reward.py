@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from strop.data.pairs import fit_conversation
 from strop.data.template import ChatTemplate
 from strop.methods.preference import bradley_terry_loss
 from strop.models.classifier import load_classifier
@@ -69,8 +70,9 @@ class RewardScorer:
 
     It renders them with the reward run's own template and tokenizer, so the policy being scored may
     use another tokenizer; conversations are batched by length. A conversation longer than the reward
-    model was trained on (its data.max_length, else the backbone's position limit) keeps its last tokens:
-    the reply being scored is at the end. `truncated` counts those.
+    model was trained on (its data.max_length, else the backbone's position limit) is cut as training
+    cut its pairs (`fit_reply`): the prompt's oldest tokens go first, so the reply being scored stays.
+    `truncated` counts those.
     """
 
     def __init__(self, run_dir: Path, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -89,17 +91,18 @@ class RewardScorer:
 
     @torch.no_grad()
     def __call__(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-        ids = [self.template.encode(c).ids for c in conversations]
+        encoded = [self.template.encode(c, last_turn_only=True) for c in conversations]
+        ids = [e.ids for e in encoded]
         if self.max_length:
-            cut = sum(len(x) > self.max_length for x in ids)
+            cut = [i for i, x in enumerate(ids) if len(x) > self.max_length]
             if cut and not self.truncated:
                 log.warning(
-                    "reward model: conversations longer than its %d tokens keep their last %d (the reply)",
-                    self.max_length,
+                    "reward model: conversations longer than its %d tokens lose their prompt's oldest tokens",
                     self.max_length,
                 )
-            self.truncated += cut
-            ids = [x[-self.max_length :] for x in ids]
+            self.truncated += len(cut)
+            for i in cut:
+                ids[i] = fit_conversation(encoded[i], self.max_length)[0]
         pad = self.template.tokenizer.pad_token_id
         out = [0.0] * len(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
