@@ -343,3 +343,25 @@ def test_preference_report_judges_by_held_out_loss_not_the_training_curve(tmp_pa
     write_report(tmp_path)
     kinds = [d["kind"] for d in json.loads((tmp_path / "report.json").read_text())["diagnosis"]]
     assert "underfitting" in kinds  # without held-out figures the curve is all there is
+
+
+def test_a_run_mostly_outside_its_loop_reports_both_times(tmp_path):
+    """DPO computes reference log-probs before its loop and scores held-out pairs after it: the
+    headline gives the loop's time (segments add up across a resume) and the whole run's."""
+    import json
+
+    from strop.report import write_report
+
+    (tmp_path / "config.yaml").write_text("task: dpo\nname: p\n")
+    elapsed = [60.0 * i for i in range(1, 11)] + [60.0 * i for i in range(1, 6)]  # resumed after 600 s
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": i + 1, "loss": 0.6, "lr": 1e-4, "elapsed_s": e}) + "\n"
+            for i, e in enumerate(elapsed)
+        )
+    )
+    (tmp_path / "result.json").write_text(json.dumps({"seconds": 3600.0, "metrics": {"steps": 15}}))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Trained 15 steps in 15m 00s (the whole run: 1h 00m)" in md
+    assert "| training loop time | 15m 00s |" in md and "| whole run time | 1h 00m |" in md

@@ -188,6 +188,17 @@ def training_facts(run: Run) -> dict:
         "trainable_parameters": m.get("trainable_parameters"),
         "total_parameters": m.get("total_parameters"),
         "seconds": seconds if is_number(seconds) else (max(elapsed) if elapsed else None),
+        "loop_seconds": _loop_seconds(elapsed),
         "median_tokens_per_s": float(np.median(tps)) if tps else None,
         "label_tokens": int(sum(label_tokens)) if label_tokens else None,
     }
+
+
+def _loop_seconds(elapsed: list[float]) -> float | None:
+    """Wall time of the training loop; `elapsed_s` restarts at each resume, so the segments add up."""
+    if not elapsed:
+        return None
+    total = 0.0
+    for before, after in zip(elapsed, elapsed[1:], strict=False):
+        total += before if after < before else 0.0
+    return total + elapsed[-1]

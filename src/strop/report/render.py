@@ -111,7 +111,10 @@ def _headline(run: Run, facts: dict) -> list[str]:
     if facts["steps"] is not None:
         line = f"Trained {num(facts['steps'])} steps"
         line += " (stopped early)" if facts["stopped_early"] else ""
-        line += f" in {duration(facts['seconds'])}" if facts["seconds"] is not None else ""
+        if _setup_heavy(facts):  # e.g. DPO's reference pass and held-out scoring
+            line += f" in {duration(facts['loop_seconds'])} (the whole run: {duration(facts['seconds'])})"
+        elif facts["seconds"] is not None:
+            line += f" in {duration(facts['seconds'])}"
         if is_number(facts["loss"]) and not is_rl(run.eval, run.config):  # RL losses are surrogates
             line += f"; final training loss {num(facts['loss'])}"
         if is_number(facts["best_val_loss"]):
@@ -256,10 +259,17 @@ def _training_section(run: Run, facts: dict) -> dict:
     )
 
 
+def _setup_heavy(facts: dict) -> bool:
+    """The run spent over a fifth of its time outside the training loop (data, reference, evaluation)."""
+    loop, whole = facts.get("loop_seconds"), facts.get("seconds")
+    return is_number(loop) and is_number(whole) and whole > 1.25 * loop
+
+
 def _throughput_section(run: Run, facts: dict) -> dict:
     rows = [
         ["median training tokens/s", num(facts["median_tokens_per_s"])],
-        ["total training time", duration(facts["seconds"])],
+        *([["training loop time", duration(facts["loop_seconds"])]] if _setup_heavy(facts) else []),
+        ["total training time" if not _setup_heavy(facts) else "whole run time", duration(facts["seconds"])],
         [_unit(run), num(facts["label_tokens"])],
     ]
     trainable, total = facts["trainable_parameters"], facts["total_parameters"]
