@@ -142,3 +142,24 @@ def test_a_missing_file_is_an_error_not_a_report(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 2 and f"error: data file not found: {tmp_path / 'nope.jsonl'}" in captured.err
     assert "FAIL" not in captured.out
+
+
+def test_preference_pairs_are_checked_as_training_cuts_them(tiny_llama, tmp_path, capsys):
+    """Long prompts are trimmed from their start, so only the pair check speaks of truncation: no
+    SFT-style 'would be truncated' warning, a note while the replies are whole, a warning once cut."""
+    long = "Human: " + "tell me more about ships " * 20
+    rows = [
+        {"prompt": f"{long}{i}\n\nAssistant:", "chosen": "The sea.", "rejected": "Paris is a city."}
+        for i in range(6)
+    ]
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    argv = [str(train), "--model", str(tiny_llama), "--set", "task=dpo", "--set", "data.val_fraction=0"]
+    rc, out = check([*argv, "--max-length", "96", "--json"], capsys)
+    report = json.loads(out)
+    assert report["pairs"]["truncated_pairs"] == 6 and report["pairs"]["replies_cut_pairs"] == 0
+    assert not report["errors"] and not report["warnings"], report["warnings"]
+    assert any("replies are kept whole" in n for n in report["notes"])
+    rc, out = check([*argv, "--max-length", "16", "--json"], capsys)
+    report = json.loads(out)
+    assert report["pairs"]["replies_cut_pairs"] == 6 and not report["errors"]
+    assert [w for w in report["warnings"] if "reply cut" in w] == report["warnings"]

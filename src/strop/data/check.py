@@ -25,6 +25,7 @@ from strop.data.tokenized import TokenizedSet, tokenize_records
 
 LISTED = 20  # ids shown per finding in the text report (the JSON report has them all)
 IMBALANCE = 10.0  # most / least frequent label above this is a warning
+UNCUT = 1 << 30  # max_length that cuts nothing
 
 
 @dataclass
@@ -37,7 +38,11 @@ class CheckResult:
         return self.report["errors"]
 
 
-def check_data(cfg: DataConfig, template: ChatTemplate, seed: int) -> CheckResult:
+def check_data(
+    cfg: DataConfig, template: ChatTemplate, seed: int, length_findings: bool = True
+) -> CheckResult:
+    """`length_findings: False`: the caller checks lengths (preference pairs are cut differently), so
+    rows are tokenized here uncut, for duplicates, leakage and label balance only."""
     report: dict = {"sources": [], "errors": [], "warnings": [], "notes": []}
     for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
         for src in sources:
@@ -46,11 +51,13 @@ def check_data(cfg: DataConfig, template: ChatTemplate, seed: int) -> CheckResul
         return CheckResult(report)  # nothing readable to tokenize
 
     lenient = cfg.model_copy(update={"skip_bad_rows": True, "allow_leakage": True})
+    if not length_findings:
+        lenient = lenient.model_copy(update={"max_length": UNCUT})
     data = build_datasets(lenient, template, seed)
     splits = split_records(lenient, data)
     sets = {"train": data.train, "validation": data.validation}
     if splits["test"]:
-        sets["test"] = tokenize_records(splits["test"], template, cfg.max_length, cfg.train_on_prompt)
+        sets["test"] = tokenize_records(splits["test"], template, lenient.max_length, cfg.train_on_prompt)
     report["splits"] = {k: len(v) for k, v in splits.items()}
     report["validation_from"] = "files" if cfg.validation else f"val_fraction {cfg.val_fraction}"
     if data.summary.get("mixture"):
@@ -60,7 +67,7 @@ def check_data(cfg: DataConfig, template: ChatTemplate, seed: int) -> CheckResul
         for k, ts in sets.items()
         if ts
     }
-    for split, t in report["tokens"].items():
+    for split, t in report["tokens"].items() if length_findings else ():  # uncut: nothing to say
         if t["response_cut_away"]:
             report["errors"].append(
                 f"{split}: {t['response_cut_away']} example(s) lose their whole response at max_length "

@@ -49,11 +49,12 @@ def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
         return _check_prompts(cfg, template, template_name)
     if cfg.task == "reward" and cfg.reward_model.target == "ratings":
         return _check_ratings(cfg, template, template_name)
-    result = check_data(cfg.data, template, cfg.train.seed)
+    pairs = cfg.task in ("reward", "dpo")  # _check_pairs reports their truncation, as training cuts them
+    result = check_data(cfg.data, template, cfg.train.seed, length_findings=not pairs)
     result.report["model"] = cfg.model.name
     result.report["template"] = template_name
-    if cfg.task in ("reward", "dpo") and not result.errors:
-        _check_pairs(cfg, template, result.report)
+    if pairs and not result.errors:
+        result.train = _check_pairs(cfg, template, result.report)  # the estimate reads pairs as cut
     if estimate and result.train is not None and len(result.train):
         result.report["estimate"] = estimate_run(
             cfg, architecture_source(cfg.model.name), result.train, result.report
@@ -61,11 +62,12 @@ def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
     return result
 
 
-def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
+def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> TokenizedSet:
     """Preference pairs as training reads them: a pair longer than max_length is truncated (its prompt's
     oldest tokens first, then the replies' ends), and dropped when nothing is left to compare."""
     lenient = cfg.data.model_copy(update={"skip_bad_rows": True, "allow_leakage": True})
-    summary = build_pairs(lenient, template, cfg.train.seed).summary
+    data = build_pairs(lenient, template, cfg.train.seed)
+    summary = data.summary
     report["pairs"] = {
         k: summary[k]
         for k in ("train_pairs", "validation_pairs", "truncated_pairs", "replies_cut_pairs", "dropped_pairs")
@@ -85,6 +87,7 @@ def _check_pairs(cfg: RunConfig, template: ChatTemplate, report: dict) -> None:
             f"{summary['truncated_pairs']} pair(s) are longer than max_length {cfg.data.max_length}: their "
             "prompt's oldest tokens are dropped, the replies are kept whole"
         )
+    return data.train
 
 
 def _blank_report(cfg: RunConfig, template_name: str) -> dict:

@@ -187,7 +187,7 @@ def training_facts(run: Run) -> dict:
         "stopped_early": m.get("stopped_early"),
         "trainable_parameters": m.get("trainable_parameters"),
         "total_parameters": m.get("total_parameters"),
-        "seconds": seconds if is_number(seconds) else (max(elapsed) if elapsed else None),
+        "seconds": seconds if is_number(seconds) else _loop_seconds(elapsed),
         "loop_seconds": _loop_seconds(elapsed),
         "median_tokens_per_s": float(np.median(tps)) if tps else None,
         "label_tokens": int(sum(label_tokens)) if label_tokens else None,

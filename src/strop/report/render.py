@@ -266,10 +266,15 @@ def _setup_heavy(facts: dict) -> bool:
 
 
 def _throughput_section(run: Run, facts: dict) -> dict:
+    times = [["total training time", duration(facts["seconds"])]]
+    if _setup_heavy(facts):
+        times = [
+            ["training loop time", duration(facts["loop_seconds"])],
+            ["whole run time", duration(facts["seconds"])],
+        ]
     rows = [
         ["median training tokens/s", num(facts["median_tokens_per_s"])],
-        *([["training loop time", duration(facts["loop_seconds"])]] if _setup_heavy(facts) else []),
-        ["total training time" if not _setup_heavy(facts) else "whole run time", duration(facts["seconds"])],
+        *times,
         [_unit(run), num(facts["label_tokens"])],
     ]
     trainable, total = facts["trainable_parameters"], facts["total_parameters"]
