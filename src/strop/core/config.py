@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from strop.core.data_config import (  # noqa: F401 - re-exported: the data section of a run config
     AugmentConfig,
@@ -22,6 +22,7 @@ from strop.core.data_config import (  # noqa: F401 - re-exported: the data secti
     MixtureConfig,
 )
 from strop.core.errors import ConfigError
+from strop.core.io import unreadable_file
 from strop.core.rl_config import RLConfig
 from strop.core.section import Section
 
@@ -32,7 +33,11 @@ class ModelConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False,
+        description="run the Python code that comes with the model folder or hub repo (its auto_map); "
+        "executes that code with your permissions: only for a model whose author you trust",
+    )
     adapter: Literal["merge", "continue"] = Field(
         "merge",
         description="when model.name is a strop LoRA run: merge its adapter into the weights and apply "
@@ -127,8 +132,8 @@ class EvalConfig(Section):
     max_examples: int | None = Field(64, ge=1, description="first N evaluation examples; null for all")
     metrics: list[str] = Field(
         default_factory=list,
-        description="exact_match, contains, rouge_l, bleu, accuracy, macro_f1 or module:function; "
-        "default: exact_match with an extractor, else rouge_l and bleu",
+        description="exact_match, contains, rouge_l, bleu, accuracy, macro_f1 or module:function "
+        "(imported, so its code runs); default: exact_match with an extractor, else rouge_l and bleu",
     )
     extract: str | None = Field(None, description="answer extractor: gsm8k, last_number or regex:PATTERN")
     max_new_tokens: int = Field(256, ge=1)
@@ -148,13 +153,26 @@ class EvalConfig(Section):
 
 
 STAGE_SECTIONS = ("data", "method", "optim", "train", "eval")
+# a run or stage name is one folder name: never empty, never `..`, no separators, so every file a run
+# writes stays inside output_dir/name
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def folder_name(value: str) -> str:
+    if not FOLDER_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            "names the run's folder, so it must be one folder name: letters, digits, '.', '_' and '-', "
+            f"starting with a letter or digit, no '..', '/' or absolute path; got {value!r}"
+        )
+    return value
 
 
 class StageConfig(Section):
     """One step of sequential fine-tuning: the top-level config with these sections overridden
     (mappings merge key by key; lists such as data.train are replaced)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the stage's run folder")
+    name: str = Field(description="names the stage's run folder (letters, digits, '.', '_', '-')")
+    _name = field_validator("name")(folder_name)
     start: Literal["merged", "adapter"] = Field(
         "merged",
         description="from the previous stage's weights with its adapter merged in (then this stage's "
@@ -245,7 +263,9 @@ class RewardModelConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = "run"
+    name: str = Field(
+        "run", description="names the run's folder under output_dir (letters, digits, '.', '_', '-')"
+    )
     output_dir: str = Field("runs", description="run directories are created under this folder")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -268,6 +288,8 @@ class RunConfig(Section):
         default_factory=list,
         description="sequential fine-tuning: each stage starts from the previous stage's result",
     )
+
+    _name = field_validator("name")(folder_name)
 
     @model_validator(mode="after")
     def _needs_training_data(self) -> RunConfig:
@@ -421,12 +443,18 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         raw, where = copy.deepcopy(source), "dict"  # overrides must not change the caller's dict
     else:
         path = Path(source)
-        if not path.is_file():
+        why = unreadable_file(path)
+        if why == "not found":
             raise ConfigError(f"config file not found: {path}")
+        if why:
+            raise ConfigError(f"config file {path}: {why}")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where_ = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}{where_}: not valid YAML: {what}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
         where = str(path)

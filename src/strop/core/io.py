@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,23 @@ from strop.core.errors import StropError
 def cache_root() -> Path:
     """Where strop caches tokenized data and converted models: $STROP_CACHE or ~/.cache/strop."""
     return Path(os.environ.get("STROP_CACHE") or Path.home() / ".cache" / "strop")
+
+
+def unreadable_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, in a user's words ("not found", "a folder, not a file", "a
+    symbolic link loop", ...); None when it can."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return "a broken symbolic link (its target does not exist)" if p.is_symlink() else "not found"
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not a file"
+    if not os.access(p, os.R_OK):
+        return "not readable (permission denied)"
+    return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -16,7 +16,7 @@ class RLConfig(Section):
     reward: str = Field(
         description="a strop reward run (its folder), a built-in reward (length, contains, avoid, "
         "exact_match, gsm8k) or a Python function module:function or path/file.py:function, called as "
-        "f(prompts, completions, **columns) -> list of floats"
+        "f(prompts, completions, **columns) -> list of floats (imported, so its code runs)"
     )
     reward_args: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for the reward function (e.g. target: 20)"

@@ -19,6 +19,7 @@ import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
+from strop.core.io import unreadable_file
 from strop.data.build import check_leakage, read_records
 from strop.data.formats import Record
 from strop.data.prepare import split_stratified
@@ -110,8 +111,9 @@ def encode(records: list[Record], tokenizer, index: dict[str, int], max_length: 
 def read_texts(path: Path) -> list[tuple[str, str | None]]:
     """Texts to classify: a .txt file (one per line) or rows with `text` (and `text_pair`)."""
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
+        why = unreadable_file(path)
+        if why:
+            raise DataError(f"{path}: {why}")
         return [(line, None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     out = []
     for row in read_rows(str(path)):

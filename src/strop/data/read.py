@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from strop.core.errors import DataError
+from strop.core.io import unreadable_file
 
 SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 
@@ -60,7 +61,10 @@ def read_rows(
         or path.startswith((".", "/", "~"))
         or Path(Path(path).parts[0]).exists()  # "data/trian": a mistyped local path, not a hub dataset
     ):
-        raise DataError(f"data file not found: {p}")
+        why = unreadable_file(p)
+        raise DataError(
+            f"data file not found: {p}" if why in (None, "not found") else f"data file {p}: {why}"
+        )
     else:
         return _read_hub(path, split, limit)
     rows: list[Row] = []

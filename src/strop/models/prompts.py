@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from strop.core.errors import DataError
+from strop.core.io import unreadable_file
 from strop.data.prompts import prompt_messages
 from strop.data.read import read_rows
 
@@ -13,8 +14,9 @@ from strop.data.read import read_rows
 def read_prompts(path: str) -> list[dict]:
     """[{id, messages}] where messages end with the user turn to answer."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"prompts file not found: {p}")
+    why = unreadable_file(p)
+    if why:
+        raise DataError(f"prompts file {p}: {why}")
     if p.suffix == ".txt":
         lines = [(n, line.strip()) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)]
         return [
