@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from strop.core.errors import StropError
-from strop.models.load import load_adapter, load_model, resolve_source, strop_run
+from strop.models.load import from_pretrained, load_adapter, load_model, resolve_source, strop_run
 from strop.models.trainable import keep_blocks
 
 CLASSIFIER_FILE = "classifier.json"
@@ -165,7 +165,7 @@ def load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_rem
     from transformers import AutoModel
 
     source = resolve_source(name, causal_lm=False)
-    model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = from_pretrained(AutoModel, source, trust_remote_code, dtype=dtype, use_safetensors=True)
     return model.to(device)
 
 

@@ -84,10 +84,87 @@ def _hub_cache_has(repo_id: str) -> bool:
         return False
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_model_folder(source: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before transformers sees it, what would run code from a local model folder: weights only
+    in pickle files (unpickling can execute anything) and custom model code (config.json's `auto_map`)
+    unless `model.trust_remote_code` allows it, which is then logged, naming the folder."""
+    p = Path(source).expanduser()
+    if trust_remote_code and source not in _TRUSTED:
+        _TRUSTED.add(source)
+        log.warning(
+            "model.trust_remote_code is true: transformers may run Python code that comes with %s", source
+        )
+    if not p.is_dir():
+        return
+    if (p / "adapter_config.json").is_file():
+        check_adapter_folder(p)
+        return
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern))
+    if pickles and not any(p.glob("*.safetensors")):
+        raise StropError(
+            f"model.name: {p} holds its weights only as pickle ({', '.join(pickles[:3])}); strop loads "
+            "safetensors only, since unpickling a file can run any code in it. If you trust the folder, "
+            'convert it once: python -c "from transformers import AutoModelForCausalLM as M; '
+            f"M.from_pretrained('{p}').save_pretrained('{p}-safetensors')\" and use that folder"
+        )
+    auto_map = _read_json(p / "config.json").get("auto_map") or _read_json(p / "tokenizer_config.json").get(
+        "auto_map"
+    )
+    if auto_map and not trust_remote_code:
+        raise StropError(
+            f"model.name: {p} brings its own model code (auto_map: {', '.join(sorted(auto_map))}); strop "
+            "runs it only with model.trust_remote_code: true, which executes the folder's Python files: "
+            "set it only for a folder whose code you trust"
+        )
+
+
+def check_adapter_folder(folder: Path) -> None:
+    """A PEFT adapter folder must hold its weights as safetensors (never unpickled)."""
+    if (folder / "adapter_model.safetensors").is_file():
+        return
+    pickled = sorted(f.name for f in folder.glob("adapter_model.*"))
+    raise StropError(
+        f"{folder}: no adapter_model.safetensors"
+        + (
+            f" (only {', '.join(pickled)}: pickle, which strop does not load, since unpickling a file can "
+            "run any code in it; re-save the adapter with save_pretrained(safe_serialization=True))"
+            if pickled
+            else " (not a complete LoRA run: was it copied in part?)"
+        )
+    )
+
+
+_TRUSTED: set[str] = set()  # sources already warned about, so each is named once
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def from_pretrained(auto_class, source: str, trust_remote_code: bool = False, **kwargs):
+    """`auto_class.from_pretrained` on safetensors only, after `check_model_folder`; transformers' own
+    refusals (custom code on the hub, a folder without weights) become one-line errors."""
+    check_model_folder(source, trust_remote_code)
+    try:
+        return auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the file system's own failure (a full disk, a read-only folder): the caller's to report
+        raise StropError(f"model.name: cannot load {source}: {text}") from None
+
+
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, source, trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -97,7 +174,9 @@ def load_causal_lm(source: str, device: torch.device, dtype: torch.dtype, trust_
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = from_pretrained(
+        AutoModelForCausalLM, source, trust_remote_code, dtype=dtype, use_safetensors=True
+    )
     model.to(device)
     log.info("loaded %s (%s, %s) in %.2f s", source, device, dtype, time.time() - t0)
     return model
@@ -135,6 +214,7 @@ def load_adapter(base, adapter_dir: str, trainable: bool = False):
     """A PEFT adapter over `base` (peft's own loader; saved in peft's format)."""
     from peft import PeftModel
 
+    check_adapter_folder(Path(adapter_dir))
     with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)

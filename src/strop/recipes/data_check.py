@@ -30,7 +30,7 @@ from strop.data.prompts import prompt_splits
 from strop.data.ratings import build_ratings
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
-from strop.models.load import architecture_source, load_tokenizer, tokenizer_source
+from strop.models.load import architecture_source, from_pretrained, load_tokenizer, tokenizer_source
 from strop.models.trainable import apply_method, count_parameters
 from strop.training.loop import total_steps
 
@@ -146,7 +146,7 @@ def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -
 def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mcfg = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    mcfg = from_pretrained(AutoConfig, source, cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
         model = apply_method(model, cfg.method)
