@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from strop.cli.main import CONFIGS
@@ -33,6 +34,7 @@ def _train(args) -> int:
         import json
 
         run = Path(args.resume).expanduser().resolve()
+        _require_checkpoint(run)
         overrides += [f"output_dir={json.dumps(str(run.parent))}", f"name={json.dumps(run.name)}"]
     elif args.config:
         config = _config_path(args.config)
@@ -41,7 +43,8 @@ def _train(args) -> int:
     from strop.recipes.run import train
 
     cfg = load_config(config, overrides)
-    result = train(cfg, show_progress=not args.no_progress)
+    command = "strop " + shlex.join(args.argv)
+    result = train(cfg, show_progress=not args.no_progress, command=command)
     if isinstance(result, list):
         for stage, r in zip(cfg.stages, result, strict=True):
             print(f"stage {stage.name}:")
@@ -50,6 +53,17 @@ def _train(args) -> int:
     else:
         _print_result(result)
     return 0
+
+
+def _require_checkpoint(run) -> None:
+    """--resume continues from a checkpoint; a run stopped before its first one has none to continue."""
+    from strop.training.checkpoint import list_checkpoints
+
+    if not any(list_checkpoints(d) for d in (run, *run.glob("*/"))):
+        raise StropError(
+            f"--resume {run}: the run holds no checkpoint (it stopped before its first save), so there is "
+            f"nothing to resume; start it again with `strop train {run / 'config.yaml'}`"
+        )
 
 
 def _print_result(result) -> None:

@@ -8,17 +8,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from importlib import resources
 
-from strop.core.errors import StropError
+from strop.core.errors import USER_ERRNOS, Interrupted, StropError, describe_os_error
 
 CONFIGS = resources.files("strop.recipes") / "configs"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv  # quoted when a stopped run says how to start it again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     _quiet_libraries()
     try:
@@ -28,16 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     except StropError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # a run stopped by SIGINT/SIGTERM: the message says what is kept
+        print(f"\ninterrupted by {signal.Signals(e.signum).name}. {e.message}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted. Checkpoints already written are intact; continue with "
-            "`strop train --resume RUN_DIR`.",
-            file=sys.stderr,
-        )
-        return 130
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the user's to fix
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
 
 
 def _quiet_libraries() -> None:

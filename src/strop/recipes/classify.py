@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, to_yaml
+from strop.core.config import RunConfig
 from strop.core.errors import ConfigError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.batches import collate
@@ -37,6 +37,7 @@ from strop.models.classifier import (
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
 from strop.models.trainable import apply_classifier_method, count_parameters, keep_blocks
+from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import TrainResult, save_result, start_run, write_run_report
 from strop.training.loop import fit
 
@@ -51,9 +52,6 @@ def train_classifier(
     run_dir = cfg.run_dir
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name, causal_lm=False), cfg.model.trust_remote_code)
     data = build_labelled(cfg.data, tokenizer, cfg.classify.labels, cfg.train.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "data_summary.json", data.summary)
 
     torch.manual_seed(cfg.train.seed)  # the head's (and LoRA's) initial weights depend on the seed only
     backbone = load_backbone(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
@@ -63,6 +61,7 @@ def train_classifier(
     pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
     model = SequenceClassifier(backbone, data.labels, pooling, c.head_layers, c.head_dropout).to(device)
     model = apply_classifier_method(model, cfg.method)
+    open_run_folder(cfg, data.summary, model)
     trainable, total = count_parameters(model)
     log.info(
         "classifier: %s pooling, head %s, method %s: %s of %s parameters train (%.2f%%); %s, %d threads",

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, to_yaml
+from strop.core.config import RunConfig
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
@@ -36,6 +36,7 @@ from strop.models.classifier import SequenceClassifier, default_pooling, load_ba
 from strop.models.load import load_model, load_tokenizer, tokenizer_source
 from strop.models.trainable import apply_classifier_method, apply_method, keep_blocks
 from strop.recipes.classify import export_classifier
+from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import (
     TrainResult,
     export_model,
@@ -73,9 +74,6 @@ def train_preference(
         test = data.records["test"][: cfg.eval.max_examples]
         test_set = encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
     data.summary["template"] = template_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "data_summary.json", data.summary)
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(cfg.train.seed)
@@ -87,6 +85,7 @@ def train_preference(
         pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
         model = SequenceClassifier(backbone, ["reward"], pooling, c.head_layers, c.head_dropout).to(device)
         model = apply_classifier_method(model, cfg.method)
+        open_run_folder(cfg, data.summary, model)
         if cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
             sets = [s for s in (data.train, data.validation, test_set) if s is not None]
             rows = [r for s in sets for r in (*s.ids, *(s.rejected.ids if s.rejected is not None else []))]
@@ -101,6 +100,7 @@ def train_preference(
         if cfg.model.keep_layers:
             keep_blocks(model, cfg.model.keep_layers)
         model = apply_method(model, cfg.method)
+        open_run_folder(cfg, data.summary, model)
         if data.summary["train_pairs_with_margin"]:
             log.warning("data: DPO ignores the pairs' 'margin' field (reward models use it)")
         # the reference is the starting model: its log-probs, computed once, ride along in the batches

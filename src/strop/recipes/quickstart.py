@@ -10,7 +10,7 @@ from importlib import resources
 from strop.core.config import load_config
 from strop.models.generate import generate
 from strop.models.inference import load_for_inference
-from strop.recipes.sft import train
+from strop.recipes.run import train
 
 HERE = resources.files("strop.recipes")
 
@@ -25,7 +25,7 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
         f"strop quickstart: LoRA-tuning {cfg.model.name} to answer in a pirate voice "
         f"({cfg.train.max_steps} steps); run directory {cfg.run_dir}"
     )
-    result = train(cfg, show_progress=show_progress)
+    result = train(cfg, show_progress=show_progress, command="strop quickstart")
 
     prompts = [
         line.strip()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from strop.core.config import RunConfig, to_yaml
+from strop.core.config import RunConfig
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.prompts import Prompt, prompt_splits
 from strop.eval.rewards import call_reward, reward_function
@@ -26,6 +26,7 @@ from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
 from strop.models.load import load_model, load_tokenizer, strop_run, tokenizer_source
 from strop.models.trainable import apply_method, keep_blocks
+from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import (
     TrainResult,
     export_model,
@@ -52,9 +53,6 @@ def train_rl(
     splits, summary = prompt_splits(cfg.data, template, rl.max_new_tokens, cfg.train.seed)
     summary["template"] = template_name
     reward = build_reward(rl.reward, rl.reward_args, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "data_summary.json", summary)
     log.info(
         "%s: %d train / %d validation / %d test prompts (%d too long); reward %s",
         cfg.task,
@@ -71,6 +69,7 @@ def train_rl(
         keep_blocks(model, cfg.model.keep_layers)
     model = apply_method(model, cfg.method)
     value_head = ValueHead(model.config.hidden_size).to(device) if cfg.task == "ppo" else None
+    open_run_folder(cfg, summary, torch.nn.ModuleList([model, *([value_head] if value_head else [])]))
     frozen = None if cfg.method.name == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
     reference = _reference(model, frozen, rl.temperature)
     trainable, total = log_parameters(model, cfg, device, threads)

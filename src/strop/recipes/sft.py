@@ -23,10 +23,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, load_config, to_yaml
+from strop.core.config import RunConfig, load_config
 from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, set_threads
 from strop.core.errors import ConfigError, StropError
-from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from strop.core.io import atomic_dir, atomic_write_json
 from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
 from strop.data.curriculum import difficulty_by_length
 from strop.data.template import ChatTemplate, resolve_template
@@ -35,6 +35,7 @@ from strop.models.attention import enable_segment_attention
 from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, strop_run, tokenizer_source
 from strop.models.trainable import apply_method, count_parameters, keep_blocks
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
+from strop.recipes.run_folder import open_run_folder
 from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints
 from strop.training.loop import Curriculum, fit
@@ -97,10 +98,6 @@ def train(
     data.summary["template"] = template_name
     records = split_records(cfg.data, data)
     data.summary["leakage"] = guard_leakage(cfg.data, data, records)
-    # the run directory appears only once the model and data are known to be good
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    atomic_write_json(run_dir / "data_summary.json", data.summary)
     log.info(
         "data: %d train / %d validation examples, %d label tokens (template %s)",
         data.summary["train_examples"],
@@ -131,6 +128,8 @@ def train(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the run folder appears only once the model and data are known to be good
+    open_run_folder(cfg, data.summary, model)
     if cfg.train.batch_tokens:
         log.info(
             "packing: rows of up to %d tokens, attention %s",

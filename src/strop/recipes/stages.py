@@ -23,6 +23,7 @@ from pathlib import Path
 
 from strop.core.config import RunConfig, load_config, stage_configs, to_yaml
 from strop.core.io import atomic_write_json, atomic_write_text
+from strop.recipes.run_folder import note_created
 from strop.recipes.sft import TrainResult, train
 
 log = logging.getLogger("strop")
@@ -37,7 +38,9 @@ def train_stages(
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     stages = stage_configs(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.run_dir.exists():
+        cfg.run_dir.mkdir(parents=True)
+        note_created(cfg.run_dir)
     atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
 
     results: list[TrainResult] = []

@@ -70,6 +70,20 @@ def save_checkpoint(
     return path
 
 
+def rng_snapshot() -> tuple:
+    """Every generator a step draws from (torch CPU and CUDA, Python's), to undo an abandoned step's draws."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, random.getstate()
+
+
+def restore_rng(snapshot: tuple) -> None:
+    cpu, cuda, python = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+
+
 def load_weights(path: Path, model: nn.Module) -> None:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())

@@ -1,0 +1,75 @@
+"""SIGINT and SIGTERM during a run: stop at a safe point, never mid-write.
+
+Schedulers, `docker stop`, `kill` and preemptible machines send SIGTERM; Ctrl-C sends SIGINT. While a
+training loop runs (`deferred()`), the first signal only asks it to stop: the loop polls `requested()`
+between micro-batches, abandons the unfinished step, writes a checkpoint atomically and raises
+`Interrupted`. Outside a loop (loading, tokenizing, exporting) there is nothing to save yet, so the
+signal raises `Interrupted` at once. A second signal always raises at once; atomic writes (core/io.py)
+mean that can cost only the write in progress, never the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from strop.core.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"signum": None, "deferring": 0, "installed": False}
+
+
+def requested() -> int | None:
+    """The signal that asked the running loop to stop, if one did."""
+    return _state["signum"]
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+@contextmanager
+def graceful_stop() -> Iterator[None]:
+    """Handle SIGINT/SIGTERM for the duration of a run (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or _state["installed"]:
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    _state.update(signum=None, installed=True)
+    for s in SIGNALS:
+        signal.signal(s, _handle)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _state.update(signum=None, installed=False)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Inside: a first signal only sets `requested()`; the caller polls it and stops cleanly."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+
+
+def _handle(signum: int, frame) -> None:
+    name = signal_name(signum)
+    if _state["signum"] is None and _state["deferring"]:
+        _state["signum"] = signum
+        print(
+            f"\n{name}: stopping after this micro-batch and writing a checkpoint "
+            f"(send {name} again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    first = _state["signum"] is None
+    _state["signum"] = signum
+    raise Interrupted(signum, "before training started: nothing to save" if first else "at once")

@@ -1,0 +1,190 @@
+"""The run folder's life: checked before any work, created only once the model and data have loaded,
+and left either resumable or absent, whatever ends the run.
+
+- `check_output_dir`: `output_dir` is a folder strop can write in, with room for the model's weights,
+  before anything is loaded or tokenized.
+- `open_run_folder`: after the model is built (its trainable set known): room for one checkpoint and the
+  export, then the folder, `config.yaml` and `data_summary.json`.
+- `guarded`: every way a run can end early (a signal, a full disk, a read-only or vanished folder, any
+  error) ends in one message that says what is intact and how to continue; a run folder this call
+  created that holds nothing resumable is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from strop.core import signals
+from strop.core.config import RunConfig, to_yaml
+from strop.core.errors import USER_ERRNOS, ConfigError, Interrupted, StropError, describe_os_error
+from strop.core.io import atomic_write_json, atomic_write_text
+from strop.training.checkpoint import list_checkpoints
+
+log = logging.getLogger("strop")
+
+MARGIN = 16 * 2**20  # bytes: config, metrics, tokenizer files and the file system's own overhead
+# files that alone make a run folder not worth keeping: nothing in them can be resumed or reused
+BOOKKEEPING = {
+    "config.yaml",
+    "data_summary.json",
+    "metrics.jsonl",
+    "tensorboard",
+    "stages.json",
+    "checkpoints",
+}
+
+_created: list[Path] = []  # run folders made by the run now in progress, for clean-up if it fails
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """`output_dir` (or what of it exists yet) is a folder strop can write in, with room for the weights
+    of a full fine-tune's checkpoint when the method trains every weight."""
+    out = Path(cfg.output_dir)
+    for p, key in ((out, "output_dir"), (cfg.run_dir, "name")):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{key}: {p} is a file, not a folder; choose another with --set {key}=...")
+    existing = cfg.run_dir
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".strop-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StropError(
+            f"output_dir: cannot write in {existing} ({e.strerror}); choose a writable folder with "
+            "--set output_dir=DIR"
+        ) from None
+    need = MARGIN + (_weight_file_bytes(cfg.model.name) if cfg.method.name == "full" else 0)
+    _check_room(existing, need, "the model's weights")
+
+
+def open_run_folder(cfg: RunConfig, data_summary: dict, model: torch.nn.Module) -> Path:
+    """Check there is room for a checkpoint and the export of `model`, then create the run folder (if new)
+    with its config and data summary."""
+    run_dir = cfg.run_dir
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    _check_room(existing, MARGIN + checkpoint_bytes(model, cfg), "a checkpoint and the exported model")
+    if not run_dir.exists():
+        created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        run_dir.mkdir(parents=True)
+        _created.extend(reversed(created))
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    atomic_write_json(run_dir / "data_summary.json", data_summary)
+    return run_dir
+
+
+def note_created(path: Path) -> None:
+    """A folder made by this run outside `open_run_folder` (the stages' parent folder)."""
+    _created.append(path)
+
+
+def checkpoint_bytes(model: torch.nn.Module, cfg: RunConfig) -> int:
+    """Bytes of one checkpoint (trainable weights and the optimizer's per-weight state) plus the export
+    (the adapter for LoRA, every weight otherwise)."""
+    seen, trainable, every = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            every += size
+            trainable += size if p.requires_grad else 0
+    o = cfg.optim
+    moments = 2 if o.name in ("adam", "adamw") else (1 if o.momentum else 0)
+    return trainable * (1 + moments) + (trainable if cfg.method.name == "lora" else every)
+
+
+def _check_room(folder: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise StropError(
+            f"output_dir: {folder} has {_size(free)} free, and {what} need about {_size(need)}; free some "
+            "space or choose another folder with --set output_dir=DIR"
+        )
+
+
+def _weight_file_bytes(name: str) -> int:
+    """Bytes of the safetensors weights of a local model folder (0 for other sources: unknown yet)."""
+    p = Path(name).expanduser()
+    if (p / "model").is_dir():  # a strop run
+        p = p / "model"
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+@contextmanager
+def guarded(cfg: RunConfig, command: str) -> Iterator[None]:
+    """Run a training job under signal handling; turn file-system failures and signals into one message
+    naming what is intact, and remove run folders it created that hold nothing resumable.
+    `command` is how the user started the run (named in "start again with ...")."""
+    _created.clear()
+    try:
+        with signals.graceful_stop():
+            yield
+    except (Interrupted, KeyboardInterrupt) as e:
+        _remove_unfinished()
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, _where_to_continue(cfg.run_dir, command)) from None
+    except OSError as e:
+        _remove_unfinished()
+        if e.errno not in USER_ERRNOS:
+            raise
+        raise StropError(f"{describe_os_error(e)}. {_where_to_continue(cfg.run_dir, command)}") from None
+    except BaseException:
+        _remove_unfinished()
+        raise
+    finally:
+        _created.clear()
+
+
+def _where_to_continue(run_dir: Path, command: str) -> str:
+    """What a stopped run kept, and the command that continues it."""
+    found = [c for d in (run_dir, *sorted(run_dir.glob("*/"))) for c in list_checkpoints(d)[-1:]]
+    if not found:
+        return f"Nothing was trained yet, so there is nothing to resume; start again with `{command}`"
+    latest = max(found, key=lambda p: p.stat().st_mtime)
+    state = json.loads((latest / "state.json").read_text())
+    model = latest.parent.parent / "model"
+    if state.get("finished") and (model / "strop_model.json").is_file():
+        return (
+            f"Training had finished and the model is saved in {model}; what came after (evaluation, the "
+            f"report) was cut short: `strop report {latest.parent.parent}` writes the report"
+        )
+    return (
+        f"The checkpoint of step {state['step']} is intact ({latest}); continue with "
+        f"`strop train --resume {run_dir}`"
+    )
+
+
+def _remove_unfinished() -> None:
+    """Remove run folders this run created that hold no checkpoint and nothing else worth keeping."""
+    for folder in reversed(_created):
+        if folder.is_dir() and _bookkeeping_only(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s: the run stopped before it saved anything", folder)
+
+
+def _bookkeeping_only(folder: Path) -> bool:
+    if list_checkpoints(folder):
+        return False
+    for p in folder.iterdir():
+        if p.name in BOOKKEEPING or p.name.startswith("."):
+            continue
+        if not (p.is_dir() and _bookkeeping_only(p)):
+            return False
+    return True
