@@ -181,3 +181,23 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`strop ARGV` in this process: (exit status, stdout, stderr). An exception that escapes is a test
+    failure, which is the point: a user never sees one."""
+    from strop.cli.main import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: --help, usage errors
+        rc = e.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_user_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    assert "error:" in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, f"{n!r} not in stderr:\n{err}"

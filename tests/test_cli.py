@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 import strop.recipes
-from conftest import ALPACA_ROWS, tiny_config, write_jsonl
-from strop.cli.main import build_parser, main
+from conftest import ALPACA_ROWS, assert_user_error, run_cli, tiny_config, write_jsonl
+from strop.cli.main import build_parser
 from strop.core.config import load_config
 from strop.core.metrics import read_metrics
 from strop.models.catalogue import CATALOGUE
@@ -26,22 +26,6 @@ SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse: --help, usage errors
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def assert_user_error(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    assert "error:" in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, f"{n!r} not in stderr:\n{err}"
 
 
 # ------------------------------------------------------------------------------------------ help

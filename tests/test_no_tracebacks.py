@@ -1,0 +1,83 @@
+"""Every command answers bad input with one `error:` line and status 2, never a traceback. The table
+must name every command, so a new command is held to the rule from its first day."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ALPACA_ROWS, assert_user_error, run_cli, tiny_config, write_jsonl
+from test_cli import _commands
+
+
+def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[str]]]:
+    """(a name for the case, argv) with every path under `tmp`; `model` for the config of train cases."""
+    data = write_jsonl(tmp / "train.jsonl", ALPACA_ROWS)
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(model or tmp, data, tmp / "out")))
+    tiny = str(tmp / "tiny.yaml")
+    (tmp / "not-a-run").mkdir(exist_ok=True)
+    (tmp / "folder.yaml").mkdir(exist_ok=True)
+    (tmp / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp / "list.yaml").write_text("- a\n- b\n")
+    (tmp / "file").write_text("x")
+    (tmp / "rows.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp / "loop.jsonl").unlink(missing_ok=True)
+    (tmp / "loop.jsonl").symlink_to(tmp / "loop.jsonl")
+    missing, run, file = str(tmp / "missing"), str(tmp / "not-a-run"), str(tmp / "file")
+    return [
+        ("quickstart bad override", ["quickstart", "--set", "optim.lr=fast"]),
+        ("quickstart unknown key", ["quickstart", "--set", "nope=1"]),
+        ("train missing config", ["train", missing + ".yaml"]),
+        ("train folder as config", ["train", str(tmp / "folder.yaml")]),
+        ("train malformed yaml", ["train", str(tmp / "bad.yaml")]),
+        ("train yaml list", ["train", str(tmp / "list.yaml")]),
+        ("train resume not a run", ["train", "--resume", run]),
+        ("train bad --set", ["train", tiny, "--set", "novalue"]),
+        ("train escaping name", ["train", tiny, "--set", "name=../x"]),
+        ("train output_dir is a file", ["train", tiny, "--set", f"output_dir={file}"]),
+        ("train data symlink loop", ["train", tiny, "--set", f"data.train=[{tmp / 'loop.jsonl'}]"]),
+        ("chat missing model", ["chat", missing]),
+        ("generate missing model", ["generate", missing, "--prompt", "hi"]),
+        ("predict not a run", ["predict", run, "--file", file]),
+        ("score not a run", ["score", run, "--file", file]),
+        ("explain not a run", ["explain", run, "--text", "hi"]),
+        ("merge not a run", ["merge", run, str(tmp / "merged")]),
+        ("eval missing model", ["eval", missing, "--data", file]),
+        ("report not a run", ["report", missing]),
+        ("compare not runs", ["compare", missing, run]),
+        ("data check missing file", ["data", "check", missing + ".jsonl"]),
+        (
+            "data check malformed rows",
+            ["data", "check", str(tmp / "rows.jsonl"), "--strict", "--no-estimate"],
+        ),
+        ("data prepare out is a file", ["data", "prepare", str(tmp / "rows.jsonl"), "--out", file]),
+        ("models pull unknown", ["models", "pull", "no-such-model"]),
+        ("configs unknown", ["configs", "no-such-config"]),
+    ]
+
+
+CASES = _bad_inputs(Path(tempfile.mkdtemp()))  # names only; each test builds its own under tmp_path
+
+
+def test_every_command_has_a_bad_input_case():
+    commands = {" ".join(c) for c in _commands()}
+    leaves = {c for c in commands if not any(o.startswith(c + " ") for o in commands)}
+    have = {" ".join(argv[:2]) if argv[0] in ("data", "models") else argv[0] for _, argv in CASES}
+    assert leaves - {"models list"} <= have, sorted(leaves - have)  # `models list` takes no input
+
+
+@pytest.mark.parametrize("case", [name for name, _ in CASES])
+def test_bad_input_is_one_error_line(case, tiny_llama, tmp_path, capsys):
+    argv = dict(_bad_inputs(tmp_path, tiny_llama))[case]
+    rc, out, err = run_cli(argv, capsys)
+    if case == "data check malformed rows":
+        assert rc in (1, 2) and "Traceback" not in err, err  # --strict: findings exit 1
+        return
+    assert_user_error(rc, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(errors) == 1, err  # one error, and it comes last (config errors list keys below it)
+    assert all(line.startswith("  ") for line in lines[errors[0] + 1 :]), err
