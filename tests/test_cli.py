@@ -309,3 +309,27 @@ def test_shipped_config_loads(path):
     name = cfg.model.name
     assert name in CATALOGUE or name.count("/") == 1 or Path(name).suffix == ".gguf", name
     load_config(str(path), ["train.max_steps=1", "data.max_length=32"])  # overrides apply cleanly
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "m", "--data", "d.jsonl", "--format", "nosuch"], "invalid choice: 'nosuch'"),
+        (["generate", "m", "--prompt", "hi", "--temperature", "nan"], "must be a number >= 0"),
+        (["generate", "m", "--prompt", "hi", "--top-p", "7"], "must be in (0, 1]"),
+    ],
+)
+def test_sampling_and_format_options_are_checked(argv, needle, capsys):
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_starting_is_an_interrupt_not_a_traceback(monkeypatch, capsys):
+    import strop.cli.main as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_quiet_libraries", interrupted)
+    rc, _, err = run_cli(["configs"], capsys)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err

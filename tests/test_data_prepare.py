@@ -316,7 +316,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not an empty folder; pass overwrite=True"):
+    with pytest.raises(DataError, match="not empty; choose a new folder"):
         prepare([str(src)], out, PrepareOptions(split=(1, 0, 0)))
     assert (out / "notes.txt").read_text() == "mine"
     prepare([str(src)], out, PrepareOptions(split=(1, 0, 0)), overwrite=True)

@@ -27,6 +27,7 @@ from conftest import (
 )
 from strop.core.metrics import read_metrics
 from strop.training.checkpoint import list_checkpoints
+from test_stages import two_stage  # noqa: F401 - a fixture
 
 
 @pytest.fixture
@@ -116,13 +117,20 @@ def test_no_room_for_a_checkpoint_is_refused_before_the_run_folder(project, tmp_
     assert not (tmp_path / "out" / "run").exists()
 
 
-def _no_space_on(monkeypatch, target, attr: str, after: int) -> None:
-    """`target.attr` fails with ENOSPC from its call number `after` + 1 on."""
+def _no_space_on(monkeypatch, target, attr: str, after: int, rust: bool = False) -> None:
+    """`target.attr` fails with ENOSPC from its call number `after` + 1 on; `rust`: as safetensors
+    reports it (a SafetensorError quoting the errno, not an OSError)."""
+    from safetensors import SafetensorError
+
     real, calls = getattr(target, attr), []
 
     def fail(*args, **kwargs):
         calls.append(1)
         if len(calls) > after:
+            if rust:
+                raise SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"
+                )
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[-1]) if args else None)
         return real(*args, **kwargs)
 
@@ -134,7 +142,7 @@ def test_a_full_disk_while_saving_a_checkpoint(project, tmp_path, capsys, monkey
 
     config = project(train={"batch_size": 4, "max_steps": 4, "seed": 0, "save_every": 1})
     with monkeypatch.context() as m:
-        _no_space_on(m, checkpoint, "save_file", after=6)  # three files a checkpoint: step 3 fails
+        _no_space_on(m, checkpoint, "save_file", after=6, rust=True)  # 3 files a checkpoint: step 3 fails
         rc, _, err = run_cli(["-q", "train", str(config), "--no-progress"], capsys)
     run = tmp_path / "out" / "run"
     assert_user_error(rc, err, "No space left on device", "step 2 is intact", f"--resume {run}")
@@ -243,3 +251,115 @@ def test_other_commands_name_a_read_only_folder_too(tmp_path, capsys):
     finally:
         undo()
     assert_user_error(rc, err, str(locked))
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(project, tmp_path, caplog):
+    config = project(train={"batch_size": 4, "max_steps": 3, "seed": 0, "save_every": 1, "keep_last": 3})
+    strop.train(str(config), show_progress=False)
+    strop.train(str(config), ["train.max_steps=6", "name=whole"], show_progress=False)
+    run = tmp_path / "out" / "run"
+    (run / "checkpoints" / "step-000003" / "optimizer.json").write_text("{}")
+    more = strop.train(str(config), ["train.max_steps=6"], show_progress=False)
+    assert "step-000003 is damaged" in caplog.text
+    assert more.metrics["steps"] == 6
+    for name in ("run", "whole"):  # the run went on from step 2, as if step 3 had never been saved
+        assert [r["step"] for r in read_metrics(tmp_path / "out" / name) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    want = [r["loss"] for r in read_metrics(tmp_path / "out" / "whole") if "loss" in r]
+    assert [r["loss"] for r in read_metrics(run) if "loss" in r] == pytest.approx(want, abs=1e-6)
+
+
+def test_every_checkpoint_damaged_is_one_error(project, tmp_path, capsys):
+    config = project(train={"batch_size": 4, "max_steps": 2, "seed": 0, "save_every": 1})
+    strop.train(str(config), show_progress=False)
+    run = tmp_path / "out" / "run"
+    for ckpt in list_checkpoints(run):
+        (ckpt / "trainable.safetensors").write_bytes(b"\x00" * 100)
+        (ckpt / "state.json").write_text('{"step": ')
+    rc, _, err = run_cli(["train", str(config), "--set", "train.max_steps=4"], capsys)
+    assert_user_error(rc, err, "no checkpoint loads", "--set name=")
+
+
+def test_merge_never_replaces_another_runs_model(project, tmp_path, capsys):
+    first = strop.train(str(project()), show_progress=False)
+    other = strop.train(str(project()), ["name=other"], show_progress=False)
+    adapter = (other.model_dir / "adapter_model.safetensors").read_bytes()
+    rc, _, err = run_cli(["merge", str(first.run_dir), str(other.model_dir)], capsys)
+    assert_user_error(rc, err, "the model of a strop run", "choose a new folder")
+    assert (other.model_dir / "adapter_model.safetensors").read_bytes() == adapter
+    out = tmp_path / "merged"
+    for _ in range(2):  # an earlier merge's own output is replaced
+        rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
+        assert rc == 0, err
+
+
+def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from strop.core.errors import Interrupted
+    from strop.recipes import preference
+    from test_signals import dpo
+
+    cfg = dpo(tiny_llama, tmp_path)
+    real = preference.fit
+
+    def stop_first(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(preference, "fit", stop_first)
+        with pytest.raises(Interrupted) as e:
+            strop.train(cfg, show_progress=False)
+    run = tmp_path / "runs" / "run"
+    assert "reference_logps.safetensors" in e.value.message and f"--resume {run}" in e.value.message
+    assert (run / "reference_logps.safetensors").is_file() and not list_checkpoints(run)
+    rc, _, err = run_cli(["-q", "train", "--resume", str(run), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "reusing reference_logps.safetensors" in err
+
+
+def test_a_stage_stopped_after_export_continues_to_the_next_stage(two_stage, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import signal
+
+    from strop.core.errors import Interrupted
+    from strop.recipes import sft
+
+    cfg = two_stage
+    real = sft.save_result
+
+    def stop_after_export(*args, **kwargs):  # stage one is trained and exported, its result not written
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(sft, "save_result", stop_after_export)
+        with pytest.raises(Interrupted) as e:
+            strop.train(cfg, show_progress=False)
+    top = Path(cfg["output_dir"]) / cfg["name"]
+    assert f"--resume {top}" in e.value.message
+    rc, _, err = run_cli(["-q", "train", "--resume", str(top), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert all((top / s["name"] / "result.json").is_file() for s in cfg["stages"])
+
+
+def test_resume_of_a_folder_renamed_to_a_bad_name(project, tmp_path, capsys):
+    result = strop.train(
+        str(project(train={"batch_size": 4, "max_steps": 2, "seed": 0})), show_progress=False
+    )
+    renamed = result.run_dir.with_name("my run")
+    result.run_dir.rename(renamed)
+    rc, _, err = run_cli(["train", "--resume", str(renamed)], capsys)
+    assert_user_error(rc, err, "'my run' is not a run name", "rename the folder")
+
+
+def test_a_numeric_name_is_a_folder_name(project, tmp_path):
+    from strop.core.config import load_config
+
+    assert load_config(str(project()), ["name=2024"]).name == "2024"
+
+
+def test_a_config_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
+    rc, _, err = run_cli(["train", str(config)], capsys)
+    assert_user_error(rc, err, "twice.yaml:3:3", "the key 'lr' is given twice")

@@ -23,11 +23,29 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
     (tmp / "bad.yaml").write_text("model: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "file").write_text("x")
+    (tmp / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    tiny_model = str(model or tmp)
     (tmp / "rows.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp / "loop.jsonl").unlink(missing_ok=True)
     (tmp / "loop.jsonl").symlink_to(tmp / "loop.jsonl")
     missing, run, file = str(tmp / "missing"), str(tmp / "not-a-run"), str(tmp / "file")
     return [
+        ("train not UTF-8", ["train", str(tmp / "latin1.yaml")]),
+        ("train nested too deep", ["train", str(tmp / "deep.yaml")]),
+        ("train resume and config", ["train", tiny, "--resume", run]),
+        ("train output_dir too long", ["train", tiny, "--set", f"output_dir={tmp / ('e' * 300)}"]),
+        (
+            "generate --out under a file",
+            ["generate", tiny_model, "--prompt", "hi", "--out", file + "/x.jsonl"],
+        ),
+        ("generate --out in /proc", ["generate", tiny_model, "--prompt", "hi", "--out", "/proc/x.jsonl"]),
+        ("eval --out under a file", ["eval", tiny_model, "--data", str(data), "--out", file + "/x"]),
+        ("merge into a file", ["merge", run, file]),
+        ("compare --out under a file", ["compare", run, "--out", file + "/x"]),
+        ("data prepare --out under a file", ["data", "prepare", str(data), "--out", file + "/x"]),
+        ("data check a device", ["data", "check", "/dev/zero"]),
+        ("generate symlink loop model", ["generate", str(tmp / "loop.jsonl"), "--prompt", "hi"]),
         ("quickstart bad override", ["quickstart", "--set", "optim.lr=fast"]),
         ("quickstart unknown key", ["quickstart", "--set", "nope=1"]),
         ("train missing config", ["train", missing + ".yaml"]),

@@ -26,6 +26,10 @@ def _train(args) -> int:
     from strop.core.config import load_config
 
     overrides = list(args.overrides)
+    if args.resume and args.config:
+        raise StropError(
+            f"strop train: give a CONFIG or --resume RUN_DIR, not both (--resume uses {args.resume}/config.yaml)"
+        )
     if args.resume:
         config = Path(args.resume) / "config.yaml"
         if not config.is_file():
@@ -34,6 +38,13 @@ def _train(args) -> int:
         import json
 
         run = Path(args.resume).expanduser().resolve()
+        from strop.core.config import FOLDER_NAME
+
+        if not FOLDER_NAME.fullmatch(run.name) or ".." in run.name:
+            raise StropError(
+                f"--resume {args.resume}: the folder's name {run.name!r} is not a run name (letters, digits, "
+                "'.', '_' and '-', starting with a letter or digit); rename the folder, then resume it"
+            )
         _require_checkpoint(run)
         overrides += [f"output_dir={json.dumps(str(run.parent))}", f"name={json.dumps(run.name)}"]
     elif args.config:
@@ -56,14 +67,23 @@ def _train(args) -> int:
 
 
 def _require_checkpoint(run) -> None:
-    """--resume continues from a checkpoint; a run stopped before its first one has none to continue."""
+    """--resume continues from a checkpoint; a run stopped before its first one has none to continue,
+    unless it kept work a new start reuses (DPO's reference log-probs)."""
+    from strop.recipes.run_folder import reusable_work
     from strop.training.checkpoint import list_checkpoints
 
-    if not any(list_checkpoints(d) for d in (run, *run.glob("*/"))):
-        raise StropError(
-            f"--resume {run}: the run holds no checkpoint (it stopped before its first save), so there is "
-            f"nothing to resume; start it again with `strop train {run / 'config.yaml'}`"
+    if any(list_checkpoints(d) for d in (run, *run.glob("*/"))):
+        return
+    kept = reusable_work(run)
+    if kept:
+        print(
+            f"{run}: no checkpoint yet; training starts at step 0, reusing {', '.join(kept)}", file=sys.stderr
         )
+        return
+    raise StropError(
+        f"--resume {run}: the run holds no checkpoint (it stopped before its first save), so there is "
+        f"nothing to resume; start it again with `strop train {run / 'config.yaml'}`"
+    )
 
 
 def _print_result(result) -> None:
@@ -115,6 +135,14 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
+def _check_out(out: str | None, folder: bool = False, option: str = "--out") -> None:
+    """A bad output path fails before the work whose result it would hold."""
+    if out:
+        from strop.core.io import check_output
+
+        check_output(out, option, folder)
+
+
 def _emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
     """JSON lines to a file (atomically, with a count on stderr) or to stdout."""
     if out:
@@ -146,6 +174,7 @@ def _load_classifier_run(target: str):
 
 
 def _predict(args) -> int:
+    _check_out(args.out)
     import json
     from pathlib import Path
 
@@ -166,6 +195,7 @@ def _predict(args) -> int:
 
 
 def _score(args) -> int:
+    _check_out(args.out)
     import json
     from pathlib import Path
 
@@ -190,6 +220,7 @@ def _explain(args) -> int:
 
 
 def _generate(args) -> int:
+    _check_out(args.out)
     import json
 
     from strop.models.generate import generate
@@ -243,6 +274,7 @@ def _eval(args) -> int:
     out = (
         Path(args.out) if args.out else (target / name if (target / "config.yaml").is_file() else Path(name))
     )
+    _check_out(str(out), folder=True)
     s = evaluate_model_on_file(
         args.target, args.data, ev, out, args.max_length, args.format, args.device, progress=True
     )
@@ -277,6 +309,7 @@ def _compare(args) -> int:
     for run in runs:
         if not (run / "config.yaml").is_file():
             raise StropError(f"{run}: not a strop run directory (no config.yaml)")
+    _check_out(args.out, folder=True)
     paths = write_comparison(runs, Path(args.out))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
@@ -285,6 +318,7 @@ def _compare(args) -> int:
 def _merge(args) -> int:
     from strop.export.merge import merge
 
+    _check_out(args.out_dir, folder=True, option="OUT_DIR")
     out = merge(args.run_dir, args.out_dir)
     print(f"merged model written to {out}")
     return 0
@@ -390,6 +424,7 @@ def _data_prepare(args) -> int:
         group_by=args.group_by,
         seed=args.seed,
     )
+    _check_out(args.out, folder=True)
     manifest = prepare(args.inputs, Path(args.out), options, fmt=args.format, overwrite=args.overwrite)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     removed = ", ".join(f"{k} {v}" for k, v in manifest["removed_counts"].items()) or "nothing"

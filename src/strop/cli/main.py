@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
 from importlib import resources
+from typing import get_args
 
-from strop.core.errors import USER_ERRNOS, Interrupted, StropError, describe_os_error
+from strop.core.data_config import DatasetSource
+from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
 
 CONFIGS = resources.files("strop.recipes") / "configs"
+FORMATS = get_args(DatasetSource.model_fields["format"].annotation)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # quoted when a stopped run says how to start it again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    _quiet_libraries()
     try:
+        _quiet_libraries()  # imports transformers: Ctrl-C here is an interrupt like any other
         from strop.cli import commands
 
         return getattr(commands, f"_{args.func}")(args) or 0
@@ -40,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
-    except OSError as e:  # a full disk, a read-only or forbidden folder: the user's to fix
-        if e.errno not in USER_ERRNOS:
+    except Exception as e:  # a full disk, a read-only or forbidden folder: the user's to fix
+        os_error = user_os_error(e)
+        if os_error is None:
             raise
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
         return 2
 
 
@@ -188,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("target", metavar="RUN_DIR|MODEL")
     e.add_argument("--data", required=True, help="JSONL/CSV/Parquet file in any chat or instruction format")
-    e.add_argument("--format", default="auto", help="data format (default: detected)")
+    e.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: detected)")
     e.add_argument("--metric", action="append", default=[], help="a metric (repeatable)")
     e.add_argument("--extract", help="answer extractor for exact match: gsm8k, last_number or regex:PATTERN")
     e.add_argument("--stop", action="append", default=[], help="a string that ends generation (repeatable)")
@@ -258,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--stratify", metavar="FIELD", help="keep this field's proportions in every split")
     dp.add_argument("--group-by", metavar="FIELD", help="rows with equal values stay in one split")
     dp.add_argument("--no-normalize", action="store_true", help="keep text exactly as it is")
-    dp.add_argument("--format", default="auto", help="data format (default: detected)")
+    dp.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: detected)")
     dp.add_argument("--seed", type=int, default=0)
     dp.add_argument(
         "--overwrite", action="store_true", help="replace the files of an earlier prepare in --out"
@@ -297,9 +302,30 @@ def _overrides_arg(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
+    p.add_argument("--temperature", type=_temperature, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=_probability, default=0.9 if temperature else 1.0, help="in (0, 1]")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def _temperature(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

@@ -162,9 +162,15 @@ def folder_name(value: str) -> str:
     if not FOLDER_NAME.fullmatch(value) or ".." in value:
         raise ValueError(
             "names the run's folder, so it must be one folder name: letters, digits, '.', '_' and '-', "
-            f"starting with a letter or digit, no '..', '/' or absolute path; got {value!r}"
+            f"starting with a letter or digit, at most 128 characters, no '..', '/' or absolute path; "
+            f"got {value!r}"
         )
     return value
+
+
+def name_as_text(value: Any) -> Any:
+    """`name: 2024` in YAML (or --set name=2024) is a number there, and meant as a folder name."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class StageConfig(Section):
@@ -172,6 +178,7 @@ class StageConfig(Section):
     (mappings merge key by key; lists such as data.train are replaced)."""
 
     name: str = Field(description="names the stage's run folder (letters, digits, '.', '_', '-')")
+    _name_text = field_validator("name", mode="before")(name_as_text)
     _name = field_validator("name")(folder_name)
     start: Literal["merged", "adapter"] = Field(
         "merged",
@@ -289,6 +296,7 @@ class RunConfig(Section):
         description="sequential fine-tuning: each stage starts from the previous stage's result",
     )
 
+    _name_text = field_validator("name", mode="before")(name_as_text)
     _name = field_validator("name")(folder_name)
 
     @model_validator(mode="after")
@@ -437,6 +445,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last one,
+    so `optim: {lr: 1e-4, lr: 1e-3}` would drop a setting without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Load a RunConfig from a YAML file (or a dict), applying `key=value` overrides."""
     if isinstance(source, dict):
@@ -449,7 +475,13 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if why:
             raise ConfigError(f"config file {path}: {why}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
+            ) from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where_ = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

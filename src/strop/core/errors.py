@@ -1,9 +1,28 @@
 """User-facing errors. The CLI prints these as one clear message, never a traceback."""
 
 import errno
+import os
+import re
 
-# failures of the file system that the user, not strop, can fix (a full disk, a read-only folder)
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# failures of the file system that the user, not strop, can fix: a full disk, a read-only or forbidden
+# folder, an output path under a file, too long, missing or busy (a mount point)
+USER_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENOENT,
+    errno.EBUSY,
+    errno.ELOOP,
+    errno.EXDEV,
+}
+_WRAPPED = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors, tokenizers) quote errno
 
 
 class StropError(Exception):
@@ -29,6 +48,24 @@ class Interrupted(BaseException):  # noqa: N818 - a BaseException, like Keyboard
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum, self.message = signum, message
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """`e` itself if it is an OSError; for a library error that wraps one (safetensors writes a full disk
+    as "I/O error: No space left on device (os error 28)") an OSError with that errno; else None."""
+    if isinstance(e, OSError):
+        return e
+    m = _WRAPPED.search(str(e))
+    if m is None:
+        return None
+    n = int(m.group(1))
+    return OSError(n, os.strerror(n))
+
+
+def user_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` when it is one the user can fix (USER_ERRNOS), else None."""
+    os_error = as_os_error(e)
+    return os_error if os_error is not None and os_error.errno in USER_ERRNOS else None
 
 
 def describe_os_error(e: OSError) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,9 +31,36 @@ def unreadable_file(path: Path) -> str | None:
         return "a symbolic link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
     if stat.S_ISDIR(st.st_mode):
         return "a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, pipe or socket)"
     if not os.access(p, os.R_OK):
         return "not readable (permission denied)"
     return None
+
+
+def check_output(path: str | Path, option: str, folder: bool) -> None:
+    """Before any work: `path` can be written as a file (or, `folder`, a folder): no part of it is a
+    file, no name in it is too long, and the nearest folder of it that exists takes new files.
+    Errors name `option` (e.g. `--out`) and the path as the user gave it."""
+    p = Path(path).expanduser()
+    try:
+        long = [part for part in p.parts if len(part.encode()) > 255]
+        if long:
+            raise StropError(f"{option} {path}: the name {long[0][:40]}... is too long (255 bytes at most)")
+        if folder and p.exists() and not p.is_dir():
+            raise StropError(f"{option} {path}: is a file; give a folder")
+        if not folder and p.is_dir():
+            raise StropError(f"{option} {path}: is a folder; give a file name")
+        existing = p if folder else p.parent
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StropError(f"{option} {path}: {existing} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".strop-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StropError(f"{option} {path}: cannot write there ({e.strerror})") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -56,9 +84,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: object) -> None:
@@ -90,6 +120,11 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename and ".tmp-" in str(e.filename):  # name the folder the user asked for
+            raise OSError(e.errno, e.strerror, str(final)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -128,7 +128,10 @@ def prepare(
     o, fields, out_dir = options, fields or {}, Path(out_dir)
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
         raise DataError(
-            f"{out_dir}: already exists and is not an empty folder; pass overwrite=True to replace it"
+            f"{out_dir}: "
+            + ("is a file" if out_dir.is_file() else "is a folder that is not empty")
+            + "; choose a new folder, or replace an earlier prepare's files with --overwrite "
+            "(overwrite=True from Python)"
         )
     inputs, kept, removed = [], [], []
     for path in paths:

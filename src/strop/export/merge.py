@@ -24,9 +24,14 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir).expanduser().resolve()
     if out == Path(run["dir"]).resolve() or out in Path(run["dir"]).resolve().parents:
         raise StropError(f"{out_dir}: the merged model must go to a new folder, not into the run itself")
-    if out.exists() and any(out.iterdir()) and not (out / "strop_model.json").is_file():
+    if out.exists() and not out.is_dir():
+        raise StropError(f"{out_dir}: is a file; choose a new folder for the merged model")
+    earlier = read_run_model(out) if out.is_dir() else None
+    if out.is_dir() and any(out.iterdir()) and not (earlier and earlier.get("merged_from")):
+        what = "the model of a strop run" if earlier else "not empty"
         raise StropError(
-            f"{out_dir}: folder exists and is not empty; choose a new folder for the merged model"
+            f"{out_dir}: folder exists and is {what}; choose a new folder for the merged model (only an "
+            "earlier `strop merge` output is replaced)"
         )
     merged = load_model(run["dir"], torch.device("cpu"), torch.float32, adapter="merge")
     tok = load_tokenizer(run["dir"])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from strop.core.errors import ConfigError, StropError
+from strop.core.io import unreadable_file
 from strop.models.catalogue import CATALOGUE, convert_gguf, gguf_cache_dir, pull
 
 log = logging.getLogger("strop.models")
@@ -45,6 +46,8 @@ def resolve_source(name: str, causal_lm: bool = True) -> str:
                 f"model.name: {p} is a folder but holds no config.json (not a Hugging Face model)"
             )
         return str(p)
+    if p.is_symlink():  # a link whose target is missing or loops back
+        raise StropError(f"model.name: {p}: {unreadable_file(p) or 'cannot be read'}")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         _require_hub(name)
         return name

@@ -12,7 +12,6 @@ and left either resumable or absent, whatever ends the run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,9 +25,9 @@ import torch
 
 from strop.core import signals
 from strop.core.config import RunConfig, to_yaml
-from strop.core.errors import USER_ERRNOS, ConfigError, Interrupted, StropError, describe_os_error
+from strop.core.errors import ConfigError, Interrupted, StropError, describe_os_error, user_os_error
 from strop.core.io import atomic_write_json, atomic_write_text
-from strop.training.checkpoint import list_checkpoints
+from strop.training.checkpoint import list_checkpoints, read_state
 
 log = logging.getLogger("strop")
 
@@ -66,7 +65,7 @@ def check_output_dir(cfg: RunConfig) -> None:
             "--set output_dir=DIR"
         ) from None
     need = MARGIN + (_weight_file_bytes(cfg.model.name) if cfg.method.name == "full" else 0)
-    _check_room(existing, need, "the model's weights")
+    _check_room(existing, need, "a run" if need == MARGIN else "the model's weights")
 
 
 def open_run_folder(cfg: RunConfig, data_summary: dict, model: torch.nn.Module) -> Path:
@@ -76,7 +75,7 @@ def open_run_folder(cfg: RunConfig, data_summary: dict, model: torch.nn.Module) 
     existing = run_dir
     while not existing.exists():
         existing = existing.parent
-    _check_room(existing, MARGIN + checkpoint_bytes(model, cfg), "a checkpoint and the exported model")
+    _check_room(existing, MARGIN + checkpoint_bytes(model, cfg), "a checkpoint with the exported model")
     if not run_dir.exists():
         created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         run_dir.mkdir(parents=True)
@@ -110,7 +109,7 @@ def _check_room(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if free < need:
         raise StropError(
-            f"output_dir: {folder} has {_size(free)} free, and {what} need about {_size(need)}; free some "
+            f"output_dir: {folder} has {_size(free)} free, and {what} needs at least {_size(need)}; free some "
             "space or choose another folder with --set output_dir=DIR"
         )
 
@@ -137,14 +136,20 @@ def guarded(cfg: RunConfig, command: str) -> Iterator[None]:
         with signals.graceful_stop():
             yield
     except (Interrupted, KeyboardInterrupt) as e:
-        _remove_unfinished()
+        kept = _remove_unfinished()
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, _where_to_continue(cfg.run_dir, command)) from None
-    except OSError as e:
+        raise Interrupted(signum, _where_to_continue(cfg.run_dir, command, kept)) from None
+    except StropError:
         _remove_unfinished()
-        if e.errno not in USER_ERRNOS:
+        raise
+    except Exception as e:
+        kept = _remove_unfinished()
+        os_error = user_os_error(e)
+        if os_error is None:
             raise
-        raise StropError(f"{describe_os_error(e)}. {_where_to_continue(cfg.run_dir, command)}") from None
+        raise StropError(
+            f"{describe_os_error(os_error)}. {_where_to_continue(cfg.run_dir, command, kept)}"
+        ) from None
     except BaseException:
         _remove_unfinished()
         raise
@@ -152,31 +157,53 @@ def guarded(cfg: RunConfig, command: str) -> Iterator[None]:
         _created.clear()
 
 
-def _where_to_continue(run_dir: Path, command: str) -> str:
+def _where_to_continue(run_dir: Path, command: str, kept: list[str]) -> str:
     """What a stopped run kept, and the command that continues it."""
     found = [c for d in (run_dir, *sorted(run_dir.glob("*/"))) for c in list_checkpoints(d)[-1:]]
     if not found:
-        return f"Nothing was trained yet, so there is nothing to resume; start again with `{command}`"
+        if kept:
+            return (
+                f"Nothing was trained yet; {', '.join(kept)} in {run_dir} is kept, and "
+                f"`strop train --resume {run_dir}` starts training without computing it again"
+            )
+        return f"Nothing was trained yet, so there is nothing to resume; start again with {command}"
     latest = max(found, key=lambda p: p.stat().st_mtime)
-    state = json.loads((latest / "state.json").read_text())
-    model = latest.parent.parent / "model"
-    if state.get("finished") and (model / "strop_model.json").is_file():
+    run = latest.parent.parent
+    state = read_state(latest) or {}
+    if state.get("finished") and (run / "result.json").is_file():
         return (
-            f"Training had finished and the model is saved in {model}; what came after (evaluation, the "
-            f"report) was cut short: `strop report {latest.parent.parent}` writes the report"
+            f"Training had finished: the model is in {run / 'model'} and its figures in "
+            f"{run / 'result.json'}; what came after (evaluation, the report) was cut short: "
+            f"`strop report {run}` writes the report"
         )
     return (
-        f"The checkpoint of step {state['step']} is intact ({latest}); continue with "
+        f"The checkpoint of step {state.get('step', '?')} is intact ({latest}); continue with "
         f"`strop train --resume {run_dir}`"
     )
 
 
-def _remove_unfinished() -> None:
-    """Remove run folders this run created that hold no checkpoint and nothing else worth keeping."""
+def reusable_work(run_dir: Path) -> list[str]:
+    """Files in a run folder without checkpoints that a new start would reuse (DPO's reference log-probs)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        p.name for p in run_dir.iterdir() if p.name not in BOOKKEEPING and not p.name.startswith(".")
+    )
+
+
+def _remove_unfinished() -> list[str]:
+    """Remove run folders this run created that hold no checkpoint and nothing else worth keeping;
+    returns the names of what was kept in them."""
+    kept: list[str] = []
     for folder in reversed(_created):
-        if folder.is_dir() and _bookkeeping_only(folder):
+        if not folder.is_dir():
+            continue
+        if _bookkeeping_only(folder):
             shutil.rmtree(folder, ignore_errors=True)
             log.info("removed %s: the run stopped before it saved anything", folder)
+        elif not list_checkpoints(folder):
+            kept += reusable_work(folder)
+    return kept
 
 
 def _bookkeeping_only(folder: Path) -> bool:

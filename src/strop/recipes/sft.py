@@ -37,7 +37,7 @@ from strop.models.trainable import apply_method, count_parameters, keep_blocks
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.recipes.run_folder import open_run_folder
 from strop.report import write_report
-from strop.training.checkpoint import list_checkpoints
+from strop.training.checkpoint import list_checkpoints, read_state
 from strop.training.loop import Curriculum, fit
 
 log = logging.getLogger("strop")
@@ -356,15 +356,17 @@ def check_rerun(cfg: RunConfig) -> None:
     config keys differ from the saved config of the run being resumed."""
     ckpts = list_checkpoints(cfg.run_dir)
     if ckpts:
-        _refuse_finished(cfg.run_dir, json.loads((ckpts[-1] / "state.json").read_text()), cfg)
+        _refuse_finished(cfg.run_dir, read_state(ckpts[-1]) or {}, cfg)
         _warn_config_changes(cfg.run_dir / "config.yaml", cfg)
 
 
 def _refuse_finished(run_dir: Path, state: dict, cfg: RunConfig) -> None:
     """A finished, exported run is not trained again, unless the config asks for more steps."""
-    exported = (run_dir / "model" / "strop_model.json").is_file()
-    more_steps = cfg.train.max_steps is not None and cfg.train.max_steps > state["step"]
-    if state.get("finished") and exported and not more_steps:
+    # finished means trained, exported and its result written: a run stopped before its result (during
+    # export, say) is completed by running it again
+    done = (run_dir / "model" / "strop_model.json").is_file() and (run_dir / "result.json").is_file()
+    more_steps = cfg.train.max_steps is not None and cfg.train.max_steps > state.get("step", 0)
+    if state.get("finished") and done and not more_steps:
         raise StropError(
             f"{run_dir} already holds a finished run (step {state['step']}); choose another name "
             f"(--set name=...), or train it further with --set train.max_steps=N (N > {state['step']})"

@@ -13,6 +13,7 @@ the new one is complete, keeping the last K and the best.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from strop.core.errors import StropError
 from strop.core.io import atomic_dir
 
 PREFIX = "step-"
+log = logging.getLogger("strop.train")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -68,6 +70,36 @@ def save_checkpoint(
     path = atomic_dir(checkpoint_dir(run_dir, state["step"]), fill)
     _prune(run_dir, keep_last, state.get("best_step"))
     return path
+
+
+def read_state(path: Path) -> dict | None:
+    """A checkpoint's state.json, or None when it is damaged (a file edited or cut short on disk)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def resume_latest(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, Path] | None:
+    """Load the newest checkpoint that loads whole; a damaged one is skipped with a warning naming it
+    (complete checkpoints only become damaged on disk, never by strop). None when there is none."""
+    ckpts = list_checkpoints(run_dir)
+    for path in reversed(ckpts):
+        try:
+            return load_checkpoint(path, model, optimizer), path
+        except StropError:
+            raise  # a checkpoint of another model or method: loading an older one would not help
+        except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            log.warning("%s is damaged (%s: %s); trying the checkpoint before it", path, type(e).__name__, e)
+    if ckpts:
+        raise StropError(
+            f"{run_dir / 'checkpoints'}: no checkpoint loads (all {len(ckpts)} damaged; see the warnings); "
+            "start the run again under a new name with --set name=NEW_NAME"
+        )
+    return None
 
 
 def rng_snapshot() -> tuple:

@@ -33,11 +33,10 @@ from strop.data.packing import PackedPlan, collate_packed
 from strop.data.tokenized import TokenizedSet
 from strop.training.checkpoint import (
     checkpoint_dir,
-    list_checkpoints,
-    load_checkpoint,
     load_weights,
     remove_partial_checkpoints,
     restore_rng,
+    resume_latest,
     rng_snapshot,
     save_checkpoint,
 )
@@ -158,10 +157,10 @@ def fit(
         "total_steps": n_steps,
         "finished": False,
     }
-    ckpts = list_checkpoints(run_dir)
-    if ckpts:
-        state.update(load_checkpoint(ckpts[-1], model, optimizer))
-        log.info("resumed from %s (step %d of %d)", ckpts[-1], state["step"], n_steps)
+    resumed = resume_latest(run_dir, model, optimizer)
+    if resumed:
+        state.update(resumed[0])
+        log.info("resumed from %s (step %d of %d)", resumed[1], state["step"], n_steps)
     else:
         torch.manual_seed(train.seed)
         random.seed(train.seed)

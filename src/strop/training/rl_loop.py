@@ -31,11 +31,10 @@ from strop.methods.ppo_losses import AdaptiveKLController, gae, grpo_advantages,
 from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
 from strop.training.checkpoint import (
     checkpoint_dir,
-    list_checkpoints,
-    load_checkpoint,
     load_weights,
     remove_partial_checkpoints,
     restore_rng,
+    resume_latest,
     rng_snapshot,
     save_checkpoint,
 )
@@ -82,10 +81,10 @@ def fit_rl(
         "best_step": None,
         "best_val_reward": None,
     }
-    ckpts = list_checkpoints(run_dir)
-    if ckpts:
-        state.update(load_checkpoint(ckpts[-1], modules, optimizer))
-        log.info("resumed from %s (step %d of %d)", ckpts[-1], state["step"], n_steps)
+    resumed = resume_latest(run_dir, modules, optimizer)
+    if resumed:
+        state.update(resumed[0])
+        log.info("resumed from %s (step %d of %d)", resumed[1], state["step"], n_steps)
     else:
         torch.manual_seed(train.seed)
         random.seed(train.seed)
