@@ -168,6 +168,45 @@ def test_a_finished_rl_run_is_not_trained_or_exported_again(tiny_llama, tmp_path
     assert (first.model_dir / "adapter_model.safetensors").stat().st_mtime_ns == exported
 
 
+@pytest.mark.parametrize("task", ["ppo", "grpo"])
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
+    task, tiny_llama, tmp_path, monkeypatch, caplog
+):
+    """The loop's policy for a loss gone NaN, as in fit: skip the update, count, warn, and stop after
+    train.max_bad_steps steps in a row with nothing but non-finite updates."""
+    from strop.core.errors import TrainingStopped
+    from strop.training import rl_loop
+
+    steps, bad = [], set()
+    real_sample, objective = rl_loop.sample, f"{task}_loss"
+    real_loss = getattr(rl_loop, objective)
+
+    def sample(*args, **kwargs):
+        steps.append(1)
+        return real_sample(*args, **kwargs)
+
+    def loss(*args, **kwargs):
+        value, metrics = real_loss(*args, **kwargs)
+        return (value * float("nan"), metrics) if len(steps) in bad else (value, metrics)
+
+    monkeypatch.setattr(rl_loop, "sample", sample)
+    monkeypatch.setattr(rl_loop, objective, loss)
+    cfg = rl_config(tiny_llama, tmp_path, task, steps=4)
+    bad.add(2)
+    result = train({**cfg, "name": "once"}, show_progress=False)
+    assert result.metrics["skipped_steps"] == 1
+    assert "step 2: 4 of 4 updates had a non-finite loss or gradient; skipped" in caplog.text
+    skipped = [r.get("skipped_updates", 0) for r in metrics(result.run_dir) if "reward" in r]
+    assert skipped == [0, 4, 0, 0]
+
+    steps.clear()
+    bad.update({1, 3, 4})
+    with pytest.raises(
+        TrainingStopped, match="3 consecutive steps had only non-finite updates; stopped at step 3"
+    ):
+        train({**cfg, "name": "always"}, show_progress=False)
+
+
 def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer):
     model = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
     prompts = [

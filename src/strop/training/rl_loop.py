@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
+from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_order
@@ -80,6 +81,8 @@ def fit_rl(
         "kl_coef": rl.kl_coef,
         "best_step": None,
         "best_val_reward": None,
+        "skipped_steps": 0,
+        "bad_streak": 0,
     }
     resumed = resume_latest(run_dir, modules, optimizer)
     if resumed:
@@ -184,26 +187,39 @@ def fit_rl(
                     return grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
 
             sums: dict[str, float] = {}
-            updates, grad_norm = 0, 0.0
+            updates, skipped, grad_norm = 0, 0, 0.0
             size, mini = len(s.replies), rl.mini_batch or len(s.replies)
             for _ in range(rl.update_epochs):
                 order = torch.randperm(size)
                 for start in range(0, size, mini):
                     rows = order[start : start + mini]
                     n_tokens = mask[rows].sum()
+                    finite = True
                     for m in range(0, len(rows), train.batch_size):
                         sub = rows[m : m + train.batch_size]
                         weight = mask[sub].sum() / n_tokens  # the masked mean over the whole mini-batch
                         loss, metrics = objective(_rows(batch, sub))
                         (loss * weight).backward()
+                        finite = finite and math.isfinite(loss.item())
                         for k, v in {"loss": loss.item(), **metrics}.items():
                             sums[k] = sums.get(k, 0.0) + v * float(weight)
                     params = [p for p in modules.parameters() if p.grad is not None]
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
-                    if math.isfinite(grad_norm):
+                    if finite and math.isfinite(grad_norm):
                         optimizer.step()
+                    else:  # the same policy as fit: skip, count, warn, stop after max_bad_steps
+                        skipped += 1
                     optimizer.zero_grad(set_to_none=True)
                     updates += 1
+            _count_skipped(state, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
+            if state["bad_streak"] >= train.max_bad_steps:
+                bar.close()
+                sink.close()
+                path = save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
+                raise TrainingStopped(
+                    f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step "
+                    f"{step + 1}. Checkpoint: {path}. Lower optim.lr, check the reward for NaN, or use float32."
+                )
             if kl_ctl is not None:
                 state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
             state["step"] = step + 1
@@ -214,6 +230,7 @@ def fit_rl(
                 **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
                 "reply_tokens": sum(s.lengths) / len(s.lengths),
                 "cut_off": float(unfinished.float().mean()),
+                **({"skipped_updates": skipped} if skipped else {}),
                 **{k: v / updates for k, v in sums.items() if use_reference or k != "kl_loss"},
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -257,7 +274,20 @@ def fit_rl(
         final["val_reward"] = evals["end"]["reward"]
     if best is not None:
         final["best_val_reward"] = state["best_val_reward"]
-    return FitResult(state["step"], final, best, None, 0, False), evals
+    return FitResult(state["step"], final, best, None, state["skipped_steps"], False), evals
+
+
+def _count_skipped(state: dict, step: int, skipped: int, updates: int, bad_rewards: int, train: TrainConfig):
+    """Book a step's skipped updates: a step with any counts as skipped, and one whose every update was
+    skipped extends the streak that stops the run at `train.max_bad_steps`."""
+    if bad_rewards:
+        log.warning("step %d: the reward was NaN or infinite for %d replies", step, bad_rewards)
+    if skipped:
+        state["skipped_steps"] += 1
+        log.warning(
+            "step %d: %d of %d updates had a non-finite loss or gradient; skipped", step, skipped, updates
+        )
+    state["bad_streak"] = state["bad_streak"] + 1 if skipped == updates else 0
 
 
 def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:
