@@ -486,3 +486,37 @@ def test_rated_rows_keep_their_reply_when_the_prompt_is_long(tmp_path, template,
     assert data.summary["dropped_reply_cut_away"] == 0 and len(data.train.ids[1]) == 64
     assert rows[1]["response"] in tokenizer.decode(data.train.ids[1])
     assert data.train.ratings.tolist() == [r["rating"] for r in rows]
+
+
+def test_reward_model_on_an_encoder_ranks_and_scores(tiny_bert, tmp_path, capsys):
+    """The README's promise: a reward model may be an encoder with mean pooling, whose tokenizer has no
+    end-of-sequence token (it reads conversations, it never writes one)."""
+    import shutil
+
+    from conftest import run_cli
+    from strop.models.load import load_tokenizer
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_bert, encoder)
+    config = json.loads((encoder / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (encoder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(str(encoder)).eos_token is None  # as MiniLM's: [CLS] ... [SEP], no EOS
+    cfg = dpo_config(encoder, tmp_path, task="reward")
+    cfg["method"] = {"name": "full"}
+    cfg["optim"] = {"lr": 1e-3, "schedule": "constant"}
+    cfg["train"]["max_steps"] = 16
+    result = train(cfg, show_progress=False)
+    summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["accuracy"] >= 0.8, summary
+    assert json.loads((result.model_dir / "classifier.json").read_text())["pooling"] == "mean"
+    scored = tmp_path / "scored.jsonl"
+    rows = pairs(24)[:6]
+    replies = write_jsonl(
+        tmp_path / "replies.jsonl",
+        [{"prompt": r["prompt"], "response": r[side]} for r in rows for side in ("chosen", "rejected")],
+    )
+    rc, _, err = run_cli(["score", str(result.run_dir), "--file", str(replies), "--out", str(scored)], capsys)
+    assert rc == 0, err
+    rewards = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
+    assert sum(c > r for c, r in zip(rewards[::2], rewards[1::2], strict=True)) >= 5

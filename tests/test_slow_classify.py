@@ -62,3 +62,33 @@ def test_minilm_head_only_generalizes_sentiment_to_unseen_words(tmp_path):
     # adjectives never seen in training: only the encoder's semantics can carry the sentiment over
     assert summary["metrics"]["accuracy"]["tuned"] >= 0.85, summary["metrics"]
     assert summary["metrics"]["accuracy"]["majority"] == 0.5
+
+
+def test_shipped_reward_model_config_trains_on_minilm(tmp_path, capsys):
+    """`strop train reward-model --set model.name=minilm-l6`: the README's encoder reward model, end to
+    end on the real encoder (it failed at once: MiniLM's tokenizer has no end-of-sequence token)."""
+    from conftest import run_cli
+
+    good = ["a clear and kind answer", "a helpful, correct reply", "a careful explanation"]
+    bad = ["go away", "no idea, ask someone else", "that is a stupid question"]
+    pairs = [
+        {"prompt": f"Question {i}: can you help me?", "chosen": good[i % 3], "rejected": bad[i % 3]}
+        for i in range(30)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    argv = ["-q", "train", "reward-model", "--no-progress"]
+    for key, value in {
+        "model.name": "minilm-l6",
+        "output_dir": str(tmp_path / "runs"),
+        "data.train": f"[{data}]",
+        "data.max_length": 64,
+        "method.name": "full",
+        "optim.lr": 5e-5,
+        "train.max_steps": 20,
+        "train.eval_every": 20,
+    }.items():
+        argv += ["--set", f"{key}={value}"]
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "runs" / "reward-model" / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["accuracy"] >= 0.9, summary

@@ -72,8 +72,11 @@ class Encoded:
 class ChatTemplate:
     """Renders conversations with a Jinja template and tokenizes them into ids + loss mask."""
 
-    def __init__(self, tokenizer, source: str, system_prompt: str | None = None):
-        if tokenizer.eos_token_id is None:
+    def __init__(self, tokenizer, source: str, system_prompt: str | None = None, generates: bool = True):
+        """`generates`: the model will write replies, so each trained reply must end in a stop token and the
+        tokenizer needs one. A reward model only reads conversations (an encoder's tokenizer may have no
+        end-of-sequence token)."""
+        if generates and tokenizer.eos_token_id is None:
             raise ConfigError(
                 "model.name: this tokenizer has no end-of-sequence token, so a tuned model could not learn to "
                 "stop; use a causal language model's tokenizer"
@@ -157,7 +160,8 @@ class ChatTemplate:
         trained: list[bool] = []
         for text, is_response, carries in pieces:
             piece = self._tokenize(text)
-            if is_response and not (piece and piece[-1] in self.stop_ids) and not self._ends_turn(piece):
+            stops = piece and piece[-1] in self.stop_ids or self._ends_turn(piece)
+            if is_response and not stops and self.tokenizer.eos_token_id is not None:
                 piece.append(self.tokenizer.eos_token_id)  # a tuned model must learn to stop
             ids += piece
             trained += [carries or train_on_prompt] * len(piece)

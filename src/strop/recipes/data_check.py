@@ -44,7 +44,7 @@ GENERATION_S_PER_STEP_135M = 0.1  # one decode step at batch 8, SmolLM2-135M, 2-
 def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template_src = resolve_template(cfg.data.template, tokenizer)
-    template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt)
+    template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt, generates=cfg.task != "reward")
     if cfg.task in ("ppo", "grpo"):
         return _check_prompts(cfg, template, template_name)
     if cfg.task == "reward" and cfg.reward_model.target == "ratings":

@@ -221,14 +221,15 @@ def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[st
     """The run's chat template (its name too), and those of sources that have their own (mixtures of
     differently formatted data) by source name."""
     name, source = resolve_template(cfg.data.template, tokenizer)
+    generates = cfg.task != "reward"  # a reward model reads conversations, it never has to stop one
     own = {
         src.label: ChatTemplate(
-            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt
+            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt, generates
         )
         for src in (*cfg.data.train, *cfg.data.validation)
         if src.template
     }
-    return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt), own
+    return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt, generates), own
 
 
 class RunSetup(NamedTuple):
