@@ -112,3 +112,9 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc:
         libc.malloc_trim(0)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The forward pass in `dtype` over float32 weights (the precision policy, models/build.py); a no-op
+    context when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

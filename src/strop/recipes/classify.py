@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig
+from strop.core.device import autocast
 from strop.core.errors import ConfigError
 from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from strop.data.batches import collate
@@ -29,14 +30,13 @@ from strop.data.tokenized import TokenizedSet
 from strop.eval.attribution import integrated_gradients
 from strop.eval.classification import classification_metrics
 from strop.methods import classify, distill
+from strop.models.build import build_classifier
 from strop.models.classifier import (
     SequenceClassifier,
-    default_pooling,
-    load_backbone,
     load_classifier,
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
-from strop.models.trainable import apply_classifier_method, count_parameters, keep_blocks
+from strop.models.trainable import count_parameters
 from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import TrainResult, save_result, start_run, write_run_report
 from strop.training.loop import fit
@@ -54,13 +54,8 @@ def train_classifier(
     data = build_labelled(cfg.data, tokenizer, cfg.classify.labels, cfg.train.seed)
 
     torch.manual_seed(cfg.train.seed)  # the head's (and LoRA's) initial weights depend on the seed only
-    backbone = load_backbone(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
-    if cfg.model.keep_layers:
-        keep_blocks(backbone, cfg.model.keep_layers)
-    c = cfg.classify
-    pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
-    model = SequenceClassifier(backbone, data.labels, pooling, c.head_layers, c.head_dropout).to(device)
-    model = apply_classifier_method(model, cfg.method)
+    model, amp = build_classifier(cfg, data.labels, device, dtype)
+    c, pooling = cfg.classify, model.pooling
     open_run_folder(cfg, data.summary, model)
     trainable, total = count_parameters(model)
     log.info(
@@ -108,13 +103,15 @@ def train_classifier(
         pad_id,
         device,
         show_progress,
+        autocast_dtype=amp,
     )
 
     model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg)
     metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
     summary = None
     if cfg.eval.enabled:
-        summary = evaluate_classifier(model, tokenizer, data, cfg, run_dir)
+        with autocast(device, amp):  # scored as the loop's validation scored
+            summary = evaluate_classifier(model, tokenizer, data, cfg, run_dir)
     report = write_run_report(run_dir)
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
 

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig
+from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
@@ -32,9 +33,8 @@ from strop.data.ratings import build_ratings
 from strop.data.tokenized import TokenizedSet
 from strop.eval.significance import mcnemar
 from strop.methods import dpo, reward
-from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
-from strop.models.load import load_model, load_tokenizer, tokenizer_source
-from strop.models.trainable import apply_classifier_method, apply_method, keep_blocks
+from strop.models.build import build_causal_lm, build_classifier
+from strop.models.load import load_tokenizer, tokenizer_source
 from strop.recipes.classify import export_classifier
 from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import (
@@ -78,13 +78,7 @@ def train_preference(
 
     torch.manual_seed(cfg.train.seed)
     if is_reward:
-        backbone = load_backbone(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
-        if cfg.model.keep_layers:
-            keep_blocks(backbone, cfg.model.keep_layers)
-        c = cfg.classify
-        pooling = default_pooling(backbone.config) if c.pooling == "auto" else c.pooling
-        model = SequenceClassifier(backbone, ["reward"], pooling, c.head_layers, c.head_dropout).to(device)
-        model = apply_classifier_method(model, cfg.method)
+        model, amp = build_classifier(cfg, ["reward"], device, dtype)
         open_run_folder(cfg, data.summary, model)
         if cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
             sets = [s for s in (data.train, data.validation, test_set) if s is not None]
@@ -96,10 +90,7 @@ def train_preference(
         else:
             loss_fn, eval_fn = reward.loss, reward.evaluate
     else:
-        model = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
-        if cfg.model.keep_layers:
-            keep_blocks(model, cfg.model.keep_layers)
-        model = apply_method(model, cfg.method)
+        model, amp = build_causal_lm(cfg, device, dtype)
         open_run_folder(cfg, data.summary, model)
         if data.summary["train_pairs_with_margin"]:
             log.warning("data: DPO ignores the pairs' 'margin' field (reward models use it)")
@@ -110,7 +101,8 @@ def train_preference(
         sets = [("train", data.train)] if d.loss != "simpo" else []
         for name, ts in (*sets, ("validation", data.validation), ("test", test_set)):
             if ts is not None and len(ts):
-                ts.reference = cached_reference(model, ts, pad_id, cfg, show_progress, name)
+                with autocast(device, amp):  # the reference's log-probs as the loop's forward computes them
+                    ts.reference = cached_reference(model, ts, pad_id, cfg, show_progress, name)
         options = {
             "beta": d.beta,
             "loss_type": d.loss,
@@ -132,6 +124,7 @@ def train_preference(
         pad_id,
         device,
         show_progress,
+        autocast_dtype=amp,
     )
     if is_reward:
         extra = {"template": template.source, "max_length": cfg.data.max_length}
@@ -141,7 +134,8 @@ def train_preference(
     metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
     summary = None
     if cfg.eval.enabled:
-        summary = _evaluate(cfg, model, test_set, data.validation, eval_fn, pad_id, run_dir)
+        with autocast(device, amp):  # scored as the loop's validation scored
+            summary = _evaluate(cfg, model, test_set, data.validation, eval_fn, pad_id, run_dir)
     report = write_run_report(run_dir)
     return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
 

@@ -24,8 +24,8 @@ from strop.data.prompts import Prompt, prompt_splits
 from strop.eval.rewards import call_reward, reward_function
 from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
-from strop.models.load import load_model, load_tokenizer, strop_run, tokenizer_source
-from strop.models.trainable import apply_method, keep_blocks
+from strop.models.build import build_causal_lm
+from strop.models.load import load_tokenizer, strop_run, tokenizer_source
 from strop.recipes.run_folder import open_run_folder
 from strop.recipes.sft import (
     TrainResult,
@@ -64,10 +64,7 @@ def train_rl(
     )
 
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model.name, device, dtype, cfg.model.trust_remote_code)
-    if cfg.model.keep_layers:
-        keep_blocks(model, cfg.model.keep_layers)
-    model = apply_method(model, cfg.method)
+    model, amp = build_causal_lm(cfg, device, dtype)
     value_head = ValueHead(model.config.hidden_size).to(device) if cfg.task == "ppo" else None
     open_run_folder(cfg, summary, torch.nn.ModuleList([model, *([value_head] if value_head else [])]))
     frozen = None if cfg.method.name == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
@@ -88,6 +85,7 @@ def train_rl(
         run_dir,
         device,
         show_progress,
+        autocast_dtype=amp,
     )
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
     metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, summary)

@@ -32,8 +32,9 @@ from strop.data.curriculum import difficulty_by_length
 from strop.data.template import ChatTemplate, resolve_template
 from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
+from strop.models.build import build_causal_lm
 from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, strop_run, tokenizer_source
-from strop.models.trainable import apply_method, count_parameters, keep_blocks
+from strop.models.trainable import count_parameters
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
 from strop.recipes.run_folder import open_run_folder
 from strop.report import write_report
@@ -74,14 +75,9 @@ def train(
         raise StropError(
             "train this config with strop.train (strop.recipes.run.train), which picks the recipe"
         )
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
+    cfg, threads, device, dtype = start_run(cfg)
     run_dir = cfg.run_dir
-    check_rerun(cfg)
     check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    configure_memory(cfg, device)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template, own = run_templates(cfg, tokenizer)
     data = build_datasets(cfg.data, template, cfg.train.seed, own)
@@ -107,27 +103,8 @@ def train(
     )
 
     torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
-    # weights that train stay fp32 (bf16 updates round to nothing); the forward runs in `dtype` by autocast
-    amp = dtype if dtype != torch.float32 and cfg.method.name != "lora" else None
-    continuing = cfg.model.adapter == "continue"  # the LoRA adapter of a strop run trains further
-    model = load_model(
-        cfg.model.name,
-        device,
-        torch.float32 if amp else dtype,
-        cfg.model.trust_remote_code,
-        adapter="train" if continuing else "merge",
-    )
-    if cfg.model.keep_layers:
-        keep_blocks(model, cfg.model.keep_layers)
+    model, amp = build_causal_lm(cfg, device, dtype)
     m = cfg.method
-    if not continuing:
-        model = apply_method(model, m)
-    if cfg.train.gradient_checkpointing:
-        # non-reentrant: needs no input that requires grad, so it works with LoRA and frozen embeddings
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the run folder appears only once the model and data are known to be good
     open_run_folder(cfg, data.summary, model)
     if cfg.train.batch_tokens:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
-from strop.core.device import release_free_memory
+from strop.core.device import autocast, release_free_memory
 from strop.core.errors import Interrupted, TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.data.batches import BatchPlan, collate, label_count
@@ -197,9 +197,7 @@ def fit(
                     sink.close()
                     stop_on_signal(run_dir, model, optimizer, state, train.keep_last)
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
+                with autocast(device, autocast_dtype):
                     s, _, *extra = loss_fn(model, batch)
                 for name, v in (extra[0] if extra else {}).items():
                     stats[name] = stats.get(name, 0.0) + v
@@ -254,9 +252,7 @@ def fit(
             last = step + 1 == n_steps
             improved = False
             if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
+                with autocast(device, autocast_dtype):
                     metrics = eval_fn(model, val_batches)
                     for name, group in group_batches.items():
                         metrics[f"val_loss/{name}"] = eval_fn(model, group)["val_loss"]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
+from strop.core.device import autocast
 from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.core.rl_config import RLConfig
@@ -62,6 +63,7 @@ def fit_rl(
     run_dir: Path,
     device: torch.device,
     show_progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[FitResult, dict]:
     """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
     evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
@@ -115,7 +117,8 @@ def fit_rl(
         return True
 
     if held and state["step"] == 0:
-        evaluate(0, "start")
+        with autocast(device, autocast_dtype):
+            evaluate(0, "start")
     bar = tqdm(
         total=n_steps,
         initial=state["step"],
@@ -125,7 +128,7 @@ def fit_rl(
         dynamic_ncols=True,
     )
     t_start = time.perf_counter()
-    with signals.deferred():
+    with signals.deferred(), autocast(device, autocast_dtype):
         while state["step"] < n_steps:
             step = state["step"]
             if signals.requested():
@@ -268,9 +271,10 @@ def fit_rl(
         load_weights(checkpoint_dir(run_dir, best), modules)
         final["kept_step"] = best
         log.info("kept the best weights: step %d (val_reward %.4f)", best, state["best_val_reward"])
-        evals["end"] = evaluate_reward(
-            policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
-        )
+        with autocast(device, autocast_dtype):
+            evals["end"] = evaluate_reward(
+                policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
+            )
         final["val_reward"] = evals["end"]["reward"]
     if best is not None:
         final["best_val_reward"] = state["best_val_reward"]
