@@ -180,6 +180,8 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **sections) -> dict:
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    if cfg.get("task", "sft") != "sft":
+        del cfg["data"]["cache_dir"]  # only SFT caches tokenized data; other tasks refuse the key
     return cfg
 
 

@@ -25,6 +25,7 @@ from strop.core.errors import ConfigError
 from strop.core.io import unreadable_file
 from strop.core.rl_config import RLConfig
 from strop.core.section import Section
+from strop.core.task_settings import unhonoured
 
 
 class ModelConfig(Section):
@@ -344,6 +345,14 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _every_setting_is_honoured(self) -> RunConfig:
+        if not self.stages:  # stages are sft; each stage's config is checked on its own
+            problems = unhonoured(self)
+            if problems:
+                raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _budget_fits_an_example(self) -> RunConfig:
         if self.train.batch_tokens is not None and self.train.batch_tokens < self.data.max_length:
             raise ValueError(
@@ -408,6 +417,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "required key is missing"
         elif kind == "value_error":
             msg = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
+            named = re.match(r"([\w.]+): ", msg)
+            if key == "(top level)" and named:  # a whole-config check names its key itself
+                key, msg = named.group(1), msg[named.end() :]
         else:
             msg = f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
         lines.append(f"  {key}: {msg}")

@@ -84,7 +84,9 @@ class RewardScorer:
                 f"{run_dir}: not a finished strop reward run (task reward in model/strop_model.json)"
             )
         self.model = load_classifier(Path(run["dir"]), run["base_model"], device, dtype).eval()
-        self.template = ChatTemplate(load_tokenizer(run["dir"]), run["template"], generates=False)
+        self.template = ChatTemplate(
+            load_tokenizer(run["dir"]), run["template"], run.get("system_prompt"), generates=False
+        )
         self.device = device
         self.max_length = run.get("max_length") or getattr(self.model.config, "max_position_embeddings", None)
         self.truncated = 0

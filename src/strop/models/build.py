@@ -16,7 +16,7 @@ from torch import nn
 from strop.core.config import RunConfig
 from strop.core.errors import ConfigError
 from strop.models.classifier import SequenceClassifier, default_pooling, load_backbone
-from strop.models.load import load_model
+from strop.models.load import load_model, strop_run
 from strop.models.trainable import apply_classifier_method, apply_method, keep_blocks
 
 log = logging.getLogger("strop.models")
@@ -35,6 +35,11 @@ def build_causal_lm(
     """The run's causal LM with its trainable set; returns (model, autocast dtype)."""
     weights, amp = precision(cfg, dtype)
     continuing = cfg.model.adapter == "continue"  # the LoRA adapter of a strop run trains further
+    if continuing and strop_run(cfg.model.name) is None:
+        raise ConfigError(
+            f"model.adapter: continue trains the LoRA adapter of a strop run further, but model.name "
+            f"{cfg.model.name!r} is not a strop run; use adapter: merge (the default) for any other model"
+        )
     model = load_model(
         cfg.model.name,
         device,

@@ -92,8 +92,8 @@ def _label_set(records: dict[str, list[Record]], examples) -> list[str] | None:
 
 def _base_model(cfg: RunConfig, model):
     """How to reach the base model: the adapter switched off (LoRA), else a fresh copy of the base."""
-    if hasattr(model, "disable_adapter"):
-        return lambda: adapter_disabled(model)
+    if hasattr(model, "disable_adapter") and cfg.model.adapter != "continue":
+        return lambda: adapter_disabled(model)  # (a continued adapter's start is the earlier run's model)
 
     @contextlib.contextmanager
     def fresh():

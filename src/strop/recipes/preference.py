@@ -127,7 +127,11 @@ def train_preference(
         autocast_dtype=amp,
     )
     if is_reward:
-        extra = {"template": template.source, "max_length": cfg.data.max_length}
+        extra = {
+            "template": template.source,
+            "max_length": cfg.data.max_length,
+            "system_prompt": template.system_prompt,  # scored as trained
+        }
         model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, extra)
     else:
         model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)

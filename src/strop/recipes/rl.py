@@ -67,7 +67,10 @@ def train_rl(
     model, amp = build_causal_lm(cfg, device, dtype)
     value_head = ValueHead(model.config.hidden_size).to(device) if cfg.task == "ppo" else None
     open_run_folder(cfg, summary, torch.nn.ModuleList([model, *([value_head] if value_head else [])]))
-    frozen = None if cfg.method.name == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
+    # the reference is the starting policy: a fresh LoRA adapter switched off, else a frozen copy (also
+    # for a continued adapter, whose start is the earlier run's adapter, not the bare base)
+    fresh_lora = cfg.method.name == "lora" and cfg.model.adapter != "continue"
+    frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
     reference = _reference(model, frozen, rl.temperature)
     trainable, total = log_parameters(model, cfg, device, threads)
     test = splits["test"][: cfg.eval.max_examples]
