@@ -155,11 +155,11 @@ def test_a_full_disk_while_saving_a_checkpoint(project, tmp_path, capsys, monkey
 
 
 def test_a_full_disk_while_exporting_then_resume_reports_the_loss(project, tmp_path, capsys, monkeypatch):
-    from strop.recipes import sft
+    from strop.export import save
 
     config = project()
     with monkeypatch.context() as m:
-        _no_space_on(m, sft, "atomic_dir", after=0)
+        _no_space_on(m, save, "atomic_dir", after=0)
         rc, _, err = run_cli(["-q", "train", str(config), "--no-progress"], capsys)
     run = tmp_path / "out" / "run"
     assert_user_error(rc, err, "No space left on device", "step 4 is intact")

@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return train
     if name == "TrainResult":
-        from strop.recipes.sft import TrainResult
+        from strop.recipes.lifecycle import TrainResult
 
         return TrainResult
     if name in ("load_config", "RunConfig"):

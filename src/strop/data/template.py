@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -67,6 +68,10 @@ def resolve_template(name: str, tokenizer) -> tuple[str, str]:
 class Encoded:
     ids: list[int]
     trained: list[bool]  # True where the token is a response token that carries loss
+
+
+if TYPE_CHECKING:
+    from strop.core.config import RunConfig
 
 
 class ChatTemplate:
@@ -198,3 +203,18 @@ def encode_text(tokenizer, text: str, max_length: int) -> list[list[int]]:
     return [
         ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1
     ]
+
+
+def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:
+    """The run's chat template (its name too), and those of sources that have their own (mixtures of
+    differently formatted data) by source name."""
+    name, source = resolve_template(cfg.data.template, tokenizer)
+    generates = cfg.task != "reward"  # a reward model reads conversations, it never has to stop one
+    own = {
+        src.label: ChatTemplate(
+            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt, generates
+        )
+        for src in (*cfg.data.train, *cfg.data.validation)
+        if src.template
+    }
+    return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt, generates), own

@@ -23,22 +23,22 @@ from tqdm.auto import tqdm
 from strop.core.config import RunConfig
 from strop.core.device import autocast
 from strop.core.errors import ConfigError
-from strop.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.classes import build_labelled, class_weights, encode, texts_of
 from strop.data.tokenized import TokenizedSet
 from strop.eval.attribution import integrated_gradients
 from strop.eval.classification import classification_metrics
+from strop.export.save import export_classifier
 from strop.methods import classify, distill
 from strop.models.build import build_classifier
 from strop.models.classifier import (
-    SequenceClassifier,
     load_classifier,
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
 from strop.models.trainable import count_parameters
+from strop.recipes.lifecycle import TrainResult, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
-from strop.recipes.sft import TrainResult, save_result, start_run, write_run_report
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")
@@ -252,27 +252,3 @@ def _teacher(cfg: RunConfig, labels: list[str], tokenizer, device, dtype):
     check_same_tokenizer(load_tokenizer(run["dir"]), tokenizer)
     teacher = load_classifier(Path(run["dir"]), run["base_model"], device, dtype)
     return teacher.requires_grad_(False)
-
-
-def export_classifier(
-    out: Path, model: SequenceClassifier, tokenizer, cfg: RunConfig, extra: dict | None = None
-) -> Path:
-    """The classifier folder with `strop_model.json` (task, base model, method, labels), atomically."""
-    base = cfg.model.name
-    if Path(base).expanduser().exists():
-        base = str(Path(base).expanduser().resolve())
-    meta = {
-        "task": cfg.task,
-        "base_model": base,
-        "method": cfg.method.name,
-        "labels": model.labels,
-        "keep_layers": cfg.model.keep_layers,
-        **(extra or {}),
-    }
-
-    def fill(tmp: Path) -> None:
-        model.save(tmp, cfg.model.keep_layers)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
-
-    return atomic_dir(out, fill)

@@ -30,22 +30,15 @@ from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
 from strop.data.pairs import build_pairs, encode_pairs
 from strop.data.ratings import build_ratings
+from strop.data.template import run_templates
 from strop.data.tokenized import TokenizedSet
 from strop.eval.significance import mcnemar
+from strop.export.save import export_classifier, export_model
 from strop.methods import dpo, reward
 from strop.models.build import build_causal_lm, build_classifier
 from strop.models.load import load_tokenizer, tokenizer_source
-from strop.recipes.classify import export_classifier
+from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
-from strop.recipes.sft import (
-    TrainResult,
-    export_model,
-    log_parameters,
-    run_templates,
-    save_result,
-    start_run,
-    write_run_report,
-)
 from strop.training.loop import fit
 
 log = logging.getLogger("strop")

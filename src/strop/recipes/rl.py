@@ -21,21 +21,15 @@ import torch
 from strop.core.config import RunConfig
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.prompts import Prompt, prompt_splits
+from strop.data.template import run_templates
 from strop.eval.rewards import call_reward, reward_function
+from strop.export.save import export_model
 from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
 from strop.models.build import build_causal_lm
 from strop.models.load import load_tokenizer, strop_run, tokenizer_source
+from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
-from strop.recipes.sft import (
-    TrainResult,
-    export_model,
-    log_parameters,
-    run_templates,
-    save_result,
-    start_run,
-    write_run_report,
-)
 from strop.training.rl_loop import fit_rl
 from strop.training.rollout import Reward, evaluate_reward
 

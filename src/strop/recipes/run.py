@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from strop.core.config import RunConfig, load_config
+from strop.recipes.lifecycle import TrainResult
 from strop.recipes.run_folder import check_output_dir, guarded
-from strop.recipes.sft import TrainResult
 
 
 def train(

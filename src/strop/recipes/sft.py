@@ -11,48 +11,31 @@ Run directory:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config
-from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, set_threads
 from strop.core.errors import ConfigError, StropError
-from strop.core.io import atomic_dir, atomic_write_json
 from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
 from strop.data.curriculum import difficulty_by_length
-from strop.data.template import ChatTemplate, resolve_template
+from strop.data.template import run_templates
+from strop.export.save import export_model
 from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
 from strop.models.build import build_causal_lm
-from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, strop_run, tokenizer_source
+from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, tokenizer_source
 from strop.models.trainable import count_parameters
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
+from strop.recipes.lifecycle import TrainResult, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
-from strop.report import write_report
-from strop.training.checkpoint import list_checkpoints, read_state
 from strop.training.loop import Curriculum, fit
 
 log = logging.getLogger("strop")
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    model_dir: Path
-    metrics: dict
-    data: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    eval: dict | None = None
-    report: Path | None = None
 
 
 def train(
@@ -194,88 +177,6 @@ def _teacher(cfg: RunConfig, student, tokenizer, device, dtype):
     return teacher.requires_grad_(False)
 
 
-def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:
-    """The run's chat template (its name too), and those of sources that have their own (mixtures of
-    differently formatted data) by source name."""
-    name, source = resolve_template(cfg.data.template, tokenizer)
-    generates = cfg.task != "reward"  # a reward model reads conversations, it never has to stop one
-    own = {
-        src.label: ChatTemplate(
-            tokenizer, resolve_template(src.template, tokenizer)[1], cfg.data.system_prompt, generates
-        )
-        for src in (*cfg.data.train, *cfg.data.validation)
-        if src.template
-    }
-    return name, ChatTemplate(tokenizer, source, cfg.data.system_prompt, generates), own
-
-
-class RunSetup(NamedTuple):
-    """What every recipe resolves first: the validated config (output_dir made absolute), threads, device
-    and dtype."""
-
-    cfg: RunConfig
-    threads: int
-    device: torch.device
-    dtype: torch.dtype
-
-
-def start_run(config: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunSetup:
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
-    check_rerun(cfg)
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
-    configure_memory(cfg, device)
-    return RunSetup(cfg, threads, device, resolve_dtype(cfg.model.dtype, device))
-
-
-def configure_memory(cfg: RunConfig, device: torch.device) -> None:
-    """On CPU, keep freed memory in the process for reuse (no page faults to re-touch each step's
-    activations, reference passes and feature caches included) unless train.release_memory asks for a
-    trim after every micro-batch instead."""
-    if device.type == "cpu" and not cfg.train.release_memory:
-        keep_freed_memory()
-
-
-def log_parameters(model, cfg: RunConfig, device: torch.device, threads: int) -> tuple[int, int]:
-    """Log how many parameters train; returns (trainable, total)."""
-    trainable, total = count_parameters(model)
-    log.info(
-        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
-        cfg.task,
-        cfg.method.name,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        device,
-        threads,
-    )
-    return trainable, total
-
-
-def save_result(
-    run_dir: Path, result, trainable: int, total: int, model_dir: Path, t0: float, data_summary: dict
-) -> tuple[dict, float]:
-    """result.json of a finished run (any recipe): the loop's final metrics, parameter counts, where the
-    model is, the wall time since `t0` and the data summary. Returns (metrics, seconds)."""
-    metrics = {
-        **result.final,
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "best_val_loss": result.best_val_loss,
-        "skipped_steps": result.skipped_steps,
-        "stopped_early": result.stopped_early,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-    }
-    seconds = time.time() - t0
-    atomic_write_json(
-        run_dir / "result.json",
-        {"metrics": metrics, "model_dir": str(model_dir), "seconds": seconds, "data": data_summary},
-    )
-    return metrics, seconds
-
-
 def _stage_data(cfg: RunConfig, tokenizer):
     """An earlier stage's train and validation sets, built as that stage built them."""
     _, template, own = run_templates(cfg, tokenizer)
@@ -302,20 +203,6 @@ def _curriculum(
     return Curriculum(difficulty, c.start, c.full_at, c.pacing)
 
 
-def write_run_report(run_dir: Path) -> Path | None:
-    """report.html/.md/.json; a failure here is logged, never allowed to cost the finished run."""
-    try:
-        return write_report(run_dir)["html"]
-    except Exception as e:  # noqa: BLE001 - the model and metrics are already saved
-        log.warning(
-            "could not write the run report (%s: %s); retry with `strop report %s`",
-            type(e).__name__,
-            e,
-            run_dir,
-        )
-        return None
-
-
 def _headline(summary: dict) -> str:
     parts = []
     for name, row in summary["metrics"].items():
@@ -327,77 +214,3 @@ def _headline(summary: dict) -> str:
         else:
             parts.append(f"{name} {row['tuned']:.3f}")
     return "; ".join(parts) + f" on {summary['examples']} {summary['set']} examples"
-
-
-def check_rerun(cfg: RunConfig) -> None:
-    """Before any work on a run directory that holds checkpoints: refuse a finished run, and say which
-    config keys differ from the saved config of the run being resumed."""
-    ckpts = list_checkpoints(cfg.run_dir)
-    if ckpts:
-        _refuse_finished(cfg.run_dir, read_state(ckpts[-1]) or {}, cfg)
-        _warn_config_changes(cfg.run_dir / "config.yaml", cfg)
-
-
-def _refuse_finished(run_dir: Path, state: dict, cfg: RunConfig) -> None:
-    """A finished, exported run is not trained again, unless the config asks for more steps."""
-    # finished means trained, exported and its result written: a run stopped before its result (during
-    # export, say) is completed by running it again
-    done = (run_dir / "model" / "strop_model.json").is_file() and (run_dir / "result.json").is_file()
-    more_steps = cfg.train.max_steps is not None and cfg.train.max_steps > state.get("step", 0)
-    if state.get("finished") and done and not more_steps:
-        raise StropError(
-            f"{run_dir} already holds a finished run (step {state['step']}); choose another name "
-            f"(--set name=...), or train it further with --set train.max_steps=N (N > {state['step']})"
-        )
-
-
-def _warn_config_changes(saved: Path, cfg: RunConfig) -> None:
-    """Resuming with a changed config is allowed (e.g. more steps) but never silent."""
-    if not saved.is_file():
-        return
-    old, new = _flatten(yaml.safe_load(saved.read_text())), _flatten(cfg.model_dump(mode="json"))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        log.warning(
-            "resuming %s with a changed config: %s",
-            saved.parent,
-            ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed),
-        )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def export_model(
-    out: Path, model, tokenizer, template: ChatTemplate, cfg: RunConfig, template_name: str
-) -> Path:
-    """Write the adapter (PEFT format) or the full model, the tokenizer with the training chat template,
-    and `strop_model.json`, atomically."""
-    base = cfg.model.name
-    if cfg.model.adapter == "continue":  # the adapter grew from that run's, over that run's own base
-        base = strop_run(base)["base_model"]
-    if Path(base).expanduser().exists():
-        base = str(Path(base).expanduser().resolve())
-    meta = {
-        "base_model": base,
-        "keep_layers": cfg.model.keep_layers if cfg.method.name == "lora" else None,
-        "method": cfg.method.name,
-        "template": template.source,
-        "template_name": template_name,
-        "system_prompt": template.system_prompt,
-    }
-
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.chat_template = template.source
-        tokenizer.save_pretrained(tmp)
-        (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
-
-    return atomic_dir(out, fill)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from strop.core.config import RunConfig, load_config, stage_configs, to_yaml
 from strop.core.io import atomic_write_json, atomic_write_text
+from strop.recipes.lifecycle import TrainResult
 from strop.recipes.run_folder import note_created
-from strop.recipes.sft import TrainResult, train
+from strop.recipes.sft import train
 
 log = logging.getLogger("strop")
 
