@@ -398,3 +398,17 @@ def test_reward_args_win_over_row_columns():
     assert got == [1.0, 0.0]
     with pytest.raises(ConfigError, match="rl.reward_args.target"):
         rewards.length(["p"], ["a b"], target=0)
+
+
+def test_a_policy_that_diverges_is_stopped(tiny_llama, tmp_path):
+    """A real divergence, not a planted NaN: a huge step overflows the weights, every later update is
+    non-finite, and the run stops after train.max_bad_steps such steps instead of finishing as a success."""
+    from strop.core.errors import TrainingStopped
+
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", steps=4)
+    cfg["optim"] = {"lr": 1e30, "schedule": "constant"}
+    cfg["train"]["max_bad_steps"] = 2
+    with pytest.raises(
+        TrainingStopped, match="2 consecutive steps had only non-finite updates; stopped at step 3"
+    ):
+        train(cfg, show_progress=False)

@@ -86,3 +86,17 @@ def test_repeated_non_finite_steps_stop_with_a_checkpoint(tiny_llama, alpaca_fil
     w1 = load_file(str(root / "step-000001" / "trainable.safetensors"))
     w3 = load_file(str(root / "step-000003" / "trainable.safetensors"))
     assert all(torch.equal(w1[k], w3[k]) and torch.isfinite(w3[k]).all() for k in w1)
+
+
+def test_a_run_whose_every_step_was_skipped_is_not_a_success(tiny_llama, alpaca_file, tmp_path, monkeypatch):
+    import strop
+    import strop.methods.sft as sft
+    from conftest import tiny_config
+    from strop.core.errors import TrainingStopped
+
+    real = sft.loss
+    monkeypatch.setattr(sft, "loss", lambda model, batch: (real(model, batch)[0] * float("nan"), 1))
+    cfg = tiny_config(tiny_llama, alpaca_file, tmp_path / "runs", train={"max_steps": 2, "max_bad_steps": 5})
+    with pytest.raises(TrainingStopped, match="every one of the run's 2 steps .* nothing was learned"):
+        strop.train(cfg, show_progress=False)
+    assert not (tmp_path / "runs" / "run" / "model").exists()

@@ -281,6 +281,12 @@ def fit(
     sink.close()
     if signals.requested():  # the signal came during the last step's evaluation or save: all is saved
         stop_on_signal(run_dir, model, optimizer, state, train.keep_last, saved=True)
+    if state["step"] and state["skipped_steps"] >= state["step"]:
+        raise TrainingStopped(
+            f"every one of the run's {state['step']} steps had a non-finite loss or gradient and was "
+            "skipped, so nothing was learned and no model is exported. Lower optim.lr, check the data, "
+            "or use float32."
+        )
 
     if state["best_step"] is not None and state["best_step"] != state["step"]:
         best_dir = checkpoint_dir(run_dir, state["best_step"])
