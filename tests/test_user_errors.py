@@ -113,3 +113,20 @@ def test_a_failed_run_leaves_no_run_directory(tiny_llama, tmp_path):
     with pytest.raises(DataError):
         train(cfg, show_progress=False)
     assert not (tmp_path / "runs" / "run").exists()
+
+
+@pytest.mark.parametrize("task", ["ratings", "grpo"])
+def test_a_fields_mapping_to_a_missing_column_is_named_for_every_task(task, tiny_llama, tmp_path):
+    """Rated rows and RL prompts mapped the columns they found and skipped the rest without a word."""
+    rows = [{"question": f"q{i}", "response": "r", "score": 1.0} for i in range(6)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = tiny_config(tiny_llama, data, tmp_path / "runs", task="reward" if task == "ratings" else task)
+    cfg["data"]["train"] = [{"path": str(data), "fields": {"prompt": "qestion"}}]
+    if task == "ratings":
+        cfg["reward_model"] = {"target": "ratings", "rating_field": "score"}
+    else:
+        cfg["rl"] = {"reward": "length", "group_size": 2}
+    with pytest.raises(DataError, match="fields.prompt: column 'qestion' is not in the data"):
+        from strop.recipes.run import train as train_any
+
+        train_any(cfg, show_progress=False)

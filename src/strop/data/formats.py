@@ -65,6 +65,17 @@ def detect_format(row: dict) -> str | None:
 DETECT_ROWS = 1000  # the format is the one most of the first rows show, so one odd first row cannot decide
 
 
+def check_fields(source: str, first: dict, fields: dict[str, str]) -> None:
+    """Every column a source's `fields` maps from exists (in its first row): a misspelt name is an error,
+    never a silently unmapped field."""
+    for ours, theirs in fields.items():
+        if theirs not in first:
+            raise DataError(
+                f"{source}: fields.{ours}: column {theirs!r} is not in the data "
+                f"(columns of the first row: {', '.join(sorted(map(str, first)))})"
+            )
+
+
 def to_records(
     rows: list[Row],
     fmt: str,
@@ -79,12 +90,7 @@ def to_records(
     """
     if not rows:
         raise DataError(f"{source}: no rows")
-    for ours, theirs in fields.items():
-        if theirs not in rows[0].data:
-            raise DataError(
-                f"{source}: fields.{ours}: column {theirs!r} is not in the data "
-                f"(columns of the first row: {', '.join(sorted(map(str, rows[0].data)))})"
-            )
+    check_fields(source, rows[0].data, fields)
     mapped = [_rename(r.data, fields) for r in rows]
     if fmt == "auto":
         votes = Counter(f for f in map(detect_format, mapped[:DETECT_ROWS]) if f is not None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
-from strop.data.formats import alpaca_user_turn, hh_turns
+from strop.data.formats import alpaca_user_turn, check_fields, hh_turns
 from strop.data.template import ChatTemplate
 
 
@@ -55,8 +55,10 @@ def prompt_messages(data: dict, where: str) -> list[dict]:
 
 def read_prompts(src: DatasetSource, template: ChatTemplate, max_prompt: int) -> tuple[list[Prompt], int]:
     """(prompts, how many were left out for being longer than `max_prompt` tokens)."""
-    out, too_long = [], 0
-    for row in source_rows(src):
+    out, too_long, rows = [], 0, source_rows(src)
+    if rows:
+        check_fields(src.path, rows[0].data, src.fields)
+    for row in rows:
         data = dict(row.data)
         data |= {ours: row.data[theirs] for ours, theirs in src.fields.items() if theirs in row.data}
         msgs = prompt_messages(data, row.where)

@@ -18,7 +18,7 @@ import numpy as np
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
-from strop.data.formats import hh_turns
+from strop.data.formats import check_fields, hh_turns
 from strop.data.pairs import fit_conversation
 from strop.data.read import Rejected
 from strop.data.template import ChatTemplate
@@ -42,8 +42,10 @@ def read_rated(
     """(id, conversation ending with the rated reply, rating) per row. A malformed row is an error naming
     file:line and the field, or, when `rejected` is given (data.skip_bad_rows), is appended there and
     left out."""
-    out = []
-    for row in source_rows(src, rejected):
+    out, rows = [], source_rows(src, rejected)
+    if rows:
+        check_fields(src.path, rows[0].data, src.fields)
+    for row in rows:
         try:
             out.append(_rated(row, src, field))
         except _BadRow as bad:
