@@ -520,3 +520,19 @@ def test_reward_model_on_an_encoder_ranks_and_scores(tiny_bert, tmp_path, capsys
     assert rc == 0, err
     rewards = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
     assert sum(c > r for c, r in zip(rewards[::2], rewards[1::2], strict=True)) >= 5
+
+
+def test_test_pairs_that_copy_training_pairs_stop_the_run(tiny_llama, tmp_path):
+    """As for SFT: given test files with copies of training pairs stop the run (a score on them measures
+    memory), unless data.allow_leakage says to go on."""
+    from strop.core.errors import DataError
+
+    train_rows = pairs(12)
+    cfg = dpo_config(tiny_llama, tmp_path)
+    cfg["data"]["train"] = [str(write_jsonl(tmp_path / "train.jsonl", train_rows))]
+    cfg["data"]["test"] = [str(write_jsonl(tmp_path / "test.jsonl", train_rows[:2]))]
+    cfg["train"]["max_steps"] = 1
+    with pytest.raises(DataError, match=r"data.test: \d+ pair\(s\) duplicate .* data.allow_leakage: true"):
+        train(cfg, show_progress=False)
+    cfg["data"]["allow_leakage"] = True
+    train(cfg, show_progress=False)

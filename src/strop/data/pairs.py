@@ -50,6 +50,12 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
             f"data.validation: {len(leaked)} pair(s) duplicate or nearly duplicate training pairs: "
             f"{', '.join(sorted(leaked)[:10])}; remove them or set data.allow_leakage: true"
         )
+    in_test = sorted(leakage.get("train_test", {}).get("ids", []))
+    if in_test and not cfg.allow_leakage:  # a score on copies of training pairs measures memory
+        raise DataError(
+            f"data.test: {len(in_test)} pair(s) duplicate or nearly duplicate training pairs: "
+            f"{', '.join(in_test[:10])}; remove them or set data.allow_leakage: true"
+        )
     train = encode_pairs(splits["train"], template, cfg.max_length)
     if len(train) == 0:
         raise DataError("no preference pairs left after tokenization; raise data.max_length")
