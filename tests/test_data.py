@@ -10,7 +10,8 @@ import torch
 
 import strop.data.build as build_mod
 from conftest import ALPACA_ROWS, write_jsonl
-from strop.core.config import DataConfig, apply_overrides, load_config, parse_value
+from strop.core.config import DataConfig, load_config
+from strop.core.config_file import apply_overrides, parse_value
 from strop.core.errors import ConfigError, DataError
 from strop.data.batches import IGNORE, BatchPlan, collate, label_count
 from strop.data.build import build_datasets
