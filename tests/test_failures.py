@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -292,26 +293,30 @@ def test_merge_never_replaces_another_runs_model(project, tmp_path, capsys):
         assert rc == 0, err
 
 
-def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, tmp_path, monkeypatch, capsys):
-    import signal
-
+def _stopped_when_called(monkeypatch, module, name: str, signum: int, cfg: dict):
+    """Train `cfg` with `signum` sent to this process as `module.name` is first called; the Interrupted."""
     from strop.core.errors import Interrupted
-    from strop.recipes import preference
-    from test_signals import dpo
 
-    cfg = dpo(tiny_llama, tmp_path)
-    real = preference.fit
+    real = getattr(module, name)
 
-    def stop_first(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(preference, "fit", stop_first)
+        m.setattr(module, name, signalled)
         with pytest.raises(Interrupted) as e:
             strop.train(cfg, show_progress=False)
+    return e.value
+
+
+def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, tmp_path, monkeypatch, capsys):
+    from strop.recipes import preference
+    from test_signals import dpo
+
+    stopped = _stopped_when_called(monkeypatch, preference, "fit", signal.SIGTERM, dpo(tiny_llama, tmp_path))
     run = tmp_path / "runs" / "run"
-    assert "reference_logps.safetensors" in e.value.message and f"--resume {run}" in e.value.message
+    assert "reference_logps.safetensors" in stopped.message and f"--resume {run}" in stopped.message
     assert (run / "reference_logps.safetensors").is_file() and not list_checkpoints(run)
     rc, _, err = run_cli(["-q", "train", "--resume", str(run), "--no-progress"], capsys)
     assert rc == 0, err
@@ -319,27 +324,15 @@ def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, t
 
 
 def test_a_stage_stopped_after_export_continues_to_the_next_stage(two_stage, tmp_path, monkeypatch, capsys):  # noqa: F811
-    import signal
-
-    from strop.core.errors import Interrupted
     from strop.recipes import sft
 
-    cfg = two_stage
-    real = sft.save_result
-
-    def stop_after_export(*args, **kwargs):  # stage one is trained and exported, its result not written
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(sft, "save_result", stop_after_export)
-        with pytest.raises(Interrupted) as e:
-            strop.train(cfg, show_progress=False)
-    top = Path(cfg["output_dir"]) / cfg["name"]
-    assert f"--resume {top}" in e.value.message
+    # stage one is trained and exported, its result not yet written
+    stopped = _stopped_when_called(monkeypatch, sft, "save_result", signal.SIGINT, two_stage)
+    top = Path(two_stage["output_dir"]) / two_stage["name"]
+    assert f"--resume {top}" in stopped.message
     rc, _, err = run_cli(["-q", "train", "--resume", str(top), "--no-progress"], capsys)
     assert rc == 0, err
-    assert all((top / s["name"] / "result.json").is_file() for s in cfg["stages"])
+    assert all((top / s["name"] / "result.json").is_file() for s in two_stage["stages"])
 
 
 def test_resume_of_a_folder_renamed_to_a_bad_name(project, tmp_path, capsys):

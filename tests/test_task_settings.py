@@ -43,7 +43,9 @@ def test_checkpointing_and_precision_reach_every_task(task, request, tmp_path, m
 
     def spy(real):
         def fit(model, *args, **kwargs):
-            seen["autocast"] = kwargs.get("autocast_dtype")
+            # fit takes the dtype; the rollout loop runs inside the recipe's autocast context
+            active = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen["autocast"] = kwargs.get("autocast_dtype") or active
             net = getattr(model, "backbone", model)
             seen["checkpointing"] = net.is_gradient_checkpointing
             out = real(model, *args, **kwargs)

@@ -57,7 +57,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("transformers", "peft", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "httpx", "huggingface_hub", "absl"):  # absl: rouge_score
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -38,29 +38,31 @@ def unreadable_file(path: Path) -> str | None:
     return None
 
 
-def check_output(path: str | Path, option: str, folder: bool) -> None:
+def check_output(path: str | Path, option: str, folder: bool) -> Path:
     """Before any work: `path` can be written as a file (or, `folder`, a folder): no part of it is a
-    file, no name in it is too long, and the nearest folder of it that exists takes new files.
-    Errors name `option` (e.g. `--out`) and the path as the user gave it."""
+    file, no name in it is too long, and the nearest folder of it that exists takes new files (probed
+    with a file, since permission bits do not stop root). Returns that folder. Errors name `option`
+    (`--out`, `output_dir`) and the path as the user gave it."""
     p = Path(path).expanduser()
+    existing = p if folder else p.parent
     try:
         long = [part for part in p.parts if len(part.encode()) > 255]
         if long:
-            raise StropError(f"{option} {path}: the name {long[0][:40]}... is too long (255 bytes at most)")
+            raise StropError(f"{option}: {path}: the name {long[0][:40]}... is too long (255 bytes at most)")
         if folder and p.exists() and not p.is_dir():
-            raise StropError(f"{option} {path}: is a file; give a folder")
+            raise StropError(f"{option}: {path} is a file; give a folder")
         if not folder and p.is_dir():
-            raise StropError(f"{option} {path}: is a folder; give a file name")
-        existing = p if folder else p.parent
+            raise StropError(f"{option}: {path} is a folder; give a file name")
         while not existing.exists() and not existing.is_symlink():
             existing = existing.parent
         if not existing.is_dir():
-            raise StropError(f"{option} {path}: {existing} is a file, not a folder")
+            raise StropError(f"{option}: {path}: {existing} is a file, not a folder")
         fd, probe = tempfile.mkstemp(prefix=".strop-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise StropError(f"{option} {path}: cannot write there ({e.strerror})") from None
+        raise StropError(f"{option}: cannot write in {existing} ({e.strerror})") from None
+    return existing
 
 
 def fsync_dir(path: Path) -> None:

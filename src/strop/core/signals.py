@@ -1,7 +1,7 @@
 """SIGINT and SIGTERM during a run: stop at a safe point, never mid-write.
 
 Schedulers, `docker stop`, `kill` and preemptible machines send SIGTERM; Ctrl-C sends SIGINT. While a
-training loop runs (`deferred()`), the first signal only asks it to stop: the loop polls `requested()`
+training loop runs (`deferring`), the first signal only asks it to stop: the loop polls `requested()`
 between micro-batches, abandons the unfinished step, writes a checkpoint atomically and raises
 `Interrupted`. Outside a loop (loading, tokenizing, exporting) there is nothing to save yet, so the
 signal raises `Interrupted` at once. A second signal always raises at once; atomic writes (core/io.py)
@@ -10,16 +10,19 @@ mean that can cost only the write in progress, never the last complete checkpoin
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 from strop.core.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _state = {"signum": None, "deferring": 0, "installed": False}
+P, R = ParamSpec("P"), TypeVar("R")
 
 
 def requested() -> int | None:
@@ -49,14 +52,18 @@ def graceful_stop() -> Iterator[None]:
         _state.update(signum=None, installed=False)
 
 
-@contextmanager
-def deferred() -> Iterator[None]:
-    """Inside: a first signal only sets `requested()`; the caller polls it and stops cleanly."""
-    _state["deferring"] += 1
-    try:
-        yield
-    finally:
-        _state["deferring"] -= 1
+def deferring(loop: Callable[P, R]) -> Callable[P, R]:
+    """While `loop` runs, a first signal only sets `requested()`; the loop polls it and stops cleanly."""
+
+    @functools.wraps(loop)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        _state["deferring"] += 1
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            _state["deferring"] -= 1
+
+    return run
 
 
 def _handle(signum: int, frame) -> None:

@@ -36,8 +36,7 @@ from strop.models.classifier import (
     load_classifier,
 )
 from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
-from strop.models.trainable import count_parameters
-from strop.recipes.lifecycle import TrainResult, save_result, start_run, write_run_report
+from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
 from strop.training.loop import fit
 
@@ -57,18 +56,8 @@ def train_classifier(
     model, amp = build_classifier(cfg, data.labels, device, dtype)
     c, pooling = cfg.classify, model.pooling
     open_run_folder(cfg, data.summary, model)
-    trainable, total = count_parameters(model)
-    log.info(
-        "classifier: %s pooling, head %s, method %s: %s of %s parameters train (%.2f%%); %s, %d threads",
-        pooling,
-        [*c.head_layers, len(data.labels)],
-        cfg.method.name,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        device,
-        threads,
-    )
+    log.info("classifier: %s pooling, head %s", pooling, [*c.head_layers, len(data.labels)])
+    trainable, total = log_parameters(model, cfg, device, dtype, threads)
     if cfg.method.name == "head":  # feature-based: the backbone runs once, not every epoch
         rows = [*data.train.ids, *(data.validation.ids if data.validation is not None else [])]
         t_feat = time.time()

@@ -63,17 +63,20 @@ def configure_memory(cfg: RunConfig, device: torch.device) -> None:
         keep_freed_memory()
 
 
-def log_parameters(model, cfg: RunConfig, device: torch.device, threads: int) -> tuple[int, int]:
+def log_parameters(
+    model, cfg: RunConfig, device: torch.device, dtype: torch.dtype, threads: int
+) -> tuple[int, int]:
     """Log how many parameters train; returns (trainable, total)."""
     trainable, total = count_parameters(model)
     log.info(
-        "%s: method %s, %s of %s parameters train (%.2f%%); %s, %d threads",
+        "%s: method %s, %s of %s parameters train (%.2f%%); %s %s, %d threads",
         cfg.task,
         cfg.method.name,
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / total,
         device,
+        str(dtype).replace("torch.", ""),
         threads,
     )
     return trainable, total

@@ -104,7 +104,7 @@ def train_preference(
         }
         loss_fn = functools.partial(dpo.loss, **options)
         eval_fn = functools.partial(dpo.evaluate, **options)
-    trainable, total = log_parameters(model, cfg, device, threads)
+    trainable, total = log_parameters(model, cfg, device, dtype, threads)
     result = fit(
         model,
         loss_fn,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from strop.core.config import RunConfig
+from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.prompts import Prompt, prompt_splits
 from strop.data.template import run_templates
@@ -66,24 +67,24 @@ def train_rl(
     fresh_lora = cfg.method.name == "lora" and cfg.model.adapter != "continue"
     frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
     reference = _reference(model, frozen, rl.temperature)
-    trainable, total = log_parameters(model, cfg, device, threads)
+    trainable, total = log_parameters(model, cfg, device, dtype, threads)
     test = splits["test"][: cfg.eval.max_examples]
-    result, evals = fit_rl(
-        model,
-        value_head,
-        reference,
-        reward,
-        splits["train"],
-        splits["validation"],
-        template,
-        rl,
-        cfg.train,
-        cfg.optim,
-        run_dir,
-        device,
-        show_progress,
-        autocast_dtype=amp,
-    )
+    with autocast(device, amp):  # the precision policy: rollouts, scoring and updates alike
+        result, evals = fit_rl(
+            model,
+            value_head,
+            reference,
+            reward,
+            splits["train"],
+            splits["validation"],
+            template,
+            rl,
+            cfg.train,
+            cfg.optim,
+            run_dir,
+            device,
+            show_progress,
+        )
     model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
     metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, summary)
     ev = None

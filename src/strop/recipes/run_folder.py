@@ -13,10 +13,8 @@ and left either resumable or absent, whatever ends the run.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from strop.core import signals
 from strop.core.config import RunConfig, to_yaml
 from strop.core.errors import ConfigError, Interrupted, StropError, describe_os_error, user_os_error
-from strop.core.io import atomic_write_json, atomic_write_text
+from strop.core.io import atomic_write_json, atomic_write_text, check_output
 from strop.training.checkpoint import list_checkpoints, read_state
 
 log = logging.getLogger("strop")
@@ -48,22 +46,9 @@ _created: list[Path] = []  # run folders made by the run now in progress, for cl
 def check_output_dir(cfg: RunConfig) -> None:
     """`output_dir` (or what of it exists yet) is a folder strop can write in, with room for the weights
     of a full fine-tune's checkpoint when the method trains every weight."""
-    out = Path(cfg.output_dir)
-    for p, key in ((out, "output_dir"), (cfg.run_dir, "name")):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"{key}: {p} is a file, not a folder; choose another with --set {key}=...")
-    existing = cfg.run_dir
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".strop-write-test-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise StropError(
-            f"output_dir: cannot write in {existing} ({e.strerror}); choose a writable folder with "
-            "--set output_dir=DIR"
-        ) from None
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        raise ConfigError(f"name: {cfg.run_dir} is a file, not a folder; choose another with --set name=...")
+    existing = check_output(cfg.run_dir, "output_dir", folder=True)
     need = MARGIN + (_weight_file_bytes(cfg.model.name) if cfg.method.name == "full" else 0)
     _check_room(existing, need, "a run" if need == MARGIN else "the model's weights")
 
@@ -72,9 +57,7 @@ def open_run_folder(cfg: RunConfig, data_summary: dict, model: torch.nn.Module) 
     """Check there is room for a checkpoint and the export of `model`, then create the run folder (if new)
     with its config and data summary."""
     run_dir = cfg.run_dir
-    existing = run_dir
-    while not existing.exists():
-        existing = existing.parent
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     _check_room(existing, MARGIN + checkpoint_bytes(model, cfg), "a checkpoint with the exported model")
     if not run_dir.exists():
         created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
@@ -135,24 +118,17 @@ def guarded(cfg: RunConfig, command: str) -> Iterator[None]:
     try:
         with signals.graceful_stop():
             yield
-    except (Interrupted, KeyboardInterrupt) as e:
+    except BaseException as e:
         kept = _remove_unfinished()
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, _where_to_continue(cfg.run_dir, command, kept)) from None
-    except StropError:
-        _remove_unfinished()
-        raise
-    except Exception as e:
-        kept = _remove_unfinished()
-        os_error = user_os_error(e)
+        if isinstance(e, (Interrupted, KeyboardInterrupt)):
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            raise Interrupted(signum, _where_to_continue(cfg.run_dir, command, kept)) from None
+        os_error = None if isinstance(e, StropError) else user_os_error(e)
         if os_error is None:
             raise
         raise StropError(
             f"{describe_os_error(os_error)}. {_where_to_continue(cfg.run_dir, command, kept)}"
         ) from None
-    except BaseException:
-        _remove_unfinished()
-        raise
     finally:
         _created.clear()
 

@@ -29,9 +29,8 @@ from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
 from strop.models.build import build_causal_lm
 from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, tokenizer_source
-from strop.models.trainable import count_parameters
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
-from strop.recipes.lifecycle import TrainResult, save_result, start_run, write_run_report
+from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
 from strop.training.loop import Curriculum, fit
 
@@ -87,7 +86,6 @@ def train(
 
     torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
     model, amp = build_causal_lm(cfg, device, dtype)
-    m = cfg.method
     # the run folder appears only once the model and data are known to be good
     open_run_folder(cfg, data.summary, model)
     if cfg.train.batch_tokens:
@@ -96,17 +94,7 @@ def train(
             cfg.train.batch_tokens,
             enable_segment_attention(model),
         )
-    trainable, total = count_parameters(model)
-    log.info(
-        "method %s: %s of %s parameters train (%.2f%%); %s %s, %d threads",
-        m.name,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        device,
-        str(dtype).replace("torch.", ""),
-        threads,
-    )
+    trainable, total = log_parameters(model, cfg, device, dtype, threads)
 
     loss_fn = sft.loss
     if cfg.distill:

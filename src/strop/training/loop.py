@@ -113,6 +113,7 @@ class MicroBatches:
         return collate(self.ts, picked, self.pad_id), sum(len(self.ts.ids[i]) for i in picked)
 
 
+@signals.deferring
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -180,103 +181,100 @@ def fit(
     )
     bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
     t_start = t_last
-    with signals.deferred():
-        while state["step"] < n_steps and not stop_early:
-            step = state["step"]
-            micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
-            n_labels = sum(label_count(b) for b, _ in micro)
-            lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
-            set_lr(optimizer, lr)
+    while state["step"] < n_steps and not stop_early:
+        step = state["step"]
+        micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
+        n_labels = sum(label_count(b) for b, _ in micro)
+        lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
+        set_lr(optimizer, lr)
 
-            loss_sum, stats, at_start = 0.0, {}, rng_snapshot()
-            for batch, n_real in micro:
-                if signals.requested():  # abandon the unfinished step: its gradients are dropped, not applied
-                    optimizer.zero_grad(set_to_none=True)
-                    restore_rng(at_start)
-                    bar.close()
-                    sink.close()
-                    stop_on_signal(run_dir, model, optimizer, state, train.keep_last)
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                with autocast(device, autocast_dtype):
-                    s, _, *extra = loss_fn(model, batch)
-                for name, v in (extra[0] if extra else {}).items():
-                    stats[name] = stats.get(name, 0.0) + v
-                (s / n_labels).backward()
-                loss_sum += float(s.detach())
-                tokens_since += n_real
-                if device.type == "cpu" and train.release_memory:
-                    release_free_memory()  # resident memory drops back to what is live between micro-batches
-            loss = loss_sum / n_labels
-            params = [p for p in model.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
+        loss_sum, stats, at_start = 0.0, {}, rng_snapshot()
+        for batch, n_real in micro:
+            if signals.requested():  # abandon the unfinished step: its gradients are dropped, not applied
+                optimizer.zero_grad(set_to_none=True)
+                restore_rng(at_start)
+                stop_on_signal(run_dir, model, optimizer, state, train.keep_last, closing=(bar, sink))
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with autocast(device, autocast_dtype):
+                s, _, *extra = loss_fn(model, batch)
+            for name, v in (extra[0] if extra else {}).items():
+                stats[name] = stats.get(name, 0.0) + v
+            (s / n_labels).backward()
+            loss_sum += float(s.detach())
+            tokens_since += n_real
+            if device.type == "cpu" and train.release_memory:
+                release_free_memory()  # resident memory drops back to what is live between micro-batches
+        loss = loss_sum / n_labels
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
 
-            state["step"] = step + 1
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                bad_streak = 0
-                optimizer.step()
-            else:
-                bad_streak += 1
-                state["skipped_steps"] += 1
-                log.warning(
-                    "step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm
+        state["step"] = step + 1
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            bad_streak = 0
+            optimizer.step()
+        else:
+            bad_streak += 1
+            state["skipped_steps"] += 1
+            log.warning(
+                "step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm
+            )
+            if bad_streak >= train.max_bad_steps:
+                optimizer.zero_grad(set_to_none=True)
+                path = save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
+                sink.close()
+                bar.close()
+                raise TrainingStopped(
+                    f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}. "
+                    f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32."
                 )
-                if bad_streak >= train.max_bad_steps:
-                    optimizer.zero_grad(set_to_none=True)
-                    path = save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
-                    sink.close()
-                    bar.close()
-                    raise TrainingStopped(
-                        f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}. "
-                        f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32."
+        optimizer.zero_grad(set_to_none=True)
+
+        now = time.perf_counter()
+        record = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "label_tokens": n_labels,
+            "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+            "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
+            **{name: v / n_labels for name, v in stats.items()},
+        }
+        tokens_since = 0
+        if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
+            sink.log(record)
+        final.update(record)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+
+        last = step + 1 == n_steps
+        improved = False
+        if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
+            with autocast(device, autocast_dtype):
+                metrics = eval_fn(model, val_batches)
+                for name, group in group_batches.items():
+                    metrics[f"val_loss/{name}"] = eval_fn(model, group)["val_loss"]
+            sink.log({"step": step + 1, **metrics})
+            final.update(metrics)
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            best = state["best_val_loss"]
+            val = metrics["val_loss"]
+            if math.isfinite(val) and (best is None or val < best - train.early_stopping.min_delta):
+                state.update(best_val_loss=metrics["val_loss"], best_step=step + 1, evals_since_best=0)
+                improved = True
+            else:
+                state["evals_since_best"] += 1
+                patience = train.early_stopping.patience
+                if patience and state["evals_since_best"] >= patience:
+                    stop_early = True
+                    bar.write(
+                        f"early stopping: no improvement in {patience} evaluations; "
+                        f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}"
                     )
-            optimizer.zero_grad(set_to_none=True)
-
-            now = time.perf_counter()
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "label_tokens": n_labels,
-                "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
-                "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
-                **{name: v / n_labels for name, v in stats.items()},
-            }
-            tokens_since = 0
-            if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
-                sink.log(record)
-            final.update(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-
-            last = step + 1 == n_steps
-            improved = False
-            if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
-                with autocast(device, autocast_dtype):
-                    metrics = eval_fn(model, val_batches)
-                    for name, group in group_batches.items():
-                        metrics[f"val_loss/{name}"] = eval_fn(model, group)["val_loss"]
-                sink.log({"step": step + 1, **metrics})
-                final.update(metrics)
-                bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                best = state["best_val_loss"]
-                val = metrics["val_loss"]
-                if math.isfinite(val) and (best is None or val < best - train.early_stopping.min_delta):
-                    state.update(best_val_loss=metrics["val_loss"], best_step=step + 1, evals_since_best=0)
-                    improved = True
-                else:
-                    state["evals_since_best"] += 1
-                    patience = train.early_stopping.patience
-                    if patience and state["evals_since_best"] >= patience:
-                        stop_early = True
-                        bar.write(
-                            f"early stopping: no improvement in {patience} evaluations; "
-                            f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}"
-                        )
-            state["finished"] = last or stop_early
-            if improved or state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
-                save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
-            t_last = time.perf_counter()  # evaluation and saving are not training throughput
+        state["finished"] = last or stop_early
+        if improved or state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
+            save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
+        t_last = time.perf_counter()  # evaluation and saving are not training throughput
     bar.close()
     sink.close()
     if signals.requested():  # the signal came during the last step's evaluation or save: all is saved
@@ -301,10 +299,18 @@ def fit(
 
 
 def stop_on_signal(
-    run_dir: Path, model: nn.Module, optimizer, state: dict, keep_last: int, saved: bool = False
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    state: dict,
+    keep_last: int,
+    saved: bool = False,
+    closing: tuple = (),
 ) -> None:
-    """Write the checkpoint a stop signal asked for (unless the loop just saved this step) and raise
-    `Interrupted`, whose message says how to continue."""
+    """Close the loop's progress bar and metrics (`closing`), write the checkpoint a stop signal asked
+    for (unless the loop just saved this step) and raise `Interrupted`."""
+    for c in closing:
+        c.close()
     if not saved:
         save_checkpoint(run_dir, model, optimizer, state, keep_last)
     signum = signals.requested()

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
-from strop.core.device import autocast
 from strop.core.errors import TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.core.rl_config import RLConfig
@@ -49,6 +48,7 @@ log = logging.getLogger("strop.train")
 Reference = Callable[[dict], torch.Tensor]  # batch -> the reference's reply log-probs (B, T_reply)
 
 
+@signals.deferring
 def fit_rl(
     policy: nn.Module,
     value_head: ValueHead | None,
@@ -63,7 +63,6 @@ def fit_rl(
     run_dir: Path,
     device: torch.device,
     show_progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[FitResult, dict]:
     """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
     evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
@@ -117,8 +116,7 @@ def fit_rl(
         return True
 
     if held and state["step"] == 0:
-        with autocast(device, autocast_dtype):
-            evaluate(0, "start")
+        evaluate(0, "start")
     bar = tqdm(
         total=n_steps,
         initial=state["step"],
@@ -128,135 +126,128 @@ def fit_rl(
         dynamic_ncols=True,
     )
     t_start = time.perf_counter()
-    with signals.deferred(), autocast(device, autocast_dtype):
-        while state["step"] < n_steps:
-            step = state["step"]
-            if signals.requested():
-                bar.close()
-                sink.close()
-                stop_on_signal(run_dir, modules, optimizer, state, train.keep_last)
-            lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
-            set_lr(optimizer, lr)
-            t0, at_start = time.perf_counter(), rng_snapshot()
-            picked = [
-                _prompt_at(prompts, step * rl.prompts_per_step + j, train.seed)
-                for j in range(rl.prompts_per_step)
-            ]
-            s = sample(
-                policy,
-                template,
-                [p for p in picked for _ in range(group)],
-                rl.max_new_tokens,
-                rl.temperature,
-                rl.top_p,
-                batch_size=train.batch_size * 4,
+    while state["step"] < n_steps:
+        step = state["step"]
+        if signals.requested():
+            stop_on_signal(run_dir, modules, optimizer, state, train.keep_last, closing=(bar, sink))
+        lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
+        set_lr(optimizer, lr)
+        t0, at_start = time.perf_counter(), rng_snapshot()
+        picked = [
+            _prompt_at(prompts, step * rl.prompts_per_step + j, train.seed)
+            for j in range(rl.prompts_per_step)
+        ]
+        s = sample(
+            policy,
+            template,
+            [p for p in picked for _ in range(group)],
+            rl.max_new_tokens,
+            rl.temperature,
+            rl.top_p,
+            batch_size=train.batch_size * 4,
+        )
+        scores = torch.tensor(reward(s.prompts, s.replies), dtype=torch.float32, device=device)  # (B,)
+        unfinished = torch.tensor([not e for e in s.ended], device=device)  # (B,) cut off at max_new_tokens
+        scores = scores - rl.missing_eos_penalty * unfinished.float()
+        if signals.requested():  # abandon the step before any update: its rollout is drawn again
+            restore_rng(at_start)
+            stop_on_signal(run_dir, modules, optimizer, state, train.keep_last, closing=(bar, sink))
+        batch = {k: v.to(device) for k, v in s.batch.items()}
+        mask = batch["response_mask"]
+        with torch.no_grad():
+            old_logps, old_values = _in_chunks(
+                lambda b: response_logps(policy, b, rl.temperature, value_head), batch, train.batch_size
             )
-            scores = torch.tensor(reward(s.prompts, s.replies), dtype=torch.float32, device=device)  # (B,)
-            unfinished = torch.tensor(
-                [not e for e in s.ended], device=device
-            )  # (B,) cut off at max_new_tokens
-            scores = scores - rl.missing_eos_penalty * unfinished.float()
-            if signals.requested():  # abandon the step before any update: its rollout is drawn again
-                restore_rng(at_start)
-                bar.close()
-                sink.close()
-                stop_on_signal(run_dir, modules, optimizer, state, train.keep_last)
-            batch = {k: v.to(device) for k, v in s.batch.items()}
-            mask = batch["response_mask"]
-            with torch.no_grad():
-                old_logps, old_values = _in_chunks(
-                    lambda b: response_logps(policy, b, rl.temperature, value_head), batch, train.batch_size
-                )
-                ref_logps = (
-                    _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
-                    if use_reference
-                    else old_logps
-                )
-            kl_seq = (old_logps - ref_logps).masked_fill(~mask, 0.0).sum(1)  # (B,) sampled KL per reply
-            batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
-            if value_head is not None:
-                rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
-                advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-                if mask.sum() > 1:
-                    advantages = whiten(advantages, mask)
-                batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
-
-                def objective(b):
-                    return ppo_loss(policy, value_head, b, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef)
-            else:
-                batch["advantages"] = grpo_advantages(scores, group)
-
-                def objective(b):
-                    return grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
-
-            sums: dict[str, float] = {}
-            updates, skipped, grad_norm = 0, 0, 0.0
-            size, mini = len(s.replies), rl.mini_batch or len(s.replies)
-            for _ in range(rl.update_epochs):
-                order = torch.randperm(size)
-                for start in range(0, size, mini):
-                    rows = order[start : start + mini]
-                    n_tokens = mask[rows].sum()
-                    finite = True
-                    for m in range(0, len(rows), train.batch_size):
-                        sub = rows[m : m + train.batch_size]
-                        weight = mask[sub].sum() / n_tokens  # the masked mean over the whole mini-batch
-                        loss, metrics = objective(_rows(batch, sub))
-                        (loss * weight).backward()
-                        finite = finite and math.isfinite(loss.item())
-                        for k, v in {"loss": loss.item(), **metrics}.items():
-                            sums[k] = sums.get(k, 0.0) + v * float(weight)
-                    params = [p for p in modules.parameters() if p.grad is not None]
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
-                    if finite and math.isfinite(grad_norm):
-                        optimizer.step()
-                    else:  # the same policy as fit: skip, count, warn, stop after max_bad_steps
-                        skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    updates += 1
-            _count_skipped(state, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
-            if state["bad_streak"] >= train.max_bad_steps:
-                bar.close()
-                sink.close()
-                path = save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
-                raise TrainingStopped(
-                    f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step "
-                    f"{step + 1}. Checkpoint: {path}. Lower optim.lr, check the reward for NaN, or use float32."
-                )
-            if kl_ctl is not None:
-                state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
-            state["step"] = step + 1
-            record = {
-                "step": step + 1,
-                "reward": float(scores.mean()),
-                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
-                "reply_tokens": sum(s.lengths) / len(s.lengths),
-                "cut_off": float(unfinished.float().mean()),
-                **({"skipped_updates": skipped} if skipped else {}),
-                **{k: v / updates for k, v in sums.items() if use_reference or k != "kl_loss"},
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            sink.log(record)
-            final.update(record)
-            bar.set_postfix(
-                reward=f"{record['reward']:.3f}",
-                kl=f"{record.get('kl', 0.0):.3f}",
-                len=f"{record['reply_tokens']:.0f}",
+            ref_logps = (
+                _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
+                if use_reference
+                else old_logps
             )
-            bar.update(1)
-            last = step + 1 == n_steps
-            improved = False
-            if held and (last or (train.eval_every and (step + 1) % train.eval_every == 0)):
-                improved = evaluate(step + 1, "end" if last else "latest")
-                final["val_reward"] = evals["end" if last else "latest"]["reward"]
-                bar.write(f"step {step + 1}: val_reward {final['val_reward']:.4f}")
-            state["finished"] = last
-            if improved or last or (train.save_every and (step + 1) % train.save_every == 0):
-                save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
+        kl_seq = (old_logps - ref_logps).masked_fill(~mask, 0.0).sum(1)  # (B,) sampled KL per reply
+        batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
+        if value_head is not None:
+            rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
+            advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
+            if mask.sum() > 1:
+                advantages = whiten(advantages, mask)
+            batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
+
+            def objective(b):
+                return ppo_loss(policy, value_head, b, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef)
+        else:
+            batch["advantages"] = grpo_advantages(scores, group)
+
+            def objective(b):
+                return grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
+
+        sums: dict[str, float] = {}
+        updates, skipped, grad_norm = 0, 0, 0.0
+        size, mini = len(s.replies), rl.mini_batch or len(s.replies)
+        for _ in range(rl.update_epochs):
+            order = torch.randperm(size)
+            for start in range(0, size, mini):
+                rows = order[start : start + mini]
+                n_tokens = mask[rows].sum()
+                finite = True
+                for m in range(0, len(rows), train.batch_size):
+                    sub = rows[m : m + train.batch_size]
+                    weight = mask[sub].sum() / n_tokens  # the masked mean over the whole mini-batch
+                    loss, metrics = objective(_rows(batch, sub))
+                    (loss * weight).backward()
+                    finite = finite and math.isfinite(loss.item())
+                    for k, v in {"loss": loss.item(), **metrics}.items():
+                        sums[k] = sums.get(k, 0.0) + v * float(weight)
+                params = [p for p in modules.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
+                if finite and math.isfinite(grad_norm):
+                    optimizer.step()
+                else:  # the same policy as fit: skip, count, warn, stop after max_bad_steps
+                    skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+        _count_skipped(state, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
+        if state["bad_streak"] >= train.max_bad_steps:
+            bar.close()
+            sink.close()
+            path = save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
+            raise TrainingStopped(
+                f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step "
+                f"{step + 1}. Checkpoint: {path}. Lower optim.lr, check the reward for NaN, or use float32."
+            )
+        if kl_ctl is not None:
+            state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
+        state["step"] = step + 1
+        record = {
+            "step": step + 1,
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
+            "reply_tokens": sum(s.lengths) / len(s.lengths),
+            "cut_off": float(unfinished.float().mean()),
+            **({"skipped_updates": skipped} if skipped else {}),
+            **{k: v / updates for k, v in sums.items() if use_reference or k != "kl_loss"},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        sink.log(record)
+        final.update(record)
+        bar.set_postfix(
+            reward=f"{record['reward']:.3f}",
+            kl=f"{record.get('kl', 0.0):.3f}",
+            len=f"{record['reply_tokens']:.0f}",
+        )
+        bar.update(1)
+        last = step + 1 == n_steps
+        improved = False
+        if held and (last or (train.eval_every and (step + 1) % train.eval_every == 0)):
+            improved = evaluate(step + 1, "end" if last else "latest")
+            final["val_reward"] = evals["end" if last else "latest"]["reward"]
+            bar.write(f"step {step + 1}: val_reward {final['val_reward']:.4f}")
+        state["finished"] = last
+        if improved or last or (train.save_every and (step + 1) % train.save_every == 0):
+            save_checkpoint(run_dir, modules, optimizer, state, train.keep_last)
     bar.close()
     sink.close()
     if signals.requested():  # the signal came during the last step's evaluation or save: all is saved
@@ -271,10 +262,9 @@ def fit_rl(
         load_weights(checkpoint_dir(run_dir, best), modules)
         final["kept_step"] = best
         log.info("kept the best weights: step %d (val_reward %.4f)", best, state["best_val_reward"])
-        with autocast(device, autocast_dtype):
-            evals["end"] = evaluate_reward(
-                policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
-            )
+        evals["end"] = evaluate_reward(
+            policy, template, held, reward, rl.max_new_tokens, train.batch_size * 4
+        )
         final["val_reward"] = evals["end"]["reward"]
     if best is not None:
         final["best_val_reward"] = state["best_val_reward"]
