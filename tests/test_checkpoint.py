@@ -17,6 +17,7 @@ from conftest import tiny_config
 from strop.core.errors import StropError
 from strop.core.metrics import read_metrics
 from strop.methods import sft
+from strop.training.loop import fit as loop_fit
 
 REAL_LOSS = sft.loss
 
@@ -229,13 +230,13 @@ def test_saved_adapter_reproduces_the_trained_model(
     from transformers import AutoModelForCausalLM
 
     captured = {}
-    real_fit = recipe.fit
+    real_fit = loop_fit
 
     def fit_spy(model, *args, **kwargs):
         captured["model"] = model
         return real_fit(model, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "fit", fit_spy)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", fit_spy)
     cfg = tiny_config(
         tiny_model,
         alpaca_file,

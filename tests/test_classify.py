@@ -17,6 +17,7 @@ from strop.data.classes import class_weights
 from strop.eval.classification import classification_metrics
 from strop.models.classifier import load_classifier
 from strop.recipes.classify import train_classifier
+from strop.training.loop import fit as loop_fit
 
 WORDS = {
     "sea": ["sea", "wide", "blue", "deep", "poem"],
@@ -47,10 +48,9 @@ def config(model_dir, tmp_path, method="head", **sections):
 
 
 def test_head_only_trains_only_the_head_and_learns(tiny_bert, tmp_path, monkeypatch):
-    from strop.recipes import classify as recipe
 
     before = {}
-    real = recipe.fit
+    real = loop_fit
 
     def spy(model, *args, **kwargs):
         before.update({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -58,7 +58,7 @@ def test_head_only_trains_only_the_head_and_learns(tiny_bert, tmp_path, monkeypa
         before["__after__"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return out
 
-    monkeypatch.setattr(recipe, "fit", spy)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", spy)
     result = train_classifier(config(tiny_bert, tmp_path), show_progress=False)
     after = before.pop("__after__")
     changed = {k for k in before if not torch.equal(before[k], after[k])}

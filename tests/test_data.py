@@ -13,10 +13,15 @@ from conftest import ALPACA_ROWS, write_jsonl
 from strop.core.config import DataConfig, load_config
 from strop.core.config_file import apply_overrides, parse_value
 from strop.core.errors import ConfigError, DataError
-from strop.data.batches import IGNORE, BatchPlan, collate, label_count
+from strop.data.batches import IGNORE, BatchPlan, collate
 from strop.data.build import build_datasets
 from strop.data.template import ALPACA, CHATML, ChatTemplate
 from strop.data.tokenized import TokenizedSet
+
+
+def label_count(batch) -> int:
+    """The tokens that carry loss (position 0 is never predicted), as SFT's objective counts them."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 @pytest.fixture

@@ -280,7 +280,7 @@ def test_a_bad_metric_fails_before_training(tiny_llama, alpaca_file, tmp_path, m
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(recipe, "fit", no_training)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", no_training)
     cfg = tiny_config(tiny_llama, alpaca_file, tmp_path / "out", eval={"enabled": True, "metrics": ["acc"]})
     with pytest.raises(ConfigError, match="eval.metrics: unknown metric 'acc'"):
         recipe.train(cfg, show_progress=False)

@@ -175,12 +175,11 @@ def test_a_full_disk_while_exporting_then_resume_reports_the_loss(project, tmp_p
 
 
 def test_a_failure_after_the_data_leaves_no_half_made_run_folder(project, tmp_path, capsys, monkeypatch):
-    from strop.recipes import sft
 
     def boom(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "somewhere")
 
-    monkeypatch.setattr(sft, "fit", boom)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", boom)
     rc, _, err = run_cli(["train", str(project())], capsys)
     assert_user_error(rc, err, "No space left on device", "Nothing was trained yet")
     assert not (tmp_path / "out" / "run").exists()
@@ -311,10 +310,10 @@ def _stopped_when_called(monkeypatch, module, name: str, signum: int, cfg: dict)
 
 
 def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, tmp_path, monkeypatch, capsys):
-    from strop.recipes import preference
+    from strop.recipes import skeleton
     from test_signals import dpo
 
-    stopped = _stopped_when_called(monkeypatch, preference, "fit", signal.SIGTERM, dpo(tiny_llama, tmp_path))
+    stopped = _stopped_when_called(monkeypatch, skeleton, "fit", signal.SIGTERM, dpo(tiny_llama, tmp_path))
     run = tmp_path / "runs" / "run"
     assert "reference_logps.safetensors" in stopped.message and f"--resume {run}" in stopped.message
     assert (run / "reference_logps.safetensors").is_file() and not list_checkpoints(run)
@@ -324,10 +323,10 @@ def test_dpo_stopped_after_its_reference_pass_keeps_it_and_resumes(tiny_llama, t
 
 
 def test_a_stage_stopped_after_export_continues_to_the_next_stage(two_stage, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from strop.recipes import sft
+    from strop.recipes import skeleton
 
     # stage one is trained and exported, its result not yet written
-    stopped = _stopped_when_called(monkeypatch, sft, "save_result", signal.SIGINT, two_stage)
+    stopped = _stopped_when_called(monkeypatch, skeleton, "save_result", signal.SIGINT, two_stage)
     top = Path(two_stage["output_dir"]) / two_stage["name"]
     assert f"--resume {top}" in stopped.message
     rc, _, err = run_cli(["-q", "train", "--resume", str(top), "--no-progress"], capsys)

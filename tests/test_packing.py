@@ -11,13 +11,18 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from strop.data.batches import IGNORE, collate, label_count
+from strop.data.batches import IGNORE, collate
 from strop.data.packing import MODEL_KEYS, collate_packed, pack
 from strop.data.tokenized import TokenizedSet
 from strop.models.attention import NAME, enable_segment_attention
 
 LENGTHS = [7, 12, 5, 20, 3, 9, 16, 2]
 PAD = 0
+
+
+def label_count(batch) -> int:
+    """The tokens that carry loss (position 0 is never predicted), as SFT's objective counts them."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def synthetic_set(lengths: list[int], vocab: int, seed: int = 0) -> TokenizedSet:

@@ -22,6 +22,7 @@ from strop.methods import dpo
 from strop.methods.preference import sequence_logps
 from strop.models.load import load_model
 from strop.recipes.run import train
+from strop.training.loop import fit as loop_fit
 
 
 def pairs(n: int) -> list[dict]:
@@ -129,18 +130,17 @@ def dpo_config(model_dir, tmp_path, **extra):
 
 
 def test_dpo_starts_at_log_2_and_raises_the_preference(tiny_llama, tmp_path, monkeypatch):
-    from strop.recipes import preference as recipe
 
     first = []
-    real = recipe.fit
+    real = loop_fit
 
-    def spy(model, loss_fn, eval_fn, train_set, *args, **kwargs):
-        b = collate(train_set, [0, 1, 2, 3], 3)
-        s, n, _ = loss_fn(model, b)
+    def spy(model, objective, train_set, *args, **kwargs):
+        b = objective.collate(train_set, [0, 1, 2, 3], 3)
+        s, n, _ = objective.loss(model, b)
         first.append(float(s) / n)
-        return real(model, loss_fn, eval_fn, train_set, *args, **kwargs)
+        return real(model, objective, train_set, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "fit", spy)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", spy)
     result = train(dpo_config(tiny_llama, tmp_path), show_progress=False)
     assert first[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before any step
     summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
@@ -206,12 +206,12 @@ def test_dpo_preference_accuracy_by_sum_and_per_token(monkeypatch):
     }
     # chosen replies: 4 tokens, log-probs -4 and -1; rejected: 2 tokens, -3 each
     monkeypatch.setattr(dpo, "reply_logps", lambda model, b: torch.tensor([-4.0, -1.0, -3.0, -3.0]))
-    m = dpo.evaluate(torch.nn.Linear(1, 1), [batch])
+    m = dpo.DPO().evaluate(torch.nn.Linear(1, 1), [batch])
     assert m["val_preference_accuracy"] == 0.5  # summed: -4 < -3, -1 > -3
     assert m["val_preference_accuracy_per_token"] == 1.0  # means: -1 > -1.5, -0.25 > -1.5
     assert m["val_reward_accuracy"] == 0.0 and m["val_loss"] == pytest.approx(math.log(2))
     ref = np.array([[-4.0, -3.0], [-1.0, -3.0]])
-    ipo = dpo.summarise(ref, ref, np.array([[4.0, 2.0], [4.0, 2.0]]), beta=0.1, loss_type="ipo")
+    ipo = dpo.IPO(beta=0.1).summarise(ref, ref, np.array([[4.0, 2.0], [4.0, 2.0]]))
     assert ipo["val_loss"] == pytest.approx(25.0)  # (0 - 1 / (2 * 0.1))^2 when policy = reference
 
 
@@ -309,11 +309,10 @@ def test_a_finished_dpo_run_is_refused_unless_asked_for_more_steps(tiny_llama, t
     passes, seen = [], []
     real = recipe.reference_logps
     monkeypatch.setattr(recipe, "reference_logps", lambda *a: passes.append(a[-1]) or real(*a))
-    real_fit = recipe.fit
+    real_fit = loop_fit
     monkeypatch.setattr(
-        recipe,
-        "fit",
-        lambda m, lf, ef, ts, *a, **k: seen.append(ts.reference) or real_fit(m, lf, ef, ts, *a, **k),
+        "strop.recipes.skeleton.fit",
+        lambda m, obj, ts, *a, **k: seen.append(ts.reference) or real_fit(m, obj, ts, *a, **k),
     )
     cfg = dpo_config(tiny_llama, tmp_path)
     cfg["train"] = {"batch_size": 4, "max_steps": 1, "seed": 0}

@@ -17,6 +17,7 @@ from strop.core.errors import ConfigError
 from strop.models.load import load_model
 from strop.recipes import sft
 from strop.recipes.stages import train_stages
+from strop.training.loop import fit as loop_fit
 
 
 def rows(tag: str, n: int) -> list[dict]:
@@ -47,13 +48,13 @@ def logits(model) -> torch.Tensor:
 
 
 class FitSpy:
-    """Wraps sft.fit: the logits of the model as each stage's training starts and ends."""
+    """Wraps the skeleton's fit: the logits of the model as each stage's training starts and ends."""
 
     def __init__(self, monkeypatch):
         self.start: list[torch.Tensor] = []
         self.end: list[torch.Tensor] = []
         self.monitors: list[list[str]] = []
-        real = sft.fit
+        real = loop_fit
 
         def spy(model, *args, **kwargs):
             self.start.append(logits(model))
@@ -62,7 +63,7 @@ class FitSpy:
             self.end.append(logits(model))
             return result
 
-        monkeypatch.setattr(sft, "fit", spy)
+        monkeypatch.setattr("strop.recipes.skeleton.fit", spy)
 
 
 def test_stage_configs_merge_sections_and_chain_models(two_stage, tmp_path):
@@ -131,14 +132,14 @@ def test_stage_two_starts_from_stage_one_and_exports_what_it_trained(two_stage, 
 
 def test_replayed_examples_are_stage_one_training_examples(two_stage, monkeypatch):
     seen = {}
-    real = sft.fit
+    real = loop_fit
 
-    def spy(model, loss_fn, eval_fn, train_set, val_set, *args, **kwargs):
+    def spy(model, objective, train_set, val_set, *args, **kwargs):
         seen.setdefault("train", []).append(list(train_set.example_ids))
         seen.setdefault("val", []).append(list(val_set.example_ids) if val_set else [])
-        return real(model, loss_fn, eval_fn, train_set, val_set, *args, **kwargs)
+        return real(model, objective, train_set, val_set, *args, **kwargs)
 
-    monkeypatch.setattr(sft, "fit", spy)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", spy)
     train_stages(two_stage, show_progress=False)
     stage_one_train, stage_one_val = set(seen["train"][0]), set(seen["val"][0])
     replayed = [e for e in seen["train"][1] if "general" in e]

@@ -54,16 +54,12 @@ def test_checkpointing_and_precision_reach_every_task(task, request, tmp_path, m
 
         return fit
 
-    target = "strop.recipes.rl.fit_rl" if task == "grpo" else f"strop.recipes.{_recipe(task)}.fit"
+    target = "strop.recipes.rl.fit_rl" if task == "grpo" else "strop.recipes.skeleton.fit"
     monkeypatch.setattr(target, spy(rl_loop.fit_rl if task == "grpo" else loop.fit))
     strop.train(cfg, show_progress=False)
     assert seen["autocast"] == torch.bfloat16
     assert seen["checkpointing"] is True
     assert seen["dtypes"] == {torch.float32}  # the weights that train stay float32
-
-
-def _recipe(task: str) -> str:
-    return {"sft": "sft", "classification": "classify", "reward": "preference", "dpo": "preference"}[task]
 
 
 # a value other than the default for every setting of the table

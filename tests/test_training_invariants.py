@@ -22,6 +22,7 @@ from strop.data.tokenized import TokenizedSet
 from strop.methods import sft
 from strop.models.trainable import decoder_blocks
 from strop.training.loop import fit
+from strop.training.loop import fit as loop_fit
 from strop.training.optim import build_optimizer, lr_factor
 
 # responses from 1 to 5 sentences long, so micro-batches pad to very different widths
@@ -67,7 +68,7 @@ def spy_fit(monkeypatch):
     """Records the model the recipe trains, its parameters before training, and which parameters
     reached gradient clipping with a .grad (i.e. received gradients) at every step."""
     seen: dict = {"grad_ids": []}
-    real_fit, real_clip = recipe.fit, torch.nn.utils.clip_grad_norm_
+    real_fit, real_clip = loop_fit, torch.nn.utils.clip_grad_norm_
 
     def fit_spy(model, *args, **kwargs):
         seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -79,7 +80,7 @@ def spy_fit(monkeypatch):
         seen["grad_ids"].append({id(p) for p in params})
         return real_clip(params, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "fit", fit_spy)
+    monkeypatch.setattr("strop.recipes.skeleton.fit", fit_spy)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
     return seen
 
@@ -110,8 +111,7 @@ def one_sgd_step(
     run_dir.mkdir(parents=True)
     fit(
         model,
-        sft.loss,
-        sft.evaluate,
+        sft.SFT(),
         ts,
         None,
         TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=1, seed=0),

@@ -233,19 +233,19 @@ class DistillConfig(Section):
 
 
 class DPOConfig(Section):
-    """Direct preference optimisation (task: dpo) against the frozen starting model, or SimPO, which
-    needs no reference."""
+    """Preference tuning on pairs (task: dpo): DPO or IPO against the frozen starting model, or SimPO or
+    ORPO, which need no reference."""
 
     beta: float = Field(
         0.1,
         gt=0,
         description="sigmoid/ipo: strength of the pull towards the reference; simpo: the reward scale "
-        "(default 2.0 there, as Meng et al. use 2-2.5)",
+        "(default 2.0 there, as Meng et al. use 2-2.5); orpo: the weight of the odds-ratio term (lambda)",
     )
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
         "sigmoid",
         description="sigmoid: DPO; ipo: Azar et al. 2023; simpo: Meng et al. 2024, reference-free, on mean "
-        "log-probs per reply token",
+        "log-probs per reply token; orpo: Hong et al. 2024, reference-free, SFT plus an odds-ratio term",
     )
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO: assumed share of flipped labels")
     simpo_gamma: float = Field(
@@ -253,10 +253,30 @@ class DPOConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _simpo_scale(self):
+    def _check(self):
         if self.loss == "simpo" and "beta" not in self.model_fields_set:
             object.__setattr__(self, "beta", 2.0)  # 0.1 suits DPO's log-ratios, not SimPO's mean log-probs
+        if self.loss in ("ipo", "orpo") and self.label_smoothing:
+            raise ValueError(f"label_smoothing: applies to the sigmoid and simpo losses, not {self.loss}")
+        if self.loss != "simpo" and self.simpo_gamma != type(self).model_fields["simpo_gamma"].default:
+            raise ValueError(f"simpo_gamma: applies to loss: simpo, got loss: {self.loss}")
         return self
+
+
+class KTOConfig(Section):
+    """Kahneman-Tversky optimisation (task: kto) on unpaired feedback rows {prompt, completion, label},
+    against the frozen starting model (Ethayarajh et al. 2024)."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="weight of the loss on good completions (label true)"
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="weight of the loss on bad completions (label false); the paper advises weights so "
+        "that desirable_weight x good rows / (undesirable_weight x bad rows) lies in [1, 4/3]",
+    )
 
 
 class RewardModelConfig(Section):
@@ -281,13 +301,15 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    task: Literal["sft", "classification", "reward", "dpo", "ppo", "grpo"] = Field(
+    task: Literal["sft", "classification", "reward", "dpo", "kto", "ppo", "grpo"] = Field(
         "sft",
         description="sft: generate responses (causal LM); classification: predict a label per text; "
-        "reward: score replies from preference pairs; dpo: prefer the chosen replies; ppo, grpo: "
+        "reward: score replies from preference pairs; dpo: prefer the chosen replies (dpo.loss: DPO, "
+        "IPO, SimPO or ORPO); kto: learn from completions marked good or bad; ppo, grpo: "
         "climb a reward (rl section) on sampled replies",
     )
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
     rl: RLConfig | None = Field(None, description="task ppo or grpo: the reward and the rollouts")
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
@@ -331,10 +353,6 @@ class RunConfig(Section):
             raise ValueError(
                 f"reward_model.target: ratings train a reward model (task: reward), got task: {self.task}"
             )
-        if self.dpo.loss == "ipo" and self.dpo.label_smoothing:
-            raise ValueError("dpo.label_smoothing: applies to the sigmoid loss, not ipo")
-        if self.dpo.loss != "simpo" and self.dpo.simpo_gamma != DPOConfig.model_fields["simpo_gamma"].default:
-            raise ValueError(f"dpo.simpo_gamma: applies to loss: simpo, got loss: {self.dpo.loss}")
         if self.distill and self.distill.cache_top_k and (self.task != "sft" or self.train.batch_tokens):
             raise ValueError("distill.cache_top_k: for sft runs with padded batches (no train.batch_tokens)")
         if self.model.adapter == "continue" and self.method.name != "lora":
@@ -418,8 +436,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         elif kind == "value_error":
             msg = str(e["ctx"]["error"]) if "ctx" in e else e["msg"]
             named = re.match(r"([\w.]+): ", msg)
-            if key == "(top level)" and named:  # a whole-config check names its key itself
-                key, msg = named.group(1), msg[named.end() :]
+            if named:  # a check across a section's keys names the key itself
+                name = named.group(1)
+                inside = key != "(top level)" and not name.startswith(f"{key}.")
+                key = f"{key}.{name}" if inside else name
+                msg = msg[named.end() :]
         else:
             msg = f"{e['msg'][0].lower()}{e['msg'][1:]}, got {got!r}"
         lines.append(f"  {key}: {msg}")

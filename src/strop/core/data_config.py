@@ -22,6 +22,7 @@ class DatasetSource(Section):
         "question_answer",
         "labelled",
         "preference",
+        "feedback",
         "text",
     ] = "auto"
     fields: dict[str, str] = Field(default_factory=dict, description="map strop's field names to yours")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("sft", "classification", "reward", "reward-ratings", "dpo", "ppo", "grpo")
+TASKS = ("sft", "classification", "reward", "reward-ratings", "dpo", "kto", "ppo", "grpo")
 ALL = frozenset(TASKS)
-GENERATIVE = frozenset({"sft", "dpo", "ppo", "grpo"})
+GENERATIVE = frozenset({"sft", "dpo", "kto", "ppo", "grpo"})
 FIT = ALL - {"ppo", "grpo"}  # the tasks trained by training/loop.py::fit (RL has its rollout loop)
 CHAT = ALL - {"classification"}  # text through a chat template (classification reads raw text)
 
@@ -55,6 +55,7 @@ HONOURED: dict[str, frozenset[str]] = {
     },
     "distill": frozenset({"sft", "classification"}),
     **{f"dpo.{key}": frozenset({"dpo"}) for key in ("loss", "beta", "label_smoothing", "simpo_gamma")},
+    **{f"kto.{key}": frozenset({"kto"}) for key in ("beta", "desirable_weight", "undesirable_weight")},
     **{f"rl.{key}": frozenset({"ppo"}) for key in ("value_clip", "vf_coef", "gamma", "lam")},
     "classify.labels": frozenset({"classification"}),
     "classify.class_weights": frozenset({"classification"}),

@@ -34,23 +34,11 @@ class BatchPlan:
 
 
 def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), IGNORE where untrained.
-    Preference pairs: the chosen rows, then the rejected rows (B = 2 x pairs), plus `pairs` and, when
-    computed, `reference` (pairs, 2) log-probs and, when the rows give them, `margins` (pairs,)."""
+    """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), IGNORE where untrained,
+    plus what the set carries per example: cached teacher top-k, ratings, class labels. A set of pairs
+    is collated as pairs (`collate_pairs`)."""
     if ts.rejected is not None:
-        index = list(index)
-        both = TokenizedSet(
-            [*(ts.ids[i] for i in index), *(ts.rejected.ids[i] for i in index)],
-            [*(ts.trained[i] for i in index), *(ts.rejected.trained[i] for i in index)],
-            [],
-        )
-        out = collate(both, range(2 * len(index)), pad_id)
-        out["pairs"] = torch.tensor(len(index))
-        if ts.reference is not None:
-            out["reference"] = torch.from_numpy(ts.reference[index]).float()
-        if ts.margins is not None:
-            out["margins"] = torch.from_numpy(ts.margins[index]).float()
-        return out
+        return collate_pairs(ts, index, pad_id)
     rows = [ts.ids[i] for i in index]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -72,13 +60,19 @@ def collate(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def label_count(batch: dict[str, torch.Tensor]) -> int:
-    """What the loss is averaged over: examples (classification), else the tokens that carry loss
-    (position 0 is never predicted)."""
-    if "class_labels" in batch:
-        return len(batch["class_labels"])
-    if "ratings" in batch:
-        return len(batch["ratings"])
-    if "pairs" in batch:
-        return int(batch["pairs"])
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+def collate_pairs(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs: the chosen rows, then the rejected rows (B = 2 x pairs), plus `pairs` and, when
+    computed, `reference` (pairs, 2) log-probs and, when the rows give them, `margins` (pairs,)."""
+    index = list(index)
+    both = TokenizedSet(
+        [*(ts.ids[i] for i in index), *(ts.rejected.ids[i] for i in index)],
+        [*(ts.trained[i] for i in index), *(ts.rejected.trained[i] for i in index)],
+        [],
+    )
+    out = collate(both, range(2 * len(index)), pad_id)
+    out["pairs"] = torch.tensor(len(index))
+    if ts.reference is not None:
+        out["reference"] = torch.from_numpy(ts.reference[index]).float()
+    if ts.margins is not None:
+        out["margins"] = torch.from_numpy(ts.margins[index]).float()
+    return out

@@ -2,7 +2,8 @@
 
 Formats: alpaca (instruction/input/output), messages (OpenAI role/content), sharegpt (from/value),
 prompt_completion, question_answer (GSM8K-style question/answer), labelled (text/label: the label is the
-response), preference (prompt/chosen/rejected: the conversation ends with the chosen reply), text. Field
+response), preference (prompt/chosen/rejected: the conversation ends with the chosen reply), feedback
+(prompt/completion/label true|false: one completion marked good or bad, for KTO), text. Field
 names can be mapped; the format is the one most of the first rows show.
 """
 
@@ -39,6 +40,7 @@ class Record:
     rejected: str | None = None  # preference rows: the reply not chosen (messages end with the chosen one)
     margin: float | None = None  # preference rows: how strongly chosen is preferred (reward models' margin)
     pair: str | None = None  # labelled rows with a second text (`text_pair`: entailment, similarity)
+    desirable: bool | None = None  # feedback rows: whether the completion (the last turn) is a good one
 
 
 def detect_format(row: dict) -> str | None:
@@ -51,6 +53,8 @@ def detect_format(row: dict) -> str | None:
         return "alpaca"
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "feedback"
     if {"prompt", "completion"} <= keys:
         return "prompt_completion"
     if {"question", "answer"} <= keys:
@@ -98,7 +102,8 @@ def to_records(
             raise DataError(
                 f"{rows[0].where}: cannot detect the data format from fields {sorted(map(str, rows[0].data))}; "
                 "expected one of: instruction+output (alpaca), messages, conversations (sharegpt), "
-                "prompt+chosen+rejected (preference), prompt+completion, question+answer, text+label "
+                "prompt+chosen+rejected (preference), prompt+completion+label (feedback), prompt+completion, "
+                "question+answer, text+label "
                 "(labelled), text. Set data.train[].format and data.train[].fields to map yours."
             )
         fmt = votes.most_common(1)[0][0]
@@ -303,6 +308,34 @@ def _preference(data: dict, rid: str) -> Record:
     return Record(rid, messages=tuple(msgs), rejected=rejected, margin=_margin(data.get("margin")))
 
 
+def _prompt_turns(data: dict) -> list[dict]:
+    """A preference or feedback row's prompt: a string (an HH transcript becomes turns) or a list of
+    turns, ending with a user turn."""
+    raw = data.get("prompt")
+    if isinstance(raw, list):
+        prompt = _turns(raw, "prompt", "role", "content", _OPENAI_ROLES, need_reply=False)
+    else:
+        prompt = hh_turns(_text(data, "prompt"))
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise _RowError("prompt", "the conversation must end with a user turn before the reply")
+    return prompt
+
+
+FEEDBACK_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # 1 == True
+
+
+def _feedback(data: dict, rid: str) -> Record:
+    """prompt + completion + label: one completion judged good (true) or bad (false), as KTO learns
+    from; the label is a JSON boolean (or true/false, 1/0 as CSV gives them)."""
+    label = data.get("label")
+    key = label.strip().lower() if isinstance(label, str) else label
+    if isinstance(key, float) or key not in FEEDBACK_LABELS:  # 1.0 == 1 would pass the lookup
+        raise _RowError("label", f"expected true or false, got {label!r}")
+    prompt = _prompt_turns(data)
+    msgs = (*prompt, {"role": "assistant", "content": _text(data, "completion").strip()})
+    return Record(rid, messages=tuple(msgs), desirable=FEEDBACK_LABELS[key])
+
+
 def _margin(value) -> float | None:
     """An optional `margin` field of a preference row: a finite number (or numeric string) >= 0."""
     if value is None:
@@ -330,5 +363,6 @@ _CONVERTERS = {
     "prompt_completion": _prompt_completion,
     "labelled": _labelled,
     "preference": _preference,
+    "feedback": _feedback,
     "text": _plain_text,
 }

@@ -33,29 +33,7 @@ class PairData:
 
 
 def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
-    splits = {
-        split: [r for src in sources for r in _read(src, cfg.skip_bad_rows)]
-        for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
-    }
-    if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
-        held = set(held_out([r.id for r in splits["train"]], cfg.val_fraction, seed))
-        splits["validation"] = [r for i, r in enumerate(splits["train"]) if i in held]
-        splits["train"] = [r for i, r in enumerate(splits["train"]) if i not in held]
-    leakage = check_leakage(splits)
-    leaked = set(leakage.get("train_validation", {}).get("ids", []))
-    if leaked and not cfg.validation:
-        splits["validation"] = [r for r in splits["validation"] if r.id not in leaked]
-    elif leaked and not cfg.allow_leakage:
-        raise DataError(
-            f"data.validation: {len(leaked)} pair(s) duplicate or nearly duplicate training pairs: "
-            f"{', '.join(sorted(leaked)[:10])}; remove them or set data.allow_leakage: true"
-        )
-    in_test = sorted(leakage.get("train_test", {}).get("ids", []))
-    if in_test and not cfg.allow_leakage:  # a score on copies of training pairs measures memory
-        raise DataError(
-            f"data.test: {len(in_test)} pair(s) duplicate or nearly duplicate training pairs: "
-            f"{', '.join(in_test[:10])}; remove them or set data.allow_leakage: true"
-        )
+    splits, leakage = read_splits(cfg, seed, _read)
     train = encode_pairs(splits["train"], template, cfg.max_length)
     if len(train) == 0:
         raise DataError("no preference pairs left after tokenization; raise data.max_length")
@@ -81,6 +59,39 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
         summary["dropped_pairs"],
     )
     return PairData(train, val, splits, summary)
+
+
+def read_splits(
+    cfg: DataConfig, seed: int, read, unit: str = "pair(s)"
+) -> tuple[dict[str, list[Record]], dict]:
+    """(splits, leakage report): the train, validation and test records of a preference-like data config (`read(source,
+    skip_bad_rows)` reads one source): validation held out of train when none is given; validation rows
+    that copy training rows dropped (or refused when given), test rows that do so refused, unless
+    data.allow_leakage."""
+    splits = {
+        split: [r for src in sources for r in read(src, cfg.skip_bad_rows)]
+        for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
+    }
+    if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
+        held = set(held_out([r.id for r in splits["train"]], cfg.val_fraction, seed))
+        splits["validation"] = [r for i, r in enumerate(splits["train"]) if i in held]
+        splits["train"] = [r for i, r in enumerate(splits["train"]) if i not in held]
+    leakage = check_leakage(splits)
+    leaked = set(leakage.get("train_validation", {}).get("ids", []))
+    if leaked and not cfg.validation:
+        splits["validation"] = [r for r in splits["validation"] if r.id not in leaked]
+    elif leaked and not cfg.allow_leakage:
+        raise DataError(
+            f"data.validation: {len(leaked)} {unit} duplicate or nearly duplicate training {unit}: "
+            f"{', '.join(sorted(leaked)[:10])}; remove them or set data.allow_leakage: true"
+        )
+    in_test = sorted(leakage.get("train_test", {}).get("ids", []))
+    if in_test and not cfg.allow_leakage:  # a score on copies of training rows measures memory
+        raise DataError(
+            f"data.test: {len(in_test)} {unit} duplicate or nearly duplicate training {unit}: "
+            f"{', '.join(in_test[:10])}; remove them or set data.allow_leakage: true"
+        )
+    return splits, leakage
 
 
 def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int) -> TokenizedSet:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from strop.methods.objective import Loss, RowObjective
+
 
 def loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None
@@ -17,6 +19,20 @@ def loss(
     target = batch["class_labels"]  # (b,)
     w = None if weights is None else weights.to(logits.device)
     return F.cross_entropy(logits, target, weight=w, reduction="sum"), len(target)
+
+
+class Classify(RowObjective):
+    """Cross-entropy over the labels (class-weighted when `weights`); the count is the examples. Its
+    batches carry `class_labels`; `evaluate` is the recipe's (loss, accuracy, macro-F1)."""
+
+    def __init__(self, evaluate, weights: torch.Tensor | None = None):
+        self.weights, self._evaluate = weights, evaluate
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(*loss(model, batch, self.weights))
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return self._evaluate(model, batches)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from strop.methods import sft
 from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
+from strop.methods.objective import Loss
 
 CHUNK = 256  # label positions whose (chunk, V) logits exist at once, for student and teacher alike
 
@@ -149,3 +150,33 @@ def classifier_loss(
     hard = F.cross_entropy(logits.float(), batch["class_labels"], weight=w, reduction="sum")
     soft = kd_divergence(logits, t_logits, temperature)
     return alpha * soft + (1 - alpha) * hard, len(logits)
+
+
+class LMDistill(sft.SFT):
+    """`lm_loss` against a teacher model run on the fly (which packs), or against its top-k logits cached
+    in the training set (`teacher=None`; padded rows only); validation is the student's SFT loss."""
+
+    needs = frozenset({"teacher"})
+
+    def __init__(self, teacher: torch.nn.Module | None, temperature: float, alpha: float):
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+        self.packs = teacher is not None
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(*lm_loss(model, batch, self.teacher, self.temperature, self.alpha))
+
+
+class ClassifierDistill:
+    """`classifier_loss` against a teacher classifier; otherwise as `classify.Classify`."""
+
+    needs = frozenset({"teacher"})
+    packs = False
+
+    def __init__(self, base, teacher: torch.nn.Module, temperature: float, alpha: float):
+        self.base, self.teacher, self.temperature, self.alpha = base, teacher, temperature, alpha
+        self.collate, self.evaluate = base.collate, base.evaluate
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(
+            *classifier_loss(model, batch, self.teacher, self.temperature, self.alpha, self.base.weights)
+        )

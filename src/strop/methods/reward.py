@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from strop.data.batches import collate_pairs
 from strop.data.pairs import fit_conversation
 from strop.data.template import ChatTemplate
+from strop.methods.objective import Loss, RowObjective
 from strop.methods.preference import bradley_terry_loss
 from strop.models.classifier import load_classifier
 from strop.models.load import load_tokenizer, read_run_model
@@ -36,6 +38,30 @@ def loss(
     diff = (chosen - rejected).detach()
     stats = {"accuracy": float((diff > 0).sum()), "margin": float(diff.sum())}
     return mean * len(chosen), len(chosen), stats
+
+
+class PairwiseReward(RowObjective):
+    """Bradley-Terry on (chosen, rejected) pairs, with their margins when given; the count is the pairs.
+    Batches are the chosen rows then the rejected rows (data/batches.collate_pairs)."""
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(*loss(model, batch))
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return evaluate(model, batches)
+
+    def collate(self, ts, index, pad_id: int) -> dict:
+        return collate_pairs(ts, index, pad_id)
+
+
+class RatingReward(RowObjective):
+    """Regression of the scalar head on each reply's rating; the count is the rated replies."""
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(*rating_loss(model, batch))
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return evaluate_ratings(model, batches)
 
 
 @torch.no_grad()

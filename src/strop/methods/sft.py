@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from strop.data.batches import IGNORE
 from strop.data.packing import MODEL_KEYS
 from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
+from strop.methods.objective import Loss, RowObjective
 
 MODEL_INPUTS = ("attention_mask", *MODEL_KEYS)
 
@@ -38,6 +39,19 @@ def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, d)
     total = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])  # (N, d), (V, d), (N,)
     return total, int(keep.sum())
+
+
+class SFT(RowObjective):
+    """Next-token cross-entropy on the trained tokens; the count is the label tokens. Trains on padded
+    or packed rows."""
+
+    packs = True
+
+    def loss(self, model, batch) -> Loss:
+        return Loss(*loss(model, batch))
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return evaluate(model, batches)
 
 
 @torch.no_grad()

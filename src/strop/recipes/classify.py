@@ -10,7 +10,6 @@ Run directory (as SFT's, recipes/sft.py):
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig
+from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.errors import ConfigError
 from strop.core.io import atomic_write_json, atomic_write_text
@@ -32,13 +31,10 @@ from strop.eval.classification import classification_metrics
 from strop.export.save import export_classifier
 from strop.methods import classify, distill
 from strop.models.build import build_classifier
-from strop.models.classifier import (
-    load_classifier,
-)
-from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model, tokenizer_source
-from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
-from strop.recipes.run_folder import open_run_folder
-from strop.training.loop import fit
+from strop.models.classifier import load_classifier
+from strop.models.load import check_same_tokenizer, load_tokenizer, read_run_model
+from strop.recipes.lifecycle import TrainResult
+from strop.recipes.skeleton import Run, Task, run_task
 
 log = logging.getLogger("strop")
 
@@ -46,63 +42,55 @@ log = logging.getLogger("strop")
 def train_classifier(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
-    t0 = time.time()
-    cfg, threads, device, dtype = start_run(config, overrides)
-    run_dir = cfg.run_dir
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name, causal_lm=False), cfg.model.trust_remote_code)
-    data = build_labelled(cfg.data, tokenizer, cfg.classify.labels, cfg.train.seed)
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return run_task(ClassifierTask(), cfg, show_progress)
 
-    torch.manual_seed(cfg.train.seed)  # the head's (and LoRA's) initial weights depend on the seed only
-    model, amp = build_classifier(cfg, data.labels, device, dtype)
-    c, pooling = cfg.classify, model.pooling
-    open_run_folder(cfg, data.summary, model)
-    log.info("classifier: %s pooling, head %s", pooling, [*c.head_layers, len(data.labels)])
-    trainable, total = log_parameters(model, cfg, device, dtype, threads)
-    if cfg.method.name == "head":  # feature-based: the backbone runs once, not every epoch
-        rows = [*data.train.ids, *(data.validation.ids if data.validation is not None else [])]
-        t_feat = time.time()
-        with tqdm(total=len(rows), desc="features", unit="ex", disable=not show_progress) as bar:
-            model.cache_features(rows, tokenizer.pad_token_id, cfg.eval.batch_size * 8, bar)
+
+class ClassifierTask(Task):
+    causal_lm = False
+
+    def data(self, run: Run) -> dict:
+        cfg = run.cfg
+        self.labelled = build_labelled(cfg.data, run.tokenizer, cfg.classify.labels, cfg.train.seed)
+        self.train_set, self.validation = self.labelled.train, self.labelled.validation
+        return self.labelled.summary
+
+    def build(self, run: Run):
+        model, run.amp = build_classifier(run.cfg, self.labelled.labels, run.device, run.dtype)
         log.info(
-            "head only: backbone features of %d examples cached in %.1f s", len(rows), time.time() - t_feat
+            "classifier: %s pooling, head %s",
+            model.pooling,
+            [*run.cfg.classify.head_layers, len(self.labelled.labels)],
         )
-    weights = class_weights(data.train.targets, data.labels, c.class_weights)
-    w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-    if cfg.distill:
-        teacher = _teacher(cfg, data.labels, tokenizer, device, dtype)
-        loss_fn = functools.partial(
-            distill.classifier_loss,
-            teacher=teacher,
-            temperature=cfg.distill.temperature,
-            alpha=cfg.distill.alpha,
-            weights=w,
-        )
-    else:
-        loss_fn = functools.partial(classify.loss, weights=w)
-    pad_id = tokenizer.pad_token_id
-    result = fit(
-        model,
-        loss_fn,
-        evaluate,
-        data.train,
-        data.validation,
-        cfg.train,
-        cfg.optim,
-        run_dir,
-        pad_id,
-        device,
-        show_progress,
-        autocast_dtype=amp,
-    )
+        return model
 
-    model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg)
-    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
-    summary = None
-    if cfg.eval.enabled:
-        with autocast(device, amp):  # scored as the loop's validation scored
-            summary = evaluate_classifier(model, tokenizer, data, cfg, run_dir)
-    report = write_run_report(run_dir)
-    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
+    def objective(self, run: Run, model):
+        cfg, labels = run.cfg, self.labelled.labels
+        if cfg.method.name == "head":  # feature-based: the backbone runs once, not every epoch
+            rows = [*self.train_set.ids, *(self.validation.ids if self.validation is not None else [])]
+            t_feat = time.time()
+            with tqdm(total=len(rows), desc="features", unit="ex", disable=not run.show_progress) as bar:
+                model.cache_features(rows, run.pad_id, cfg.eval.batch_size * 8, bar)
+            log.info(
+                "head only: backbone features of %d examples cached in %.1f s",
+                len(rows),
+                time.time() - t_feat,
+            )
+        weights = class_weights(self.train_set.targets, labels, cfg.classify.class_weights)
+        base = classify.Classify(
+            evaluate, None if weights is None else torch.tensor(weights, dtype=torch.float32)
+        )
+        if not cfg.distill:
+            return base
+        teacher = _teacher(cfg, labels, run.tokenizer, run.device, run.dtype)
+        return distill.ClassifierDistill(base, teacher, cfg.distill.temperature, cfg.distill.alpha)
+
+    def export(self, run: Run, model) -> Path:
+        return export_classifier(run.run_dir / "model", model, run.tokenizer, run.cfg)
+
+    def evaluate(self, run: Run, model) -> dict | None:
+        with autocast(run.device, run.amp):  # scored as the loop's validation scored
+            return evaluate_classifier(model, run.tokenizer, self.labelled, run.cfg, run.run_dir)
 
 
 def evaluate(model, batches) -> dict[str, float]:

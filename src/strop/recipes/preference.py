@@ -10,12 +10,10 @@ Run directory (as recipes/sft.py), plus eval/summary.json:
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig
+from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
@@ -35,11 +33,11 @@ from strop.data.tokenized import TokenizedSet
 from strop.eval.significance import mcnemar
 from strop.export.save import export_classifier, export_model
 from strop.methods import dpo, reward
-from strop.models.build import build_causal_lm, build_classifier
-from strop.models.load import load_tokenizer, tokenizer_source
-from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
-from strop.recipes.run_folder import open_run_folder
-from strop.training.loop import fit
+from strop.methods.dpo import PairObjective
+from strop.methods.pair_losses import pair_objective
+from strop.models.build import build_classifier
+from strop.recipes.lifecycle import TrainResult
+from strop.recipes.skeleton import Run, Task, run_task
 
 log = logging.getLogger("strop")
 PREFERENCE = ("preference_accuracy", "preference_accuracy_per_token")  # start vs tuned, in eval summaries
@@ -48,93 +46,99 @@ PREFERENCE = ("preference_accuracy", "preference_accuracy_per_token")  # start v
 def train_preference(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
-    t0 = time.time()
-    cfg, threads, device, dtype = start_run(config, overrides)
-    run_dir = cfg.run_dir
-    is_reward = cfg.task == "reward"
-    tokenizer = load_tokenizer(
-        tokenizer_source(cfg.model.name, causal_lm=not is_reward), cfg.model.trust_remote_code
-    )
-    template_name, template, _ = run_templates(cfg, tokenizer)
-    ratings = is_reward and cfg.reward_model.target == "ratings"
-    if ratings:
-        data = build_ratings(cfg.data, template, cfg.train.seed, cfg.reward_model.rating_field)
-        test_set = data.test if cfg.eval.enabled else None
-        if test_set is not None and cfg.eval.max_examples:
-            test_set = test_set.subset(list(range(min(len(test_set), cfg.eval.max_examples))))
-    else:
-        data = build_pairs(cfg.data, template, cfg.train.seed)
-        test = data.records["test"][: cfg.eval.max_examples]
-        test_set = encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
-    data.summary["template"] = template_name
-    pad_id = tokenizer.pad_token_id
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return run_task(RewardTask() if cfg.task == "reward" else PairTask(), cfg, show_progress)
 
-    torch.manual_seed(cfg.train.seed)
-    if is_reward:
-        model, amp = build_classifier(cfg, ["reward"], device, dtype)
-        open_run_folder(cfg, data.summary, model)
-        if cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
-            sets = [s for s in (data.train, data.validation, test_set) if s is not None]
-            rows = [r for s in sets for r in (*s.ids, *(s.rejected.ids if s.rejected is not None else []))]
-            with tqdm(total=len(rows), desc="features", unit="ex", disable=not show_progress) as bar:
-                model.cache_features(rows, pad_id, cfg.eval.batch_size * 4, bar)
-        if ratings:
-            loss_fn, eval_fn = reward.rating_loss, reward.evaluate_ratings
+
+class RewardTask(Task):
+    """A scalar-head reward model on preference pairs (Bradley-Terry) or on rated replies (regression),
+    on a causal LM (last token) or an encoder (mean)."""
+
+    causal_lm = False
+
+    def data(self, run: Run) -> dict:
+        cfg = run.cfg
+        self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
+        self.ratings = cfg.reward_model.target == "ratings"
+        if self.ratings:
+            data = build_ratings(cfg.data, self.template, cfg.train.seed, cfg.reward_model.rating_field)
+            self.test_set = data.test if cfg.eval.enabled else None
+            if self.test_set is not None and cfg.eval.max_examples:
+                keep = list(range(min(len(self.test_set), cfg.eval.max_examples)))
+                self.test_set = self.test_set.subset(keep)
         else:
-            loss_fn, eval_fn = reward.loss, reward.evaluate
-    else:
-        model, amp = build_causal_lm(cfg, device, dtype)
-        open_run_folder(cfg, data.summary, model)
-        if data.summary["train_pairs_with_margin"]:
-            log.warning("data: DPO ignores the pairs' 'margin' field (reward models use it)")
-        # the reference is the starting model: its log-probs, computed once, ride along in the batches
-        # (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing);
-        # simpo trains without it, so only the held-out pairs get it, for the start-vs-tuned figures
-        d = cfg.dpo
-        sets = [("train", data.train)] if d.loss != "simpo" else []
-        for name, ts in (*sets, ("validation", data.validation), ("test", test_set)):
-            if ts is not None and len(ts):
-                with autocast(device, amp):  # the reference's log-probs as the loop's forward computes them
-                    ts.reference = cached_reference(model, ts, pad_id, cfg, show_progress, name)
-        options = {
-            "beta": d.beta,
-            "loss_type": d.loss,
-            "label_smoothing": d.label_smoothing,
-            "simpo_gamma": d.simpo_gamma,
-        }
-        loss_fn = functools.partial(dpo.loss, **options)
-        eval_fn = functools.partial(dpo.evaluate, **options)
-    trainable, total = log_parameters(model, cfg, device, dtype, threads)
-    result = fit(
-        model,
-        loss_fn,
-        eval_fn,
-        data.train,
-        data.validation,
-        cfg.train,
-        cfg.optim,
-        run_dir,
-        pad_id,
-        device,
-        show_progress,
-        autocast_dtype=amp,
-    )
-    if is_reward:
+            data = build_pairs(cfg.data, self.template, cfg.train.seed)
+            self.test_set = _test_pairs(cfg, data, self.template)
+        data.summary["template"] = self.template_name
+        self.train_set, self.validation = data.train, data.validation
+        return data.summary
+
+    def build(self, run: Run):
+        model, run.amp = build_classifier(run.cfg, ["reward"], run.device, run.dtype)
+        return model
+
+    def objective(self, run: Run, model):
+        if run.cfg.method.name == "head":  # feature-based: the backbone runs once per reply, not every epoch
+            sets = [s for s in (self.train_set, self.validation, self.test_set) if s is not None]
+            rows = [r for s in sets for r in (*s.ids, *(s.rejected.ids if s.rejected is not None else []))]
+            with tqdm(total=len(rows), desc="features", unit="ex", disable=not run.show_progress) as bar:
+                model.cache_features(rows, run.pad_id, run.cfg.eval.batch_size * 4, bar)
+        return reward.RatingReward() if self.ratings else reward.PairwiseReward()
+
+    def export(self, run: Run, model) -> Path:
         extra = {
-            "template": template.source,
-            "max_length": cfg.data.max_length,
-            "system_prompt": template.system_prompt,  # scored as trained
+            "template": self.template.source,
+            "max_length": run.cfg.data.max_length,
+            "system_prompt": self.template.system_prompt,  # scored as trained
         }
-        model_dir = export_classifier(run_dir / "model", model, tokenizer, cfg, extra)
-    else:
-        model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
-    summary = None
-    if cfg.eval.enabled:
-        with autocast(device, amp):  # scored as the loop's validation scored
-            summary = _evaluate(cfg, model, test_set, data.validation, eval_fn, pad_id, run_dir)
-    report = write_run_report(run_dir)
-    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, summary, report)
+        return export_classifier(run.run_dir / "model", model, run.tokenizer, run.cfg, extra)
+
+    def evaluate(self, run: Run, model) -> dict | None:
+        with autocast(run.device, run.amp):  # scored as the loop's validation scored
+            objective = reward.RatingReward() if self.ratings else reward.PairwiseReward()
+            return _evaluate(run, model, self.test_set, self.validation, objective)
+
+
+class PairTask(Task):
+    """Preference tuning of the policy on pairs: DPO, IPO, SimPO or ORPO (`dpo.loss`)."""
+
+    def data(self, run: Run) -> dict:
+        cfg = run.cfg
+        self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
+        data = build_pairs(cfg.data, self.template, cfg.train.seed)
+        self.test_set = _test_pairs(cfg, data, self.template)
+        data.summary["template"] = self.template_name
+        if data.summary["train_pairs_with_margin"]:
+            log.warning("data: %s ignores the pairs' 'margin' field (reward models use it)", cfg.dpo.loss)
+        self.train_set, self.validation = data.train, data.validation
+        return data.summary
+
+    def objective(self, run: Run, model):
+        """The reference is the starting model: its log-probs, computed once, ride along in the batches
+        (with LoRA the starting model is the policy itself, since a fresh adapter adds nothing). A
+        reference-free loss trains without them, so only the held-out pairs get them, for the
+        start-vs-tuned figures."""
+        self.loss = pair_objective(run.cfg.dpo)
+        sets = [("train", self.train_set)] if "reference" in self.loss.needs else []
+        for name, ts in (*sets, ("validation", self.validation), ("test", self.test_set)):
+            if ts is not None and len(ts):
+                with autocast(run.device, run.amp):  # the reference as the loop's forward computes it
+                    ts.reference = cached_reference(model, ts, run.pad_id, run.cfg, run.show_progress, name)
+        return self.loss
+
+    def export(self, run: Run, model) -> Path:
+        return export_model(
+            run.run_dir / "model", model, run.tokenizer, self.template, run.cfg, self.template_name
+        )
+
+    def evaluate(self, run: Run, model) -> dict | None:
+        with autocast(run.device, run.amp):  # scored as the loop's validation scored
+            return _evaluate(run, model, self.test_set, self.validation, self.loss)
+
+
+def _test_pairs(cfg: RunConfig, data, template) -> TokenizedSet | None:
+    test = data.records["test"][: cfg.eval.max_examples]
+    return encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
 
 
 def score_rows(run_dir: Path, path: Path, batch_size: int = 8) -> list[dict]:
@@ -213,10 +217,9 @@ def reference_logps(
     return out
 
 
-def _evaluate(
-    cfg: RunConfig, model, test_set, validation, eval_fn, pad_id: int, run_dir: Path
-) -> dict | None:
+def _evaluate(run: Run, model, test_set, validation, objective) -> dict | None:
     """On the test pairs, else the validation pairs (never trained on either way)."""
+    cfg, run_dir = run.cfg, run.run_dir
     set_name, ts = ("test", test_set) if test_set is not None else ("validation", validation)
     if ts is None or len(ts) == 0:
         return None
@@ -226,7 +229,9 @@ def _evaluate(
     batches = [
         {
             k: v.to(device)
-            for k, v in collate(ts, list(range(i, min(i + cfg.eval.batch_size, len(ts)))), pad_id).items()
+            for k, v in objective.collate(
+                ts, range(i, min(i + cfg.eval.batch_size, len(ts))), run.pad_id
+            ).items()
         }
         for i in range(0, len(ts), cfg.eval.batch_size)
     ]
@@ -237,9 +242,11 @@ def _evaluate(
     }
     (run_dir / "eval").mkdir(exist_ok=True)
     if cfg.task == "reward":
-        summary["metrics"] = {k.removeprefix("val_"): v for k, v in eval_fn(model, batches).items()}
+        summary["metrics"] = {
+            k.removeprefix("val_"): v for k, v in objective.evaluate(model, batches).items()
+        }
     else:
-        summary.update(_dpo_summary(cfg, model, ts, batches, run_dir))
+        summary.update(_pair_summary(objective, model, ts, batches, run_dir))
     atomic_write_json(run_dir / "eval" / "summary.json", summary)
     log.info(
         "eval (%s pairs): %s",
@@ -249,17 +256,19 @@ def _evaluate(
     return summary
 
 
-def _dpo_summary(cfg: RunConfig, model, ts: TokenizedSet, batches: list[dict], run_dir: Path) -> dict:
+def _pair_summary(
+    objective: PairObjective, model, ts: TokenizedSet, batches: list[dict], run_dir: Path
+) -> dict:
     """Metrics of the tuned policy and of the starting one (the reference: DPO loss log 2 for sigmoid,
     1/(4 beta^2) for IPO); for each preference accuracy the starting and tuned values and the pairs that
     flipped either way, with an exact McNemar p-value; every pair's log-probs in eval/pairs.jsonl."""
-    d = cfg.dpo
     policy, lengths = dpo.pair_logps(model, batches)
     ref = ts.reference.astype(np.float64)
-    m = dpo.summarise(policy, ref, lengths, d.beta, d.loss, d.label_smoothing, d.simpo_gamma)
-    start = dpo.summarise(ref, ref, lengths, d.beta, d.loss, d.label_smoothing, d.simpo_gamma)  # the start
+    m = objective.summarise(policy, ref, lengths)
+    start = objective.summarise(ref, ref, lengths)  # the starting model's
     out: dict = {
-        "objective": d.loss,
+        "objective": objective.name,
+        "reference_free": "reference" not in objective.needs,
         "metrics": {k.removeprefix("val_"): v for k, v in m.items()},
         "start_metrics": {k.removeprefix("val_"): v for k, v in start.items()},
     }

@@ -13,12 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from strop.core.config import RunConfig
+from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.prompts import Prompt, prompt_splits
@@ -27,10 +26,9 @@ from strop.eval.rewards import call_reward, reward_function
 from strop.export.save import export_model
 from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
-from strop.models.build import build_causal_lm
-from strop.models.load import load_tokenizer, strop_run, tokenizer_source
-from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
-from strop.recipes.run_folder import open_run_folder
+from strop.models.load import strop_run
+from strop.recipes.lifecycle import TrainResult
+from strop.recipes.skeleton import Run, Task, run_task
 from strop.training.rl_loop import fit_rl
 from strop.training.rollout import Reward, evaluate_reward
 
@@ -40,58 +38,78 @@ log = logging.getLogger("strop")
 def train_rl(
     config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
 ) -> TrainResult:
-    t0 = time.time()
-    cfg, threads, device, dtype = start_run(config, overrides)
-    rl, run_dir = cfg.rl, cfg.run_dir
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
-    template_name, template, _ = run_templates(cfg, tokenizer)
-    splits, summary = prompt_splits(cfg.data, template, rl.max_new_tokens, cfg.train.seed)
-    summary["template"] = template_name
-    reward = build_reward(rl.reward, rl.reward_args, device)
-    log.info(
-        "%s: %d train / %d validation / %d test prompts (%d too long); reward %s",
-        cfg.task,
-        summary["train_prompts"],
-        summary["validation_prompts"],
-        summary["test_prompts"],
-        summary["prompts_too_long"],
-        rl.reward,
-    )
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return run_task(RLTask(), cfg, show_progress)
 
-    torch.manual_seed(cfg.train.seed)
-    model, amp = build_causal_lm(cfg, device, dtype)
-    value_head = ValueHead(model.config.hidden_size).to(device) if cfg.task == "ppo" else None
-    open_run_folder(cfg, summary, torch.nn.ModuleList([model, *([value_head] if value_head else [])]))
-    # the reference is the starting policy: a fresh LoRA adapter switched off, else a frozen copy (also
-    # for a continued adapter, whose start is the earlier run's adapter, not the bare base)
-    fresh_lora = cfg.method.name == "lora" and cfg.model.adapter != "continue"
-    frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
-    reference = _reference(model, frozen, rl.temperature)
-    trainable, total = log_parameters(model, cfg, device, dtype, threads)
-    test = splits["test"][: cfg.eval.max_examples]
-    with autocast(device, amp):  # the precision policy: rollouts, scoring and updates alike
-        result, evals = fit_rl(
-            model,
-            value_head,
-            reference,
-            reward,
-            splits["train"],
-            splits["validation"],
-            template,
-            rl,
-            cfg.train,
-            cfg.optim,
-            run_dir,
-            device,
-            show_progress,
+
+class RLTask(Task):
+    """PPO or GRPO: the loop is training/rl_loop.fit_rl (rollouts, rewards, KL to the start)."""
+
+    def data(self, run: Run) -> dict:
+        cfg, rl = run.cfg, run.cfg.rl
+        self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
+        self.splits, summary = prompt_splits(cfg.data, self.template, rl.max_new_tokens, cfg.train.seed)
+        summary["template"] = self.template_name
+        self.reward = build_reward(rl.reward, rl.reward_args, run.device)
+        log.info(
+            "%s: %d train / %d validation / %d test prompts (%d too long); reward %s",
+            cfg.task,
+            summary["train_prompts"],
+            summary["validation_prompts"],
+            summary["test_prompts"],
+            summary["prompts_too_long"],
+            rl.reward,
         )
-    model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, summary)
-    ev = None
-    if cfg.eval.enabled and (test or evals.get("start")):
-        ev = _evaluate(cfg, model, frozen, template, reward, test, evals, run_dir)
-    report = write_run_report(run_dir)
-    return TrainResult(run_dir, model_dir, metrics, summary, seconds, ev, report)
+        return summary
+
+    def build(self, run: Run):
+        model = super().build(run)
+        ppo = run.cfg.task == "ppo"
+        self.value_head = ValueHead(model.config.hidden_size).to(run.device) if ppo else None
+        return model
+
+    def saved(self, model):
+        return torch.nn.ModuleList([model, *([self.value_head] if self.value_head else [])])
+
+    def objective(self, run: Run, model):
+        """The reference is the starting policy: a fresh LoRA adapter switched off, else a frozen copy
+        (also for a continued adapter, whose start is the earlier run's adapter, not the bare base)."""
+        fresh_lora = run.cfg.method.name == "lora" and run.cfg.model.adapter != "continue"
+        self.frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
+        return _reference(model, self.frozen, run.cfg.rl.temperature)
+
+    def fit(self, run: Run, model, objective):
+        cfg = run.cfg
+        with autocast(run.device, run.amp):  # the precision policy: rollouts, scoring and updates alike
+            result, self.evals = fit_rl(
+                model,
+                self.value_head,
+                objective,
+                self.reward,
+                self.splits["train"],
+                self.splits["validation"],
+                self.template,
+                cfg.rl,
+                cfg.train,
+                cfg.optim,
+                run.run_dir,
+                run.device,
+                run.show_progress,
+            )
+        return result
+
+    def export(self, run: Run, model) -> Path:
+        return export_model(
+            run.run_dir / "model", model, run.tokenizer, self.template, run.cfg, self.template_name
+        )
+
+    def evaluate(self, run: Run, model) -> dict | None:
+        test = self.splits["test"][: run.cfg.eval.max_examples]
+        if not (test or self.evals.get("start")):
+            return None
+        return _evaluate(
+            run.cfg, model, self.frozen, self.template, self.reward, test, self.evals, run.run_dir
+        )
 
 
 def build_reward(spec: str, args: dict, device: torch.device) -> Reward:

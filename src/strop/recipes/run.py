@@ -5,11 +5,13 @@ before any work, signals stop the run at a safe point, and failures leave the ru
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from strop.core.config import RunConfig, load_config
 from strop.recipes.lifecycle import TrainResult
 from strop.recipes.run_folder import check_output_dir, guarded
+from strop.recipes.skeleton import Task, run_task
 
 
 def train(
@@ -34,18 +36,21 @@ def _dispatch(cfg: RunConfig, show_progress: bool) -> TrainResult | list[TrainRe
         from strop.recipes.stages import train_stages
 
         return train_stages(cfg, show_progress=show_progress)
-    if cfg.task in ("reward", "dpo"):
-        from strop.recipes.preference import train_preference
+    return run_task(task_for(cfg), cfg, show_progress)
 
-        return train_preference(cfg, show_progress=show_progress)
-    if cfg.task in ("ppo", "grpo"):
-        from strop.recipes.rl import train_rl
 
-        return train_rl(cfg, show_progress=show_progress)
-    if cfg.task == "classification":
-        from strop.recipes.classify import train_classifier
+def task_for(cfg: RunConfig) -> Task:
+    """The task of a (stage-less) config; recipes are imported only when used."""
+    module, name = TASKS[cfg.task]
+    return getattr(importlib.import_module(f"strop.recipes.{module}"), name)()
 
-        return train_classifier(cfg, show_progress=show_progress)
-    from strop.recipes import sft
 
-    return sft.train(cfg, show_progress=show_progress)
+TASKS = {  # config task -> (recipes module, Task class)
+    "sft": ("sft", "SFTTask"),
+    "classification": ("classify", "ClassifierTask"),
+    "reward": ("preference", "RewardTask"),
+    "dpo": ("preference", "PairTask"),
+    "kto": ("feedback", "FeedbackTask"),
+    "ppo": ("rl", "RLTask"),
+    "grpo": ("rl", "RLTask"),
+}

@@ -10,7 +10,6 @@ Run directory:
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -27,12 +26,11 @@ from strop.data.template import run_templates
 from strop.export.save import export_model
 from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
-from strop.models.build import build_causal_lm
 from strop.models.load import check_same_tokenizer, load_model, load_tokenizer, tokenizer_source
 from strop.recipes.evaluation import check_eval_config, evaluate_after_training
-from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
-from strop.recipes.run_folder import open_run_folder
-from strop.training.loop import Curriculum, fit
+from strop.recipes.lifecycle import TrainResult
+from strop.recipes.skeleton import Run, Task, run_task
+from strop.training.loop import Curriculum
 
 log = logging.getLogger("strop")
 
@@ -49,7 +47,6 @@ def train(
     `earlier`: the configs of earlier stages (sequential fine-tuning, see recipes/stages.py): their
     validation sets are watched for forgetting, and `replay` of this run's training examples are theirs.
     """
-    t0 = time.time()
     if isinstance(config, RunConfig):
         config = config.model_dump(mode="json") if overrides else config
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
@@ -57,96 +54,90 @@ def train(
         raise StropError(
             "train this config with strop.train (strop.recipes.run.train), which picks the recipe"
         )
-    cfg, threads, device, dtype = start_run(cfg)
-    run_dir = cfg.run_dir
-    check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
-    tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
-    template_name, template, own = run_templates(cfg, tokenizer)
-    data = build_datasets(cfg.data, template, cfg.train.seed, own)
-    monitors = {}
-    if earlier:
-        before = [_stage_data(e, tokenizer) for e in earlier]
-        if replay:
-            data = add_replay(
-                data, [b.train for b in before], [e.name for e in earlier], replay, cfg.train.seed
-            )
-        monitors = {
-            f"stage:{e.name}": b.validation for e, b in zip(earlier, before, strict=True) if b.validation
-        }
-    data.summary["template"] = template_name
-    records = split_records(cfg.data, data)
-    data.summary["leakage"] = guard_leakage(cfg.data, data, records)
-    log.info(
-        "data: %d train / %d validation examples, %d label tokens (template %s)",
-        data.summary["train_examples"],
-        data.summary["validation_examples"],
-        data.summary["train_label_tokens"],
-        template_name,
-    )
+    return run_task(SFTTask(earlier, replay), cfg, show_progress)
 
-    torch.manual_seed(cfg.train.seed)  # LoRA (and any newly initialised) weights depend on the seed only
-    model, amp = build_causal_lm(cfg, device, dtype)
-    # the run folder appears only once the model and data are known to be good
-    open_run_folder(cfg, data.summary, model)
-    if cfg.train.batch_tokens:
+
+class SFTTask(Task):
+    """Supervised fine-tuning, optionally distilled from a teacher, on the chat template's rendering."""
+
+    def __init__(self, earlier: list[RunConfig] | None = None, replay: float = 0.0):
+        self.earlier, self.replay, self.monitors = earlier or [], replay, {}
+
+    def data(self, run: Run) -> dict:
+        cfg, tokenizer = run.cfg, run.tokenizer
+        check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
+        self.template_name, self.template, own = run_templates(cfg, tokenizer)
+        data = build_datasets(cfg.data, self.template, cfg.train.seed, own)
+        if self.earlier:
+            before = [_stage_data(e, tokenizer) for e in self.earlier]
+            if self.replay:
+                names = [e.name for e in self.earlier]
+                data = add_replay(data, [b.train for b in before], names, self.replay, cfg.train.seed)
+            self.monitors = {
+                f"stage:{e.name}": b.validation
+                for e, b in zip(self.earlier, before, strict=True)
+                if b.validation
+            }
+        data.summary["template"] = self.template_name
+        self.records = split_records(cfg.data, data)
+        data.summary["leakage"] = guard_leakage(cfg.data, data, self.records)
         log.info(
-            "packing: rows of up to %d tokens, attention %s",
-            cfg.train.batch_tokens,
-            enable_segment_attention(model),
+            "data: %d train / %d validation examples, %d label tokens (template %s)",
+            data.summary["train_examples"],
+            data.summary["validation_examples"],
+            data.summary["train_label_tokens"],
+            self.template_name,
         )
-    trainable, total = log_parameters(model, cfg, device, dtype, threads)
+        self.train_set, self.validation, self.groups = data.train, data.validation, data.validation_groups
+        return data.summary
 
-    loss_fn = sft.loss
-    if cfg.distill:
-        teacher = _teacher(cfg, model, tokenizer, device, torch.float32 if amp else dtype)
+    def objective(self, run: Run, model) -> sft.SFT:
+        cfg = run.cfg
+        if cfg.train.batch_tokens:
+            attention = enable_segment_attention(model)
+            log.info("packing: rows of up to %d tokens, attention %s", cfg.train.batch_tokens, attention)
+        if not cfg.distill:
+            return sft.SFT()
+        teacher = _teacher(cfg, model, run.tokenizer, run.device, torch.float32 if run.amp else run.dtype)
         if cfg.distill.cache_top_k:
-            t_cache = time.time()
-            with tqdm(total=len(data.train), desc="teacher top-k", disable=not show_progress) as bar:
-                data.train.teacher = distill.teacher_top_k(
-                    teacher,
-                    data.train,
-                    tokenizer.pad_token_id,
-                    cfg.distill.cache_top_k,
-                    cfg.train.batch_size,
-                    device,
-                    bar,
-                )
-            log.info(
-                "teacher: top-%d logits of %d examples cached in %.1f s",
-                cfg.distill.cache_top_k,
-                len(data.train),
-                time.time() - t_cache,
-            )
+            self.train_set.teacher = _cache_teacher(cfg, teacher, self.train_set, run)
             teacher = None  # the cache replaces it; its memory goes back before training
-        loss_fn = functools.partial(
-            distill.lm_loss, teacher=teacher, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha
-        )
-    result = fit(
-        model,
-        loss_fn,
-        sft.evaluate,
-        data.train,
-        data.validation,
-        cfg.train,
-        cfg.optim,
-        run_dir,
-        tokenizer.pad_token_id,
-        device,
-        show_progress,
-        autocast_dtype=amp,
-        curriculum=_curriculum(cfg, model, data.train, tokenizer.pad_token_id, device, show_progress),
-        val_groups=data.validation_groups,
-        monitors=monitors,
-    )
+        return distill.LMDistill(teacher, cfg.distill.temperature, cfg.distill.alpha)
 
-    model_dir = export_model(run_dir / "model", model, tokenizer, template, cfg, template_name)
-    metrics, seconds = save_result(run_dir, result, trainable, total, model_dir, t0, data.summary)
-    t_eval = time.time()
-    evaluation = evaluate_after_training(cfg, model, template, records, run_dir, show_progress)
-    if evaluation is not None:
-        log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
-    report = write_run_report(run_dir)
-    return TrainResult(run_dir, model_dir, metrics, data.summary, seconds, evaluation, report)
+    def fit_options(self, run: Run, model) -> dict:
+        curriculum = _curriculum(run.cfg, model, self.train_set, run.pad_id, run.device, run.show_progress)
+        return {"curriculum": curriculum, "val_groups": self.groups, "monitors": self.monitors}
+
+    def export(self, run: Run, model) -> Path:
+        return export_model(
+            run.run_dir / "model", model, run.tokenizer, self.template, run.cfg, self.template_name
+        )
+
+    def evaluate(self, run: Run, model) -> dict | None:
+        t_eval = time.time()
+        cfg = run.cfg
+        evaluation = evaluate_after_training(
+            cfg, model, self.template, self.records, run.run_dir, run.show_progress
+        )
+        if evaluation is not None:
+            log.info("eval: %s in %.0f s", _headline(evaluation), time.time() - t_eval)
+        return evaluation
+
+
+def _cache_teacher(cfg: RunConfig, teacher, train_set, run: Run) -> list:
+    """The teacher's top-k logits per label token of every training example, computed once."""
+    t_cache = time.time()
+    with tqdm(total=len(train_set), desc="teacher top-k", disable=not run.show_progress) as bar:
+        cached = distill.teacher_top_k(
+            teacher, train_set, run.pad_id, cfg.distill.cache_top_k, cfg.train.batch_size, run.device, bar
+        )
+    log.info(
+        "teacher: top-%d logits of %d examples cached in %.1f s",
+        cfg.distill.cache_top_k,
+        len(train_set),
+        time.time() - t_cache,
+    )
+    return cached
 
 
 def _teacher(cfg: RunConfig, student, tokenizer, device, dtype):

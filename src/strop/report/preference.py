@@ -58,8 +58,10 @@ def preference_section(ev: dict, records: list[dict]) -> dict:
     if ev.get("task") == "dpo":
         start = ev.get("start_metrics") if isinstance(ev.get("start_metrics"), dict) else {}
         objective = ev.get("objective") or "dpo"
-        # DPO's implicit reward is a log-ratio to the start, so the start ties on every pair; SimPO's is not
-        start_acc = _acc(start.get("reward_accuracy")) if objective == "simpo" else "—"
+        # DPO's implicit reward is a log-ratio to the start, so the start ties on every pair; a
+        # reference-free loss's reward (SimPO, ORPO: scaled mean log-probs) is not
+        free = ev.get("reference_free", objective == "simpo")  # runs before the flag existed: simpo
+        start_acc = _acc(start.get("reward_accuracy")) if free else "—"
         rows = [
             _start_tuned("preference accuracy (summed log-prob)", ev.get("preference_accuracy")),
             _start_tuned("preference accuracy (per token)", ev.get("preference_accuracy_per_token")),

@@ -1,10 +1,9 @@
 """`fit`: the one training loop. accumulate -> clip -> step -> schedule -> log -> eval -> checkpoint.
 
-Every method goes through it; a method only supplies `loss(model, batch) -> (loss_sum, n_tokens)`
-and `evaluate(model, batches) -> metrics`. The loss of an optimizer step is normalized over the label
-tokens of all its micro-batches, so accumulation never changes the result. A loss may return a third
-item, `{name: sum over the micro-batch}` (DPO's reward accuracy, say): each is logged per step as its
-mean over the step's label units, the same denominator as the loss.
+Every method goes through it as an objective (methods/objective.py): its `loss` gives a micro-batch's
+loss sum, its own count of units (label tokens, examples, pairs) and sums of statistics. The loop
+back-propagates the sums and divides the gradients by the count of the whole optimizer step, so
+accumulation never changes the result; the statistics are logged as means over the same count.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +23,13 @@ from tqdm.auto import tqdm
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
 from strop.core.device import autocast, release_free_memory
-from strop.core.errors import Interrupted, TrainingStopped
+from strop.core.errors import ConfigError, Interrupted, TrainingStopped
 from strop.core.metrics import MetricsSink
-from strop.data.batches import BatchPlan, collate, label_count
+from strop.data.batches import BatchPlan
 from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan, collate_packed
 from strop.data.tokenized import TokenizedSet
+from strop.methods.objective import Objective
 from strop.training.checkpoint import (
     checkpoint_dir,
     load_weights,
@@ -43,9 +42,6 @@ from strop.training.checkpoint import (
 from strop.training.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("strop.train")
-
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, int] | tuple[torch.Tensor, int, dict[str, float]]]
-EvalFn = Callable[[nn.Module, list[dict]], dict]
 
 
 @dataclass
@@ -79,9 +75,14 @@ class MicroBatches:
     (`batch_tokens`), plus how many real (non-padding) tokens it holds."""
 
     def __init__(
-        self, ts: TokenizedSet, train: TrainConfig, pad_id: int, curriculum: Curriculum | None = None
+        self,
+        ts: TokenizedSet,
+        train: TrainConfig,
+        pad_id: int,
+        collate,
+        curriculum: Curriculum | None = None,
     ):
-        self.ts, self.pad_id = ts, pad_id
+        self.ts, self.pad_id, self.collate = ts, pad_id, collate
         lengths = [len(x) for x in ts.ids]
         if train.batch_tokens:
             self.plan = PackedPlan(lengths, train.batch_tokens, train.seed)
@@ -110,14 +111,13 @@ class MicroBatches:
             return collate_packed(self.ts, picked, self.pad_id), sum(
                 len(self.ts.ids[i]) for r in picked for i in r
             )
-        return collate(self.ts, picked, self.pad_id), sum(len(self.ts.ids[i]) for i in picked)
+        return self.collate(self.ts, picked, self.pad_id), sum(len(self.ts.ids[i]) for i in picked)
 
 
 @signals.deferring
 def fit(
     model: nn.Module,
-    loss_fn: LossFn,
-    eval_fn: EvalFn,
+    objective: Objective,
     train_set: TokenizedSet,
     val_set: TokenizedSet | None,
     train: TrainConfig,
@@ -134,17 +134,20 @@ def fit(
     """`val_groups`: validation indices by source (a mixture), each also scored as `val_loss/NAME`.
     `monitors`: further held-out sets (earlier stages' validation), scored as `val_loss/NAME` with the
     validation but never part of `val_loss`, so they watch forgetting without choosing checkpoints."""
-    batches = MicroBatches(train_set, train, pad_id, curriculum)
+    if train.batch_tokens and not objective.packs:
+        raise ConfigError(f"train.batch_tokens: {type(objective).__name__} cannot train on packed rows")
+    batches = MicroBatches(train_set, train, pad_id, objective.collate, curriculum)
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
-    val_batches = _validation_batches(val_set, train.batch_size, pad_id, device)
+    val_batches = _validation_batches(val_set, train.batch_size, pad_id, device, objective.collate)
     group_batches = {
-        name: _validation_batches(val_set.subset(index), train.batch_size, pad_id, device)
+        name: _validation_batches(val_set.subset(index), train.batch_size, pad_id, device, objective.collate)
         for name, index in (val_groups or {}).items()
         if len(val_groups) > 1
     }
     group_batches |= {
-        name: _validation_batches(s, train.batch_size, pad_id, device) for name, s in (monitors or {}).items()
+        name: _validation_batches(s, train.batch_size, pad_id, device, objective.collate)
+        for name, s in (monitors or {}).items()
     }
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,11 +187,10 @@ def fit(
     while state["step"] < n_steps and not stop_early:
         step = state["step"]
         micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
-        n_labels = sum(label_count(b) for b, _ in micro)
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
 
-        loss_sum, stats, at_start = 0.0, {}, rng_snapshot()
+        loss_sum, n_labels, stats, at_start = 0.0, 0, {}, rng_snapshot()
         for batch, n_real in micro:
             if signals.requested():  # abandon the unfinished step: its gradients are dropped, not applied
                 optimizer.zero_grad(set_to_none=True)
@@ -196,16 +198,19 @@ def fit(
                 stop_on_signal(run_dir, model, optimizer, state, train.keep_last, closing=(bar, sink))
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with autocast(device, autocast_dtype):
-                s, _, *extra = loss_fn(model, batch)
-            for name, v in (extra[0] if extra else {}).items():
+                out = objective.loss(model, batch)
+            for name, v in out.stats.items():
                 stats[name] = stats.get(name, 0.0) + v
-            (s / n_labels).backward()
-            loss_sum += float(s.detach())
+            out.total.backward()
+            loss_sum += float(out.total.detach())
+            n_labels += out.count
             tokens_since += n_real
             if device.type == "cpu" and train.release_memory:
                 release_free_memory()  # resident memory drops back to what is live between micro-batches
-        loss = loss_sum / n_labels
+        loss = loss_sum / n_labels if n_labels else math.nan
         params = [p for p in model.parameters() if p.grad is not None]
+        for p in params:  # the step's mean: its sums over the units of every micro-batch, over their count
+            p.grad.div_(n_labels or math.nan)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
 
         state["step"] = step + 1
@@ -251,9 +256,9 @@ def fit(
         improved = False
         if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
             with autocast(device, autocast_dtype):
-                metrics = eval_fn(model, val_batches)
+                metrics = objective.evaluate(model, val_batches)
                 for name, group in group_batches.items():
-                    metrics[f"val_loss/{name}"] = eval_fn(model, group)["val_loss"]
+                    metrics[f"val_loss/{name}"] = objective.evaluate(model, group)["val_loss"]
             sink.log({"step": step + 1, **metrics})
             final.update(metrics)
             bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -318,7 +323,7 @@ def stop_on_signal(
 
 
 def _validation_batches(
-    val_set: TokenizedSet | None, batch_size: int, pad_id: int, device: torch.device
+    val_set: TokenizedSet | None, batch_size: int, pad_id: int, device: torch.device, collate
 ) -> list[dict]:
     """Validation batches built once, sorted by length so little compute goes to padding."""
     if val_set is None or len(val_set) == 0:

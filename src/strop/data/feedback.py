@@ -1,0 +1,111 @@
+"""Feedback rows -> tokenized completions for KTO: `{prompt, completion, label: true|false}`, one
+completion judged good or bad, no pair needed (formats.py, format `feedback`).
+
+Each row is rendered with the chat template and only the completion carries loss; a long row loses its
+prompt's oldest tokens first (pairs.fit_conversation). KTO estimates its reference point, the KL
+divergence of the policy from the start, on mismatched rows: row i's prompt with the completion of
+row i-1 (TRL's choice), kept beside each row as `.rejected` so the reference log-probs of both are
+computed once before training. `.targets` holds 1 for a good completion, 0 for a bad one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from strop.core.config import DataConfig, DatasetSource
+from strop.core.errors import DataError
+from strop.data.build import read_records
+from strop.data.formats import Record
+from strop.data.pairs import fit_conversation, read_splits
+from strop.data.template import ChatTemplate
+from strop.data.tokenized import TokenizedSet
+
+log = logging.getLogger("strop.data")
+
+
+@dataclass
+class FeedbackData:
+    train: TokenizedSet  # completions, with `.rejected` the mismatched (KL) rows and `.targets` 1/0
+    validation: TokenizedSet | None
+    records: dict[str, list[Record]]
+    summary: dict
+
+
+def build_feedback(cfg: DataConfig, template: ChatTemplate, seed: int) -> FeedbackData:
+    splits, leakage = read_splits(cfg, seed, _read, unit="row(s)")
+    train = encode_feedback(splits["train"], template, cfg.max_length)
+    if len(train) < 2:
+        raise DataError(
+            f"KTO needs at least 2 training rows with a completion left after tokenization, got "
+            f"{len(train)} (raise data.max_length, or add rows)"
+        )
+    val = encode_feedback(splits["validation"], template, cfg.max_length) if splits["validation"] else None
+    good = int(sum(train.targets))
+    summary = {
+        "train_rows": len(train),
+        "train_desirable": good,
+        "train_undesirable": len(train) - good,
+        "validation_rows": len(val) if val is not None else 0,
+        "dropped_rows": train.stats["dropped"] + (val.stats["dropped"] if val is not None else 0),
+        "truncated_rows": train.stats["truncated"] + (val.stats["truncated"] if val is not None else 0),
+        "train_tokens": int(sum(len(x) for x in train.ids)),
+        "leakage": leakage,
+    }
+    log.info(
+        "data: %d train rows (%d good, %d bad) / %d validation rows (%d truncated, %d dropped)",
+        len(train),
+        good,
+        len(train) - good,
+        summary["validation_rows"],
+        summary["truncated_rows"],
+        summary["dropped_rows"],
+    )
+    return FeedbackData(train, val, splits, summary)
+
+
+def encode_feedback(records: list[Record], template: ChatTemplate, max_length: int) -> TokenizedSet:
+    """Completion rows (loss on the completion only), their good/bad targets and, as `.rejected`, each
+    row's mismatched KL row: its prompt with the previous kept row's completion."""
+    kept, truncated, dropped = [], 0, 0
+    for r in records:
+        enc = template.encode(r.messages, last_turn_only=True)
+        ids, trained = fit_conversation(enc, max_length)
+        if not any(trained[1:]):  # token 0 is never predicted
+            dropped += 1
+            continue
+        truncated += len(ids) < len(enc.ids)
+        kept.append((r, ids, trained))
+    kl_ids, kl_trained = [], []
+    for j, (r, _, _) in enumerate(kept):
+        other = kept[j - 1][0].messages[-1]["content"]  # row j-1's completion (the last row's for row 0)
+        enc = template.encode(
+            [*r.messages[:-1], {"role": "assistant", "content": other}], last_turn_only=True
+        )
+        ids, trained = fit_conversation(enc, max_length)
+        kl_ids.append(np.asarray(ids, dtype=np.int32))
+        kl_trained.append(np.asarray(trained, dtype=bool))
+    names = [r.id for r, _, _ in kept]
+    out = TokenizedSet(
+        [np.asarray(ids, dtype=np.int32) for _, ids, _ in kept],
+        [np.asarray(tr, dtype=bool) for _, _, tr in kept],
+        names,
+        {"truncated": truncated, "dropped": dropped},
+        targets=[int(r.desirable) for r, _, _ in kept],
+    )
+    out.rejected = TokenizedSet(kl_ids, kl_trained, list(names), {})
+    return out
+
+
+def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
+    if src.format == "auto":
+        src = src.model_copy(update={"format": "feedback"})
+    records = read_records(src, [] if skip_bad_rows else None)
+    bad = next((r for r in records if r.desirable is None), None)
+    if bad is not None:
+        raise DataError(
+            f"{bad.where}: format {src.format}: KTO needs rows {{prompt, completion, label: true|false}}"
+        )
+    return records
