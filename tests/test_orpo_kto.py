@@ -261,7 +261,8 @@ def test_kto_run_learns_to_prefer_good_completions(tiny_llama, tmp_path):
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r for r in records if "loss" in r)
     assert (result.run_dir / "reference_logps.safetensors").is_file()
-    assert (result.run_dir / "report.html").is_file()
+    report = (result.run_dir / "report.md").read_text()
+    assert "## Preferences (KTO)" in report and "AUC of the log-ratio" in report
 
 
 def test_kto_refuses_a_batch_of_one(tiny_llama, tmp_path, capsys):
@@ -295,3 +296,16 @@ def test_orpo_run_raises_preference_without_a_reference_pass(tiny_llama, tmp_pat
     assert "loss (orpo)" in (result.run_dir / "report.md").read_text()
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("nll_loss" in r and "log_odds_ratio" in r for r in records)
+
+
+def test_kto_reads_preference_pairs_as_a_good_and_a_bad_row(tiny_llama, tmp_path):
+    from test_preference import pairs
+
+    cfg = kto_config(tiny_llama, tmp_path)
+    write_jsonl(tmp_path / "pairs.jsonl", pairs(12))
+    cfg["data"] = {**cfg["data"], "train": [str(tmp_path / "pairs.jsonl")], "test": [], "val_fraction": 0.25}
+    cfg["train"]["max_steps"] = 2
+    result = train(cfg, show_progress=False)
+    s = result.data
+    assert s["train_rows"] + s["validation_rows"] == 24 and s["train_desirable"] == s["train_undesirable"]
+    assert result.eval["set"] == "validation" and result.eval["pairs"] == s["validation_rows"] // 2

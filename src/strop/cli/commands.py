@@ -156,39 +156,20 @@ def _emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
         print("\n".join(lines))
 
 
-def _load_classifier_run(target: str):
-    from pathlib import Path
-
-    import torch
-
-    from strop.models.classifier import load_classifier
-    from strop.models.load import load_tokenizer, read_run_model
-
-    run = read_run_model(Path(target))
-    if run is None or run.get("task") != "classification":
-        raise StropError(
-            f"{target}: not a finished strop classification run (no model/strop_model.json with task classification)"
-        )
-    clf = load_classifier(Path(run["dir"]), run["base_model"], torch.device("cpu"), torch.float32)
-    return clf, load_tokenizer(run["dir"])
-
-
 def _predict(args) -> int:
     _check_out(args.out)
     import json
     from pathlib import Path
 
+    from strop.api import Classifier
     from strop.data.classes import read_texts
-    from strop.recipes.classify import predict_texts
 
-    clf, tok = _load_classifier_run(args.target)
+    clf = Classifier(args.target)  # a wrong run is named before the file is read
     texts = read_texts(Path(args.file))
-    probs = predict_texts(clf, tok, texts, args.batch_size)
+    predictions = clf.predict(texts, args.batch_size)
     lines = []
-    for (text, pair), q in zip(texts, probs.tolist(), strict=True):
-        row = {"text": text, **({"text_pair": pair} if pair is not None else {})}
-        row["label"] = clf.labels[max(range(len(q)), key=q.__getitem__)]
-        row["probabilities"] = {name: round(p, 6) for name, p in zip(clf.labels, q, strict=True)}
+    for (text, pair), p in zip(texts, predictions, strict=True):
+        row = {"text": text, **({"text_pair": pair} if pair is not None else {}), **p}
         lines.append(json.dumps(row, ensure_ascii=False))
     _emit_jsonl(lines, args.out, "predictions")
     return 0
@@ -197,22 +178,19 @@ def _predict(args) -> int:
 def _score(args) -> int:
     _check_out(args.out)
     import json
-    from pathlib import Path
 
-    from strop.recipes.preference import score_rows
+    from strop.api import RewardModel
 
-    rows = score_rows(Path(args.target), Path(args.file))
-    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
-    _emit_jsonl(lines, args.out, "scored rows")
+    rows = RewardModel(args.target).score_file(args.file)
+    _emit_jsonl([json.dumps(r, ensure_ascii=False) for r in rows], args.out, "scored rows")
     return 0
 
 
 def _explain(args) -> int:
+    from strop.api import Classifier
     from strop.eval.attribution import render_attributions
-    from strop.recipes.classify import explain
 
-    clf, tok = _load_classifier_run(args.target)
-    e = explain(clf, tok, args.text, args.pair, steps=args.steps)
+    e = Classifier(args.target).explain(args.text, args.pair, steps=args.steps)
     print(f"predicted {e['predicted']} (p={e['probability']:.3f})")
     print(render_attributions(e["tokens"], e["attributions"]))
     print(f"(integrated gradients, {args.steps} steps; completeness gap {e['completeness_gap']:+.4f})")
@@ -223,8 +201,7 @@ def _generate(args) -> int:
     _check_out(args.out)
     import json
 
-    from strop.models.generate import generate
-    from strop.models.inference import load_for_inference
+    from strop.api import LanguageModel
     from strop.models.prompts import read_prompts
 
     items = (
@@ -232,15 +209,8 @@ def _generate(args) -> int:
         if args.prompt
         else read_prompts(args.file)
     )
-    loaded = load_for_inference(args.target, device=args.device)
-    replies = generate(
-        loaded.model,
-        loaded.template,
-        [it["messages"] for it in items],
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.batch_size,
+    replies = LanguageModel(args.target, device=args.device).generate(
+        [it["messages"] for it in items], args.max_new_tokens, args.temperature, args.top_p, args.batch_size
     )
     lines = [
         json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})

@@ -1,5 +1,6 @@
 """Feedback rows -> tokenized completions for KTO: `{prompt, completion, label: true|false}`, one
-completion judged good or bad, no pair needed (formats.py, format `feedback`).
+completion judged good or bad, no pair needed (formats.py, format `feedback`); preference pairs are
+read as a good and a bad row each.
 
 Each row is rendered with the chat template and only the completion carries loss; a long row loses its
 prompt's oldest tokens first (pairs.fit_conversation). KTO estimates its reference point, the KL
@@ -11,7 +12,7 @@ computed once before training. `.targets` holds 1 for a good completion, 0 for a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -100,12 +101,19 @@ def encode_feedback(records: list[Record], template: ChatTemplate, max_length: i
 
 
 def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
-    if src.format == "auto":
-        src = src.model_copy(update={"format": "feedback"})
-    records = read_records(src, [] if skip_bad_rows else None)
-    bad = next((r for r in records if r.desirable is None), None)
-    if bad is not None:
-        raise DataError(
-            f"{bad.where}: format {src.format}: KTO needs rows {{prompt, completion, label: true|false}}"
-        )
-    return records
+    """Feedback rows; preference pairs are split into a good and a bad row (TRL's
+    unpair_preference_dataset), ids `ID#0` and `ID#1`, so a held-out split keeps the two together."""
+    out = []
+    for r in read_records(src, [] if skip_bad_rows else None):
+        if r.rejected is not None:
+            bad = (*r.messages[:-1], {"role": "assistant", "content": r.rejected})
+            out.append(replace(r, id=f"{r.id}#0", rejected=None, margin=None, desirable=True))
+            out.append(replace(r, id=f"{r.id}#1", messages=bad, rejected=None, margin=None, desirable=False))
+        elif r.desirable is None:
+            raise DataError(
+                f"{r.where}: KTO needs feedback rows {{prompt, completion, label: true|false}} or preference "
+                "pairs {prompt, chosen, rejected}; set data.train[].format and fields to map yours"
+            )
+        else:
+            out.append(r)
+    return out

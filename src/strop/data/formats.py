@@ -329,7 +329,7 @@ def _feedback(data: dict, rid: str) -> Record:
     from; the label is a JSON boolean (or true/false, 1/0 as CSV gives them)."""
     label = data.get("label")
     key = label.strip().lower() if isinstance(label, str) else label
-    if isinstance(key, float) or key not in FEEDBACK_LABELS:  # 1.0 == 1 would pass the lookup
+    if not isinstance(key, (bool, int, str)) or key not in FEEDBACK_LABELS:  # no 1.0, lists or None
         raise _RowError("label", f"expected true or false, got {label!r}")
     prompt = _prompt_turns(data)
     msgs = (*prompt, {"role": "assistant", "content": _text(data, "completion").strip()})

@@ -120,13 +120,19 @@ def evaluate_model_on_file(
 ) -> dict:
     """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name).
     Metrics and data are checked before the model loads, so a typo costs no loading time."""
+    examples = file_examples(data, ev, fmt)
+    loaded = load_for_inference(target, device)
+    with torch.no_grad():
+        return evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
+
+
+def file_examples(data: str, ev: EvalConfig, fmt: str = "auto") -> list:
+    """The conversations of a file that end in a reference reply, after checking the eval settings."""
     check_eval_config(ev)
-    records = read_records(DatasetSource(path=data, format=fmt))
+    records = read_records(DatasetSource(path=str(data), format=fmt))
     examples = eval_examples(records, ev.max_examples)
     if not examples:
         raise DataError(
             f"{data}: no conversations ending in a reply to score (need a prompt and a reference)"
         )
-    loaded = load_for_inference(target, device)
-    with torch.no_grad():
-        return evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
+    return examples

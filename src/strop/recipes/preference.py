@@ -141,27 +141,6 @@ def _test_pairs(cfg: RunConfig, data, template) -> TokenizedSet | None:
     return encode_pairs(test, template, cfg.data.max_length) if test and cfg.eval.enabled else None
 
 
-def score_rows(run_dir: Path, path: Path, batch_size: int = 8) -> list[dict]:
-    """Rewards of a reward run for rows `{prompt, response}` or `{messages}` (ending in the reply)."""
-    from strop.core.errors import StropError
-    from strop.data.read import read_rows
-
-    scorer = reward.RewardScorer(Path(run_dir), torch.device("cpu"))
-    rows, conversations = read_rows(str(path)), []
-    for row in rows:
-        d = row.data
-        if isinstance(d.get("messages"), list):
-            conversations.append(d["messages"])
-        elif isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str):
-            conversations.append(
-                [{"role": "user", "content": d["prompt"]}, {"role": "assistant", "content": d["response"]}]
-            )
-        else:
-            raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
-    out = scorer(conversations, batch_size)
-    return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
-
-
 def cached_reference(
     model, ts: TokenizedSet, pad_id: int, cfg: RunConfig, progress: bool, name: str
 ) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The report's parts for preference runs (task reward or dpo): the per-step pair metrics, the held-out
+"""The report's parts for preference runs (task reward, dpo or kto): the per-step pair metrics, the held-out
 table (for DPO the starting model beside the tuned one), and findings that the loss curve cannot give:
 whether the held-out ranking moved, and whether DPO pushed down the chosen replies too."""
 
@@ -15,15 +15,31 @@ DISPLACED = 1.0  # nats per reply: a fall of the chosen replies' log-prob worth 
 
 
 def is_preference(ev: dict, config: dict | None) -> bool:
-    return (isinstance(ev, dict) and ev.get("task") in ("reward", "dpo")) or (
-        isinstance(config, dict) and config.get("task") in ("reward", "dpo")
+    return (isinstance(ev, dict) and ev.get("task") in PREFERENCE_TASKS) or (
+        isinstance(config, dict) and config.get("task") in PREFERENCE_TASKS
     )
+
+
+PREFERENCE_TASKS = ("reward", "dpo", "kto")
 
 
 def preference_headline(ev: dict) -> str | None:
     m = ev.get("metrics") if isinstance(ev, dict) else None
     if not isinstance(m, dict):
         return None
+    if ev.get("task") == "kto":
+        pa = ev.get("preference_accuracy") or {}
+        paired = (
+            f"; on {num(ev['pairs'])} prompts with a good and a bad completion the policy prefers the good "
+            f"one {_acc(pa.get('start'))} → {_acc(pa.get('tuned'))}{_p(pa)}"
+            if pa
+            else ""
+        )
+        start = ev.get("start_metrics") or {}
+        return (
+            f"On {num(ev.get('rows'))} held-out {ev.get('set')} rows: the log-ratio separates good from bad "
+            f"completions with AUC {_acc(start.get('auc'))} → {_acc(m.get('auc'))}{paired}."
+        )
     where = f"{num(ev.get('pairs', ev.get('examples')))} held-out {ev.get('set')} pairs"
     if ev.get("task") == "dpo":
         pa = ev.get("preference_accuracy") or {}
@@ -41,6 +57,8 @@ def preference_headline(ev: dict) -> str | None:
 
 
 def preference_section(ev: dict, records: list[dict]) -> dict:
+    if (ev or {}).get("task") == "kto":
+        return kto_section(ev)
     dpo = (ev or {}).get("task") == "dpo" or any("reward_margin" in r for r in records)
     title = "Preferences (DPO)" if dpo else "Preferences (reward model)"
     blocks = [
@@ -93,6 +111,28 @@ def preference_section(ev: dict, records: list[dict]) -> dict:
         rows = [[name, _with_ci(v, n) if name == "accuracy" else num(v)] for name, v in metrics.items()]
         blocks.append(table(["metric", "value"], rows))
     return section(title, blocks)
+
+
+def kto_section(ev: dict) -> dict:
+    """KTO's held-out table: the starting model beside the tuned one."""
+    start, tuned = ev.get("start_metrics") or {}, ev.get("metrics") or {}
+    rows = [
+        [label, _f4(start.get(key)), _f4(tuned.get(key)), ""]
+        for label, key in (
+            ("AUC of the log-ratio, good vs bad", "auc"),
+            ("reward accuracy (sign matches the label)", "reward_accuracy"),
+            ("loss (kto)", "loss"),
+            ("mean log-ratio, good completions", "logratio_good"),
+            ("mean log-ratio, bad completions", "logratio_bad"),
+        )
+    ]
+    if ev.get("preference_accuracy"):
+        rows.insert(0, _start_tuned("preference accuracy (paired prompts)", ev["preference_accuracy"]))
+    blocks = [
+        text(f"Scored on {num(ev.get('rows'))} {ev.get('set')} rows, never trained on."),
+        table(["", "start", "tuned", "pairs flipped right / wrong"], rows),
+    ]
+    return section("Preferences (KTO)", blocks)
 
 
 def preference_findings(ev: dict, records: list[dict]) -> list[dict]:

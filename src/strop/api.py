@@ -1,0 +1,204 @@
+"""The public Python API: `strop.load(RUN_OR_MODEL)` gives an object whose methods are what that model
+can do, and the CLI's inference commands are thin wrappers over it.
+
+    import strop
+    lm = strop.load("runs/my-run")                 # a finished run, a model folder, a catalogue name
+    lm.generate(["Write a haiku about the sea."])  # -> ["..."]
+    lm.chat([{"role": "user", "content": "Hi"}])   # -> "..."
+    lm.evaluate("test.jsonl", metrics=["rouge_l"]) # base-free scores of this model on a file
+    lm.merge("merged/")                            # adapter runs: a plain transformers folder
+
+    clf = strop.load("runs/sentiment")             # classification runs
+    clf.predict(["great product"])                 # -> [{"label": "positive", "probabilities": {...}}]
+    clf.explain("great product")                   # token attributions
+
+    rm = strop.load("runs/reward")                 # reward runs
+    rm.score([[{"role": "user", ...}, {"role": "assistant", ...}]])   # -> [float]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from strop.core.errors import StropError
+
+Conversation = list[dict[str, str]]
+
+
+def load(target: str | Path, device: str = "cpu") -> LanguageModel | Classifier | RewardModel:
+    """A finished strop run (its task decides the kind), a transformers folder, a GGUF file, a catalogue
+    name or a hub id (language models)."""
+    from strop.models.load import read_run_model
+
+    path = Path(target)
+    run = read_run_model(path) if path.is_dir() else None
+    task = (run or {}).get("task", "sft")
+    if task == "classification":
+        return Classifier(path, device)
+    if task == "reward":
+        return RewardModel(path, device)
+    return LanguageModel(str(target), device)
+
+
+def evaluate(target: str | Path, data: str | Path, **options: Any) -> dict:
+    """`load(target).evaluate(data, ...)`: a language model's scores on a file (see LanguageModel)."""
+    model = load(target, options.pop("device", "cpu"))
+    if not isinstance(model, LanguageModel):
+        raise StropError(f"{target}: evaluate scores generated replies; use predict or score for this run")
+    return model.evaluate(data, **options)
+
+
+def check_data(config: Any, overrides: list[str] | None = None) -> dict:
+    """What `strop data check CONFIG` reports, as a dict: errors (malformed rows, leakage...), findings
+    (duplicates, truncation, lengths), counts and a run-time estimate."""
+    from strop.core.config import RunConfig, load_config
+    from strop.recipes.data_check import run_check
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return run_check(cfg).report
+
+
+class LanguageModel:
+    """A causal LM with the chat template its run trained with (or the model's own)."""
+
+    def __init__(self, target: str, device: str = "cpu"):
+        from strop.models.inference import load_for_inference
+
+        self.target = target
+        self.loaded = load_for_inference(target, device=device)
+        self.model, self.template = self.loaded.model, self.loaded.template
+
+    def generate(
+        self,
+        prompts: list[str] | list[Conversation],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        stop: list[str] | None = None,
+    ) -> list[str]:
+        """One reply per prompt (a string is one user turn; a list of {role, content} is a conversation);
+        greedy when temperature is 0."""
+        from strop.models.generate import generate
+
+        conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        return generate(
+            self.model, self.template, conversations, max_new_tokens, temperature, top_p, batch_size, stop
+        )
+
+    def chat(self, messages: Conversation, **options: Any) -> str:
+        """The reply to one conversation (options as `generate`)."""
+        return self.generate([messages], **options)[0]
+
+    def evaluate(
+        self,
+        data: str | Path,
+        out_dir: str | Path | None = None,
+        max_length: int = 1024,
+        data_format: str = "auto",
+        progress: bool = False,
+        **eval_options: Any,
+    ) -> dict:
+        """Scores on a file of conversations ending in a reference reply: loss and perplexity of the
+        references, and generation metrics (`metrics=[...]`, `extract=...`, any eval config key).
+        Writes summary.json and predictions.jsonl to `out_dir` (default: eval-FILE beside the run)."""
+        import torch
+
+        from strop.core.config import EvalConfig
+        from strop.eval.suite import evaluate_one
+        from strop.recipes.evaluation import file_examples
+
+        ev = EvalConfig(**eval_options)
+        examples = file_examples(str(data), ev, data_format)
+        out = Path(out_dir) if out_dir else default_eval_dir(self.target, data)
+        with torch.no_grad():
+            return evaluate_one(self.model, self.template, examples, ev, max_length, out, progress)
+
+    def merge(self, out_dir: str | Path) -> Path:
+        """An adapter run as one plain transformers folder (what vLLM, TGI or `transformers` load)."""
+        from strop.export.merge import merge
+
+        return merge(self.target, out_dir)
+
+
+class Classifier:
+    """A strop classification run: labels and probabilities per text (or text pair)."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+        import torch
+
+        from strop.core.device import resolve_device
+        from strop.models.classifier import load_classifier
+        from strop.models.load import load_tokenizer, read_run_model
+
+        run = read_run_model(Path(run_dir))
+        if run is None or run.get("task") != "classification":
+            raise StropError(
+                f"{run_dir}: not a finished strop classification run (no model/strop_model.json with task "
+                "classification)"
+            )
+        dev = resolve_device(device)
+        self.model = load_classifier(Path(run["dir"]), run["base_model"], dev, torch.float32)
+        self.tokenizer = load_tokenizer(run["dir"])
+        self.labels: list[str] = list(self.model.labels)
+
+    def predict(self, texts: list[str] | list[tuple[str, str | None]], batch_size: int = 16) -> list[dict]:
+        """{label, probabilities} per text; a (text, text_pair) tuple for pair tasks."""
+        from strop.recipes.classify import predict_texts
+
+        pairs = [(t, None) if isinstance(t, str) else (t[0], t[1]) for t in texts]
+        probs = predict_texts(self.model, self.tokenizer, pairs, batch_size).tolist()
+        return [
+            {
+                "label": self.labels[max(range(len(q)), key=q.__getitem__)],
+                "probabilities": {name: round(p, 6) for name, p in zip(self.labels, q, strict=True)},
+            }
+            for q in probs
+        ]
+
+    def explain(self, text: str, pair: str | None = None, steps: int = 32) -> dict:
+        """The predicted label and each token's integrated-gradients attribution towards it."""
+        from strop.recipes.classify import explain
+
+        return explain(self.model, self.tokenizer, text, pair, steps=steps)
+
+
+class RewardModel:
+    """A strop reward run: a scalar score per conversation (the reply as its last turn)."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+        from strop.core.device import resolve_device
+        from strop.methods.reward import RewardScorer
+
+        self.scorer = RewardScorer(Path(run_dir), resolve_device(device))
+
+    def score(self, conversations: list[Conversation], batch_size: int = 8) -> list[float]:
+        return self.scorer(conversations, batch_size)
+
+    def score_file(self, path: str | Path, batch_size: int = 8) -> list[dict]:
+        """Rows `{prompt, response}` or `{messages}` (ending in the reply), each with its `reward` added."""
+        from strop.data.read import read_rows
+
+        rows, conversations = read_rows(str(path)), []
+        for row in rows:
+            d = row.data
+            if isinstance(d.get("messages"), list):
+                conversations.append(d["messages"])
+            elif isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str):
+                conversations.append(
+                    [
+                        {"role": "user", "content": d["prompt"]},
+                        {"role": "assistant", "content": d["response"]},
+                    ]
+                )
+            else:
+                raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
+        out = self.score(conversations, batch_size)
+        return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
+
+
+def default_eval_dir(target: str, data: str | Path) -> Path:
+    """eval-FILE inside a run folder, else in the current folder."""
+    name = f"eval-{Path(data).stem}"
+    return Path(target) / name if (Path(target) / "config.yaml").is_file() else Path(name)
