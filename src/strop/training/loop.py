@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,27 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
 from strop.core.device import autocast, release_free_memory
-from strop.core.errors import ConfigError, Interrupted, TrainingStopped
-from strop.core.metrics import MetricsSink
+from strop.core.errors import ConfigError, TrainingStopped
 from strop.data.batches import BatchPlan
 from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan, collate_packed
 from strop.data.tokenized import TokenizedSet
 from strop.methods.objective import Objective
-from strop.training.checkpoint import (
-    checkpoint_dir,
-    load_weights,
-    remove_partial_checkpoints,
-    restore_rng,
-    resume_latest,
-    rng_snapshot,
-    save_checkpoint,
-)
+from strop.training.checkpoint import restore_rng, rng_snapshot
+from strop.training.loop_state import LoopState
 from strop.training.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("strop.train")
@@ -139,98 +129,36 @@ def fit(
     batches = MicroBatches(train_set, train, pad_id, objective.collate, curriculum)
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
-    val_batches = _validation_batches(val_set, train.batch_size, pad_id, device, objective.collate)
-    group_batches = {
-        name: _validation_batches(val_set.subset(index), train.batch_size, pad_id, device, objective.collate)
-        for name, index in (val_groups or {}).items()
-        if len(val_groups) > 1
-    }
-    group_batches |= {
-        name: _validation_batches(s, train.batch_size, pad_id, device, objective.collate)
-        for name, s in (monitors or {}).items()
-    }
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_checkpoints(run_dir)
-    state = {
-        "step": 0,
-        "best_val_loss": None,
-        "best_step": None,
-        "skipped_steps": 0,
-        "evals_since_best": 0,
-        "total_steps": n_steps,
-        "finished": False,
-    }
-    resumed = resume_latest(run_dir, model, optimizer)
-    if resumed:
-        state.update(resumed[0])
-        log.info("resumed from %s (step %d of %d)", resumed[1], state["step"], n_steps)
-    else:
-        torch.manual_seed(train.seed)
-        random.seed(train.seed)
-    sink = MetricsSink(run_dir, resume_step=state["step"])
-    final: dict = {}
-    for record in sink.kept:  # a resumed run reports its metrics so far, even with no step left to train
-        final.update(record)
+    validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
+    counters = {"best_val_loss": None, "evals_since_best": 0, "total_steps": n_steps}
+    run = LoopState(run_dir, model, optimizer, counters, train.seed, train.keep_last, "train", show_progress)
 
     model.train()
-    bar = tqdm(
-        total=n_steps,
-        initial=state["step"],
-        desc="train",
-        unit="step",
-        disable=not show_progress,
-        dynamic_ncols=True,
-    )
-    bad_streak, stop_early, t_last, tokens_since = 0, False, time.perf_counter(), 0
+    bad_streak, stop_early, t_last = 0, False, time.perf_counter()
     t_start = t_last
-    while state["step"] < n_steps and not stop_early:
-        step = state["step"]
-        micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
+    while run.step < n_steps and not stop_early:
+        step = run.step
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
-
-        loss_sum, n_labels, stats, at_start = 0.0, 0, {}, rng_snapshot()
-        for batch, n_real in micro:
-            if signals.requested():  # abandon the unfinished step: its gradients are dropped, not applied
-                optimizer.zero_grad(set_to_none=True)
-                restore_rng(at_start)
-                stop_on_signal(run_dir, model, optimizer, state, train.keep_last, closing=(bar, sink))
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with autocast(device, autocast_dtype):
-                out = objective.loss(model, batch)
-            for name, v in out.stats.items():
-                stats[name] = stats.get(name, 0.0) + v
-            out.total.backward()
-            loss_sum += float(out.total.detach())
-            n_labels += out.count
-            tokens_since += n_real
-            if device.type == "cpu" and train.release_memory:
-                release_free_memory()  # resident memory drops back to what is live between micro-batches
-        loss = loss_sum / n_labels if n_labels else math.nan
+        micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
+        loss, n_labels, stats, n_real = accumulate(
+            model, objective, micro, run, device, autocast_dtype, train
+        )
         params = [p for p in model.parameters() if p.grad is not None]
-        for p in params:  # the step's mean: its sums over the units of every micro-batch, over their count
-            p.grad.div_(n_labels or math.nan)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
-
-        state["step"] = step + 1
+        run.state["step"] = step + 1
         if math.isfinite(loss) and math.isfinite(grad_norm):
             bad_streak = 0
             optimizer.step()
         else:
             bad_streak += 1
-            state["skipped_steps"] += 1
+            run.state["skipped_steps"] += 1
             log.warning(
                 "step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm
             )
             if bad_streak >= train.max_bad_steps:
-                optimizer.zero_grad(set_to_none=True)
-                path = save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
-                sink.close()
-                bar.close()
-                raise TrainingStopped(
-                    f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}. "
-                    f"Checkpoint: {path}. Lower optim.lr, check the data, or use float32."
+                run.stop_diverged(
+                    f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}."
                 )
         optimizer.zero_grad(set_to_none=True)
 
@@ -241,85 +169,113 @@ def fit(
             "lr": lr,
             "grad_norm": grad_norm,
             "label_tokens": n_labels,
-            "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+            "tokens_per_s": n_real / max(now - t_last, 1e-9),
             "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
             **{name: v / n_labels for name, v in stats.items()},
         }
-        tokens_since = 0
-        if (step + 1) % train.log_every == 0 or step + 1 == n_steps:
-            sink.log(record)
-        final.update(record)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-
         last = step + 1 == n_steps
+        if (step + 1) % train.log_every == 0 or last:
+            run.sink.log(record)
+        run.final.update(record)
+        run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        run.bar.update(1)
+
         improved = False
-        if val_batches and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
+        if validation and ((train.eval_every and (step + 1) % train.eval_every == 0) or last):
             with autocast(device, autocast_dtype):
-                metrics = objective.evaluate(model, val_batches)
-                for name, group in group_batches.items():
-                    metrics[f"val_loss/{name}"] = objective.evaluate(model, group)["val_loss"]
-            sink.log({"step": step + 1, **metrics})
-            final.update(metrics)
-            bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            best = state["best_val_loss"]
-            val = metrics["val_loss"]
-            if math.isfinite(val) and (best is None or val < best - train.early_stopping.min_delta):
-                state.update(best_val_loss=metrics["val_loss"], best_step=step + 1, evals_since_best=0)
-                improved = True
-            else:
-                state["evals_since_best"] += 1
-                patience = train.early_stopping.patience
-                if patience and state["evals_since_best"] >= patience:
-                    stop_early = True
-                    bar.write(
-                        f"early stopping: no improvement in {patience} evaluations; "
-                        f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}"
-                    )
-        state["finished"] = last or stop_early
-        if improved or state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
-            save_checkpoint(run_dir, model, optimizer, state, train.keep_last)
+                improved, stop_early = validation.score(model, run, train.early_stopping)
+        run.state["finished"] = last or stop_early
+        if improved or run.state["finished"] or (train.save_every and (step + 1) % train.save_every == 0):
+            run.save()
         t_last = time.perf_counter()  # evaluation and saving are not training throughput
-    bar.close()
-    sink.close()
-    if signals.requested():  # the signal came during the last step's evaluation or save: all is saved
-        stop_on_signal(run_dir, model, optimizer, state, train.keep_last, saved=True)
-    if state["step"] and state["skipped_steps"] >= state["step"]:
+    run.close()
+    if run.step and run.state["skipped_steps"] >= run.step:
         raise TrainingStopped(
-            f"every one of the run's {state['step']} steps had a non-finite loss or gradient and was "
+            f"every one of the run's {run.step} steps had a non-finite loss or gradient and was "
             "skipped, so nothing was learned and no model is exported. Lower optim.lr, check the data, "
             "or use float32."
         )
-
-    if state["best_step"] is not None and state["best_step"] != state["step"]:
-        best_dir = checkpoint_dir(run_dir, state["best_step"])
-        if (best_dir / "state.json").is_file():
-            load_weights(best_dir, model)
-            log.info(
-                "kept the best weights: step %d (val_loss %.4f)", state["best_step"], state["best_val_loss"]
-            )
+    run.keep_best("val_loss")
+    st = run.state
     return FitResult(
-        state["step"], final, state["best_step"], state["best_val_loss"], state["skipped_steps"], stop_early
+        st["step"], run.final, st["best_step"], st["best_val_loss"], st["skipped_steps"], stop_early
     )
 
 
-def stop_on_signal(
-    run_dir: Path,
+def accumulate(
     model: nn.Module,
-    optimizer,
-    state: dict,
-    keep_last: int,
-    saved: bool = False,
-    closing: tuple = (),
-) -> None:
-    """Close the loop's progress bar and metrics (`closing`), write the checkpoint a stop signal asked
-    for (unless the loop just saved this step) and raise `Interrupted`."""
-    for c in closing:
-        c.close()
-    if not saved:
-        save_checkpoint(run_dir, model, optimizer, state, keep_last)
-    signum = signals.requested()
-    raise Interrupted(signum, f"checkpoint written at step {state['step']}")
+    objective: Objective,
+    micro: list[tuple[dict, int]],
+    run: LoopState,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    train: TrainConfig,
+) -> tuple[float, int, dict[str, float], int]:
+    """One optimizer step's gradients: each micro-batch's loss sum back-propagated, then the gradients
+    divided by the step's count, so they are those of the mean over every unit of the step. Returns
+    (mean loss, count, stat sums, real tokens). A stop signal abandons the step: its gradients are
+    dropped and its RNG draws undone before the checkpoint."""
+    loss_sum, count, stats, n_real, at_start = 0.0, 0, {}, 0, rng_snapshot()
+    for batch, real in micro:
+        if signals.requested():
+            run.optimizer.zero_grad(set_to_none=True)
+            restore_rng(at_start)
+            run.stop_on_signal()
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast(device, autocast_dtype):
+            out = objective.loss(model, batch)
+        for name, v in out.stats.items():
+            stats[name] = stats.get(name, 0.0) + v
+        out.total.backward()
+        loss_sum += float(out.total.detach())
+        count += out.count
+        n_real += real
+        if device.type == "cpu" and train.release_memory:
+            release_free_memory()  # resident memory drops back to what is live between micro-batches
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(count or math.nan)
+    return (loss_sum / count if count else math.nan), count, stats, n_real
+
+
+class Validation:
+    """Held-out scoring during `fit`: the validation batches (built once, sorted by length), those of
+    each mixture source and of each monitored set; keep-best and early stopping on `val_loss`."""
+
+    def __init__(self, objective, val_set, val_groups, monitors, batch_size: int, pad_id: int, device):
+        self.objective = objective
+
+        def batches(ts):
+            return _validation_batches(ts, batch_size, pad_id, device, objective.collate)
+
+        self.batches = batches(val_set)
+        groups = val_groups or {}
+        self.groups = {name: batches(val_set.subset(i)) for name, i in groups.items() if len(groups) > 1}
+        self.groups |= {name: batches(s) for name, s in (monitors or {}).items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    def score(self, model: nn.Module, run: LoopState, stopping) -> tuple[bool, bool]:
+        """Score and log; returns (a new best val_loss, time to stop early)."""
+        metrics = self.objective.evaluate(model, self.batches)
+        for name, group in self.groups.items():
+            metrics[f"val_loss/{name}"] = self.objective.evaluate(model, group)["val_loss"]
+        step, state = run.step, run.state
+        run.log({"step": step, **metrics})
+        run.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        best, val = state["best_val_loss"], metrics["val_loss"]
+        if math.isfinite(val) and (best is None or val < best - stopping.min_delta):
+            state.update(best_val_loss=val, best_step=step, evals_since_best=0)
+            return True, False
+        state["evals_since_best"] += 1
+        if stopping.patience and state["evals_since_best"] >= stopping.patience:
+            run.bar.write(
+                f"early stopping: no improvement in {stopping.patience} evaluations; "
+                f"best val_loss {state['best_val_loss']:.4f} at step {state['best_step']}"
+            )
+            return False, True
+        return False, False
 
 
 def _validation_batches(
