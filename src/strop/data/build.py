@@ -53,7 +53,7 @@ def build_datasets(
     source_of = {eid: s.label for s, part in zip(cfg.train, parts, strict=True) for eid in part.example_ids}
     mixture = None
     if cfg.mixture is not None:
-        parts, mixture = mix(parts, [s.ratio for s in cfg.train], [s.label for s in cfg.train], cfg, seed)
+        parts, mixture = mix(parts, [_ratio(s) for s in cfg.train], [s.label for s in cfg.train], cfg, seed)
     train = TokenizedSet.concat(parts)
     if cfg.validation:
         val_parts = [load(s, "validation") for s in cfg.validation]
@@ -80,7 +80,7 @@ def build_datasets(
             "no training examples left after tokenization (all responses truncated away?); "
             "raise data.max_length"
         )
-    groups = None
+    groups: dict[str, list[int]] | None = None
     if val is not None and len(cfg.validation or cfg.train) > 1:  # validation drawn from several sources
         groups = {}
         for i, eid in enumerate(val.example_ids):
@@ -110,24 +110,26 @@ def mix(
     has `mixture.examples` examples (default: all sources' examples together); a source short of its
     share is repeated, each repeat with its own id (`id~repK`) so splits and reports can tell copies.
     """
+    mixture = cfg.mixture
+    assert mixture is not None  # build_datasets mixes only when data.mixture is given
     sizes, total_ratio = [len(p) for p in parts], sum(ratios)
     shares = [r / total_ratio for r in ratios]
-    if cfg.mixture.replacement:
-        n = cfg.mixture.examples or sum(sizes)
+    if mixture.replacement:
+        n = mixture.examples or sum(sizes)
     else:
         n = int(min(size / share for size, share in zip(sizes, shares, strict=True)))
-        if cfg.mixture.examples:
-            if cfg.mixture.examples > n:
+        if mixture.examples:
+            if mixture.examples > n:
                 raise DataError(
-                    f"data.mixture.examples: {cfg.mixture.examples} examples at these ratios need repeats "
+                    f"data.mixture.examples: {mixture.examples} examples at these ratios need repeats "
                     f"(without them at most {n}); set data.mixture.replacement: true or ask for fewer"
                 )
-            n = cfg.mixture.examples
+            n = mixture.examples
     counts = _largest_remainder([share * n for share in shares])
     rng = np.random.default_rng([seed, 7])
     out, realized = [], {}
     for part, count, name, share in zip(parts, counts, names, shares, strict=True):
-        if count <= len(part) or not cfg.mixture.replacement:
+        if count <= len(part) or not mixture.replacement:
             picked = sorted(rng.choice(len(part), size=count, replace=False).tolist())
             sub = part.subset(picked)
         else:  # every example once, the rest drawn with replacement
@@ -202,6 +204,11 @@ def add_replay(
     return Datasets(train, data.validation, summary, data.validation_groups)
 
 
+def _ratio(src: DatasetSource) -> float:
+    assert src.ratio is not None  # DataConfig: data.mixture needs a ratio on every training source
+    return src.ratio
+
+
 def _largest_remainder(quotas: list[float]) -> list[int]:
     counts = [int(q) for q in quotas]
     by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
@@ -241,6 +248,7 @@ def guard_leakage(cfg: DataConfig, data: Datasets, splits: dict[str, list[Record
     found = {k: out[k].pop("ids") for k in ("train_validation", "train_test") if k in out}
     if found.get("train_validation") and not cfg.validation:
         drop = set(found.pop("train_validation"))
+        assert data.validation is not None  # its copies were found in it
         keep = [i for i, e in enumerate(data.validation.example_ids) if e not in drop]
         data.validation = data.validation.subset(keep) if keep else None
         data.validation_groups = None if not keep else _regroup(data.validation_groups, keep)
@@ -348,7 +356,8 @@ def held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
         groups.setdefault(original_id(eid), []).append(i)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
-    target, picked = max(1, round(len(example_ids) * fraction)), []
+    target = max(1, round(len(example_ids) * fraction))
+    picked: list[int] = []
     for k in keys:
         if len(picked) >= target or len(picked) + len(groups[k]) >= len(example_ids):
             break
