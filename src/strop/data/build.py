@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import AugmentConfig
 from strop.core.errors import DataError
 from strop.data.augment import AugmentOptions, augment, is_copy, original_id
 from strop.data.duplicates import find_duplicates
@@ -375,11 +376,55 @@ def _load_source(
 ) -> TokenizedSet:
     """One source tokenized (from the cache when it holds it); training sources augmented if asked."""
     aug = cfg.augment if split == "train" else None
+    cache = _cache_file(src, cfg, template, aug, augment_seed)
+    if cache is not None:
+        cached = load_cached(cache)
+        if cached is not None:
+            log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
+            report.append({"path": src.path, "split": split, **_brief(cached.stats), "cached": True})
+            return cached
+    records, stats = _read_source(src, cfg, aug, augment_seed)
+    t0 = time.perf_counter()
+    ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in ts.ids)
+    log.info(
+        "data: %s: tokenized %d examples (%d tokens) in %.1f s: %.0f tokens/s",
+        src.path,
+        len(ts),
+        n_tokens,
+        seconds,
+        n_tokens / max(seconds, 1e-9),
+    )
+    ts.stats.update(stats)
+    if ts.stats["dropped_no_response"]:
+        log.warning(
+            "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
+            src.path,
+            ts.stats["dropped_no_response"],
+            cfg.max_length,
+        )
+    if cache is not None:
+        save_cached(cache, ts)
+    report.append({"path": src.path, "split": split, **_brief(ts.stats), "cached": False})
+    return ts
+
+
+def _cache_file(
+    src: DatasetSource,
+    cfg: DataConfig,
+    template: ChatTemplate,
+    aug: AugmentConfig | None,
+    augment_seed: int | None,
+) -> Path | None:
+    """Where the tokenized source is cached, keyed by everything that shapes it; None unless the source
+    is local files (a hub dataset is not cached here)."""
     path = Path(src.path).expanduser()
     files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES) if path.is_dir() else [path]
-    local = all(f.is_file() for f in files)
+    if not all(f.is_file() for f in files):
+        return None
     key_parts = {
-        "path": str(path.resolve()) if local else src.path,
+        "path": str(path.resolve()),
         "format": src.format,
         "fields": src.fields,
         "split": src.split,
@@ -393,14 +438,13 @@ def _load_source(
         "skip_bad_rows": cfg.skip_bad_rows,
         "augment": [aug.model_dump(), augment_seed] if aug else None,
     }
-    cache = None
-    if local:
-        cache = Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
-        cached = load_cached(cache)
-        if cached is not None:
-            log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
-            report.append({"path": src.path, "split": split, **_brief(cached.stats), "cached": True})
-            return cached
+    return Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
+
+
+def _read_source(
+    src: DatasetSource, cfg: DataConfig, aug: AugmentConfig | None, augment_seed: int | None
+) -> tuple[list[Record], dict]:
+    """A source's records (with augmented copies when `aug` asks) and the stats of reading them."""
     rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
     rows = source_rows(src, rejected)
     unparsed = len(rejected or [])
@@ -421,39 +465,15 @@ def _load_source(
             AugmentOptions(aug.copies, aug.paraphrase, aug.char_noise, aug.word_noise, augment_seed or 0),
         )
         log.info("data: %s: %d augmented copies of %d examples", src.path, len(records) - n, n)
-    t0 = time.perf_counter()
-    ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
-    seconds = time.perf_counter() - t0
-    n_tokens = sum(len(x) for x in ts.ids)
-    log.info(
-        "data: %s: tokenized %d examples (%d tokens) in %.1f s: %.0f tokens/s",
-        src.path,
-        len(ts),
-        n_tokens,
-        seconds,
-        n_tokens / max(seconds, 1e-9),
-    )
-    ts.stats.update(
-        {
-            "rows": len(rows) + unparsed,
-            "format": fmt,
-            "format_detected": how == "detected",
-            "rejected_rows": len(rejected or []),
-            "rejected": [str(r) for r in rejected or []],
-            "labels": dict(Counter(r.label for r in records if r.label is not None and not is_copy(r.id))),
-        }
-    )
-    if ts.stats["dropped_no_response"]:
-        log.warning(
-            "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
-            src.path,
-            ts.stats["dropped_no_response"],
-            cfg.max_length,
-        )
-    if cache is not None:
-        save_cached(cache, ts)
-    report.append({"path": src.path, "split": split, **_brief(ts.stats), "cached": False})
-    return ts
+    stats = {
+        "rows": len(rows) + unparsed,
+        "format": fmt,
+        "format_detected": how == "detected",
+        "rejected_rows": len(rejected or []),
+        "rejected": [str(r) for r in rejected or []],
+        "labels": dict(Counter(r.label for r in records if r.label is not None and not is_copy(r.id))),
+    }
+    return records, stats
 
 
 def _brief(stats: dict, keep: int = 20) -> dict:
