@@ -180,9 +180,8 @@ def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict)
     memory = RUNTIME_BYTES + 4 * n + 16 * trainable + activations
 
     ev = cfg.eval
-    eval_examples = min(
-        ev.max_examples, report["splits"].get("test") or report["splits"].get("validation") or 0
-    )
+    held_out = report["splits"].get("test") or report["splits"].get("validation") or 0
+    eval_examples = held_out if ev.max_examples is None else min(ev.max_examples, held_out)  # None: all
     eval_s = 0.0
     if ev.enabled and eval_examples:
         passes = 2 + (1 if ev.kshot else 0)  # base, tuned (and k-shot base)
