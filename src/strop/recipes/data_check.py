@@ -126,6 +126,7 @@ def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -
 def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
     """PPO and GRPO read prompts only: each row must yield a prompt that leaves room for the reply."""
     report = _blank_report(cfg, template_name)
+    assert cfg.rl is not None  # RunConfig requires an rl section for ppo and grpo
     try:
         _, summary = prompt_splits(cfg.data, template, cfg.rl.max_new_tokens, cfg.train.seed)
     except DataError as e:
