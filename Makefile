@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: quickstart setup test test-fast lint check clean
+.PHONY: quickstart setup test test-fast lint typecheck check clean
 
 ## quickstart: set everything up, then run the default job (LoRA on the packaged SmolLM2, ~5 min on 2 CPU cores)
 quickstart: setup
@@ -34,7 +34,11 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-check: lint test
+## typecheck: mypy over src/strop (settings in pyproject.toml)
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -163,3 +163,23 @@ def test_preference_pairs_are_checked_as_training_cuts_them(tiny_llama, tmp_path
     report = json.loads(out)
     assert report["pairs"]["replies_cut_pairs"] == 6 and not report["errors"]
     assert [w for w in report["warnings"] if "reply cut" in w] == report["warnings"]
+
+
+def test_the_estimate_counts_every_example_when_max_examples_is_null(
+    tiny_llama, alpaca_file, tmp_path, capsys
+):
+    """eval.max_examples: null means all examples (it crashed the estimate with a TypeError)."""
+    argv = [
+        str(alpaca_file),
+        "--model",
+        str(tiny_llama),
+        "--json",
+        "--set",
+        f"data.cache_dir={tmp_path / 'c'}",
+    ]
+    estimates = []
+    for limit in ("null", "1000"):  # more than the held-out examples: the same count as null
+        rc, out = check([*argv, "--set", f"eval.max_examples={limit}"], capsys)
+        assert rc == 0, out
+        estimates.append(json.loads(out)["estimate"]["eval_s"])
+    assert estimates[0] == estimates[1] > 0

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from strop.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctypes import CDLL
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,7 +73,7 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-_libc = None
+_libc: CDLL | bool | None = None  # None: not looked up yet; False: no glibc
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 
 

@@ -16,13 +16,22 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypedDict, TypeVar
 
 from strop.core.errors import Interrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"signum": None, "deferring": 0, "installed": False}
-P, R = ParamSpec("P"), TypeVar("R")
+
+
+class _State(TypedDict):
+    signum: int | None  # the signal that asked the running loop to stop
+    deferring: int  # how many `deferring` loops are running
+    installed: bool  # whether graceful_stop's handlers are in place
+
+
+_state: _State = {"signum": None, "deferring": 0, "installed": False}
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def requested() -> int | None:
@@ -41,7 +50,7 @@ def graceful_stop() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    _state.update(signum=None, installed=True)
+    _state.update({"signum": None, "installed": True})
     for s in SIGNALS:
         signal.signal(s, _handle)
     try:
@@ -49,7 +58,7 @@ def graceful_stop() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _state.update(signum=None, installed=False)
+        _state.update({"signum": None, "installed": False})
 
 
 def deferring(loop: Callable[P, R]) -> Callable[P, R]:

@@ -108,6 +108,7 @@ def _copy(rec: Record, k: int, template: str | None, options: AugmentOptions, rn
 
     rid = f"{rec.id}{AUGMENTED}{k}"
     if rec.messages is None:
+        assert rec.text is not None  # a record has messages or text
         return replace(rec, id=rid, text=noise(rec.text))
     first = next(j for j, m in enumerate(rec.messages) if m["role"] == "user")
     messages = []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import AugmentConfig
 from strop.core.errors import DataError
 from strop.data.augment import AugmentOptions, augment, is_copy, original_id
 from strop.data.duplicates import find_duplicates
@@ -53,7 +54,7 @@ def build_datasets(
     source_of = {eid: s.label for s, part in zip(cfg.train, parts, strict=True) for eid in part.example_ids}
     mixture = None
     if cfg.mixture is not None:
-        parts, mixture = mix(parts, [s.ratio for s in cfg.train], [s.label for s in cfg.train], cfg, seed)
+        parts, mixture = mix(parts, [_ratio(s) for s in cfg.train], [s.label for s in cfg.train], cfg, seed)
     train = TokenizedSet.concat(parts)
     if cfg.validation:
         val_parts = [load(s, "validation") for s in cfg.validation]
@@ -80,7 +81,7 @@ def build_datasets(
             "no training examples left after tokenization (all responses truncated away?); "
             "raise data.max_length"
         )
-    groups = None
+    groups: dict[str, list[int]] | None = None
     if val is not None and len(cfg.validation or cfg.train) > 1:  # validation drawn from several sources
         groups = {}
         for i, eid in enumerate(val.example_ids):
@@ -110,24 +111,26 @@ def mix(
     has `mixture.examples` examples (default: all sources' examples together); a source short of its
     share is repeated, each repeat with its own id (`id~repK`) so splits and reports can tell copies.
     """
+    mixture = cfg.mixture
+    assert mixture is not None  # build_datasets mixes only when data.mixture is given
     sizes, total_ratio = [len(p) for p in parts], sum(ratios)
     shares = [r / total_ratio for r in ratios]
-    if cfg.mixture.replacement:
-        n = cfg.mixture.examples or sum(sizes)
+    if mixture.replacement:
+        n = mixture.examples or sum(sizes)
     else:
         n = int(min(size / share for size, share in zip(sizes, shares, strict=True)))
-        if cfg.mixture.examples:
-            if cfg.mixture.examples > n:
+        if mixture.examples:
+            if mixture.examples > n:
                 raise DataError(
-                    f"data.mixture.examples: {cfg.mixture.examples} examples at these ratios need repeats "
+                    f"data.mixture.examples: {mixture.examples} examples at these ratios need repeats "
                     f"(without them at most {n}); set data.mixture.replacement: true or ask for fewer"
                 )
-            n = cfg.mixture.examples
+            n = mixture.examples
     counts = _largest_remainder([share * n for share in shares])
     rng = np.random.default_rng([seed, 7])
     out, realized = [], {}
     for part, count, name, share in zip(parts, counts, names, shares, strict=True):
-        if count <= len(part) or not cfg.mixture.replacement:
+        if count <= len(part) or not mixture.replacement:
             picked = sorted(rng.choice(len(part), size=count, replace=False).tolist())
             sub = part.subset(picked)
         else:  # every example once, the rest drawn with replacement
@@ -202,6 +205,11 @@ def add_replay(
     return Datasets(train, data.validation, summary, data.validation_groups)
 
 
+def _ratio(src: DatasetSource) -> float:
+    assert src.ratio is not None  # DataConfig: data.mixture needs a ratio on every training source
+    return src.ratio
+
+
 def _largest_remainder(quotas: list[float]) -> list[int]:
     counts = [int(q) for q in quotas]
     by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
@@ -241,6 +249,7 @@ def guard_leakage(cfg: DataConfig, data: Datasets, splits: dict[str, list[Record
     found = {k: out[k].pop("ids") for k in ("train_validation", "train_test") if k in out}
     if found.get("train_validation") and not cfg.validation:
         drop = set(found.pop("train_validation"))
+        assert data.validation is not None  # its copies were found in it
         keep = [i for i, e in enumerate(data.validation.example_ids) if e not in drop]
         data.validation = data.validation.subset(keep) if keep else None
         data.validation_groups = None if not keep else _regroup(data.validation_groups, keep)
@@ -348,7 +357,8 @@ def held_out(example_ids: list[str], fraction: float, seed: int) -> list[int]:
         groups.setdefault(original_id(eid), []).append(i)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
-    target, picked = max(1, round(len(example_ids) * fraction)), []
+    target = max(1, round(len(example_ids) * fraction))
+    picked: list[int] = []
     for k in keys:
         if len(picked) >= target or len(picked) + len(groups[k]) >= len(example_ids):
             break
@@ -366,11 +376,55 @@ def _load_source(
 ) -> TokenizedSet:
     """One source tokenized (from the cache when it holds it); training sources augmented if asked."""
     aug = cfg.augment if split == "train" else None
+    cache = _cache_file(src, cfg, template, aug, augment_seed)
+    if cache is not None:
+        cached = load_cached(cache)
+        if cached is not None:
+            log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
+            report.append({"path": src.path, "split": split, **_brief(cached.stats), "cached": True})
+            return cached
+    records, stats = _read_source(src, cfg, aug, augment_seed)
+    t0 = time.perf_counter()
+    ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in ts.ids)
+    log.info(
+        "data: %s: tokenized %d examples (%d tokens) in %.1f s: %.0f tokens/s",
+        src.path,
+        len(ts),
+        n_tokens,
+        seconds,
+        n_tokens / max(seconds, 1e-9),
+    )
+    ts.stats.update(stats)
+    if ts.stats["dropped_no_response"]:
+        log.warning(
+            "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
+            src.path,
+            ts.stats["dropped_no_response"],
+            cfg.max_length,
+        )
+    if cache is not None:
+        save_cached(cache, ts)
+    report.append({"path": src.path, "split": split, **_brief(ts.stats), "cached": False})
+    return ts
+
+
+def _cache_file(
+    src: DatasetSource,
+    cfg: DataConfig,
+    template: ChatTemplate,
+    aug: AugmentConfig | None,
+    augment_seed: int | None,
+) -> Path | None:
+    """Where the tokenized source is cached, keyed by everything that shapes it; None unless the source
+    is local files (a hub dataset is not cached here)."""
     path = Path(src.path).expanduser()
     files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES) if path.is_dir() else [path]
-    local = all(f.is_file() for f in files)
+    if not all(f.is_file() for f in files):
+        return None
     key_parts = {
-        "path": str(path.resolve()) if local else src.path,
+        "path": str(path.resolve()),
         "format": src.format,
         "fields": src.fields,
         "split": src.split,
@@ -384,14 +438,13 @@ def _load_source(
         "skip_bad_rows": cfg.skip_bad_rows,
         "augment": [aug.model_dump(), augment_seed] if aug else None,
     }
-    cache = None
-    if local:
-        cache = Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
-        cached = load_cached(cache)
-        if cached is not None:
-            log.info("data: %s: %d tokenized examples from the cache %s", src.path, len(cached), cache)
-            report.append({"path": src.path, "split": split, **_brief(cached.stats), "cached": True})
-            return cached
+    return Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
+
+
+def _read_source(
+    src: DatasetSource, cfg: DataConfig, aug: AugmentConfig | None, augment_seed: int | None
+) -> tuple[list[Record], dict]:
+    """A source's records (with augmented copies when `aug` asks) and the stats of reading them."""
     rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
     rows = source_rows(src, rejected)
     unparsed = len(rejected or [])
@@ -412,39 +465,15 @@ def _load_source(
             AugmentOptions(aug.copies, aug.paraphrase, aug.char_noise, aug.word_noise, augment_seed or 0),
         )
         log.info("data: %s: %d augmented copies of %d examples", src.path, len(records) - n, n)
-    t0 = time.perf_counter()
-    ts = tokenize_records(records, template, cfg.max_length, cfg.train_on_prompt)
-    seconds = time.perf_counter() - t0
-    n_tokens = sum(len(x) for x in ts.ids)
-    log.info(
-        "data: %s: tokenized %d examples (%d tokens) in %.1f s: %.0f tokens/s",
-        src.path,
-        len(ts),
-        n_tokens,
-        seconds,
-        n_tokens / max(seconds, 1e-9),
-    )
-    ts.stats.update(
-        {
-            "rows": len(rows) + unparsed,
-            "format": fmt,
-            "format_detected": how == "detected",
-            "rejected_rows": len(rejected or []),
-            "rejected": [str(r) for r in rejected or []],
-            "labels": dict(Counter(r.label for r in records if r.label is not None and not is_copy(r.id))),
-        }
-    )
-    if ts.stats["dropped_no_response"]:
-        log.warning(
-            "data: %s: dropped %d example(s) whose response was truncated away (max_length %d)",
-            src.path,
-            ts.stats["dropped_no_response"],
-            cfg.max_length,
-        )
-    if cache is not None:
-        save_cached(cache, ts)
-    report.append({"path": src.path, "split": split, **_brief(ts.stats), "cached": False})
-    return ts
+    stats = {
+        "rows": len(rows) + unparsed,
+        "format": fmt,
+        "format_detected": how == "detected",
+        "rejected_rows": len(rejected or []),
+        "rejected": [str(r) for r in rejected or []],
+        "labels": dict(Counter(r.label for r in records if r.label is not None and not is_copy(r.id))),
+    }
+    return records, stats
 
 
 def _brief(stats: dict, keep: int = 20) -> dict:

@@ -47,13 +47,13 @@ def build_labelled(cfg: DataConfig, tokenizer, labels: list[str] | None, seed: i
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
         rng = random.Random(seed)
         side = split_stratified(
-            [r.label for r in splits["train"]], [1 - cfg.val_fraction, cfg.val_fraction], rng
+            [label_of(r) for r in splits["train"]], [1 - cfg.val_fraction, cfg.val_fraction], rng
         )
         splits["validation"] = [r for r, s in zip(splits["train"], side, strict=True) if s == 1]
         splits["train"] = [r for r, s in zip(splits["train"], side, strict=True) if s == 0]
     leakage = _guard_leakage(cfg, splits)
 
-    names = labels or sorted({r.label for r in splits["train"]})
+    names = labels or sorted({label_of(r) for r in splits["train"]})
     if len(names) < 2:
         raise DataError(f"classification needs at least two labels; the training data has {names}")
     for split, recs in splits.items():
@@ -104,7 +104,7 @@ def encode(records: list[Record], tokenizer, index: dict[str, int], max_length: 
         [np.zeros(len(x), dtype=bool) for x in ids],
         [r.id for r in records],
         {"truncated": len(truncated), "truncated_ids": truncated[:20]},
-        [index[r.label] for r in records],
+        [index[label_of(r)] for r in records],
     )
 
 
@@ -143,8 +143,14 @@ def class_weights(targets: list[int], labels: list[str], spec) -> list[float] | 
 
 def texts_of(r: Record) -> tuple[str, str | None]:
     """(text, text_pair) of a labelled record."""
+    assert r.messages is not None  # formats._labelled: (user prompt, assistant label)
     prompt = r.messages[0]["content"]
     return (prompt, None) if r.pair is None else (prompt[: -len(r.pair) - 2], r.pair)  # formats.py: "a\n\nb"
+
+
+def label_of(r: Record) -> str:
+    assert r.label is not None, r.where  # formats._labelled always sets one
+    return r.label
 
 
 def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:

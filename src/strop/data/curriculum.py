@@ -75,6 +75,7 @@ class CurriculumPlan:
         self.batch_size, self.budget = batch_size, budget
         self.order = np.argsort(np.asarray(difficulty), kind="stable")  # easiest first, ties by index
         if budget is None:
+            assert batch_size is not None  # exactly one of the two (checked above)
             self._after: BatchPlan | PackedPlan = BatchPlan(len(lengths), batch_size, seed)
         else:
             self._after = PackedPlan(self.lengths, budget, seed)
@@ -94,6 +95,7 @@ class CurriculumPlan:
         pool = self.order[: self.pool_size(m // self.grad_accum)]
         rng = np.random.default_rng([self.seed, m])
         if self.budget is None:
+            assert self.batch_size is not None  # exactly one of the two (checked in __init__)
             if len(pool) <= self.batch_size:
                 return rng.permutation(pool)
             return rng.choice(pool, self.batch_size, replace=False)

@@ -133,7 +133,9 @@ def prepare(
             + "; choose a new folder, or replace an earlier prepare's files with --overwrite "
             "(overwrite=True from Python)"
         )
-    inputs, kept, removed = [], [], []
+    inputs: list[dict] = []
+    kept: list[_Kept] = []
+    removed: list[tuple[str, str, str]] = []  # (where, id, why)
     for path in paths:
         for file, rows, unread in _files(path):
             if overwrite and out_dir.resolve() in Path(file).resolve().parents:
@@ -146,7 +148,7 @@ def prepare(
     removed += [(k.row.where, k.rec.id, dropped[i]) for i, k in enumerate(kept) if i in dropped]
     kept = [k for i, k in enumerate(kept) if i not in dropped]
     order = {i["path"]: n for n, i in enumerate(inputs)}  # removals listed in input order
-    removed.sort(key=lambda r: (order[r[0].rsplit(":", 1)[0]], int(re.search(r"\d+$", r[0])[0])))
+    removed.sort(key=lambda r: (order[r[0].rsplit(":", 1)[0]], _number(r[0])))
     if not kept:
         raise DataError(f"no rows left after cleaning; the first removed: {removed[0][0]}: {removed[0][2]}")
 
@@ -201,9 +203,17 @@ def _files(path: str) -> list[tuple[str, list[Row], list[Rejected]]]:
     if not rows and not unread:
         raise DataError(f"{path}: no rows")
     files: dict[str, tuple[list, list]] = {}
-    for x in [*rows, *unread]:
+    both: list[Row | Rejected] = [*rows, *unread]
+    for x in both:
         files.setdefault(x.where.rsplit(":", 1)[0], ([], []))[isinstance(x, Rejected)].append(x)
     return [(file, rows, unread) for file, (rows, unread) in files.items()]
+
+
+def _number(where: str) -> int:
+    """The line or row number that ends a row's `where` ("file:12", "file:row 3")."""
+    found = re.search(r"\d+$", where)
+    assert found is not None, where
+    return int(found[0])
 
 
 def _why(r: Rejected) -> str:

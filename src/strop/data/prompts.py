@@ -83,7 +83,8 @@ def prompt_splits(
             f"data.max_length ({cfg.max_length}) leaves no room for prompts after rl.max_new_tokens "
             f"({max_new_tokens}); raise data.max_length"
         )
-    splits, dropped = {}, 0
+    splits: dict[str, list[Prompt]] = {}
+    dropped = 0
     for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
         splits[split] = []
         for src in sources:

@@ -123,11 +123,14 @@ def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str
     if not splits["train"]:
         raise DataError("data.train: no rated replies")
     sets = {k: encode_rated(v, template, cfg.max_length) if v else None for k, v in splits.items()}
-    if len(sets["train"]) == 0:
+    train = sets["train"]
+    assert train is not None  # splits["train"] is not empty
+    if len(train) == 0:
         raise DataError(f"data.train: every rated reply is cut away at max_length {cfg.max_length}; raise it")
-    r = sets["train"].ratings
+    r = train.ratings
+    assert r is not None  # encode_rated sets the ratings
     summary = {
-        "train_examples": len(sets["train"]),
+        "train_examples": len(train),
         "validation_examples": len(sets["validation"]) if sets["validation"] is not None else 0,
         "test_examples": len(sets["test"]) if sets["test"] is not None else 0,
         "truncated": sum(s.stats["truncated"] for s in sets.values() if s is not None),
@@ -146,4 +149,4 @@ def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str
             len(rejected),
             rejected[0],
         )
-    return RatingData(sets["train"], sets["validation"], sets["test"], summary, rejected or [])
+    return RatingData(train, sets["validation"], sets["test"], summary, rejected or [])

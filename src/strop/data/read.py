@@ -98,7 +98,9 @@ def _read_file(f: Path) -> Iterator[Row | Rejected]:
         for rec in reader:
             where = f"{f}:{reader.line_num}"
             if None in rec:  # csv puts values beyond the header under the key None
-                yield Rejected(where, "", f"more values than the {len(reader.fieldnames)} header columns")
+                yield Rejected(
+                    where, "", f"more values than the {len(reader.fieldnames or ())} header columns"
+                )
             else:
                 yield Row(dict(rec), where)
     else:

@@ -28,8 +28,10 @@ def paired_bootstrap(
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))
     if metric.corpus is None:  # a mean: score every example once, then resample the score arrays
-        a = np.array([metric.per_example(p, r) for p, r in zip(preds_a, refs, strict=True)])
-        b = np.array([metric.per_example(p, r) for p, r in zip(preds_b, refs, strict=True)])
+        per_example = metric.per_example
+        assert per_example is not None, "a Metric has per_example or corpus"
+        a = np.array([per_example(p, r) for p, r in zip(preds_a, refs, strict=True)])
+        b = np.array([per_example(p, r) for p, r in zip(preds_b, refs, strict=True)])
         diffs = (b[draws] - a[draws]).mean(axis=1)
     else:
         diffs = np.array(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import overload
 
 from strop.core.errors import ConfigError
 
@@ -55,6 +56,10 @@ def regex(pattern: str) -> Extractor:
     return extract
 
 
+@overload
+def get_extractor(name: str) -> Extractor: ...
+@overload
+def get_extractor(name: None) -> None: ...
 def get_extractor(name: str | None) -> Extractor | None:
     """The extractor a config names (eval.extract), or None for whole-text comparison."""
     if name is None:

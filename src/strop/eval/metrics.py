@@ -30,6 +30,7 @@ class Metric:
     def score(self, preds: list[str], refs: list[str]) -> float:
         if self.corpus is not None:
             return float(self.corpus(preds, refs))
+        assert self.per_example is not None, "a Metric has per_example or corpus"
         return float(np.mean([self.per_example(p, r) for p, r in zip(preds, refs, strict=True)]))
 
 
@@ -51,7 +52,7 @@ def build_metrics(names: list[str], extract: Extractor | None) -> list[Metric]:
 
 
 def _build(name: str, extract: Extractor | None) -> Metric:
-    def reference_answer(ref: str) -> str | None:
+    def reference_answer(ref: str) -> str:
         # a reference the extractor cannot read (e.g. a bare "72") is compared as it stands
         return _answer(ref, extract) or normalize_text(ref)
 

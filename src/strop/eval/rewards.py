@@ -74,7 +74,7 @@ def gsm8k(prompts: list[str], completions: list[str], answer: list[str] | None =
     return [float(r is not None and last_number(c) == r) for c, r in zip(completions, refs, strict=True)]
 
 
-BUILT_IN = {
+BUILT_IN: dict[str, RewardFn] = {
     "length": length,
     "contains": contains,
     "avoid": avoid,
@@ -85,6 +85,7 @@ BUILT_IN = {
 
 def reward_function(spec: str, args: dict) -> RewardFn:
     """A built-in name, `module:function` or `path/file.py:function`, with `args` bound."""
+    fn: RewardFn | None
     if spec in BUILT_IN:
         fn = BUILT_IN[spec]
     elif ":" in spec:
@@ -96,6 +97,7 @@ def reward_function(spec: str, args: dict) -> RewardFn:
                         f"rl.reward: file not found: {where} (relative paths start at the YAML's folder)"
                     )
                 loaded = importlib.util.spec_from_file_location(Path(where).stem, where)
+                assert loaded is not None and loaded.loader is not None  # a .py file always has a loader
                 module = importlib.util.module_from_spec(loaded)
                 loaded.loader.exec_module(module)
             else:

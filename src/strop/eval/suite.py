@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from strop.core.config import EvalConfig
 from strop.core.io import atomic_write_json, atomic_write_text
@@ -108,8 +109,9 @@ def run_suite(
         summary["labels"] = labels
         summary["primary_metric"] = "label_accuracy"  # what the headline reports (JSON keys get sorted)
         summary["label_predictions"] = chosen
-    if forgetting_loss.get("base") is not None and forgetting_loss.get("tuned") is not None:
-        summary["forgetting"] = _forgetting(forgetting_loss["base"], forgetting_loss["tuned"], cfg, text_name)
+    base_loss, tuned_loss = forgetting_loss.get("base"), forgetting_loss.get("tuned")
+    if base_loss is not None and tuned_loss is not None:
+        summary["forgetting"] = _forgetting(base_loss, tuned_loss, cfg, text_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "samples.jsonl", _samples(examples, results))
@@ -209,7 +211,7 @@ def _forgetting(base_loss: float, tuned_loss: float, cfg: EvalConfig, name: str)
 def _samples(examples: list[EvalExample], results: dict[str, ModelResult]) -> str:
     lines = []
     for i, e in enumerate(examples):
-        row = {"id": e.id, "input": prompt_text(e), "reference": e.reference}
+        row: dict[str, Any] = {"id": e.id, "input": prompt_text(e), "reference": e.reference}
         row.update({name: r.predictions[i] for name, r in results.items()})
         row["scores"] = {name: {m: v[i] for m, v in r.per_example.items()} for name, r in results.items()}
         lines.append(json.dumps(row, ensure_ascii=False))

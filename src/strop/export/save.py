@@ -21,7 +21,9 @@ def export_model(
     and `strop_model.json`, atomically."""
     base = cfg.model.name
     if cfg.model.adapter == "continue":  # the adapter grew from that run's, over that run's own base
-        base = strop_run(base)["base_model"]
+        run = strop_run(base)
+        assert run is not None  # build_causal_lm refuses adapter: continue for anything but a strop run
+        base = run["base_model"]
     if Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())
     meta = {

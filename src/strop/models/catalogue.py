@@ -116,7 +116,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - a bad, truncated or unsupported file is the user's to fix
         raise StropError(f"{path}: cannot load this GGUF file ({type(e).__name__}: {e})") from None
     # transformers refuses save_pretrained on a de-quantized GGUF model until these are cleared
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch's stubs: Tensor | Module only
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

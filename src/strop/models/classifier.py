@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,13 +25,21 @@ from strop.core.errors import StropError
 from strop.models.load import from_pretrained, load_adapter, load_model, resolve_source, strop_run
 from strop.models.trainable import keep_blocks
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 CLASSIFIER_FILE = "classifier.json"
 HEAD_FILE = "head.safetensors"
 
 
 class SequenceClassifier(nn.Module):
     def __init__(
-        self, backbone: nn.Module, labels: list[str], pooling: str, head_layers: list[int], dropout: float
+        self,
+        backbone: PreTrainedModel,
+        labels: list[str],
+        pooling: str,
+        head_layers: list[int],
+        dropout: float,
     ):
         super().__init__()
         self.backbone, self.labels, self.pooling, self.head_layers = (
@@ -94,7 +103,8 @@ class SequenceClassifier(nn.Module):
         then costs a forward pass only), or not at all for texts whose features are cached."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         if attention_mask is None:
-            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            ref = input_ids if input_ids is not None else inputs_embeds  # (b, t) or (b, t, h)
+            assert ref is not None, "forward needs input_ids or inputs_embeds"
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
         if frozen and self.features and input_ids is not None:
             lengths = attention_mask.sum(1).tolist()

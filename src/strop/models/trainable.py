@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from strop.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from strop.models.classifier import SequenceClassifier
 
 log = logging.getLogger("strop.models")
 
@@ -19,7 +25,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer blocks: model.layers / transformer.h where they exist, else the
     longest ModuleList (an MoE expert list can be longer than the block list, so it is only the fallback)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        node = model
+        node: object = model
         for part in path.split("."):
             node = getattr(node, part, None)
         if isinstance(node, nn.ModuleList):
@@ -40,7 +46,7 @@ def apply_full(model: nn.Module) -> nn.Module:
 
 
 def apply_freeze(
-    model: nn.Module, train_last_n_blocks: int, train_patterns: list[str], train_lm_head: bool
+    model: PreTrainedModel, train_last_n_blocks: int, train_patterns: list[str], train_lm_head: bool
 ) -> nn.Module:
     model.requires_grad_(False)
     prefix, blocks = decoder_blocks(model)
@@ -79,7 +85,11 @@ def apply_lora(
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
+        r=r,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; scaling is alpha / r, floats work
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)
@@ -87,7 +97,7 @@ def apply_lora(
         raise ConfigError(f"method.lora.target_modules: {e}") from None
 
 
-def apply_method(model: nn.Module, method) -> nn.Module:
+def apply_method(model: PreTrainedModel, method) -> nn.Module:
     """The trainable set a `MethodConfig` asks for: LoRA adapters, the last blocks, or everything."""
     if method.name == "lora":
         lora = method.lora
@@ -98,7 +108,7 @@ def apply_method(model: nn.Module, method) -> nn.Module:
     return apply_full(model)
 
 
-def apply_classifier_method(clf: nn.Module, method) -> nn.Module:
+def apply_classifier_method(clf: SequenceClassifier, method) -> SequenceClassifier:
     """The trainable set of a SequenceClassifier: its head always; of the backbone nothing (`head`),
     the last blocks (`freeze`), LoRA adapters (`lora`) or everything (`full`)."""
     if method.name == "lora":
@@ -115,7 +125,7 @@ def apply_classifier_method(clf: nn.Module, method) -> nn.Module:
     return clf
 
 
-def keep_blocks(model: nn.Module, n: int) -> nn.Module:
+def keep_blocks(model: PreTrainedModel, n: int) -> PreTrainedModel:
     """Keep `n` of the model's blocks, evenly spaced, the first and the last among them: a smaller
     model initialised from a bigger one's layers (a distillation student, as DistilBERT's every other
     layer). Blocks are renumbered so a KV cache indexes them correctly."""
@@ -127,7 +137,7 @@ def keep_blocks(model: nn.Module, n: int) -> nn.Module:
     for new, block in enumerate(kept):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new
+                module.layer_idx = new  # type: ignore[assignment]  # torch's stubs allow Tensor | Module only
     parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
     setattr(parent, prefix.rsplit(".", 1)[-1], kept)
     config = model.config

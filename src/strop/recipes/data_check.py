@@ -126,6 +126,7 @@ def _check_ratings(cfg: RunConfig, template: ChatTemplate, template_name: str) -
 def _check_prompts(cfg: RunConfig, template: ChatTemplate, template_name: str) -> CheckResult:
     """PPO and GRPO read prompts only: each row must yield a prompt that leaves room for the reply."""
     report = _blank_report(cfg, template_name)
+    assert cfg.rl is not None  # RunConfig requires an rl section for ppo and grpo
     try:
         _, summary = prompt_splits(cfg.data, template, cfg.rl.max_new_tokens, cfg.train.seed)
     except DataError as e:
@@ -180,9 +181,8 @@ def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict)
     memory = RUNTIME_BYTES + 4 * n + 16 * trainable + activations
 
     ev = cfg.eval
-    eval_examples = min(
-        ev.max_examples, report["splits"].get("test") or report["splits"].get("validation") or 0
-    )
+    held_out = report["splits"].get("test") or report["splits"].get("validation") or 0
+    eval_examples = held_out if ev.max_examples is None else min(ev.max_examples, held_out)  # None: all
     eval_s = 0.0
     if ev.enabled and eval_examples:
         passes = 2 + (1 if ev.kshot else 0)  # base, tuned (and k-shot base)
@@ -230,8 +230,27 @@ def _machine_memory(device: torch.device) -> float:
 def render(report: dict) -> str:
     """The check as text for a terminal."""
     lines = [f"strop data check  (model {report.get('model')}, template {report.get('template')})", ""]
-    lines.append("sources:")
-    for s in report["sources"]:
+    lines += _source_lines(report["sources"])
+    lines += _split_lines(report)
+    lines += _set_lines(report)
+    lines += _token_lines(report)
+    if "duplicates" in report:
+        lines += _duplicate_lines(report["duplicates"], report.get("leakage", {}))
+    if e := report.get("estimate"):
+        lines += _estimate_lines(e)
+    lines.append("")
+    for kind in ("errors", "warnings", "notes"):
+        for msg in report[kind]:
+            lines.append(f"{kind[:-1]}: {msg}")
+    verdict = f"{len(report['errors'])} error(s), {len(report['warnings'])} warning(s)"
+    lines.append(("FAIL: " if report["errors"] else "OK: ") + verdict)
+    return "\n".join(lines)
+
+
+def _source_lines(sources: list[dict]) -> list[str]:
+    """Each source's rows, format and (the first ten) rejected rows."""
+    lines = ["sources:"]
+    for s in sources:
         fmt = f"format {s.get('format', '?')}{' (detected)' if s.get('format_detected') else ''}"
         lines.append(f"  {s['split']:<10} {s['path']}: {s['rows']} rows, {s['valid']} usable, {fmt}")
         for r in s["rejected_rows"][:10]:
@@ -239,6 +258,12 @@ def render(report: dict) -> str:
             lines.append(f"      rejected {r['where']}: {field}{r['reason']}")
         if len(s["rejected_rows"]) > 10:
             lines.append(f"      ... and {len(s['rejected_rows']) - 10} more (--json lists them all)")
+    return lines
+
+
+def _split_lines(report: dict) -> list[str]:
+    """The split sizes and a mixture's shares."""
+    lines = []
     if "splits" in report:
         lines.append("")
         lines.append(
@@ -250,6 +275,12 @@ def render(report: dict) -> str:
         lines.append(
             f"  mixture {name}: {m['used']} of {m['available']} ({m['share']:.1%}, target {m['target_share']:.1%})"
         )
+    return lines
+
+
+def _set_lines(report: dict) -> list[str]:
+    """What the tasks that do not train on SFT records read: preference pairs, rated replies, prompts."""
+    lines = []
     if report.get("pairs"):
         lines += [
             "",
@@ -270,6 +301,12 @@ def render(report: dict) -> str:
             f"prompts: train {pr['train_prompts']}, validation {pr['validation_prompts']}, test {pr['test_prompts']}; "
             f"{pr['prompts_too_long']} longer than {pr['max_prompt_tokens']} tokens",
         ]
+    return lines
+
+
+def _token_lines(report: dict) -> list[str]:
+    """Token lengths per split, and the label counts of labelled data."""
+    lines = []
     if report.get("tokens"):
         lines += ["", "tokens (per example):"]
         for split, t in report["tokens"].items():
@@ -280,39 +317,41 @@ def render(report: dict) -> str:
             )
     for split, labels in report.get("labels", {}).items():
         lines.append(f"  labels {split}: " + ", ".join(f"{k} {v}" for k, v in labels.items()))
-    if "duplicates" in report:
-        lines += ["", "duplicates:"]
-        for split, d in report["duplicates"].items():
-            shown = [" = ".join(g[:3]) for g in d["exact_groups"][:3]] + [
-                f"{a} ~ {b} ({j})" for a, b, j in d["near_pairs"][:3]
-            ]
-            lines.append(
-                f"  within {split}: {d['repeats']} repeat(s)" + (f": {'; '.join(shown)}" if shown else "")
-            )
-        for pair, found in report.get("leakage", {}).items():
-            a, b = pair.split("_")
-            shown = "; ".join(f"{x} ~ {y} ({k})" for x, y, k in found[:5])
-            lines.append(f"  {b} vs {a}: {len(found)} pair(s)" + (f": {shown}" if shown else ""))
-    if e := report.get("estimate"):
-        lines += [
-            "",
-            f"estimate on this machine ({e['device']}, matmul peak {e['matmul_peak_gflops']} GFLOP/s):",
-            f"  {e['parameters']:,} parameters, {e['trainable']:,} trainable; {e['steps']} steps "
-            f"({e['epochs']} epochs), {e['padding_fraction']:.0%} of computed tokens are padding",
-            f"  training ~{_duration(e['train_s'])}, evaluation ~{_duration(e['eval_s'])}, peak memory "
-            f"~{e['peak_memory_gb']} GB of {e['machine_memory_gb']} GB (estimates: +-30%)",
+    return lines
+
+
+def _duplicate_lines(duplicates: dict, leakage: dict) -> list[str]:
+    """Repeats within each split (a few examples of each), then copies of training rows in the others."""
+    lines = ["", "duplicates:"]
+    for split, d in duplicates.items():
+        examples = [" = ".join(g[:3]) for g in d["exact_groups"][:3]] + [
+            f"{a} ~ {b} ({j})" for a, b, j in d["near_pairs"][:3]
         ]
-        if e["peak_memory_gb"] > 0.8 * e["machine_memory_gb"]:
-            lines.append(
-                "  warning: that is close to or over this machine's memory; lower the batch or use batch_tokens"
-            )
-    lines.append("")
-    for kind in ("errors", "warnings", "notes"):
-        for msg in report[kind]:
-            lines.append(f"{kind[:-1]}: {msg}")
-    verdict = f"{len(report['errors'])} error(s), {len(report['warnings'])} warning(s)"
-    lines.append(("FAIL: " if report["errors"] else "OK: ") + verdict)
-    return "\n".join(lines)
+        lines.append(
+            f"  within {split}: {d['repeats']} repeat(s)" + (f": {'; '.join(examples)}" if examples else "")
+        )
+    for pair, found in leakage.items():
+        a, b = pair.split("_")
+        shown = "; ".join(f"{x} ~ {y} ({k})" for x, y, k in found[:5])
+        lines.append(f"  {b} vs {a}: {len(found)} pair(s)" + (f": {shown}" if shown else ""))
+    return lines
+
+
+def _estimate_lines(e: dict) -> list[str]:
+    """The run's estimated size, time and memory on this machine."""
+    lines = [
+        "",
+        f"estimate on this machine ({e['device']}, matmul peak {e['matmul_peak_gflops']} GFLOP/s):",
+        f"  {e['parameters']:,} parameters, {e['trainable']:,} trainable; {e['steps']} steps "
+        f"({e['epochs']} epochs), {e['padding_fraction']:.0%} of computed tokens are padding",
+        f"  training ~{_duration(e['train_s'])}, evaluation ~{_duration(e['eval_s'])}, peak memory "
+        f"~{e['peak_memory_gb']} GB of {e['machine_memory_gb']} GB (estimates: +-30%)",
+    ]
+    if e["peak_memory_gb"] > 0.8 * e["machine_memory_gb"]:
+        lines.append(
+            "  warning: that is close to or over this machine's memory; lower the batch or use batch_tokens"
+        )
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import yaml
@@ -34,10 +35,10 @@ def read_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     notes: list[str] = []
     config = _read_dict(run_dir / "config.yaml", yaml.safe_load, notes)
-    name = config.get("name") if isinstance(config.get("name"), str) else run_dir.name
+    name = config.get("name")
     return Run(
         dir=run_dir,
-        name=name,
+        name=name if isinstance(name, str) else run_dir.name,
         config=config,
         data=_read_dict(run_dir / "data_summary.json", json.loads, notes),
         records=_read_jsonl(run_dir / "metrics.jsonl", notes),
@@ -57,7 +58,7 @@ def dig(obj, *keys):
     return obj
 
 
-def is_number(x) -> bool:
+def is_number(x) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 

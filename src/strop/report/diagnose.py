@@ -9,6 +9,7 @@ The thresholds below are what "barely moved", "rose" and "spiked" mean.
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import numpy as np
 
@@ -223,5 +224,5 @@ def finding(kind: str, severity: str, text: str) -> dict:
     return {"kind": kind, "severity": severity, "text": text}
 
 
-def _finite(x) -> bool:
+def _finite(x) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

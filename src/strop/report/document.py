@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
@@ -62,7 +63,7 @@ def example(title: str, fields: list[tuple[str, str]]) -> dict:
     }
 
 
-def section(title: str, blocks: list[dict | None]) -> dict:
+def section(title: str, blocks: Sequence[dict | None]) -> dict:
     return {"title": title, "blocks": [b for b in blocks if b is not None]}
 
 
@@ -229,7 +230,7 @@ def _md_block(b: dict, image_dir: str) -> list[str]:
 
 
 def _mark(finding: dict) -> str:
-    return MARK.get(finding.get("severity"), "") or MARK.get(finding.get("kind"), "")
+    return MARK.get(finding.get("severity", ""), "") or MARK.get(finding.get("kind", ""), "")
 
 
 def _md_cell(c: str) -> str:

@@ -53,7 +53,8 @@ def eval_section(ev: dict) -> dict:
     title = "Evaluation (base vs tuned)"
     if not ev:
         return section(title, [note("No evaluation in this run (no eval/summary.json).")])
-    metrics = ev.get("metrics") if isinstance(ev.get("metrics"), dict) else {}
+    metrics = ev.get("metrics")
+    metrics = metrics if isinstance(metrics, dict) else {}
     kshot = "kshot" in (ev.get("models") or []) or any(
         isinstance(m, dict) and "kshot" in m for m in metrics.values()
     )
@@ -132,7 +133,7 @@ def samples_section(samples: list[dict], metric: str | None) -> dict:
         scored = (
             f": {verdict} on {metric} (base {num(base)}, tuned {num(tuned)})" if verdict != "unscored" else ""
         )
-        fields = [(label, s.get(key)) for label, key in SAMPLE_FIELDS if s.get(key) is not None]
+        fields = [(label, s[key]) for label, key in SAMPLE_FIELDS if s.get(key) is not None]
         blocks.append(example(f"Example {s.get('id', '?')}{scored}", fields))
     return section(title, blocks)
 

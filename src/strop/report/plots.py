@@ -56,10 +56,12 @@ def lr_plot(records: list[dict]) -> bytes | None:
     return to_png(fig)
 
 
-def length_plot(histogram: dict, max_length=None) -> bytes | None:
+def length_plot(histogram: dict | None, max_length=None) -> bytes | None:
     """Token lengths per split from `{"edges": [n+1], "train": [n], "validation": [n]}`, as the share
     of each split's examples, so a small validation split is comparable with train."""
-    edges = histogram.get("edges") if isinstance(histogram, dict) else None
+    if not isinstance(histogram, dict):
+        return None
+    edges = histogram.get("edges")
     if not isinstance(edges, list) or len(edges) < 2:
         return None
     fig, ax = new_figure(SHORT_FIGSIZE)

@@ -74,7 +74,8 @@ def preference_section(ev: dict, records: list[dict]) -> dict:
     unit = "pairs" if "pairs" in ev else "rated replies"
     blocks.append(text(f"Scored on {num(n)} {ev.get('set')} {unit}, never trained on."))
     if ev.get("task") == "dpo":
-        start = ev.get("start_metrics") if isinstance(ev.get("start_metrics"), dict) else {}
+        start = ev.get("start_metrics")
+        start = start if isinstance(start, dict) else {}
         objective = ev.get("objective") or "dpo"
         # DPO's implicit reward is a log-ratio to the start, so the start ties on every pair; a
         # reference-free loss's reward (SimPO, ORPO: scaled mean log-probs) is not
@@ -297,7 +298,7 @@ def _with_ci(acc, n) -> str:
     return f"{_acc(acc)} (95% CI {_acc(lo)}–{_acc(hi)})"
 
 
-def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+def _wilson(p: float, n: float, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion p over n trials."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

@@ -168,11 +168,8 @@ def _data_section(run: Run) -> dict:
     blocks.append(text(_pairs_line(d, max_length) if pairs else _dropped_line(d, sources, max_length)))
     blocks += _leakage_blocks(d.get("leakage"))
     pct = d.get("length_percentiles")
-    stats = (
-        sorted({k for v in pct.values() if isinstance(v, dict) for k in v}, key=_stat_order)
-        if isinstance(pct, dict)
-        else []
-    )
+    pct = pct if isinstance(pct, dict) else {}
+    stats = sorted({k for v in pct.values() if isinstance(v, dict) for k in v}, key=_stat_order)
     if stats:
         rows = [[split] + [num(v.get(k)) for k in stats] for split, v in pct.items() if isinstance(v, dict)]
         blocks.append(table(["tokens per example"] + stats, rows))
@@ -296,7 +293,7 @@ def _throughput_section(run: Run, facts: dict) -> dict:
 
 def _unit(run: Run) -> str:
     """What the loss was averaged over, summed over the steps."""
-    task = run.config.get("task") if isinstance(run.config, dict) else None
+    task = run.config.get("task", "") if isinstance(run.config, dict) else ""
     if task == "reward" and dig(run.config, "reward_model", "target") == "ratings":
         return "rated replies trained on"
     return {

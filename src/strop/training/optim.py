@@ -15,7 +15,8 @@ def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], momentum: float
 ) -> torch.optim.Optimizer:
     """Biases and norm weights (1-D parameters) get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

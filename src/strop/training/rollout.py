@@ -76,7 +76,8 @@ def sample(
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, **NEUTRAL_SAMPLING}
         if greedy:
             sampling = {"do_sample": False}
-        out = model.generate(
+        # torch's stubs type an nn.Module's attributes Tensor | Module; this one is transformers' generate
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
