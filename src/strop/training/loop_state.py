@@ -83,7 +83,7 @@ class LoopState:
         self.sink.close()
         if not saved:
             self.save()
-        raise Interrupted(signals.requested(), f"checkpoint written at step {self.step}")
+        raise Interrupted(signals.requested() or 0, f"checkpoint written at step {self.step}")
 
     def stop_diverged(self, message: str) -> None:
         """Save the counters (the weights are those of the last good step) and raise TrainingStopped
