@@ -165,7 +165,21 @@ def reward(tiny_llama, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("task", [dpo, classification, reward], ids=["dpo", "classification", "reward"])
+def orpo(tiny_llama, tmp_path):
+    cfg = dpo(tiny_llama, tmp_path)
+    cfg["dpo"] = {"loss": "orpo"}
+    return cfg
+
+
+def kto(tiny_llama, tmp_path):
+    cfg = dpo(tiny_llama, tmp_path)  # its pairs, read as a good and a bad row each
+    cfg["task"] = "kto"
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "task", [dpo, orpo, kto, classification, reward], ids=["dpo", "orpo", "kto", "classification", "reward"]
+)
 def test_every_fit_task_stops_on_a_signal_and_resumes_exactly(task, request, tmp_path, monkeypatch):
     model = request.getfixturevalue("tiny_bert" if task is classification else "tiny_llama")
     cfg = task(model, tmp_path)
@@ -179,10 +193,11 @@ def test_every_fit_task_stops_on_a_signal_and_resumes_exactly(task, request, tmp
     assert_same_run(tmp_path / "runs" / "cut", tmp_path / "runs" / "whole")
 
 
-def test_grpo_stops_after_its_rollout_and_resumes_exactly(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["grpo", "ppo"])
+def test_rl_stops_after_its_rollout_and_resumes_exactly(task, tiny_llama, tmp_path, monkeypatch):
     from strop.training import rl_loop
 
-    cfg = rl_config(tiny_llama, tmp_path, "grpo", method="lora", steps=4)
+    cfg = rl_config(tiny_llama, tmp_path, task, method="lora", steps=4)
     real, calls = rl_loop.sample, []
 
     def sample(*args, **kwargs):  # the signal comes while step 3's replies are sampled
