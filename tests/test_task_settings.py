@@ -1,6 +1,6 @@
 """No setting silently ignored. Every task builds its model the same way (models/build.py), so gradient
 checkpointing and the precision policy (float32 weights that train, the forward autocast to model.dtype)
-reach SFT, classification, reward, DPO and GRPO alike; and every other setting of core/task_settings.py
+reach SFT, classification, reward, DPO, KTO, PPO and GRPO alike; and every other setting of core/task_settings.py
 is, for each task, either used or refused by name."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from strop.core.errors import ConfigError
 from strop.core.metrics import read_metrics
 from strop.core.task_settings import HONOURED, TASKS
 from test_rl import rl_config
-from test_signals import classification, dpo, reward, sft_config
+from test_signals import classification, dpo, kto, reward, sft_config
 
 
 def _sft(model, tmp_path):
@@ -27,7 +27,19 @@ def _grpo(model, tmp_path):
     return rl_config(model, tmp_path, "grpo", steps=2)
 
 
-TASK_CONFIGS = {"sft": _sft, "classification": classification, "reward": reward, "dpo": dpo, "grpo": _grpo}
+def _ppo(model, tmp_path):
+    return rl_config(model, tmp_path, "ppo", steps=2)
+
+
+TASK_CONFIGS = {
+    "sft": _sft,
+    "classification": classification,
+    "reward": reward,
+    "dpo": dpo,
+    "kto": kto,
+    "grpo": _grpo,
+    "ppo": _ppo,
+}
 
 
 @pytest.mark.parametrize("task", list(TASK_CONFIGS))
@@ -54,8 +66,9 @@ def test_checkpointing_and_precision_reach_every_task(task, request, tmp_path, m
 
         return fit
 
-    target = "strop.recipes.rl.fit_rl" if task == "grpo" else "strop.recipes.skeleton.fit"
-    monkeypatch.setattr(target, spy(rl_loop.fit_rl if task == "grpo" else loop.fit))
+    rl = task in ("grpo", "ppo")
+    target = "strop.recipes.rl.fit_rl" if rl else "strop.recipes.skeleton.fit"
+    monkeypatch.setattr(target, spy(rl_loop.fit_rl if rl else loop.fit))
     strop.train(cfg, show_progress=False)
     assert seen["autocast"] == torch.bfloat16
     assert seen["checkpointing"] is True
@@ -96,6 +109,9 @@ SAMPLES = {
     "dpo.beta": 0.5,
     "dpo.label_smoothing": 0.1,
     "dpo.simpo_gamma": 1.0,
+    "kto.beta": 0.5,
+    "kto.desirable_weight": 1.5,
+    "kto.undesirable_weight": 0.5,
     "rl.value_clip": 0.5,
     "rl.vf_coef": 0.5,
     "rl.gamma": 0.9,

@@ -73,8 +73,9 @@ def response_logps(
     )
     values = None
     if value_head is not None:
+        assert hidden is not None  # computed above whenever there is a value head
         # detached: the critic's early, large errors must not move the policy they share a body with
-        values = torch.zeros_like(logps).masked_scatter(mask, value_head(hidden.detach()))
+        values = torch.zeros_like(logps).masked_scatter(mask, value_head(hidden.detach()).float())
     return logps, values
 
 
@@ -94,6 +95,7 @@ def ppo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate + vf_coef x clipped value loss, masked means over the batch's reply tokens."""
     logps, values = response_logps(model, batch, temperature, value_head)
+    assert values is not None  # there is a value head
     mask = batch["response_mask"]
     pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip)
     vf, vf_metrics = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
