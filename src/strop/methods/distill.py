@@ -35,16 +35,18 @@ def kd_divergence(
 def lm_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     temperature: float,
     alpha: float,
 ) -> tuple[torch.Tensor, int]:
-    """(alpha * soft + (1 - alpha) * hard, label tokens) for a causal LM student and teacher."""
+    """(alpha * soft + (1 - alpha) * hard, label tokens) for a causal LM student and teacher; the
+    teacher may be None when the batch carries its cached top-k logits."""
     inputs = {k: batch[k] for k in sft.MODEL_INPUTS if k in batch}
     targets = batch["labels"][:, 1:]  # (B, T-1)
     keep = targets != sft.IGNORE
     if "teacher_logits" in batch:
         return _cached_loss(model, inputs, targets, keep, batch, temperature, alpha)
+    assert teacher is not None, "no cached teacher logits in the batch and no teacher to run"
     student, teacher_parts = hidden_and_head(model), hidden_and_head(teacher)
     with torch.no_grad():
         if teacher_parts is None:
@@ -119,10 +121,9 @@ def teacher_top_k(
         if parts is None:
             logits = teacher(**inputs).logits[:, :-1]  # (b, T-1, V)
         else:
-            logits = None
             hidden = parts[0](**inputs, use_cache=False).last_hidden_state[:, :-1]  # (b, T-1, d)
         for row in range(len(index)):
-            h = logits[row][keep[row]] if logits is not None else hidden[row][keep[row]] @ parts[1].weight.T
+            h = logits[row][keep[row]] if parts is None else hidden[row][keep[row]] @ parts[1].weight.T
             values, ids = h.float().topk(min(k, h.size(-1)), dim=-1)  # (labels, k)
             out.append((values.cpu().numpy().astype(np.float32), ids.cpu().numpy().astype(np.int32)))
         if progress is not None:

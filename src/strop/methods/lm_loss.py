@@ -40,8 +40,9 @@ def hidden_and_head(model: nn.Module) -> tuple[Callable, nn.Linear] | None:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return None  # virtual tokens are added by PeftModel.forward, not by the backbone
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    # torch's stubs type an nn.Module's attributes Tensor | Module; these are peft's and transformers' methods
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None  # type: ignore[operator]
     backbone = getattr(core, getattr(core, "base_model_prefix", ""), None)
     # exactly nn.Linear: a LoRA- or modules_to_save-wrapped head is some other module
     if type(head) is not nn.Linear or head.bias is not None or not isinstance(backbone, nn.Module):
@@ -116,8 +117,8 @@ def _chunked(
             # d CE / d logits = softmax - one_hot(target), formed in place of the logits
             dlogits = exp.div_(norm)
             dlogits[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            if need_h:
+            if grad_h is not None:  # need_h
                 torch.mm(dlogits, w, out=grad_h[start : start + chunk_size])  # (c, d)
-            if need_w:
+            if grad_w is not None:  # need_w
                 grad_w.addmm_(dlogits.T, h)  # (V, d)
     return total, grad_h, grad_w

@@ -27,7 +27,9 @@ from strop.data.tokenized import TokenizedSet
 
 class Loss(NamedTuple):
     total: torch.Tensor  # summed over the micro-batch's units
-    count: int  # how many units (the step's denominator is the sum of its micro-batches' counts)
+    # how many units (the step's denominator is the sum of its micro-batches' counts); mypy rejects a
+    # field that shadows tuple.count, Python does not, and callers read it by name or unpack it
+    count: int  # type: ignore[assignment]
     stats: dict[str, float] = {}  # noqa: RUF012 - read only; sums over the units, logged as means
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from strop.methods.dpo import DPO, IPO, PairObjective
 from strop.methods.orpo import ORPO
 from strop.methods.simpo import SimPO
 
-PAIR_LOSSES: dict[str, type[PairObjective]] = {"sigmoid": DPO, "ipo": IPO, "simpo": SimPO, "orpo": ORPO}
+PAIR_LOSSES: dict[str, Callable[[float], PairObjective]] = {
+    "sigmoid": DPO,
+    "ipo": IPO,
+    "simpo": SimPO,
+    "orpo": ORPO,
+}
 
 
 def pair_objective(d) -> PairObjective:

@@ -60,11 +60,11 @@ def gae(
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # (B, T): V_{t+1}
     deltas = rewards + gamma * next_values - values  # (B, T), 0 at padding
     running = torch.zeros_like(values[:, 0])  # (B,): A_{t+1}
-    advantages = []
+    steps = []
     for t in reversed(range(values.size(1))):
         running = deltas[:, t] + gamma * lam * running
-        advantages.append(running)
-    advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
+        steps.append(running)
+    advantages = torch.stack(steps[::-1], dim=1)  # (B, T)
     return advantages, advantages + values
 
 

@@ -81,9 +81,10 @@ def _checkpointing(model: nn.Module, cfg: RunConfig) -> None:
         log.info("train.gradient_checkpointing: nothing to recompute, only the head trains")
         return
     kwargs = {"use_reentrant": False}
+    # torch's stubs type an nn.Module's attributes Tensor | Module; these are transformers' methods
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
     else:
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
