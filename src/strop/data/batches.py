@@ -64,6 +64,7 @@ def collate_pairs(ts: TokenizedSet, index, pad_id: int) -> dict[str, torch.Tenso
     """Preference pairs: the chosen rows, then the rejected rows (B = 2 x pairs), plus `pairs` and, when
     computed, `reference` (pairs, 2) log-probs and, when the rows give them, `margins` (pairs,)."""
     index = list(index)
+    assert ts.rejected is not None, "collate_pairs needs pairs: a TokenizedSet with its rejected side"
     both = TokenizedSet(
         [*(ts.ids[i] for i in index), *(ts.rejected.ids[i] for i in index)],
         [*(ts.trained[i] for i in index), *(ts.rejected.trained[i] for i in index)],

@@ -44,6 +44,7 @@ def build_feedback(cfg: DataConfig, template: ChatTemplate, seed: int) -> Feedba
             f"{len(train)} (raise data.max_length, or add rows)"
         )
     val = encode_feedback(splits["validation"], template, cfg.max_length) if splits["validation"] else None
+    assert train.targets is not None  # encode_feedback sets the good/bad targets
     good = int(sum(train.targets))
     summary = {
         "train_rows": len(train),
@@ -70,8 +71,9 @@ def build_feedback(cfg: DataConfig, template: ChatTemplate, seed: int) -> Feedba
 def encode_feedback(records: list[Record], template: ChatTemplate, max_length: int) -> TokenizedSet:
     """Completion rows (loss on the completion only), their good/bad targets and, as `.rejected`, each
     row's mismatched KL row: its prompt with the previous kept row's completion."""
-    kept, truncated, dropped = [], 0, 0
+    kept, targets, truncated, dropped = [], [], 0, 0
     for r in records:
+        assert r.messages is not None and r.desirable is not None  # _read: conversations with a label
         enc = template.encode(r.messages, last_turn_only=True)
         ids, trained = fit_conversation(enc, max_length)
         if not any(trained[1:]):  # token 0 is never predicted
@@ -79,9 +81,12 @@ def encode_feedback(records: list[Record], template: ChatTemplate, max_length: i
             continue
         truncated += len(ids) < len(enc.ids)
         kept.append((r, ids, trained))
+        targets.append(int(r.desirable))
     kl_ids, kl_trained = [], []
     for j, (r, _, _) in enumerate(kept):
-        other = kept[j - 1][0].messages[-1]["content"]  # row j-1's completion (the last row's for row 0)
+        prev = kept[j - 1][0].messages
+        assert r.messages is not None and prev is not None  # checked in the loop above
+        other = prev[-1]["content"]  # row j-1's completion (the last row's for row 0)
         enc = template.encode(
             [*r.messages[:-1], {"role": "assistant", "content": other}], last_turn_only=True
         )
@@ -94,7 +99,7 @@ def encode_feedback(records: list[Record], template: ChatTemplate, max_length: i
         [np.asarray(tr, dtype=bool) for _, _, tr in kept],
         names,
         {"truncated": truncated, "dropped": dropped},
-        targets=[int(r.desirable) for r, _, _ in kept],
+        targets=targets,
     )
     out.rejected = TokenizedSet(kl_ids, kl_trained, list(names), {})
     return out
@@ -106,6 +111,7 @@ def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
     out = []
     for r in read_records(src, [] if skip_bad_rows else None):
         if r.rejected is not None:
+            assert r.messages is not None  # preference rows are conversations
             bad = (*r.messages[:-1], {"role": "assistant", "content": r.rejected})
             out.append(replace(r, id=f"{r.id}#0", rejected=None, margin=None, desirable=True))
             out.append(replace(r, id=f"{r.id}#1", messages=bad, rejected=None, margin=None, desirable=False))

@@ -38,6 +38,7 @@ def build_pairs(cfg: DataConfig, template: ChatTemplate, seed: int) -> PairData:
     if len(train) == 0:
         raise DataError("no preference pairs left after tokenization; raise data.max_length")
     val = encode_pairs(splits["validation"], template, cfg.max_length) if splits["validation"] else None
+    assert train.rejected is not None  # encode_pairs sets the rejected side
     summary = {
         "train_pairs": len(train),
         "validation_pairs": len(val) if val is not None else 0,
@@ -112,6 +113,7 @@ def encode_pairs(records: list[Record], template: ChatTemplate, max_length: int)
     }
     truncated = replies_cut = dropped = 0
     for r in records:
+        assert r.messages is not None  # preference rows are conversations
         chosen = template.encode(r.messages, last_turn_only=True)
         rejected = template.encode(
             [*r.messages[:-1], {"role": "assistant", "content": r.rejected}], last_turn_only=True

@@ -65,9 +65,9 @@ class TokenizedSet:
             [], [], [], {}, [] if parts and all(p.targets is not None for p in parts) else None
         )
         if parts and all(p.rejected is not None for p in parts):
-            out.rejected = TokenizedSet.concat([p.rejected for p in parts])
+            out.rejected = TokenizedSet.concat([p.rejected for p in parts if p.rejected is not None])
         if parts and all(p.teacher is not None for p in parts):
-            out.teacher = [t for p in parts for t in p.teacher]
+            out.teacher = [t for p in parts if p.teacher is not None for t in p.teacher]
         if parts and all(p.ratings is not None for p in parts):
             out.ratings = np.concatenate([p.ratings for p in parts])
         if parts and all(p.reference is not None for p in parts):
@@ -78,6 +78,7 @@ class TokenizedSet:
             )
         for p in parts:
             if out.targets is not None:
+                assert p.targets is not None  # out has targets only when every part has them
                 out.targets += p.targets
             out.ids += p.ids
             out.trained += p.trained
@@ -164,6 +165,7 @@ def _tokenize_serial(
                 out.trained.append(np.ones(len(window), dtype=bool))
                 out.example_ids.append(rec.id if j == 0 else f"{rec.id}#{j}")
             continue
+        assert rec.messages is not None  # a record has text or messages
         try:
             enc = template.encode(rec.messages, train_on_prompt=train_on_prompt)
         except DataError as e:

@@ -74,6 +74,7 @@ class MicroBatches:
     ):
         self.ts, self.pad_id, self.collate = ts, pad_id, collate
         lengths = [len(x) for x in ts.ids]
+        self.plan: BatchPlan | PackedPlan | CurriculumPlan
         if train.batch_tokens:
             self.plan = PackedPlan(lengths, train.batch_tokens, train.seed)
         else:
@@ -97,7 +98,7 @@ class MicroBatches:
 
     def __call__(self, m: int) -> tuple[dict, int]:
         picked = self.plan.micro_batch(m)
-        if self.packed:
+        if isinstance(picked, list):  # packed plans (self.packed) give rows: lists of example indices
             return collate_packed(self.ts, picked, self.pad_id), sum(
                 len(self.ts.ids[i]) for r in picked for i in r
             )
@@ -215,7 +216,8 @@ def accumulate(
     divided by the step's count, so they are those of the mean over every unit of the step. Returns
     (mean loss, count, stat sums, real tokens). A stop signal abandons the step: its gradients are
     dropped and its RNG draws undone before the checkpoint."""
-    loss_sum, count, stats, n_real, at_start = 0.0, 0, {}, 0, rng_snapshot()
+    stats: dict[str, float] = {}
+    loss_sum, count, n_real, at_start = 0.0, 0, 0, rng_snapshot()
     for batch, real in micro:
         if signals.requested():
             run.optimizer.zero_grad(set_to_none=True)

@@ -205,6 +205,7 @@ def _prepare(policy, value_head, reference, s, scores, rl: RLConfig, train: Trai
     if value_head is None:
         batch["advantages"] = grpo_advantages(scores, rl.group_size)
         return batch, kl_seq, lambda b: grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
+    assert old_values is not None  # response_logps gives values with a value head
     rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
     advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
     if mask.sum() > 1:
