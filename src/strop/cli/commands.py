@@ -30,6 +30,7 @@ def _train(args) -> int:
         raise StropError(
             f"strop train: give a CONFIG or --resume RUN_DIR, not both (--resume uses {args.resume}/config.yaml)"
         )
+    config: str | Path
     if args.resume:
         config = Path(args.resume) / "config.yaml"
         if not config.is_file():
@@ -204,7 +205,7 @@ def _generate(args) -> int:
     from strop.api import LanguageModel
     from strop.models.prompts import read_prompts
 
-    items = (
+    items: list[dict] = (
         [{"id": "0", "messages": [{"role": "user", "content": args.prompt}]}]
         if args.prompt
         else read_prompts(args.file)
@@ -320,8 +321,8 @@ def _models_pull(args) -> int:
 
 def _configs(args) -> int:
     if args.name:
-        with open(_config_path(args.name), encoding="utf-8") as f:
-            print(f.read(), end="")
+        with open(_config_path(args.name), encoding="utf-8") as fh:
+            print(fh.read(), end="")
         return 0
     for f in sorted(CONFIGS.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):
@@ -342,7 +343,7 @@ def _data_check(args) -> int:
     first = Path(args.inputs[0])
     shipped = (CONFIGS / f"{first.name}.yaml").is_file() and not first.exists()
     if len(args.inputs) == 1 and (first.suffix in (".yaml", ".yml") or shipped):
-        config: object = _config_path(args.inputs[0])
+        config: str | dict = _config_path(args.inputs[0])
     else:
         config = {"data": {"train": args.inputs}}
     if args.validation:

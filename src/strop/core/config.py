@@ -340,13 +340,14 @@ class RunConfig(Section):
             raise ValueError(f"train.batch_tokens: packing is for sft; {self.task} batches by batch_size")
         if self.task != "sft" and self.stages:
             raise ValueError("stages: sequential stages are for sft runs")
-        if self.task in ("ppo", "grpo") and self.rl is None:
-            raise ValueError(f"rl: task {self.task} needs an rl section with at least rl.reward")
-        if self.task == "grpo" and self.rl.group_size < 2:
-            raise ValueError(
-                f"rl.group_size: grpo compares replies to the same prompt, so it needs at least 2, "
-                f"got {self.rl.group_size}"
-            )
+        if self.task in ("ppo", "grpo"):
+            if self.rl is None:
+                raise ValueError(f"rl: task {self.task} needs an rl section with at least rl.reward")
+            if self.task == "grpo" and self.rl.group_size < 2:
+                raise ValueError(
+                    f"rl.group_size: grpo compares replies to the same prompt, so it needs at least 2, "
+                    f"got {self.rl.group_size}"
+                )
         if self.rl is not None and self.task not in ("ppo", "grpo"):
             raise ValueError(f"rl: the rl section is for task ppo or grpo, got task: {self.task}")
         if self.reward_model.target == "ratings" and self.task != "reward":

@@ -111,6 +111,7 @@ def evaluate_classifier(model, tokenizer, data, cfg: RunConfig, run_dir: Path) -
         return None
     index = {name: i for i, name in enumerate(data.labels)}
     ts = encode(records, tokenizer, index, cfg.data.max_length)
+    assert ts.targets is not None  # encode gives every example its class
     probs = predict_probabilities(model, ts, tokenizer.pad_token_id, cfg.eval.batch_size)
     pred = probs.argmax(-1).tolist()
     m = classification_metrics(ts.targets, pred, len(data.labels), data.labels)
@@ -219,6 +220,7 @@ def _named(probs: list[float], labels: list[str]) -> dict[str, float]:
 
 def _teacher(cfg: RunConfig, labels: list[str], tokenizer, device, dtype):
     """A strop classification run with the same labels and tokenizer, frozen."""
+    assert cfg.distill is not None  # called for distill runs only
     run = read_run_model(Path(cfg.distill.teacher).expanduser())
     if run is None or run.get("task") != "classification":
         raise ConfigError(f"distill.teacher: {cfg.distill.teacher} is not a strop classification run")

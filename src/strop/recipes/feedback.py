@@ -95,6 +95,7 @@ def _summary(run: Run, model, ts: TokenizedSet, records, objective: KTO, set_nam
         for i in range(0, len(ts), b)
     ]
     policy, lengths = pair_logps(model, batches)
+    assert ts.reference is not None  # objective() computed it for the held-out sets
     ref = ts.reference.astype(np.float64)
     good = np.asarray(ts.targets, dtype=bool)
     summary: dict = {

@@ -26,8 +26,8 @@ from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
-from strop.data.pairs import build_pairs, encode_pairs
-from strop.data.ratings import build_ratings
+from strop.data.pairs import PairData, build_pairs, encode_pairs
+from strop.data.ratings import RatingData, build_ratings
 from strop.data.template import run_templates
 from strop.data.tokenized import TokenizedSet
 from strop.eval.significance import mcnemar
@@ -60,6 +60,7 @@ class RewardTask(Task):
         cfg = run.cfg
         self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
         self.ratings = cfg.reward_model.target == "ratings"
+        data: RatingData | PairData
         if self.ratings:
             data = build_ratings(cfg.data, self.template, cfg.train.seed, cfg.reward_model.rating_field)
             self.test_set = data.test if cfg.eval.enabled else None
@@ -172,6 +173,7 @@ def cached_reference(
 def _fingerprint(ts: TokenizedSet, cfg: RunConfig) -> str:
     """What the reference log-probs depend on: every pair's tokens and loss mask, and the start model."""
     h = hashlib.sha256(json.dumps([cfg.model.name, cfg.model.keep_layers, cfg.model.dtype]).encode())
+    assert ts.rejected is not None  # a set of pairs
     for side in (ts, ts.rejected):
         for ids, trained in zip(side.ids, side.trained, strict=True):
             h.update(np.asarray(ids, np.int32).tobytes())
@@ -242,6 +244,7 @@ def _pair_summary(
     1/(4 beta^2) for IPO); for each preference accuracy the starting and tuned values and the pairs that
     flipped either way, with an exact McNemar p-value; every pair's log-probs in eval/pairs.jsonl."""
     policy, lengths = dpo.pair_logps(model, batches)
+    assert ts.reference is not None  # objective() computed it for the held-out sets
     ref = ts.reference.astype(np.float64)
     m = objective.summarise(policy, ref, lengths)
     start = objective.summarise(ref, ref, lengths)  # the starting model's

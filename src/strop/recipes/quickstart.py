@@ -10,6 +10,7 @@ from importlib import resources
 from strop.core.config import load_config
 from strop.models.generate import generate
 from strop.models.inference import load_for_inference
+from strop.recipes.lifecycle import TrainResult
 from strop.recipes.run import train
 
 HERE = resources.files("strop.recipes")
@@ -26,6 +27,7 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
         f"({cfg.train.max_steps} steps); run directory {cfg.run_dir}"
     )
     result = train(cfg, show_progress=show_progress, command="strop quickstart")
+    assert isinstance(result, TrainResult)  # one result: the quickstart config has no stages
 
     prompts = [
         line.strip()
@@ -35,7 +37,8 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
     convs = [[{"role": "user", "content": p}] for p in prompts]
     loaded = load_for_inference(str(result.run_dir), device=cfg.model.device, dtype=cfg.model.dtype)
     tuned = generate(loaded.model, loaded.template, convs, max_new_tokens=64)
-    with loaded.model.disable_adapter():
+    # torch's stubs type an nn.Module's attributes Tensor | Module; this is peft's method
+    with loaded.model.disable_adapter():  # type: ignore[operator]
         base = generate(loaded.model, loaded.template, convs, max_new_tokens=64)
 
     print("\nHeld-out prompts (never trained on): base model vs tuned model\n")

@@ -20,6 +20,7 @@ import torch
 from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
+from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_splits
 from strop.data.template import run_templates
 from strop.eval.rewards import call_reward, reward_function
@@ -42,11 +43,16 @@ def train_rl(
     return run_task(RLTask(), cfg, show_progress)
 
 
+def _rl(cfg: RunConfig) -> RLConfig:
+    assert cfg.rl is not None  # the config's validator requires the rl section for ppo and grpo
+    return cfg.rl
+
+
 class RLTask(Task):
     """PPO or GRPO: the loop is training/rl_loop.fit_rl (rollouts, rewards, KL to the start)."""
 
     def data(self, run: Run) -> dict:
-        cfg, rl = run.cfg, run.cfg.rl
+        cfg, rl = run.cfg, _rl(run.cfg)
         self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
         self.splits, summary = prompt_splits(cfg.data, self.template, rl.max_new_tokens, cfg.train.seed)
         summary["template"] = self.template_name
@@ -65,7 +71,8 @@ class RLTask(Task):
     def build(self, run: Run):
         model = super().build(run)
         ppo = run.cfg.task == "ppo"
-        self.value_head = ValueHead(model.config.hidden_size).to(run.device) if ppo else None
+        # torch's stubs type an nn.Module's attributes Tensor | Module; this is transformers' config
+        self.value_head = ValueHead(model.config.hidden_size).to(run.device) if ppo else None  # type: ignore[union-attr, arg-type]
         return model
 
     def saved(self, model):
@@ -76,7 +83,7 @@ class RLTask(Task):
         (also for a continued adapter, whose start is the earlier run's adapter, not the bare base)."""
         fresh_lora = run.cfg.method.name == "lora" and run.cfg.model.adapter != "continue"
         self.frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
-        return _reference(model, self.frozen, run.cfg.rl.temperature)
+        return _reference(model, self.frozen, _rl(run.cfg).temperature)
 
     def fit(self, run: Run, model, objective):
         cfg = run.cfg
@@ -89,7 +96,7 @@ class RLTask(Task):
                 self.splits["train"],
                 self.splits["validation"],
                 self.template,
-                cfg.rl,
+                _rl(cfg),
                 cfg.train,
                 cfg.optim,
                 run.run_dir,
@@ -146,7 +153,7 @@ def _evaluate(
     """Greedy replies of the starting and the tuned model to the test prompts (else the validation
     prompts fit_rl scored at its start and end), their mean rewards and paired samples."""
     if test:
-        batch, n = cfg.train.batch_size * 4, cfg.rl.max_new_tokens
+        batch, n = cfg.train.batch_size * 4, _rl(cfg).max_new_tokens
         if frozen is not None:
             start = evaluate_reward(frozen, template, test, reward, n, batch)
         else:

@@ -23,6 +23,7 @@ from strop.core.errors import ConfigError, StropError
 from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
 from strop.data.curriculum import difficulty_by_length
 from strop.data.template import run_templates
+from strop.data.tokenized import TokenizedSet
 from strop.export.save import export_model
 from strop.methods import distill, sft
 from strop.models.attention import enable_segment_attention
@@ -61,7 +62,8 @@ class SFTTask(Task):
     """Supervised fine-tuning, optionally distilled from a teacher, on the chat template's rendering."""
 
     def __init__(self, earlier: list[RunConfig] | None = None, replay: float = 0.0):
-        self.earlier, self.replay, self.monitors = earlier or [], replay, {}
+        self.earlier, self.replay = earlier or [], replay
+        self.monitors: dict[str, TokenizedSet] = {}
 
     def data(self, run: Run) -> dict:
         cfg, tokenizer = run.cfg, run.tokenizer
@@ -126,6 +128,7 @@ class SFTTask(Task):
 
 def _cache_teacher(cfg: RunConfig, teacher, train_set, run: Run) -> list:
     """The teacher's top-k logits per label token of every training example, computed once."""
+    assert cfg.distill is not None and cfg.distill.cache_top_k is not None  # called for cache_top_k only
     t_cache = time.time()
     with tqdm(total=len(train_set), desc="teacher top-k", disable=not run.show_progress) as bar:
         cached = distill.teacher_top_k(
@@ -142,6 +145,7 @@ def _cache_teacher(cfg: RunConfig, teacher, train_set, run: Run) -> list:
 
 def _teacher(cfg: RunConfig, student, tokenizer, device, dtype):
     """The frozen teacher: any model source or strop run, with the student's tokenizer and vocabulary."""
+    assert cfg.distill is not None  # called for distill runs only
     teacher_tok = load_tokenizer(tokenizer_source(cfg.distill.teacher), cfg.model.trust_remote_code)
     check_same_tokenizer(teacher_tok, tokenizer)
     teacher = load_model(cfg.distill.teacher, device, dtype, cfg.model.trust_remote_code).eval()
