@@ -336,8 +336,10 @@ class RunConfig(Section):
                 f"method.name: head trains only a head on a frozen backbone; it needs task: classification "
                 f"or reward, got task: {self.task}"
             )
-        if self.task != "sft" and self.train.batch_tokens is not None:
-            raise ValueError(f"train.batch_tokens: packing is for sft; {self.task} batches by batch_size")
+        if self.task not in ("sft", "dpo") and self.train.batch_tokens is not None:
+            raise ValueError(
+                f"train.batch_tokens: packing is for sft and dpo; {self.task} batches by batch_size"
+            )
         if self.task != "sft" and self.stages:
             raise ValueError("stages: sequential stages are for sft runs")
         if self.task in ("ppo", "grpo"):

@@ -121,3 +121,41 @@ class PackedPlan:
             ]
             self._cache = (epoch, [rows[r] for r in rng.permutation(len(rows))])
         return [self._cache[1][j]]
+
+
+def collate_packed_pairs(ts: TokenizedSet, rows: list[list[int]], pad_id: int) -> dict:
+    """Preference pairs packed: each row holds whole pairs, the chosen and the rejected side each a
+    segment of its own. As `collate_packed`, plus `pairs` (n), `sequence_ids` (R, L): each token's
+    sequence, numbered as `batches.collate_pairs` orders its rows (the chosen sides 0..n-1 in row
+    order, then the rejected sides n..2n-1; -1 on padding), and `reference`/`margins` as there."""
+    assert ts.rejected is not None, "a set of pairs has its rejected side"
+    order = [i for row in rows for i in row]  # pair j of the batch is ts pair order[j]
+    n = len(order)
+    both = TokenizedSet(
+        [*(ts.ids[i] for i in order), *(ts.rejected.ids[i] for i in order)],
+        [*(ts.trained[i] for i in order), *(ts.rejected.trained[i] for i in order)],
+        [],
+    )
+    seq_rows, j = [], 0
+    for row in rows:
+        seq_rows.append([k for jj in range(j, j + len(row)) for k in (jj, n + jj)])
+        j += len(row)
+    out = collate_packed(both, seq_rows, pad_id)
+    sequence_ids = torch.full_like(out["input_ids"], -1)
+    for r, seqs in enumerate(seq_rows):
+        at = 0
+        for k in seqs:
+            sequence_ids[r, at : at + len(both.ids[k])] = k
+            at += len(both.ids[k])
+    out |= {"pairs": torch.tensor(n), "sequence_ids": sequence_ids}
+    if ts.reference is not None:
+        out["reference"] = torch.from_numpy(ts.reference[order]).float()
+    if ts.margins is not None:
+        out["margins"] = torch.from_numpy(ts.margins[order]).float()
+    return out
+
+
+def pair_lengths(ts: TokenizedSet) -> list[int]:
+    """Tokens a pair takes in a packed row: both sides."""
+    assert ts.rejected is not None
+    return [len(c) + len(r) for c, r in zip(ts.ids, ts.rejected.ids, strict=True)]

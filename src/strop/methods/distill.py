@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from strop.methods import sft
 from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
-from strop.methods.objective import Loss
+from strop.methods.objective import Loss, RowObjective
 
 CHUNK = 256  # label positions whose (chunk, V) logits exist at once, for student and teacher alike
 
@@ -167,7 +167,7 @@ class LMDistill(sft.SFT):
         return Loss(*lm_loss(model, batch, self.teacher, self.temperature, self.alpha))
 
 
-class ClassifierDistill:
+class ClassifierDistill(RowObjective):
     """`classifier_loss` against a teacher classifier; otherwise as `classify.Classify`."""
 
     needs = frozenset({"teacher"})
@@ -175,7 +175,9 @@ class ClassifierDistill:
 
     def __init__(self, base, teacher: torch.nn.Module, temperature: float, alpha: float):
         self.base, self.teacher, self.temperature, self.alpha = base, teacher, temperature, alpha
-        self.collate, self.evaluate = base.collate, base.evaluate
+
+    def evaluate(self, model, batches) -> dict[str, float]:
+        return self.base.evaluate(model, batches)
 
     def loss(self, model, batch) -> Loss:
         return Loss(

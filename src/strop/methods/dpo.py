@@ -17,34 +17,45 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from strop.data.batches import IGNORE, collate_pairs
+from strop.data.packing import MODEL_KEYS, collate_packed_pairs, pair_lengths
 from strop.methods.lm_loss import hidden_and_head
 from strop.methods.objective import Loss
-from strop.methods.preference import dpo_loss, sequence_logps
+from strop.methods.preference import dpo_loss, token_logps
 
 CHUNK = 512  # label positions whose (chunk, V) logits exist at once
 
 
 def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of log-probs of each row's label tokens, float32 (B,)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Sum of log-probs of each sequence's label tokens, float32: (B,) for padded rows, (2 x pairs,)
+    for packed pairs, whose `sequence_ids` say which sequence each token belongs to."""
     labels = batch["labels"]
     keep = labels[:, 1:] != IGNORE  # (B, T-1)
+    owner, inputs, n = _sequences(batch, keep)
     parts = hidden_and_head(model)
     if parts is None:
         logits = model(**inputs).logits  # (B, T, V)
-        return sequence_logps(logits, labels, labels != IGNORE)
-    backbone, head = parts
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
-    targets = labels[:, 1:][keep]  # (N,)
-    pieces = [
-        checkpoint(
-            _picked_logps, hidden[i : i + CHUNK], head.weight, targets[i : i + CHUNK], use_reentrant=False
-        )
-        for i in range(0, hidden.size(0), CHUNK)
-    ]
-    token = torch.cat(pieces) if pieces else hidden.new_zeros(0)  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,) the row of each label position
-    return torch.zeros(labels.size(0), device=token.device).index_add(0, rows, token.float())
+        token = token_logps(logits, labels, labels != IGNORE)[keep]  # (N,)
+    else:
+        backbone, head = parts
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
+        targets = labels[:, 1:][keep]  # (N,)
+        pieces = [
+            checkpoint(
+                _picked_logps, hidden[i : i + CHUNK], head.weight, targets[i : i + CHUNK], use_reentrant=False
+            )
+            for i in range(0, hidden.size(0), CHUNK)
+        ]
+        token = torch.cat(pieces) if pieces else hidden.new_zeros(0)  # (N,)
+    return torch.zeros(n, device=token.device).index_add(0, owner, token.float())
+
+
+def _sequences(batch: dict, keep: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
+    """(the sequence of each label position (N,), the model's inputs, how many sequences)."""
+    if "sequence_ids" in batch:  # packed pairs (data/packing.collate_packed_pairs)
+        inputs = {k: batch[k] for k in MODEL_KEYS}
+        return batch["sequence_ids"][:, 1:][keep], inputs, 2 * int(batch["pairs"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return keep.nonzero()[:, 0], inputs, keep.size(0)
 
 
 def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -53,8 +64,14 @@ def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def reply_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Label tokens per row, float (B,), at least 1: the denominators of per-token log-probs."""
-    return (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1).float()
+    """Label tokens per sequence, float, at least 1: the denominators of per-token log-probs."""
+    keep = batch["labels"][:, 1:] != IGNORE
+    owner, _, n = _sequences(batch, keep)
+    return (
+        torch.zeros(n, device=keep.device)
+        .index_add(0, owner, torch.ones(len(owner), device=keep.device))
+        .clamp(min=1)
+    )
 
 
 def split_pairs(values: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +98,7 @@ class PairObjective:
 
     name = ""
     needs: frozenset[str] = frozenset({"reference"})
-    packs = False
+    packs = True  # both sides of a pair are segments of one packed row (train.batch_tokens)
 
     def pair_loss(
         self,
@@ -97,6 +114,12 @@ class PairObjective:
 
     def collate(self, ts, index, pad_id: int) -> dict:
         return collate_pairs(ts, index, pad_id)
+
+    def lengths(self, ts) -> list[int]:
+        return pair_lengths(ts)
+
+    def collate_packed(self, ts, rows: list[list[int]], pad_id: int) -> dict:
+        return collate_packed_pairs(ts, rows, pad_id)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Loss:
         """(sum over pairs of the loss, pairs, sums over pairs of the step metrics): the implicit reward

@@ -21,7 +21,7 @@ import torch
 
 from strop.data.batches import collate_pairs
 from strop.methods.dpo import pair_logps, reply_logps
-from strop.methods.objective import Loss
+from strop.methods.objective import Loss, RowObjective
 
 
 def kto_loss(
@@ -56,7 +56,7 @@ def kto_loss(
     return losses, metrics
 
 
-class KTO:
+class KTO(RowObjective):
     name = "kto"
     needs = frozenset({"reference"})
     packs = False

@@ -8,7 +8,8 @@ An objective is a small object with
 - `collate(ts, index, pad_id) -> batch`: its batch type, built from a TokenizedSet;
 - `needs`: what the recipe must supply before training: "reference" (the starting model's log-probs
   carried in the batches), "teacher" (a frozen teacher model or its cached logits);
-- `packs`: whether it trains on packed rows (train.batch_tokens).
+- `packs`: whether it trains on packed rows (train.batch_tokens), then laid out by its `lengths` (the
+  tokens an example takes in a row) and `collate_packed`.
 
 The loop adds up the totals and counts of one optimizer step's micro-batches, back-propagates the
 totals and divides the gradients by the step's count, so gradient accumulation never changes a step.
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from strop.data.batches import collate
+from strop.data.packing import collate_packed
 from strop.data.tokenized import TokenizedSet
 
 
@@ -43,12 +45,24 @@ class Objective(Protocol):
 
     def collate(self, ts: TokenizedSet, index, pad_id: int) -> dict[str, Any]: ...
 
+    def lengths(self, ts: TokenizedSet) -> list[int]: ...
+
+    def collate_packed(self, ts: TokenizedSet, rows: list[list[int]], pad_id: int) -> dict[str, Any]: ...
+
 
 class RowObjective:
-    """Defaults for objectives over padded rows (data/batches.collate): nothing needed, no packing."""
+    """Defaults for objectives over rows (data/batches.collate, data/packing.collate_packed): nothing
+    needed; `packs` is False unless the objective can read packed rows."""
 
     needs: frozenset[str] = frozenset()
     packs = False
 
     def collate(self, ts: TokenizedSet, index, pad_id: int) -> dict[str, Any]:
         return collate(ts, index, pad_id)
+
+    def lengths(self, ts: TokenizedSet) -> list[int]:
+        """Tokens each example takes in a packed row."""
+        return [len(x) for x in ts.ids]
+
+    def collate_packed(self, ts: TokenizedSet, rows: list[list[int]], pad_id: int) -> dict[str, Any]:
+        return collate_packed(ts, rows, pad_id)

@@ -35,6 +35,7 @@ from strop.export.save import export_classifier, export_model
 from strop.methods import dpo, reward
 from strop.methods.dpo import PairObjective
 from strop.methods.pair_losses import pair_objective
+from strop.models.attention import enable_segment_attention
 from strop.models.build import build_classifier
 from strop.recipes.lifecycle import TrainResult
 from strop.recipes.skeleton import Run, Task, run_task
@@ -120,6 +121,13 @@ class PairTask(Task):
         reference-free loss trains without them, so only the held-out pairs get them, for the
         start-vs-tuned figures."""
         self.loss = pair_objective(run.cfg.dpo)
+        if run.cfg.train.batch_tokens:
+            attention = enable_segment_attention(model)
+            log.info(
+                "packing: pairs in rows of up to %d tokens, attention %s",
+                run.cfg.train.batch_tokens,
+                attention,
+            )
         sets = [("train", self.train_set)] if "reference" in self.loss.needs else []
         for name, ts in (*sets, ("validation", self.validation), ("test", self.test_set)):
             if ts is not None and len(ts):

@@ -24,7 +24,7 @@ from strop.core.device import autocast, release_free_memory
 from strop.core.errors import ConfigError, TrainingStopped
 from strop.data.batches import BatchPlan
 from strop.data.curriculum import CurriculumPlan
-from strop.data.packing import PackedPlan, collate_packed
+from strop.data.packing import PackedPlan
 from strop.data.tokenized import TokenizedSet
 from strop.methods.objective import Objective
 from strop.training.checkpoint import restore_rng, rng_snapshot
@@ -69,11 +69,11 @@ class MicroBatches:
         ts: TokenizedSet,
         train: TrainConfig,
         pad_id: int,
-        collate,
+        objective: Objective,
         curriculum: Curriculum | None = None,
     ):
-        self.ts, self.pad_id, self.collate = ts, pad_id, collate
-        lengths = [len(x) for x in ts.ids]
+        self.ts, self.pad_id, self.objective = ts, pad_id, objective
+        self.lengths = lengths = objective.lengths(ts)
         self.plan: BatchPlan | PackedPlan | CurriculumPlan
         if train.batch_tokens:
             self.plan = PackedPlan(lengths, train.batch_tokens, train.seed)
@@ -99,10 +99,9 @@ class MicroBatches:
     def __call__(self, m: int) -> tuple[dict, int]:
         picked = self.plan.micro_batch(m)
         if isinstance(picked, list):  # packed plans (self.packed) give rows: lists of example indices
-            return collate_packed(self.ts, picked, self.pad_id), sum(
-                len(self.ts.ids[i]) for r in picked for i in r
-            )
-        return self.collate(self.ts, picked, self.pad_id), sum(len(self.ts.ids[i]) for i in picked)
+            real = sum(self.lengths[i] for r in picked for i in r)
+            return self.objective.collate_packed(self.ts, picked, self.pad_id), real
+        return self.objective.collate(self.ts, picked, self.pad_id), sum(self.lengths[i] for i in picked)
 
 
 @signals.deferring
@@ -127,7 +126,7 @@ def fit(
     validation but never part of `val_loss`, so they watch forgetting without choosing checkpoints."""
     if train.batch_tokens and not objective.packs:
         raise ConfigError(f"train.batch_tokens: {type(objective).__name__} cannot train on packed rows")
-    batches = MicroBatches(train_set, train, pad_id, objective.collate, curriculum)
+    batches = MicroBatches(train_set, train, pad_id, objective, curriculum)
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
