@@ -68,7 +68,7 @@ def test_sgd_with_betas_names_the_key_only():
 
 
 def test_a_checkpoint_from_another_method_is_a_clear_error(tiny_llama, alpaca_file, tmp_path, monkeypatch):
-    import strop.training.loop as loop
+    import strop.training.loop_state as loop
 
     cfg = tiny_config(tiny_llama, alpaca_file, tmp_path / "runs", train={"max_steps": 4, "save_every": 1})
     real = loop.save_checkpoint

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from strop.core.config import RunConfig, load_config
+from strop.core.config import RunConfig
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.data.batches import collate
@@ -37,18 +37,10 @@ from strop.methods.dpo import PairObjective
 from strop.methods.pair_losses import pair_objective
 from strop.models.attention import enable_segment_attention
 from strop.models.build import build_classifier
-from strop.recipes.lifecycle import TrainResult
-from strop.recipes.skeleton import Run, Task, run_task
+from strop.recipes.skeleton import Run, Task
 
 log = logging.getLogger("strop")
 PREFERENCE = ("preference_accuracy", "preference_accuracy_per_token")  # start vs tuned, in eval summaries
-
-
-def train_preference(
-    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
-) -> TrainResult:
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    return run_task(RewardTask() if cfg.task == "reward" else PairTask(), cfg, show_progress)
 
 
 class RewardTask(Task):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from strop.core.config import RunConfig, load_config
+from strop.core.config import RunConfig
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
 from strop.core.rl_config import RLConfig
@@ -28,19 +28,11 @@ from strop.export.save import export_model
 from strop.methods.reward import RewardScorer
 from strop.methods.rl import ValueHead, response_logps
 from strop.models.load import strop_run
-from strop.recipes.lifecycle import TrainResult
-from strop.recipes.skeleton import Run, Task, run_task
+from strop.recipes.skeleton import Run, Task
 from strop.training.rl_loop import fit_rl
 from strop.training.rollout import Reward, evaluate_reward
 
 log = logging.getLogger("strop")
-
-
-def train_rl(
-    config: RunConfig | dict | str | Path, overrides: list[str] | None = None, show_progress: bool = True
-) -> TrainResult:
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    return run_task(RLTask(), cfg, show_progress)
 
 
 def _rl(cfg: RunConfig) -> RLConfig:
