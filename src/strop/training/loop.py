@@ -21,7 +21,7 @@ from torch import nn
 from strop.core import signals
 from strop.core.config import OptimConfig, TrainConfig
 from strop.core.device import autocast, release_free_memory
-from strop.core.errors import ConfigError, TrainingStopped
+from strop.core.errors import ConfigError
 from strop.data.batches import BatchPlan
 from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan
@@ -130,11 +130,11 @@ def fit(
     n_steps = total_steps(batches.plan.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
-    counters = {"best_val_loss": None, "evals_since_best": 0, "total_steps": n_steps}
+    counters = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}
     run = LoopState(run_dir, model, optimizer, counters, train.seed, train.keep_last, "train", show_progress)
 
     model.train()
-    bad_streak, stop_early, t_last = 0, False, time.perf_counter()
+    stop_early, t_last = False, time.perf_counter()
     t_start = t_last
     while run.step < n_steps and not stop_early:
         step = run.step
@@ -147,20 +147,7 @@ def fit(
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
         run.state["step"] = step + 1
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            bad_streak = 0
-            optimizer.step()
-        else:
-            bad_streak += 1
-            run.state["skipped_steps"] += 1
-            log.warning(
-                "step %d: loss %s / grad norm %s is not finite; step skipped", step + 1, loss, grad_norm
-            )
-            if bad_streak >= train.max_bad_steps:
-                run.stop_diverged(
-                    f"{bad_streak} consecutive steps had a non-finite loss; stopped at step {step + 1}."
-                )
-        optimizer.zero_grad(set_to_none=True)
+        run.step_or_skip(loss, grad_norm, train.max_bad_steps)
 
         now = time.perf_counter()
         record = {
@@ -174,9 +161,7 @@ def fit(
             **{name: v / n_labels for name, v in stats.items()},
         }
         last = step + 1 == n_steps
-        if (step + 1) % train.log_every == 0 or last:
-            run.sink.log(record)
-        run.final.update(record)
+        run.log(record, write=(step + 1) % train.log_every == 0 or last)
         run.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         run.bar.update(1)
 
@@ -189,12 +174,7 @@ def fit(
             run.save()
         t_last = time.perf_counter()  # evaluation and saving are not training throughput
     run.close()
-    if run.step and run.state["skipped_steps"] >= run.step:
-        raise TrainingStopped(
-            f"every one of the run's {run.step} steps had a non-finite loss or gradient and was "
-            "skipped, so nothing was learned and no model is exported. Lower optim.lr, check the data, "
-            "or use float32."
-        )
+    run.check_learned()
     run.keep_best("val_loss")
     st = run.state
     return FitResult(

@@ -5,6 +5,7 @@ bar, saving, stopping on a signal or on too many non-finite steps, and keeping t
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -72,9 +73,39 @@ class LoopState:
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.modules, self.optimizer, self.state, self.keep_last)
 
-    def log(self, record: dict) -> None:
-        self.sink.log(record)
+    def log(self, record: dict, write: bool = True) -> None:
+        """Keep `record` as the latest metrics, and write it to metrics.jsonl when `write`."""
+        if write:
+            self.sink.log(record)
         self.final.update(record)
+
+    def step_or_skip(self, loss: float, grad_norm: float, max_bad_steps: int) -> None:
+        """The optimizer steps on a finite loss and gradient; otherwise the step is skipped, counted and
+        warned about, and `max_bad_steps` skipped in a row stop the run with a checkpoint."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.state["bad_streak"] = 0
+            self.optimizer.step()
+        else:
+            self.state["bad_streak"] = self.state.get("bad_streak", 0) + 1
+            self.state["skipped_steps"] += 1
+            log.warning(
+                "step %d: loss %s / grad norm %s is not finite; step skipped", self.step, loss, grad_norm
+            )
+            if self.state["bad_streak"] >= max_bad_steps:
+                self.stop_diverged(
+                    f"{self.state['bad_streak']} consecutive steps had a non-finite loss; stopped at step "
+                    f"{self.step}."
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def check_learned(self) -> None:
+        """A run whose every step was skipped as non-finite learned nothing and is not a success."""
+        if self.step and self.state["skipped_steps"] >= self.step:
+            raise TrainingStopped(
+                f"every one of the run's {self.step} steps had a non-finite loss or gradient and was "
+                "skipped, so nothing was learned and no model is exported. Lower optim.lr, check the data, "
+                "or use float32."
+            )
 
     def stop_on_signal(self, saved: bool = False) -> None:
         """Close the bar and the metrics, write the checkpoint a stop signal asked for (unless the loop

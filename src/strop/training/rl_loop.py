@@ -89,24 +89,14 @@ def fit_rl(
             policy, value_head, reference if use_reference else None, s, scores, rl, train, state, device
         )
         sums, updates, skipped, grad_norm = _update(modules, optimizer, objective, batch, rl, train, optim)
-        _count_skipped(state, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
-        if state["bad_streak"] >= train.max_bad_steps:
-            run.stop_diverged(
-                f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step "
-                f"{step + 1}."
-            )
+        _count_skipped(run, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
         if kl_ctl is not None:
             state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
         state["step"] = step + 1
-        record = {
-            "step": step + 1,
-            "reward": float(scores.mean()),
-            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if use_reference else {}),
-            "reply_tokens": sum(s.lengths) / len(s.lengths),
-            "cut_off": float(unfinished.float().mean()),
-            **({"skipped_updates": skipped} if skipped else {}),
-            **{k: v / updates for k, v in sums.items() if use_reference or k != "kl_loss"},
+        record = _record(
+            step + 1, scores, unfinished, kl_seq if use_reference else None, s, state, sums, updates, skipped
+        )
+        record |= {
             "lr": lr,
             "grad_norm": grad_norm,
             "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
@@ -126,16 +116,27 @@ def fit_rl(
         if improved or last or (train.save_every and (step + 1) % train.save_every == 0):
             run.save()
     run.close()
-
-    if run.keep_best("val_reward"):
-        run.final["kept_step"] = state["best_step"]
-        held.evals["end"] = held.evaluate()
-        run.final["val_reward"] = held.evals["end"]["reward"]
-    if state["best_step"] is not None:
-        run.final["best_val_reward"] = state["best_val_reward"]
+    held.keep_best(run)
     return FitResult(
         state["step"], run.final, state["best_step"], None, state["skipped_steps"], False
     ), held.evals
+
+
+def _record(
+    step: int, scores, unfinished, kl_seq, s, state: dict, sums: dict, updates: int, skipped: int
+) -> dict:
+    """A step's metrics: rewards, KL (when there is a reference), reply lengths, the share cut off,
+    skipped updates and the means of the update metrics."""
+    return {
+        "step": step,
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if kl_seq is not None else {}),
+        "reply_tokens": sum(s.lengths) / len(s.lengths),
+        "cut_off": float(unfinished.float().mean()),
+        **({"skipped_updates": skipped} if skipped else {}),
+        **{k: v / updates for k, v in sums.items() if kl_seq is not None or k != "kl_loss"},
+    }
 
 
 class RewardEvaluation:
@@ -152,6 +153,15 @@ class RewardEvaluation:
         return evaluate_reward(
             self.policy, self.template, self.prompts, self.reward, self.max_new_tokens, self.batch_size
         )
+
+    def keep_best(self, run: LoopState) -> None:
+        """The best step's weights when it was not the last, scored again as the end."""
+        if run.keep_best("val_reward"):
+            run.final["kept_step"] = run.state["best_step"]
+            self.evals["end"] = self.evaluate()
+            run.final["val_reward"] = self.evals["end"]["reward"]
+        if run.state["best_step"] is not None:
+            run.final["best_val_reward"] = run.state["best_val_reward"]
 
     def score(self, run: LoopState, step: int, key: str) -> bool:
         """Score and log; True when this is the best reward of the steps trained so far (the start, step
@@ -252,9 +262,12 @@ def _update(modules, optimizer, objective, batch: dict, rl: RLConfig, train: Tra
     return sums, updates, skipped, grad_norm
 
 
-def _count_skipped(state: dict, step: int, skipped: int, updates: int, bad_rewards: int, train: TrainConfig):
+def _count_skipped(
+    run: LoopState, step: int, skipped: int, updates: int, bad_rewards: int, train: TrainConfig
+):
     """Book a step's skipped updates: a step with any counts as skipped, and one whose every update was
     skipped extends the streak that stops the run at `train.max_bad_steps`."""
+    state = run.state
     if bad_rewards:
         log.warning("step %d: the reward was NaN or infinite for %d replies", step, bad_rewards)
     if skipped:
@@ -263,6 +276,10 @@ def _count_skipped(state: dict, step: int, skipped: int, updates: int, bad_rewar
             "step %d: %d of %d updates had a non-finite loss or gradient; skipped", step, skipped, updates
         )
     state["bad_streak"] = state["bad_streak"] + 1 if skipped == updates else 0
+    if state["bad_streak"] >= train.max_bad_steps:
+        run.stop_diverged(
+            f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step {step}."
+        )
 
 
 def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:
