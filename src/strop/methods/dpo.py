@@ -54,7 +54,7 @@ def _sequences(batch: dict, keep: torch.Tensor) -> tuple[torch.Tensor, dict, int
     if "sequence_ids" in batch:  # packed pairs (data/packing.collate_packed_pairs)
         inputs = {k: batch[k] for k in MODEL_KEYS}
         return batch["sequence_ids"][:, 1:][keep], inputs, 2 * int(batch["pairs"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     return keep.nonzero()[:, 0], inputs, keep.size(0)
 
 
