@@ -25,6 +25,7 @@ PIRATE = str(resources.files("strop.recipes") / "data" / "pirate_voice.jsonl")
 
 def test_lora_on_smollm2_lowers_validation_loss_and_reloads_fast(tmp_path, capsys):
     from strop.core.config import load_config
+    from strop.data.batches import collate
     from strop.data.build import build_datasets
     from strop.data.template import ChatTemplate, resolve_template
     from strop.methods import sft
@@ -62,7 +63,7 @@ def test_lora_on_smollm2_lowers_validation_loss_and_reloads_fast(tmp_path, capsy
     assert data.summary["validation_examples"] == 16
     base = load_causal_lm(source, CPU, F32)
     before = sft.evaluate(
-        base, _validation_batches(data.validation, cfg.train.batch_size, tok.pad_token_id, CPU)
+        base, _validation_batches(data.validation, cfg.train.batch_size, tok.pad_token_id, CPU, collate)
     )["val_loss"]
     del base
 
