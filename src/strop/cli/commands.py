@@ -224,6 +224,7 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     from pathlib import Path
 
+    from strop.api import default_eval_dir
     from strop.core.config import EvalConfig
     from strop.recipes.evaluation import evaluate_model_on_file
 
@@ -240,11 +241,7 @@ def _eval(args) -> int:
         )
     except ValueError as e:
         raise StropError(f"strop eval: {e}") from None
-    target = Path(args.target)
-    name = f"eval-{Path(args.data).stem}"
-    out = (
-        Path(args.out) if args.out else (target / name if (target / "config.yaml").is_file() else Path(name))
-    )
+    out = Path(args.out) if args.out else default_eval_dir(args.target, args.data)
     _check_out(str(out), folder=True)
     s = evaluate_model_on_file(
         args.target, args.data, ev, out, args.max_length, args.format, args.device, progress=True
