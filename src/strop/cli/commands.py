@@ -292,6 +292,17 @@ def _merge(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from strop.export.ship import export, report
+
+    if args.format == "hf":
+        _check_out(args.out, folder=True)
+    else:
+        _check_out(args.out)
+    print(report(export(args.target, args.format, args.quant, args.out)))
+    return 0
+
+
 def _models_list(args) -> int:
     from strop.models.catalogue import catalogue_status
 

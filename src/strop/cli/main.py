@@ -57,7 +57,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("transformers", "peft", "httpx", "huggingface_hub", "absl"):  # absl: rouge_score
+    for noisy in ("transformers", "peft", "httpx", "huggingface_hub", "absl", "gguf"):  # absl: rouge_score
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -182,6 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_dir", metavar="RUN_DIR")
     m.add_argument("out_dir", metavar="OUT_DIR")
     m.set_defaults(func="merge")
+
+    x = sub.add_parser(
+        "export",
+        help="export a run or model for llama.cpp/Ollama (GGUF) or vLLM/TGI (merged folder)",
+        description="--format gguf writes one GGUF file (LoRA runs merged first) with the tokenizer, the "
+        "chat template the run trained with and its stop tokens, plus an Ollama Modelfile and a README "
+        "beside it. --format hf writes a merged transformers folder, as strop merge does.",
+    )
+    x.add_argument("target", metavar="RUN_DIR|MODEL")
+    x.add_argument("--format", default="gguf", choices=["gguf", "hf"])
+    x.add_argument(
+        "--quant",
+        default="q8_0",
+        choices=["f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+        help="GGUF tensor type (K-quants need llama-cpp-python; default: q8_0)",
+    )
+    x.add_argument("--out", help="the .gguf file (default: NAME-QUANT.gguf here) or, for hf, the folder")
+    x.set_defaults(func="export")
 
     e = sub.add_parser(
         "eval",
