@@ -46,6 +46,12 @@ def export(target: str, fmt: str, quant: str, out: str | None) -> Exported:
         raise StropError(f"--quant: expected one of {', '.join((*QUANTS, *K_QUANTS))}, got {quant!r}")
     if quant in K_QUANTS:
         _llama_cpp_quantizer()  # refuse before the work
+    name = Path(target).name.removesuffix(".gguf") or "model"
+    path = Path(out or f"{name}-{quant}.gguf")
+    if path.suffix != ".gguf":
+        raise StropError(f"--out: {path} must end in .gguf")
+    if path.is_dir():
+        raise StropError(f"--out: {path} is a folder; give the file to write")
     from strop.models.inference import load_for_inference
 
     loaded = load_for_inference(target, device="cpu", dtype="float32")
@@ -53,12 +59,6 @@ def export(target: str, fmt: str, quant: str, out: str | None) -> Exported:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     check_architecture(model.config)
-    name = Path(target).name.removesuffix(".gguf") or "model"
-    path = Path(out or f"{name}-{quant}.gguf")
-    if path.suffix != ".gguf":
-        raise StropError(f"--out: {path} must end in .gguf")
-    if path.is_dir():
-        raise StropError(f"--out: {path} is a folder; give the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     template = loaded.template
     vocab = describe(loaded.tokenizer, model.config.vocab_size, template.stop_ids)
