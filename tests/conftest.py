@@ -139,6 +139,19 @@ def tiny_bert(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def quickstart_out(tmp_path_factory) -> dict:
+    """`strop quickstart` as users run it (slow tests only: the real SmolLM2), trained once a session."""
+    from strop.recipes.quickstart import run_quickstart
+
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("quickstart"))
+    try:
+        return run_quickstart(show_progress=False)
+    finally:
+        os.chdir(here)
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request, tmp_path_factory) -> Path:
     return _model_dir(tmp_path_factory.getbasetemp(), request.param)

@@ -94,13 +94,10 @@ def _metrics(run_dir):
     return read_metrics(run_dir)
 
 
-def test_quickstart_teaches_the_voice_on_held_out_prompts(tmp_path, monkeypatch, capsys):
+def test_quickstart_teaches_the_voice_on_held_out_prompts(quickstart_out, capsys):
     """The default job as users run it: the tuned model answers unseen prompts in the trained voice
     ("Arr! ... Yo ho ho!"), the base model does not."""
-    from strop.recipes.quickstart import run_quickstart
-
-    monkeypatch.chdir(tmp_path)
-    out = run_quickstart(show_progress=False)
+    out = quickstart_out
     tuned_voiced = sum(t.startswith("Arr!") and t.rstrip().endswith("Yo ho ho!") for t in out["tuned"])
     base_voiced = sum(b.startswith("Arr!") for b in out["base"])
     with capsys.disabled():

@@ -10,6 +10,7 @@ from pathlib import Path
 from strop.core.config import RunConfig
 from strop.core.io import atomic_dir
 from strop.data.template import ChatTemplate
+from strop.models.catalogue import public_id
 from strop.models.classifier import SequenceClassifier
 from strop.models.load import strop_run
 
@@ -33,15 +34,33 @@ def export_model(
         "template": template.source,
         "template_name": template_name,
         "system_prompt": template.system_prompt,
+        "base_model_hub_id": public_id(base),
     }
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
+        name_base_publicly(tmp, public_id(base))
         tokenizer.chat_template = template.source
         tokenizer.save_pretrained(tmp)
         (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
 
     return atomic_dir(out, fill)
+
+
+def name_base_publicly(folder: Path, name: str) -> None:
+    """peft writes the base model's local folder (for a catalogue model, this machine's cache) into
+    adapter_config.json and its model card; name it as other machines can find it. strop itself loads
+    the base through strop_model.json's `base_model`, so it still works offline."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    local = data.get("base_model_name_or_path")
+    data["base_model_name_or_path"] = name
+    config.write_text(json.dumps(data, indent=2, sort_keys=True))
+    card = folder / "README.md"
+    if local and card.is_file():
+        card.write_text(card.read_text().replace(local, name))
 
 
 def export_classifier(

@@ -29,6 +29,7 @@ class Entry:
     kind: str  # "gguf" or "hf_dir"
     about: str
     causal_lm: bool = True  # False: an encoder (classification/embeddings), not for SFT or chat
+    hub_id: str = ""  # the model's public name, written into what leaves this machine (adapters, exports)
 
 
 CATALOGUE = {
@@ -41,6 +42,7 @@ CATALOGUE = {
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "gguf",
             "SmolLM2-135M-Instruct (Llama-style chat model, 135M params; Q4_1 GGUF de-quantized to fp32)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         Entry(
             "minilm-l6",
@@ -50,9 +52,17 @@ CATALOGUE = {
             "hf_dir",
             "all-MiniLM-L6-v2 (BERT encoder, 22M params) for classification and embeddings",
             causal_lm=False,
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     ]
 }
+
+
+def public_id(name: str) -> str:
+    """How a model source is named outside this machine: a catalogue model by its hub id, anything else
+    (a hub id, the user's own folder) as given."""
+    entry = CATALOGUE.get(name)
+    return entry.hub_id if entry and entry.hub_id else name
 
 
 def models_dir() -> Path:
