@@ -16,7 +16,9 @@ HUB_ID = "example-org/Tiny-Llama-Instruct"
 
 def catalogue_model(monkeypatch, folder) -> str:
     """A catalogue entry whose prepared folder is the tiny model (as the packaged SmolLM2's cache is)."""
-    monkeypatch.setitem(CATALOGUE, "tiny-cat", Entry("tiny-cat", "x", "x", "x", "hf_dir", "tiny", hub_id=HUB_ID))
+    monkeypatch.setitem(
+        CATALOGUE, "tiny-cat", Entry("tiny-cat", "x", "x", "x", "hf_dir", "tiny", hub_id=HUB_ID)
+    )
     monkeypatch.setattr("strop.models.load.pull", lambda name: folder)
     return "tiny-cat"
 

@@ -47,7 +47,9 @@ def test_llama_cpp_runs_the_exported_quickstart_model_as_strop_does(quickstart_o
                     conversation
                 )
                 # the chat route renders with the GGUF's own template: the run's, so the same prompt
-                chat = llm.create_chat_completion(conversation, max_tokens=MAX_TOKENS, temperature=0.0, top_k=1)
+                chat = llm.create_chat_completion(
+                    conversation, max_tokens=MAX_TOKENS, temperature=0.0, top_k=1
+                )
                 choice = chat["choices"][0]
                 same += choice["message"]["content"].strip() == reply
                 stopped += choice["finish_reason"] == "stop"
@@ -57,6 +59,8 @@ def test_llama_cpp_runs_the_exported_quickstart_model_as_strop_does(quickstart_o
     modelfile = (tmp_path / "Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant" in modelfile
     with capsys.disabled():
-        print(f"\nllama.cpp vs strop, {len(prompts)} prompts: (same greedy reply, stopped on its own) {agree}")
+        print(
+            f"\nllama.cpp vs strop, {len(prompts)} prompts: (same greedy reply, stopped on its own) {agree}"
+        )
     assert agree["f16"] == (len(prompts), len(prompts)), (agree, ours)
     assert agree["q8_0"][1] == len(prompts)  # q8_0 may word a reply differently, but it still stops

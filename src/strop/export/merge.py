@@ -40,7 +40,11 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         # the run's folder name, not its path on this machine: the merged folder is made to be moved
-        meta = {**{k: v for k, v in run.items() if k != "dir"}, "method": "full", "merged_from": Path(run["dir"]).parent.name}
+        meta = {
+            **{k: v for k, v in run.items() if k != "dir"},
+            "method": "full",
+            "merged_from": Path(run["dir"]).parent.name,
+        }
         (tmp / "strop_model.json").write_text(json.dumps(meta, indent=2))
 
     return atomic_dir(Path(out_dir), fill)
