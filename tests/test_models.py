@@ -443,10 +443,10 @@ def test_stream_yields_the_greedy_reply_and_raises_when_generation_fails(loaded)
     pieces = list(stream(loaded.model, loaded.template, conv, max_new_tokens=8, temperature=0.0))
     assert "".join(pieces).strip() == generate(loaded.model, loaded.template, [conv], max_new_tokens=8)[0]
 
-    def broken(**kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    loaded.model.generate = broken
+    loaded.model.forward = broken  # the decoding engine calls the model
     outcome = []
 
     def consume():

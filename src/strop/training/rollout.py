@@ -1,7 +1,7 @@
 """Rollouts for PPO and GRPO: sample replies from the policy, score them, and lay them out as a batch.
 
-`sample` generates (left-padded prompts, KV cache, sampling), cuts each reply after its end-of-turn
-token and returns right-padded prompt + reply rows with `labels` on the reply tokens only, the same
+`sample` generates through the decoding engine (continuous batching, KV cache, sampling), ends each
+reply at its end-of-turn token and returns right-padded prompt + reply rows with `labels` on the reply tokens only, the same
 layout as supervised batches, so the objectives in methods/rl.py read them like any other batch.
 """
 
@@ -16,24 +16,10 @@ from torch import nn
 from strop.data.batches import IGNORE
 from strop.data.prompts import Prompt
 from strop.data.template import ChatTemplate
+from strop.models.engine import Engine, Request
 
 # (prompts, replies) -> one score per reply; the recipe builds it from a function or a reward run
 Reward = Callable[[list[Prompt], list[str]], list[float]]
-
-
-# Sampling must draw from softmax(logits / temperature), the distribution response_logps scores, so the
-# logit processors a model's own generation_config may switch on (Qwen2.5-Instruct: repetition_penalty
-# 1.05; others: top_k, min_p, ...) are switched off explicitly; generate() fills only unset values from it.
-NEUTRAL = {  # logit processors, applied in greedy decoding too
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "min_new_tokens": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "bad_words_ids": None,
-}
-NEUTRAL_SAMPLING = {"top_k": 0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 @dataclass
@@ -45,7 +31,6 @@ class Samples:
     ended: list[bool]  # the reply ended its turn (False: cut off at max_new_tokens)
 
 
-@torch.no_grad()
 def sample(
     model: nn.Module,
     template: ChatTemplate,
@@ -56,41 +41,30 @@ def sample(
     greedy: bool = False,
     batch_size: int = 16,
 ) -> Samples:
-    """One reply per prompt (repeat a prompt to sample several), in the prompts' order."""
+    """One reply per prompt (repeat a prompt to sample several), in the prompts' order.
+
+    Sampling draws from softmax(logits / temperature) after top-p, the distribution response_logps
+    scores: the engine applies none of the logit processors a model's generation_config may switch on.
+    """
     tok = template.tokenizer
-    device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = sorted(template.stop_ids)
+    requests = [
+        Request(
+            list(p.ids),
+            max_new_tokens=max_new_tokens,
+            temperature=0.0 if greedy else temperature,
+            top_p=top_p,
+        )
+        for p in prompts
+    ]
     was_training = model.training
     model.eval()
-    replies: list[list[int]] = []
-    ended: list[bool] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p.ids) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p.ids) :] = torch.tensor(p.ids)
-            mask[row, width - len(p.ids) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, **NEUTRAL_SAMPLING}
-        if greedy:
-            sampling = {"do_sample": False}
-        # torch's stubs type an nn.Module's attributes Tensor | Module; this one is transformers' generate
-        out = model.generate(  # type: ignore[operator]
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=pad,
-            **NEUTRAL,
-            **sampling,
-        )
-        for row in out[:, width:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in template.stop_ids), None)
-            replies.append(row[:end])
-            ended.append(end is not None)
-    model.train(was_training)
+    try:
+        Engine(model, tok, template.stop_ids, max_batch=batch_size).run(requests)
+    finally:
+        model.train(was_training)
+    replies = [r.tokens for r in requests]
+    ended = [bool(r.tokens) and r.tokens[-1] in template.stop_ids for r in requests]
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in replies]
     lengths = [len(r) for r in replies]
     return Samples(layout([p.ids for p in prompts], replies, pad), prompts, texts, lengths, ended)
