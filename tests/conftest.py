@@ -28,16 +28,40 @@ class NetworkBlocked(OSError):
     pass
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the attempt (and is reported)."""
+    """Any attempt to open a network connection beyond loopback fails the attempt (and is reported);
+    loopback stays open for the servers tests start themselves."""
+    connect, create_connection, getaddrinfo = (
+        socket.socket.connect,
+        socket.create_connection,
+        socket.getaddrinfo,
+    )
 
-    def refuse(*args, **kwargs):
-        raise NetworkBlocked("network access is disabled in tests")
+    def refuse(what):
+        raise NetworkBlocked(f"network access is disabled in tests ({what})")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    def guarded_connect(self, address):
+        if isinstance(address, tuple) and address[0] in LOOPBACK:
+            return connect(self, address)
+        refuse(address)
+
+    def guarded_create_connection(address, *args, **kwargs):
+        if address[0] in LOOPBACK:
+            return create_connection(address, *args, **kwargs)
+        refuse(address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host in LOOPBACK:
+            return getaddrinfo(host, *args, **kwargs)
+        refuse(host)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "create_connection", guarded_create_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Layering a tool checks: each package imports only from layers below it; siblings stay independent.
 
-cli -> api -> recipes -> {training | eval | report | export} -> methods -> models -> data -> core
+cli -> api -> recipes -> {training | eval | report | export | serve} -> methods -> models -> data -> core
 (`strop/api.py`, the public Python API, is a module with a layer of its own.)
 """
 
@@ -19,6 +19,7 @@ RANK = {
     "eval": 4,
     "report": 4,
     "export": 4,
+    "serve": 4,
     "recipes": 5,
     "api": 6,
     "cli": 7,

@@ -303,6 +303,30 @@ def _export(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from strop.core.errors import ConfigError
+    from strop.serve.limits import Limits
+    from strop.serve.run import serve
+
+    adapters: dict[str, str] = {}
+    for item in args.adapter:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            raise ConfigError(f"--adapter {item}: expected NAME=RUN_DIR")
+        if name in adapters:
+            raise ConfigError(f"--adapter {item}: the name {name!r} is given twice")
+        adapters[name] = run
+    limits = Limits(
+        max_tokens=args.max_tokens,
+        n=args.max_n,
+        prompt_tokens=args.max_prompt_tokens,
+        queue=args.queue,
+        max_batch=args.max_batch,
+    )
+    serve(args.target, adapters, args.host, args.port, args.api_key, limits, args.device, args.quantize)
+    return 0
+
+
 def _models_list(args) -> int:
     from strop.models.catalogue import catalogue_status
 

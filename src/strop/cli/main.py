@@ -201,6 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="the .gguf file (default: NAME-QUANT.gguf here) or, for hf, the folder")
     x.set_defaults(func="export")
 
+    sv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server for a run or model (and LoRA runs on its base)",
+        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health on localhost, "
+        "streaming or not, with concurrent requests decoded together. Each --adapter is listed as a model "
+        "and selected by the request's `model`; the base is loaded once. A non-loopback --host needs an "
+        "API key (--api-key or STROP_API_KEY). SIGTERM finishes the requests in flight, then exits.",
+    )
+    sv.add_argument("target", metavar="RUN_DIR|MODEL")
+    sv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="a LoRA run on the same base, served as model NAME (repeatable)",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    sv.add_argument("--port", type=_port, default=8000, help="default: 8000 (0: any free port)")
+    sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $STROP_API_KEY)")
+    sv.add_argument("--max-batch", type=_positive_int, default=16, help="choices decoded together")
+    sv.add_argument("--queue", type=_positive_int, default=64, help="choices waiting or decoding before 429")
+    sv.add_argument("--max-tokens", type=_positive_int, default=2048, help="cap on a request's max_tokens")
+    sv.add_argument("--max-n", type=_positive_int, default=8, help="cap on a request's n")
+    sv.add_argument("--max-prompt-tokens", type=_positive_int, help="default: the model's context length")
+    sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _quantize_arg(sv)
+    sv.set_defaults(func="serve")
+
     e = sub.add_parser(
         "eval",
         help="evaluate a model or a run on a dataset: loss, perplexity and task metrics",
@@ -344,6 +372,24 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 weights for the linear layers (CPU; see the README for its speed and perplexity here)",
+    )
 
 
 def _positive_int(text: str) -> int:

@@ -20,6 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -37,7 +38,9 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the reply ends just before the first of these
     adapter: str | None = None  # a LoRA adapter of the engine's PeftModel, BASE for none; None: as loaded
+    stop_ids: frozenset[int] | None = None  # end-of-turn ids of this request's template (default: engine's)
     on_text: Callable[[str], None] | None = None  # called with each new piece of text (streaming)
+    on_finish: Callable[[Request], None] | None = None  # called once when it ends, from the engine's thread
     # filled in by the engine
     tokens: list[int] = field(default_factory=list)  # generated ids, the end-of-turn id included
     text: str = ""
@@ -72,7 +75,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self._admitting: list[Request] = []
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Any = None  # a DynamicCache of _GrowingLayers (typed loosely: its layers are a union)
         self.mask: torch.Tensor | None = None  # (B, T) 1 on real tokens of the cached sequence
         self.last: torch.Tensor | None = None  # (B,) the token each row feeds next
         self._wake = threading.Condition()
@@ -208,7 +211,7 @@ class Engine:
         self._join(cache, mask, rows, first)
         self._admitting = []
 
-    def _join(self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row], first: torch.Tensor) -> None:
+    def _join(self, cache: Any, mask: torch.Tensor, rows: list[_Row], first: torch.Tensor) -> None:
         """Left-pad the shorter of the batch's cache and the newcomers' to one width, and stack them."""
         if self.cache is None or self.mask is None or self.last is None:
             self.cache, self.mask, self.last, self.rows = cache, mask, first, rows
@@ -246,10 +249,13 @@ class Engine:
                 chosen[i] = _draw(logits[i], row.req.temperature, row.req.top_p, row.generator)
         return chosen
 
+    def _stops(self, req: Request) -> set[int] | frozenset[int]:
+        return self.stop_ids if req.stop_ids is None else req.stop_ids
+
     def _append(self, row: _Row, token: int) -> None:
         req = row.req
         req.tokens.append(token)
-        if token in self.stop_ids:
+        if token in self._stops(req):
             req.finish_reason = "stop"
         elif len(req.tokens) >= req.max_new_tokens or row.position + 1 >= self.max_length:
             req.finish_reason = "length"
@@ -258,7 +264,7 @@ class Engine:
 
     def _update_text(self, row: _Row) -> None:
         req = row.req
-        ids = req.tokens[:-1] if req.tokens[-1] in self.stop_ids else req.tokens
+        ids = req.tokens[:-1] if req.tokens[-1] in self._stops(req) else req.tokens
         text = self.tok.decode(ids, skip_special_tokens=True)
         cut = min((at for at in (text.find(s) for s in req.stop) if at >= 0), default=-1)
         if cut >= 0:
@@ -300,6 +306,8 @@ class Engine:
     def _finish(self, req: Request, reason: str) -> Request:
         req.finish_reason = reason
         req.done.set()
+        if req.on_finish is not None:
+            req.on_finish(req)
         return req
 
     def _fail(self, req: Request, error: BaseException) -> Request:
@@ -313,12 +321,12 @@ class _GrowingLayer(DynamicLayer):
     (torch.cat was 40% of a SmolLM2 decode step on this CPU at batch 8)."""
 
     def __init__(self, **kwargs):
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._k: Any = None
+        self._v: Any = None
         self._len = 0
         super().__init__(**kwargs)
 
-    @property  # type: ignore[override]
+    @property
     def keys(self):
         return None if self._k is None else self._k[:, :, : self._len]
 
@@ -326,7 +334,7 @@ class _GrowingLayer(DynamicLayer):
     def keys(self, t):
         self._k, self._len = _roomy(t), 0 if t is None or t.dim() < 4 else t.shape[2]
 
-    @property  # type: ignore[override]
+    @property
     def values(self):
         return None if self._v is None else self._v[:, :, : self._len]
 
@@ -349,7 +357,7 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _roomy(t: torch.Tensor | None, need: int = 0) -> torch.Tensor | None:
+def _roomy(t: Any, need: int = 0) -> Any:
     """A copy of a (B, H, T, D) cache tensor in a buffer with room for at least `need` (and twice T)."""
     if t is None or t.dim() < 4:
         return t
