@@ -74,6 +74,10 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("data prepare out is a file", ["data", "prepare", str(tmp / "rows.jsonl"), "--out", file]),
         ("models pull unknown", ["models", "pull", "no-such-model"]),
         ("configs unknown", ["configs", "no-such-config"]),
+        ("export missing model", ["export", missing, "--out", str(tmp / "x.gguf")]),
+        ("serve missing model", ["serve", missing, "--port", "0"]),
+        ("serve adapter without a name", ["serve", tiny_model, "--adapter", "novalue", "--port", "0"]),
+        ("serve adapter not a run", ["serve", tiny_model, "--adapter", f"x={run}", "--port", "0"]),
     ]
 
 

@@ -50,11 +50,13 @@ def lively(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def running(target, adapters=None, limits=None, api_key=None):
+def running(target, adapters=None, limits=None, api_key=None, quantize=None):
     import uvicorn
 
     limits = limits or Limits()
-    app, engine, variants = build(str(target), adapters or {}, limits, api_key, device="cpu")
+    app, engine, variants = build(
+        str(target), adapters or {}, limits, api_key, device="cpu", quantize=quantize
+    )
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -202,6 +204,13 @@ def test_bad_requests_are_400s_naming_the_field(served, lively, kw, needle):
     assert e.value.body["message"].startswith(e.value.body["message"]) and "Traceback" not in e.value.message
 
 
+@pytest.mark.parametrize("kw, needle", [(dict(echo=True), "echo"), (dict(logprobs=2), "logprobs")])
+def test_completion_settings_the_server_cannot_honour_are_refused_by_name(served, lively, kw, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.completions.create(model=lively.name, prompt="the sea", **kw)
+    assert f"{needle}: not supported" in e.value.message
+
+
 def test_unknown_model_is_a_404_listing_the_served_ones(served, lively):
     with pytest.raises(openai.NotFoundError) as e:
         served.client.chat.completions.create(model="gpt-4", messages=HELLO)
@@ -221,8 +230,9 @@ def test_malformed_and_oversized_bodies_are_400s(lively):
 
 def test_a_full_queue_is_a_429_and_nothing_else_fails(lively):
     with running(lively, limits=Limits(queue=3, max_batch=2, max_tokens=40)) as s:
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as e:
             s.client.chat.completions.create(model=lively.name, messages=HELLO, n=4)
+        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "rate_limit_exceeded"
         outcomes: list = []
 
         def ask():
@@ -345,7 +355,8 @@ def test_a_taken_port_is_a_clear_error(lively, capsys):
     assert_user_error(rc, err, "--port", "cannot listen")
 
 
-def test_sigterm_finishes_the_stream_in_flight_then_exits_cleanly(lively):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_stream_in_flight_then_exits_cleanly(lively, sig):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "strop", "serve", str(lively), "--port", "0", "--device", "cpu"],
@@ -366,7 +377,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_cleanly(lively):
             model=lively.name, messages=STORY, max_tokens=60, temperature=0, stream=True
         )
         chunks = [next(stream), next(stream)]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         chunks += list(stream)
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         text = "".join(c.choices[0].delta.content or "" for c in chunks)

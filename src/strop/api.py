@@ -62,11 +62,12 @@ def check_data(config: Any, overrides: list[str] | None = None) -> dict:
 class LanguageModel:
     """A causal LM with the chat template its run trained with (or the model's own)."""
 
-    def __init__(self, target: str, device: str = "cpu"):
+    def __init__(self, target: str, device: str = "cpu", quantize: str | None = None):
+        """`quantize="int8"`: int8 linear layers on CPU (faster; see the README for the cost)."""
         from strop.models.inference import load_for_inference
 
         self.target = target
-        self.loaded = load_for_inference(target, device=device)
+        self.loaded = load_for_inference(target, device=device, quantize=quantize)
         self.model, self.template = self.loaded.model, self.loaded.template
 
     def generate(

@@ -107,7 +107,7 @@ def _chat(args) -> int:
     from strop.models.generate import stream
     from strop.models.inference import load_for_inference
 
-    loaded = load_for_inference(args.target, device=args.device)
+    loaded = load_for_inference(args.target, device=args.device, quantize=args.quantize)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(f"chatting with {loaded.description}. /reset clears, /exit quits.")
@@ -210,7 +210,7 @@ def _generate(args) -> int:
         if args.prompt
         else read_prompts(args.file)
     )
-    replies = LanguageModel(args.target, device=args.device).generate(
+    replies = LanguageModel(args.target, device=args.device, quantize=args.quantize).generate(
         [it["messages"] for it in items], args.max_new_tokens, args.temperature, args.top_p, args.batch_size
     )
     lines = [
@@ -244,7 +244,7 @@ def _eval(args) -> int:
     out = Path(args.out) if args.out else default_eval_dir(args.target, args.data)
     _check_out(str(out), folder=True)
     s = evaluate_model_on_file(
-        args.target, args.data, ev, out, args.max_length, args.format, args.device, progress=True
+        args.target, args.data, ev, out, args.max_length, args.format, args.device, True, args.quantize
     )
     scores = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
     loss = f"loss {s['loss']:.4f}, ppl {s['ppl']:.2f}, " if s["loss"] is not None else ""

@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--system", help="system prompt")
     _sampling_args(c, temperature=0.7, max_new_tokens=256)
+    _quantize_arg(c)
     c.set_defaults(func="chat")
 
     g = sub.add_parser(
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="output JSONL (default: print to stdout)")
     g.add_argument("--batch-size", type=_positive_int, default=8)
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
+    _quantize_arg(g)
     g.set_defaults(func="generate")
 
     pr = sub.add_parser(
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per example for the loss")
     e.add_argument("--out", help="output folder (default: RUN_DIR/eval-DATA or ./eval-DATA)")
     _sampling_args(e, temperature=0.0, max_new_tokens=256)
+    _quantize_arg(e)
     e.set_defaults(func="eval")
 
     r = sub.add_parser(

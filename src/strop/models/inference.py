@@ -24,8 +24,15 @@ class Loaded:
 
 
 def load_for_inference(
-    target: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    target: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> Loaded:
+    """`quantize`: "int8" for int8 linear layers on CPU (a LoRA run's adapter is merged first)."""
+    if quantize and device == "auto":
+        device = "cpu"  # int8 dynamic quantization is a CPU path
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     run = read_run_model(Path(target)) if Path(target).is_dir() else None
@@ -46,4 +53,9 @@ def load_for_inference(
         template = ChatTemplate(tok, run["template"], run.get("system_prompt"))
         desc = f"{target} ({run['method']} on {run['base_model']})"
     model.eval()
+    if quantize:
+        from strop.models.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+        desc += f", {quantize}"
     return Loaded(model, tok, template, dev, desc)

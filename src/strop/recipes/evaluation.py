@@ -117,11 +117,12 @@ def evaluate_model_on_file(
     fmt: str = "auto",
     device: str = "auto",
     progress: bool = True,
+    quantize: str | None = None,
 ) -> dict:
     """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name).
     Metrics and data are checked before the model loads, so a typo costs no loading time."""
     examples = file_examples(data, ev, fmt)
-    loaded = load_for_inference(target, device)
+    loaded = load_for_inference(target, device, quantize=quantize)
     with torch.no_grad():
         return evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
 

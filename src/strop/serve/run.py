@@ -69,7 +69,8 @@ def build(
     if quantize:
         from strop.models.quantize import quantize_model
 
-        loaded.model = quantize_model(loaded.model, quantize)
+        # with no other adapters a run's own adapter is merged in (faster); else the base goes int8 under them
+        loaded.model = quantize_model(loaded.model, quantize, merge=not adapters)
     first = next(iter(variants.values()))
     engine = Engine(loaded.model, loaded.tokenizer, first.template.stop_ids, max_batch=limits.max_batch)
     return build_app(engine, variants, limits, api_key), engine, variants

