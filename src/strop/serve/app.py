@@ -95,7 +95,7 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
             message = f"{where}: {first['msg']}" if where else first["msg"]
             if first["type"] == "extra_forbidden":
                 message = f"{where}: unknown field"
-            return _raise(ApiError(400, message, param=where, code=first["type"]))
+            raise ApiError(400, message, param=where, code=first["type"]) from None
 
     def variant(name: str) -> Variant:
         if name not in variants:
@@ -107,7 +107,8 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
             )
         return variants[name]
 
-    def jobs(body, prompts: list[list[int]], v: Variant, loop: asyncio.AbstractEventLoop) -> list[Job]:
+    def jobs(body, prompts: list[list[int]], v: Variant) -> list[Job]:
+        """The engine requests for a body, after every cap; 400 or 429 when one is broken."""
         bad = body.unsupported()
         if bad:
             raise ApiError(400, f"{bad}: not supported by strop serve", param=bad, code="unsupported")
@@ -186,9 +187,8 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
     async def chat(request: Request):
         body = await read(request, ChatRequest)
         v = variant(body.model)
-        loop = asyncio.get_running_loop()
-        todo = jobs(body, [render(v, body.conversation())], v, loop)
-        return await _respond(todo, body, v, loop, chat=True)
+        todo = jobs(body, [render(v, body.conversation())], v)
+        return await _respond(todo, body, v, asyncio.get_running_loop(), chat=True)
 
     @app.post("/v1/completions")
     async def complete(request: Request):
@@ -198,8 +198,7 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
         prompts = [tok(p)["input_ids"] for p in body.prompts()]
         if any(not p for p in prompts):
             raise ApiError(400, "prompt: empty", param="prompt")
-        loop = asyncio.get_running_loop()
-        return await _respond(jobs(body, prompts, v, loop), body, v, loop, chat=False)
+        return await _respond(jobs(body, prompts, v), body, v, asyncio.get_running_loop(), chat=False)
 
     async def _respond(todo: list[Job], body, v: Variant, loop, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -254,6 +253,8 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
+        fresh = set(range(len(todo)))  # choices whose first delta still has to say role=assistant
+
         def choice(k, text=None, finish=None) -> dict:
             if chat:
                 delta = {} if text is None else {"content": text}
@@ -263,7 +264,6 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
                 return {"index": k, "delta": delta, "finish_reason": finish}
             return {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-        fresh = set(range(len(todo)))
         open_ = len(todo)
         try:
             if chat:
@@ -321,7 +321,3 @@ def _raise_failure(todo: list[Job]) -> None:
     for job in todo:
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}")
-
-
-def _raise(e: ApiError):
-    raise e
