@@ -211,3 +211,15 @@ def test_a_newcomer_longer_or_shorter_than_the_batch_joins_without_changing_it(l
         while engine.load:
             engine.step()
         assert [a.tokens, b.tokens] == alone
+
+
+def test_run_decodes_in_eval_mode_and_gives_the_mode_back(loaded):  # noqa: F811
+    seen = []
+    handle = loaded.model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    loaded.model.train()
+    try:
+        _engine(loaded).run([Request(_ids(loaded)[0], max_new_tokens=3)])
+    finally:
+        handle.remove()
+    assert seen and not any(seen) and loaded.model.training
+    loaded.model.eval()

@@ -98,13 +98,19 @@ class Engine:
         return len(self.waiting) + len(self.rows)
 
     def run(self, requests: list[Request], on_done: Callable[[Request], None] | None = None) -> None:
-        """Decode these requests to the end in this thread (the engine must not be started)."""
+        """Decode these requests to the end in this thread (the engine must not be started), with the
+        model in eval mode meanwhile (no dropout: a policy mid-training samples as it scores)."""
         for r in requests:
             self.submit(r)
-        while self.waiting or self.rows:
-            for r in self.step():
-                if on_done:
-                    on_done(r)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            while self.waiting or self.rows:
+                for r in self.step():
+                    if on_done:
+                        on_done(r)
+        finally:
+            self.model.train(was_training)
         for r in requests:
             if r.error is not None:
                 raise r.error

@@ -45,12 +45,9 @@ def generate(
         for i, c in enumerate(conversations)
     ]
     bar = tqdm(total=len(requests), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
-    was_training = getattr(model, "training", False)
-    model.eval()
     try:
         engine_for(model, template, batch_size).run(requests, on_done=lambda _: bar.update(1))
     finally:
-        model.train(was_training)
         bar.close()
     return [r.text.strip() for r in requests]
 

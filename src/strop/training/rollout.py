@@ -16,7 +16,8 @@ from torch import nn
 from strop.data.batches import IGNORE
 from strop.data.prompts import Prompt
 from strop.data.template import ChatTemplate
-from strop.models.engine import Engine, Request
+from strop.models.engine import Request
+from strop.models.generate import engine_for
 
 # (prompts, replies) -> one score per reply; the recipe builds it from a function or a reward run
 Reward = Callable[[list[Prompt], list[str]], list[float]]
@@ -57,12 +58,7 @@ def sample(
         )
         for p in prompts
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        Engine(model, tok, template.stop_ids, max_batch=batch_size).run(requests)
-    finally:
-        model.train(was_training)
+    engine_for(model, template, batch_size).run(requests)
     replies = [r.tokens for r in requests]
     ended = [bool(r.tokens) and r.tokens[-1] in template.stop_ids for r in requests]
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in replies]
