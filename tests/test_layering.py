@@ -21,8 +21,9 @@ RANK = {
     "export": 4,
     "serve": 4,
     "recipes": 5,
-    "api": 6,
-    "cli": 7,
+    "tune": 6,  # runs recipes' runs as child processes; reads report and eval
+    "api": 7,
+    "cli": 8,
 }
 MODULES = {"api"}  # top-level modules with a layer (strop/__init__.py and __main__.py are facades)
 

@@ -67,6 +67,39 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from strop.core.config import load_config
+    from strop.tune.search import tune
+    from strop.tune.settings import search_settings
+
+    cfg = load_config(_config_path(args.config), list(args.overrides))
+    result = tune(cfg, search_settings(cfg, args), refit=args.refit, show_progress=not args.no_progress)
+    counts = result.counts
+    print(
+        f"trials: {counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+        f"{counts.get('fail', 0)} failed"
+    )
+    if result.best:
+        b = result.best
+        print(
+            f"best: trial {b['number']:03d}, value {b['value']:.6g}: "
+            + ", ".join(f"{k}={v}" for k, v in b["params"].items())
+        )
+        print(f"best config: {result.best_config}")
+    if result.refit:
+        for m in result.refit["metrics"]:
+            gain = m.get("best_vs_default")
+            ci = (
+                f" (best - default {gain['diff']:+.4f}, 95% CI {gain['ci'][0]:+.4f} to {gain['ci'][1]:+.4f})"
+                if gain
+                else ""
+            )
+            print(f"test {m['name']}: default {m['default']:.4f}, best {m['best']:.4f}{ci}")
+    if result.report:
+        print(f"report: {result.report}")
+    return 0
+
+
 def _require_checkpoint(run) -> None:
     """--resume continues from a checkpoint; a run stopped before its first one has none to continue,
     unless it kept work a new start reuses (DPO's reference log-probs)."""
@@ -261,6 +294,11 @@ def _report(args) -> int:
     from strop.report import write_report
 
     run = Path(args.run_dir)
+    if (run / "study.json").is_file():  # a strop tune search
+        from strop.report.study import write_study_report
+
+        print(f"wrote {write_study_report(run)}")
+        return 0
     if not (run / "config.yaml").is_file():
         raise StropError(f"{run}: not a strop run directory (no config.yaml)")
     paths = write_report(run)

@@ -14,6 +14,7 @@ import sys
 from importlib import resources
 from typing import get_args
 
+from strop.core import signals
 from strop.core.data_config import DatasetSource
 from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # quoted when a stopped run says how to start it again
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
+        signals.follow_parent()
         _quiet_libraries()  # imports transformers: Ctrl-C here is an interrupt like any other
         from strop.cli import commands
 
@@ -105,6 +107,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func="train")
+
+    tu = sub.add_parser(
+        "tune",
+        help="search hyperparameters (Optuna): trials as ordinary runs, poor ones pruned early",
+        description="Search the config's `search:` section (or --space): each trial is a strop run in "
+        "RUN_DIR/trials/NNN, in its own process, scored on the validation set; trials whose validation "
+        "loss lags are pruned. Writes RUN_DIR/best.yaml and a study report. Running the same command "
+        "again resumes the study (finished trials are kept).",
+    )
+    tu.add_argument("config", help="YAML config file or the name of a shipped config")
+    _overrides_arg(tu)
+    tu.add_argument(
+        "--trials", type=_positive_int, help="finished trials the study should hold (search.trials)"
+    )
+    tu.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help="a dimension, as YAML: 'optim.lr={low: 1e-5, high: 1e-3, log: true}' or "
+        "'method.lora.r=[4, 8, 16]' (repeatable; adds to or replaces search.space keys)",
+    )
+    tu.add_argument("--objective", help="val_loss (default), a val_* metric or an evaluation metric")
+    tu.add_argument("--direction", choices=["minimize", "maximize"], help="default: from the objective")
+    tu.add_argument("--sampler", choices=["tpe", "random", "grid"], help="default: tpe")
+    tu.add_argument("--pruner", choices=["median", "hyperband", "none"], help="default: median")
+    tu.add_argument("--workers", type=_positive_int, help="trials run in parallel by this process")
+    tu.add_argument(
+        "--storage",
+        help="the study's storage: sqlite:///PATH, postgresql://..., or journal:PATH to share a study "
+        "between processes or machines (default: RUN_DIR/study.db)",
+    )
+    tu.add_argument(
+        "--refit",
+        action="store_true",
+        help="then retrain the best and the default config, compared on data.test",
+    )
+    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tu.set_defaults(func="tune")
 
     c = sub.add_parser(
         "chat",

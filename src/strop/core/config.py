@@ -24,6 +24,7 @@ from strop.core.data_config import (  # noqa: F401 - re-exported: the data secti
 )
 from strop.core.errors import ConfigError
 from strop.core.rl_config import RLConfig
+from strop.core.search_config import SearchConfig
 from strop.core.section import Section
 from strop.core.task_settings import unhonoured
 
@@ -318,6 +319,9 @@ class RunConfig(Section):
         default_factory=list,
         description="sequential fine-tuning: each stage starts from the previous stage's result",
     )
+    search: SearchConfig | None = Field(
+        None, description="strop tune: the hyperparameters to search (strop train trains the config as given)"
+    )
 
     _name_text = field_validator("name", mode="before")(name_as_text)
     _name = field_validator("name")(folder_name)
@@ -466,4 +470,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML; a config with no search section is written without one."""
+    return yaml.safe_dump(
+        cfg.model_dump(mode="json", exclude=None if cfg.search else {"search"}), sort_keys=False
+    )

@@ -38,7 +38,7 @@ def read_config_file(path: Path) -> dict:
     return raw
 
 
-_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def parse_value(text: str) -> Any:
@@ -48,7 +48,7 @@ def parse_value(text: str) -> Any:
     except yaml.YAMLError:
         return text
     # PyYAML follows YAML 1.1, which reads `3e-4` (no dot) as a string; YAML 1.2 and users say float
-    if isinstance(value, str) and _EXP_FLOAT.fullmatch(text.strip()):
+    if isinstance(value, str) and EXP_FLOAT.fullmatch(text.strip()):
         return float(value)
     return value
 

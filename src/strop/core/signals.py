@@ -89,3 +89,24 @@ def _handle(signum: int, frame) -> None:
     first = _state["signum"] is None
     _state["signum"] = signum
     raise Interrupted(signum, "before training started: nothing to save" if first else "at once")
+
+
+PARENT_ENV = "STROP_PARENT_PID"  # set by a process that runs strop as its child (strop tune's trials)
+
+
+def follow_parent() -> None:
+    """A child run started with STROP_PARENT_PID gets SIGTERM when that parent dies (Linux), so a killed
+    search takes its trials with it instead of leaving them training unattended."""
+    import os
+
+    parent = os.environ.pop(PARENT_ENV, None)
+    if not parent or not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

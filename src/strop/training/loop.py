@@ -152,6 +152,7 @@ def fit(
         now = time.perf_counter()
         record = {
             "step": step + 1,
+            "total_steps": n_steps,  # the run's plan, for whoever follows metrics.jsonl (strop tune)
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,

@@ -1,0 +1,1 @@
+"""strop tune: hyperparameter search whose trials are ordinary strop runs (search.py)."""
