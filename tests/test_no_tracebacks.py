@@ -78,6 +78,14 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("serve missing model", ["serve", missing, "--port", "0"]),
         ("serve adapter without a name", ["serve", tiny_model, "--adapter", "novalue", "--port", "0"]),
         ("serve adapter not a run", ["serve", tiny_model, "--adapter", f"x={run}", "--port", "0"]),
+        ("tune missing config", ["tune", missing + ".yaml"]),
+        ("tune no search space", ["tune", tiny]),
+        ("tune unknown space key", ["tune", tiny, "--space", "optim.nope=[1,2]"]),
+        ("tune empty range", ["tune", tiny, "--space", "optim.lr={low: 1e-2, high: 1e-4}"]),
+        (
+            "tune storage under a file",
+            ["tune", tiny, "--space", "optim.lr=[0.1]", "--storage", f"sqlite:///{file}/x.db"],
+        ),
     ]
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import ALPACA_ROWS, assert_user_error, run_cli, tiny_config, write_jsonl
+from strop.core.device import physical_cores
 
 LRS = [1e-2, 1e-6, 1e-7]  # one rate that learns in 12 steps, two that leave the model where it started
 
@@ -273,3 +274,84 @@ def test_train_of_a_config_with_a_search_section_trains_the_default(base, tmp_pa
     saved = yaml.safe_load((tmp_path / "runs" / "search" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 1e-6
     assert os.path.exists(tmp_path / "runs" / "search" / "model")
+
+
+def test_workers_run_trials_side_by_side_in_one_process(base, tmp_path, capsys):
+    base["search"] = {
+        "sampler": "random",
+        "pruner": "none",
+        "trials": 4,
+        "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+    }
+    del base["train"]["threads"]  # each of the two trials then gets half the cores
+    rc, _, err = run_cli(
+        ["tune", str(write(tmp_path / "c.yaml", base)), "--workers", "2", "--no-progress"], capsys
+    )
+    assert rc == 0, err
+    run_dir = tmp_path / "runs" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{run_dir / 'study.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two ran at once
+    for t in trials:
+        cfg = yaml.safe_load((run_dir / t.user_attrs["folder"] / "config.yaml").read_text())
+        assert cfg["train"]["threads"] == max(1, physical_cores() // 2)
+
+
+def test_hyperband_prunes_too_and_report_rewrites_a_study(base, tmp_path, capsys):
+    base["train"].update(max_steps=300, eval_every=10)
+    base["search"] = {
+        "sampler": "grid",
+        "pruner": "hyperband",
+        "space": {"optim.lr": [1e-2, 3e-3, 1e-6, 1e-7]},
+    }
+    rc, _, err = run_cli(["tune", str(write(tmp_path / "c.yaml", base)), "--no-progress"], capsys)
+    assert rc == 0, err
+    run_dir = tmp_path / "runs" / "search"
+    data = study_json(run_dir)
+    pruned = [t for t in data["trials"] if t["state"] == "pruned"]
+    assert pruned and all(t["steps"] < t["total_steps"] for t in pruned)
+    assert data["best"]["params"]["optim.lr"] in (1e-2, 3e-3)
+    (run_dir / "report.md").unlink()
+    rc, out, err = run_cli(["report", str(run_dir)], capsys)
+    assert rc == 0, err
+    assert "| trial | state |" in (run_dir / "report.md").read_text()
+
+
+def _strop_children(config_dir: Path) -> list[int]:
+    """Processes whose command line names a config under `config_dir` (trials still running)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(config_dir).encode() in cmdline.read_bytes():
+                out.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_sigterm_stops_the_running_trial_and_queues_it_again(base, tmp_path):
+    base["train"].update(max_steps=3000, eval_every=100)
+    base["search"] = {"sampler": "random", "pruner": "none", "trials": 3, "space": {"optim.lr": [1e-3, 1e-2]}}
+    config = write(tmp_path / "c.yaml", base)
+    run_dir = tmp_path / "runs" / "search"
+    search = strop("tune", str(config), "--no-progress")
+    metrics = run_dir / "trials" / "000" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.1)
+    search.send_signal(signal.SIGTERM)
+    out = search.communicate(timeout=120)[0]
+    assert search.returncode == 128 + signal.SIGTERM, out
+    assert "interrupted by SIGTERM" in out and "run the same strop tune command to resume it" in out
+    assert "Traceback" not in out
+    assert _strop_children(run_dir / "trials") == []  # the trial stopped with its search
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert max(steps) < 3000
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{run_dir / 'study.db'}")
+    first, *rest = study.get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["interrupted"]
+    assert [t.state for t in rest] == [optuna.trial.TrialState.WAITING]  # queued again, same parameters
+    assert rest[0].params == first.params or rest[0].system_attrs["fixed_params"] == first.params

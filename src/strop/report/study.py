@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from strop.report.document import duration, image, note, num, section, table, text, warning, write_document
 from strop.report.plots import FIGSIZE, SHORT_FIGSIZE, new_figure, to_png
@@ -180,6 +181,7 @@ def history_plot(data: dict) -> bytes | None:
             label="pruned (no final value)",
             zorder=3,
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="trial", ylabel=data["objective"], title="Optimisation history")
     ax.legend(fontsize=8, frameon=False)
     return to_png(fig)
