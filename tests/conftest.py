@@ -13,6 +13,31 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _pin_xdist_worker() -> None:
+    """Under `pytest -n K` (pytest-xdist) each worker gets its own share of the CPUs, so K workers run
+    side by side instead of fighting over every core: strop sizes its torch threads by this affinity,
+    and the strop processes a test starts inherit it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = cpus[int(worker[2:]) % count :: count]
+    if share and len(cpus) >= count:
+        os.sched_setaffinity(0, share)
+
+
+_pin_xdist_worker()
+
+
+def pytest_collection_modifyitems(items):
+    # tests on the one trained quickstart run share a worker (`--dist loadgroup`), so it trains once
+    for item in items:
+        if "quickstart_out" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("quickstart"))
+
+
 CORPUS = [
     "What is the capital of France? The capital of France is Paris.",
     "Arr! Seven times eight be 56, matey. Yo ho ho!",

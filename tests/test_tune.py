@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import ALPACA_ROWS, assert_user_error, run_cli, tiny_config, write_jsonl
-from strop.core.device import physical_cores
+from strop.core.device import usable_cores
 
 LRS = [1e-2, 1e-6, 1e-7]  # one rate that learns in 12 steps, two that leave the model where it started
 
@@ -296,7 +296,7 @@ def test_workers_run_trials_side_by_side_in_one_process(base, tmp_path, capsys):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # two ran at once
     for t in trials:
         cfg = yaml.safe_load((run_dir / t.user_attrs["folder"] / "config.yaml").read_text())
-        assert cfg["train"]["threads"] == max(1, physical_cores() // 2)
+        assert cfg["train"]["threads"] == max(1, usable_cores() // 2)
 
 
 def test_hyperband_prunes_too_and_report_rewrites_a_study(base, tmp_path, capsys):

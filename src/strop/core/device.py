@@ -66,9 +66,14 @@ def _core_id(block: str) -> tuple[str | None, str | None]:
     return fields.get("physical id"), fields.get("core id")
 
 
-def set_threads(threads: int | None) -> int:
+def usable_cores() -> int:
+    """Physical cores this process may run on (a taskset, cgroup cpuset or test worker can narrow it)."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = threads or min(physical_cores(), allowed)
+    return max(1, min(physical_cores(), allowed))
+
+
+def set_threads(threads: int | None) -> int:
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
 

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
-from strop.core.device import physical_cores
+from strop.core.device import usable_cores
 from strop.core.errors import ConfigError, Interrupted, StropError
 from strop.core.io import atomic_write_text
 from strop.core.search_config import SearchConfig, default_direction
@@ -125,7 +125,7 @@ class Search:
         self.failures_in_a_row = 0
         self.failure: str | None = None
         self.bar: tqdm | None = None
-        self.threads_per_trial = max(1, physical_cores() // search.workers)
+        self.threads_per_trial = max(1, usable_cores() // search.workers)
 
     def run(self, show_progress: bool) -> None:
         done = studies.finished_count(self.study)
