@@ -78,6 +78,12 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("serve missing model", ["serve", missing, "--port", "0"]),
         ("serve adapter without a name", ["serve", tiny_model, "--adapter", "novalue", "--port", "0"]),
         ("serve adapter not a run", ["serve", tiny_model, "--adapter", f"x={run}", "--port", "0"]),
+        ("rag index missing documents", ["rag", "index", missing, "--out", str(tmp / "idx")]),
+        ("rag index malformed rows", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp / "idx")]),
+        ("rag index out is a file", ["rag", "index", str(tmp / "rows.jsonl"), "--out", file]),
+        ("rag index out holds other files", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp)]),
+        ("rag query not an index", ["rag", "query", str(tmp / "not-a-run"), "what?"]),
+        ("rag remove not an index", ["rag", "remove", str(tmp / "not-a-run"), "doc"]),
         ("tune missing config", ["tune", missing + ".yaml"]),
         ("tune no search space", ["tune", tiny]),
         ("tune unknown space key", ["tune", tiny, "--space", "optim.nope=[1,2]"]),
@@ -95,7 +101,7 @@ CASES = _bad_inputs(Path(tempfile.mkdtemp()))  # names only; each test builds it
 def test_every_command_has_a_bad_input_case():
     commands = {" ".join(c) for c in _commands()}
     leaves = {c for c in commands if not any(o.startswith(c + " ") for o in commands)}
-    have = {" ".join(argv[:2]) if argv[0] in ("data", "models") else argv[0] for _, argv in CASES}
+    have = {" ".join(argv[:2]) if argv[0] in ("data", "models", "rag") else argv[0] for _, argv in CASES}
     assert leaves - {"models list"} <= have, sorted(leaves - have)  # `models list` takes no input
 
 

@@ -1,0 +1,142 @@
+"""`strop rag index | query | remove`: build, search and edit a retrieval index."""
+
+from __future__ import annotations
+
+import json
+
+from strop.core.errors import StropError
+
+DEFAULT_MODEL = "minilm-l6"
+
+
+def add_parser(sub, positive_int) -> None:
+    r = sub.add_parser("rag", help="retrieval: index documents, query the index, edit it")
+    rsub = r.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
+
+    ix = rsub.add_parser(
+        "index",
+        help="index documents (text, Markdown, HTML, JSONL/JSON/CSV/Parquet rows) for retrieval",
+        description="Chunk documents by tokens (whole paragraphs where they fit, overlapping), embed the "
+        "chunks and write INDEX (safetensors + JSON). Given an existing INDEX, new documents are added, "
+        "changed ones re-chunked and unchanged ones kept: only new chunk texts are embedded.",
+    )
+    ix.add_argument("docs", nargs="+", metavar="DOCS", help="files or folders of documents")
+    ix.add_argument("--out", required=True, metavar="INDEX", help="the index folder (created or updated)")
+    ix.add_argument(
+        "--model", help=f"embedding encoder (default {DEFAULT_MODEL}; an existing index keeps its own)"
+    )
+    ix.add_argument("--chunk-size", type=positive_int, help="tokens per chunk at most (default 200)")
+    ix.add_argument("--overlap", type=int, help="tokens consecutive chunks share at most (default 40)")
+    ix.add_argument(
+        "--text-field", help="the text field of JSONL/CSV rows (default: text, document, content, ...)"
+    )
+    ix.add_argument("--id-field", default="id", help="the id field of rows (default id; else FILE:LINE)")
+    ix.add_argument("--sync", action="store_true", help="also remove indexed documents not among DOCS")
+    ix.add_argument("--rebuild", action="store_true", help="start the index afresh (other model or chunking)")
+    ix.add_argument("--batch-size", type=positive_int, default=32, help="chunks embedded at once")
+    ix.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ix.set_defaults(func="rag_index")
+
+    q = rsub.add_parser("query", help="print the chunks of INDEX that best match TEXT")
+    q.add_argument("index", metavar="INDEX")
+    q.add_argument("text", metavar="TEXT")
+    q.add_argument("--top-k", type=positive_int, default=4, help="hits to print (default 4)")
+    q.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    q.add_argument("--json", action="store_true", help="one JSON object per hit")
+    q.set_defaults(func="rag_query")
+
+    rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
+    rm.add_argument("index", metavar="INDEX")
+    rm.add_argument("ids", nargs="+", metavar="DOC_ID")
+    rm.set_defaults(func="rag_remove")
+
+
+def _rag_index(args) -> int:
+    from pathlib import Path
+
+    from strop.core.io import check_output
+    from strop.rag import index as ix
+    from strop.rag.documents import read_documents
+    from strop.rag.embed import Embedder
+
+    out = Path(args.out).expanduser()
+    check_output(out, "--out", folder=True)
+    existing = None if args.rebuild or not (out / "index.json").exists() else ix.load(out)
+    if out.is_dir() and existing is None and not args.rebuild and any(out.iterdir()):
+        raise StropError(f"--out {args.out}: folder is not empty and holds no strop index; give a new folder")
+    model = args.model or (existing.model if existing else DEFAULT_MODEL)
+    size = args.chunk_size or (existing.size if existing else 200)
+    overlap = (
+        args.overlap if args.overlap is not None else (existing.overlap if existing else min(40, size // 5))
+    )
+    if not 0 <= overlap < size:
+        raise StropError(f"--overlap: must be at least 0 and below --chunk-size ({size}), got {overlap}")
+    if existing is not None:
+        for option, given, kept in (
+            ("--model", model, existing.model),
+            ("--chunk-size", size, existing.size),
+            ("--overlap", overlap, existing.overlap),
+        ):
+            if given != kept:
+                raise StropError(
+                    f"{option} {given}: {args.out} was built with {kept}; give the same or --rebuild"
+                )
+    docs = read_documents(args.docs, args.text_field, args.id_field)
+    embedder = Embedder(model, batch_size=args.batch_size)
+    if size + 2 > embedder.max_tokens:
+        raise StropError(
+            f"--chunk-size {size}: {model} reads {embedder.max_tokens} tokens; use at most {embedder.max_tokens - 2}"
+        )
+    index = existing or ix.Index(model, size, overlap)
+    changes = ix.update(index, docs, embedder, sync=args.sync, progress=not args.no_progress)
+    ix.save(index, out)
+    print(
+        f"{args.out}: {len(index.documents)} documents, {len(index.chunks)} chunks ({changes.summary()}) "
+        f"in {changes.seconds:.1f} s"
+    )
+    return 0
+
+
+def _rag_query(args) -> int:
+    from strop.rag.search import Retriever
+
+    hits = Retriever(args.index).search(args.text, top_k=args.top_k, mode=args.mode)
+    for h in hits:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "rank": h.rank,
+                        "doc_id": h.doc_id,
+                        "chunk": h.chunk,
+                        "score": h.score,
+                        "source": h.source,
+                        "text": h.text,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        else:
+            print(f"{h.rank}. {h.doc_id} #{h.chunk}  score {h.score:.4f}\n   {_one_line(h.text)}")
+    if not hits and not args.json:
+        print("no hits")
+    return 0
+
+
+def _rag_remove(args) -> int:
+    from strop.rag import index as ix
+
+    index = ix.load(args.index)
+    before = len(index.chunks)
+    ix.remove(index, list(dict.fromkeys(args.ids)))
+    ix.save(index, args.index)
+    print(
+        f"{args.index}: removed {len(set(args.ids))} documents ({before - len(index.chunks)} chunks); "
+        f"{len(index.documents)} documents left"
+    )
+    return 0
+
+
+def _one_line(text: str, width: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

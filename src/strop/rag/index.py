@@ -1,0 +1,167 @@
+"""A retrieval index on disk: chunks, their embeddings, and the documents they came from.
+
+    INDEX/index.json              model, chunking, and each document's digest, source and chunk count
+    INDEX/chunks.jsonl            one chunk per line: doc_id, number, start, end, tokens, text
+    INDEX/embeddings.safetensors  "embeddings": [chunks, dim] float32 unit vectors, in chunks.jsonl order
+
+Adding, updating and removing documents rewrites the folder atomically (the old index stays whole until
+the new one is in place) and embeds only chunks whose text is new: an unchanged document keeps its
+vectors, and a changed one re-uses the vectors of every chunk whose text did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from strop.core.errors import StropError
+from strop.core.io import atomic_dir
+from strop.rag.chunk import Chunk, chunk_text
+from strop.rag.documents import Document
+
+FORMAT = 1
+FILES = ("index.json", "chunks.jsonl", "embeddings.safetensors")
+
+
+@dataclass
+class Index:
+    model: str
+    size: int  # tokens per chunk at most
+    overlap: int
+    documents: dict[str, dict] = field(default_factory=dict)  # id -> {digest, source, chunks}
+    chunks: list[Chunk] = field(default_factory=list)
+    vectors: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+@dataclass
+class Changes:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    embedded: int = 0  # chunks embedded now
+    reused: int = 0  # chunks whose vectors were kept
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
+            f"{len(self.removed)} removed; {self.embedded} chunks embedded, {self.reused} reused"
+        )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load(folder: str | Path) -> Index:
+    d = Path(folder).expanduser()
+    missing = [f for f in FILES if not (d / f).is_file()]
+    if missing:
+        what = "no such folder" if not d.is_dir() else f"no {missing[0]} there"
+        raise StropError(f"{folder}: not a strop index ({what}; build one with `strop rag index`)")
+    try:
+        meta = json.loads((d / "index.json").read_text())
+        chunks = [Chunk(**json.loads(line)) for line in (d / "chunks.jsonl").read_text().splitlines() if line]
+        vectors = load_file(d / "embeddings.safetensors")["embeddings"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise StropError(
+            f"{folder}: the index is damaged ({type(e).__name__}: {e}); build it again"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise StropError(f"{folder}: index format {meta.get('format')!r}; this strop reads format {FORMAT}")
+    if len(chunks) != vectors.shape[0]:
+        raise StropError(f"{folder}: {len(chunks)} chunks but {vectors.shape[0]} vectors; build it again")
+    return Index(meta["model"], meta["chunk_size"], meta["chunk_overlap"], meta["documents"], chunks, vectors)
+
+
+def save(index: Index, folder: str | Path) -> None:
+    def fill(tmp: Path) -> None:
+        save_file({"embeddings": index.vectors.contiguous()}, tmp / "embeddings.safetensors")
+        with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
+            for c in index.chunks:
+                f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+        meta = {
+            "format": FORMAT,
+            "model": index.model,
+            "dim": index.dim,
+            "chunk_size": index.size,
+            "chunk_overlap": index.overlap,
+            "chunks": len(index.chunks),
+            "documents": index.documents,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+
+    atomic_dir(Path(folder).expanduser(), fill)
+
+
+def update(
+    index: Index, docs: list[Document], embedder, sync: bool = False, progress: bool = False
+) -> Changes:
+    """Add new documents, re-chunk changed ones (by digest), keep the rest; `sync` also removes the
+    documents of the index that are not in `docs`. Only chunk texts the index has no vector for are embedded."""
+    t0 = time.time()
+    changes = Changes()
+    known = {_digest(c.text): index.vectors[i] for i, c in enumerate(index.chunks)}
+    by_doc: dict[str, list[int]] = {}
+    for i, c in enumerate(index.chunks):
+        by_doc.setdefault(c.doc_id, []).append(i)
+    given = {d.id for d in docs}
+    documents: dict[str, dict] = {}
+    chunks: list[Chunk] = []
+    rows: list[torch.Tensor | None] = []
+    for doc_id, meta in index.documents.items():  # the index's own order first, then new documents
+        if doc_id not in given:
+            if sync:
+                changes.removed.append(doc_id)
+                continue
+            documents[doc_id] = meta
+            chunks += [index.chunks[i] for i in by_doc.get(doc_id, [])]
+            rows += [index.vectors[i] for i in by_doc.get(doc_id, [])]
+    for doc in docs:
+        old = index.documents.get(doc.id)
+        if old is not None and old["digest"] == doc.digest:
+            changes.unchanged.append(doc.id)
+            new_chunks = [index.chunks[i] for i in by_doc.get(doc.id, [])]
+        else:
+            (changes.updated if old is not None else changes.added).append(doc.id)
+            new_chunks = chunk_text(
+                doc.id, doc.text, index.size, index.overlap, embedder.count, embedder.windows
+            )
+        documents[doc.id] = {"digest": doc.digest, "source": doc.source, "chunks": len(new_chunks)}
+        chunks += new_chunks
+        rows += [known.get(_digest(c.text)) for c in new_chunks]
+    todo = [i for i, r in enumerate(rows) if r is None]
+    fresh = embedder.embed([chunks[i].text for i in todo], progress=progress) if todo else None
+    for k, i in enumerate(todo):
+        rows[i] = fresh[k]  # type: ignore[index]
+    changes.embedded, changes.reused = len(todo), len(rows) - len(todo)
+    index.vectors = torch.stack(rows) if rows else torch.empty(0, embedder.dim)  # type: ignore[arg-type]
+    index.documents, index.chunks = documents, chunks
+    changes.seconds = time.time() - t0
+    return changes
+
+
+def remove(index: Index, ids: list[str]) -> list[str]:
+    """Drop documents by id; an id the index does not hold is an error naming it (nothing is removed)."""
+    unknown = [i for i in ids if i not in index.documents]
+    if unknown:
+        near = ", ".join(list(index.documents)[:5])
+        raise StropError(f"document id {unknown[0]!r} is not in the index (ids look like: {near})")
+    drop = set(ids)
+    keep = [i for i, c in enumerate(index.chunks) if c.doc_id not in drop]
+    index.chunks = [index.chunks[i] for i in keep]
+    index.vectors = index.vectors[keep] if keep else torch.empty(0, index.dim)
+    index.documents = {k: v for k, v in index.documents.items() if k not in drop}
+    return ids

@@ -1,0 +1,96 @@
+"""Find the chunks of an index that answer a query: dense (cosine of embeddings, exact), lexical (BM25)
+or hybrid, which fuses the two rankings by reciprocal rank (Cormack et al. 2009: score = sum over the
+rankings of 1 / (60 + rank)), so a chunk either method ranks high comes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from strop.core.errors import StropError
+from strop.rag.index import Index, load
+from strop.rag.lexical import BM25
+
+Mode = Literal["hybrid", "dense", "bm25"]
+MODES: tuple[Mode, ...] = ("hybrid", "dense", "bm25")
+RRF_K = 60
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int  # from 1
+    doc_id: str
+    chunk: int  # the chunk's number within its document
+    score: float  # cosine (dense), BM25 (bm25) or fused reciprocal rank (hybrid)
+    text: str
+    source: str
+
+
+class Retriever:
+    """An index loaded for queries; the encoder is loaded only when a mode needs it."""
+
+    def __init__(self, index: Index | str | Path, embedder=None) -> None:
+        self.index = index if isinstance(index, Index) else load(index)
+        self._embedder = embedder
+        self._bm25: BM25 | None = None
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from strop.rag.embed import Embedder
+
+            self._embedder = Embedder(self.index.model)
+        return self._embedder
+
+    @property
+    def bm25(self) -> BM25:
+        if self._bm25 is None:
+            self._bm25 = BM25([c.text for c in self.index.chunks])
+        return self._bm25
+
+    def search(self, query: str, top_k: int = 4, mode: Mode = "hybrid") -> list[Hit]:
+        if mode not in MODES:
+            raise StropError(f"retrieval mode {mode!r}: use one of {', '.join(MODES)}")
+        if top_k < 1:
+            raise StropError(f"top_k: must be at least 1, got {top_k}")
+        if not self.index.chunks or not query.strip():
+            return []
+        if mode == "dense":
+            order, scores = _ranked(self.dense_scores(query))
+        elif mode == "bm25":
+            order, scores = _ranked(self.bm25.scores(query), positive=True)
+        else:
+            order, scores = self._fused(query, depth=max(50, 4 * top_k))
+        return [
+            self._hit(rank, i, s)
+            for rank, (i, s) in enumerate(zip(order[:top_k], scores[:top_k], strict=True), 1)
+        ]
+
+    def dense_scores(self, query: str) -> np.ndarray:
+        q = self.embedder.embed([query])[0]
+        return (self.index.vectors @ q).numpy()
+
+    def _fused(self, query: str, depth: int) -> tuple[list[int], list[float]]:
+        fused: dict[int, float] = {}
+        for order, _ in (_ranked(self.dense_scores(query)), _ranked(self.bm25.scores(query), positive=True)):
+            for rank, i in enumerate(order[:depth], 1):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
+        best = sorted(fused, key=lambda i: (-fused[i], i))
+        return best, [fused[i] for i in best]
+
+    def _hit(self, rank: int, i: int, score: float) -> Hit:
+        c = self.index.chunks[i]
+        return Hit(rank, c.doc_id, c.number, float(score), c.text, self.index.documents[c.doc_id]["source"])
+
+
+def _ranked(scores: np.ndarray, positive: bool = False) -> tuple[list[int], list[float]]:
+    """Chunk positions by score, highest first (ties by position); `positive` drops chunks scoring 0."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    if positive:
+        order = order[scores[order] > 0]
+    return order.tolist(), scores[order].tolist()

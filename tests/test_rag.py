@@ -1,0 +1,278 @@
+"""Retrieval: chunking, documents, embeddings, BM25, fusion, and an index that adds, updates and removes.
+
+The tiny random BERT's embeddings carry no meaning, so these tests check what retrieval computes (hand
+formulas, planted words found lexically, vectors kept or recomputed); tests/test_slow_rag.py checks
+that the packaged MiniLM finds planted passages by meaning and matches sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli
+from strop.rag import index as ix
+from strop.rag.chunk import chunk_text
+from strop.rag.documents import html_text, read_documents
+from strop.rag.embed import Embedder
+from strop.rag.lexical import BM25, terms
+from strop.rag.search import RRF_K, Retriever
+
+WORD = re.compile(r"\S+")
+
+
+def words(text: str) -> int:
+    return len(WORD.findall(text))
+
+
+def word_windows(text: str, size: int) -> list[tuple[int, int]]:
+    spans = [m.span() for m in WORD.finditer(text)]
+    return [(spans[i][0], spans[min(i + size, len(spans)) - 1][1]) for i in range(0, len(spans), size)]
+
+
+def paragraphs(n: int, length: int) -> str:
+    return "\n\n".join(" ".join(f"p{p}w{w}" for w in range(length)) for p in range(n))
+
+
+def test_chunks_are_whole_paragraphs_within_size_and_overlap():
+    text = paragraphs(10, 7)  # 70 words in paragraphs of 7
+    chunks = chunk_text("d", text, size=20, overlap=7, count=words, windows=word_windows)
+    for c in chunks:
+        assert c.text == text[c.start : c.end] and c.tokens == words(c.text) <= 20
+        assert c.text.startswith("p") and c.text.split()[0].endswith("w0")  # starts a paragraph
+        assert c.text.split()[-1].endswith("w6")  # ends one
+    assert [c.number for c in chunks] == list(range(len(chunks)))
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        shared = set(a.text.split()) & set(b.text.split())
+        assert len(shared) == 7  # exactly one paragraph of overlap
+        assert b.start > a.start
+    covered = set().union(*(c.text.split() for c in chunks))
+    assert covered == set(text.split())  # nothing lost
+
+
+def test_no_overlap_means_a_partition_and_long_paragraphs_are_cut():
+    text = paragraphs(3, 5) + "\n\n" + "One sentence here. " * 12 + "\n\n" + "x " * 45
+    chunks = chunk_text("d", text.strip(), size=8, overlap=0, count=words, windows=word_windows)
+    assert all(c.tokens <= 8 for c in chunks)
+    joined = " ".join(c.text for c in chunks).split()
+    assert joined == text.split()  # every word once, in order
+    assert any(c.text == "One sentence here. One sentence here." for c in chunks)  # cut at sentence ends
+
+
+@pytest.mark.parametrize("size,overlap", [(0, 0), (4, 4), (4, -1)])
+def test_chunk_settings_are_checked(size, overlap):
+    with pytest.raises(ValueError):
+        chunk_text("d", "a b", size, overlap, words, word_windows)
+
+
+def test_documents_from_text_html_and_rows(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# Title\n\nBody text.\n")
+    (tmp_path / "docs" / "b.html").write_text(
+        "<html><head><title>t</title><style>p{}</style></head><body><h1>Head</h1><p>One &amp; two"
+        "<script>evil()</script></p><ul><li>item</li></ul></body></html>"
+    )
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "r1", "content": "first"}\n{"content": "second"}\n{"content": "  "}\n')
+    docs = read_documents([str(tmp_path / "docs"), str(rows)])
+    by_id = {d.id: d for d in docs}
+    assert by_id[f"{tmp_path}/docs/a.md"].text == "# Title\n\nBody text."
+    assert by_id[f"{tmp_path}/docs/b.html"].text == "Head\n\nOne & two\n\nitem"
+    assert by_id["r1"].text == "first" and by_id[f"{rows}:2"].text == "second"
+    assert len(docs) == 4  # the blank row is no document
+
+
+def test_html_text_keeps_paragraphs():
+    assert html_text("<p>a  b</p><p>c<br>d</p>") == "a b\n\nc\n\nd"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"title": "x"}\n', "rows.jsonl:1: no text field one of text"),
+        ('{"text": 3}\n', "rows.jsonl:1: field 'text': expected text"),
+        ('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', "document id 'a' is also the id of"),
+        ('{"text": \n', "rows.jsonl:1: invalid JSON"),
+    ],
+)
+def test_bad_document_rows_name_the_line(tmp_path, content, message):
+    (tmp_path / "rows.jsonl").write_text(content)
+    with pytest.raises(Exception, match=re.escape(message)):
+        read_documents([str(tmp_path / "rows.jsonl")])
+
+
+def test_bm25_scores_equal_the_hand_computed_formula():
+    texts = ["the cat sat on the mat", "dogs chase the cat and the cat runs", "birds sing", "a cat"]
+    bm25 = BM25(texts)
+    toks = terms(texts)
+    n, mean = len(toks), sum(map(len, toks)) / len(toks)
+
+    def hand(query: str) -> list[float]:
+        out = []
+        for d in toks:
+            s = 0.0
+            for w in terms([query])[0]:
+                df = sum(w in x for x in toks)
+                if df:
+                    tf = d.count(w)
+                    idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                    s += idf * tf / (tf + 1.5 * (1 - 0.75 + 0.75 * len(d) / mean))
+            out.append(s)
+        return out
+
+    for query in ("cat", "cat mat", "dogs birds", "unknown words"):
+        assert bm25.scores(query).tolist() == pytest.approx(hand(query), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_bert):
+    return Embedder(str(tiny_bert), batch_size=3)
+
+
+def test_embeddings_are_mean_pooled_unit_vectors_independent_of_batching(embedder, tiny_bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a short one", "a rather longer text about the sea and the sky", "x"]
+    got = embedder.embed(texts)
+    tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+    for text, vec in zip(texts, got, strict=True):
+        with torch.no_grad():
+            hidden = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+        want = hidden.mean(0) / hidden.mean(0).norm()  # one text, no padding: the plain mean
+        torch.testing.assert_close(vec, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embedder.embed(texts[::-1]), got.flip(0), atol=1e-5, rtol=1e-5)
+
+
+class CountingEmbedder:
+    """The tiny embedder's vectors, with chunks measured in words, counting the texts it embeds."""
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, []
+        self.count, self.windows, self.dim = words, word_windows, inner.dim
+
+    def embed(self, texts, progress=False):
+        self.texts += texts
+        return self.inner.embed(texts)
+
+
+def corpus(tmp_path, docs: dict[str, str]):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    return read_documents([str(path)])
+
+
+DOCS = {
+    "sea": "The ocean is salty.\n\nWhales sing under water.",
+    "space": "Mars is a red planet.\n\nSaturn has rings of ice.",
+    "food": "Bread needs flour and yeast.",
+}
+
+
+def test_update_embeds_only_new_chunk_texts_and_remove_removes(embedder, tmp_path):
+    counting = CountingEmbedder(embedder)
+    index = ix.Index(str(embedder.name), size=6, overlap=0)
+    first = ix.update(index, corpus(tmp_path, DOCS), counting)
+    assert first.added == ["sea", "space", "food"] and first.embedded == len(index.chunks) == 5
+    vectors = {c.text: index.vectors[i].clone() for i, c in enumerate(index.chunks)}
+
+    changed = {**DOCS, "space": "Mars is a red planet.\n\nJupiter is the largest planet."}
+    counting.texts.clear()
+    second = ix.update(index, corpus(tmp_path, changed), counting)
+    assert second.updated == ["space"] and second.unchanged == ["sea", "food"]
+    assert counting.texts == ["Jupiter is the largest planet."]  # the only new chunk text
+    for i, c in enumerate(index.chunks):
+        if c.text in vectors:
+            assert torch.equal(index.vectors[i], vectors[c.text])
+    assert "Saturn has rings of ice." not in {c.text for c in index.chunks}
+
+    ix.save(index, tmp_path / "idx")
+    ix.remove(index, ["sea"])
+    ix.save(index, tmp_path / "idx")
+    again = ix.load(tmp_path / "idx")
+    assert set(again.documents) == {"space", "food"} and again.vectors.shape == (3, embedder.dim)
+    assert all(c.doc_id != "sea" for c in again.chunks)
+    assert "Whales" not in "".join(p.read_text(errors="ignore") for p in (tmp_path / "idx").iterdir())
+    retriever = Retriever(again, embedder)
+    for mode in ("bm25", "dense", "hybrid"):
+        assert all(h.doc_id != "sea" for h in retriever.search("whales ocean salty", top_k=3, mode=mode))
+    with pytest.raises(Exception, match="'nope' is not in the index"):
+        ix.remove(again, ["nope"])
+
+
+def test_sync_removes_documents_no_longer_given(embedder, tmp_path):
+    embedder = CountingEmbedder(embedder)
+    index = ix.Index(str(embedder.inner.name), size=50, overlap=0)
+    ix.update(index, corpus(tmp_path, DOCS), embedder)
+    kept = ix.update(index, corpus(tmp_path, {"food": DOCS["food"]}), embedder)
+    assert kept.removed == [] and set(index.documents) == set(DOCS)
+    synced = ix.update(index, corpus(tmp_path, {"food": DOCS["food"]}), embedder, sync=True)
+    assert synced.removed == ["sea", "space"] and set(index.documents) == {"food"}
+    assert synced.embedded == 0
+
+
+def test_bm25_finds_planted_passages_and_hybrid_fuses_ranks(embedder, tmp_path):
+    filler = {f"f{i}": f"Filler paragraph number {i} about nothing in particular." for i in range(20)}
+    planted = {"needle": "The zorbulon reactor vents quarkine at dawn."}
+    index = ix.Index(str(embedder.name), size=50, overlap=0)
+    ix.update(index, corpus(tmp_path, {**filler, **planted}), embedder)
+    retriever = Retriever(index, embedder)
+    hits = retriever.search("when does the zorbulon vent quarkine?", top_k=3, mode="bm25")
+    assert hits[0].doc_id == "needle" and hits[0].text == planted["needle"] and len(hits) == 1
+
+    query = "zorbulon filler"
+    dense = retriever.dense_scores(query)
+    lexical = retriever.bm25.scores(query)
+    rank_d = {i: r for r, i in enumerate(sorted(range(len(dense)), key=lambda i: (-dense[i], i)), 1)}
+    positive = [i for i in sorted(range(len(lexical)), key=lambda i: (-lexical[i], i)) if lexical[i] > 0]
+    rank_l = {i: r for r, i in enumerate(positive, 1)}
+    want = {i: 1 / (RRF_K + rank_d[i]) + (1 / (RRF_K + rank_l[i]) if i in rank_l else 0) for i in rank_d}
+    hits = retriever.search(query, top_k=5, mode="hybrid")
+    best = sorted(want, key=lambda i: (-want[i], i))[:5]
+    assert [(h.doc_id, h.chunk) for h in hits] == [
+        (index.chunks[i].doc_id, index.chunks[i].number) for i in best
+    ]
+    assert [h.score for h in hits] == pytest.approx([want[i] for i in best])
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+
+
+def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Aardvarks eat ants at night.")
+    (docs / "b.md").write_text("Beavers build dams in rivers.")
+    out = str(tmp_path / "idx")
+    argv = ["rag", "index", str(docs), "--out", out, "--model", str(tiny_bert), "--chunk-size", "32"]
+    rc, stdout, err = run_cli(argv + ["--no-progress"], capsys)
+    assert rc == 0, err
+    assert "2 documents, 2 chunks (2 added" in stdout
+    rc, stdout, err = run_cli(
+        ["rag", "query", out, "beavers dams", "--json", "--top-k", "1", "--mode", "bm25"], capsys
+    )
+    assert rc == 0, err
+    hit = json.loads(stdout)
+    assert (
+        hit["doc_id"] == f"{docs}/b.md"
+        and hit["text"] == "Beavers build dams in rivers."
+        and hit["rank"] == 1
+    )
+    (docs / "a.txt").write_text("Aardvarks eat termites too.")
+    rc, stdout, err = run_cli(argv[:5] + ["--no-progress"], capsys)  # model and chunking from the index
+    assert rc == 0, err
+    assert "1 updated, 1 unchanged" in stdout and "1 chunks embedded, 1 reused" in stdout
+    rc, stdout, err = run_cli(["rag", "remove", out, f"{docs}/b.md"], capsys)
+    assert rc == 0, err
+    rc, stdout, err = run_cli(["rag", "query", out, "beavers dams", "--mode", "bm25"], capsys)
+    assert rc == 0 and "no hits" in stdout
+    rc, _, err = run_cli(argv[:5] + ["--chunk-size", "16"], capsys)
+    assert_user_error(rc, err, "--chunk-size 16", "was built with 32", "--rebuild")
+    fresh = tmp_path / "idx2"
+    rc, _, err = run_cli(
+        ["rag", "index", str(docs), "--out", str(fresh), "--model", str(tiny_bert), "--chunk-size", "400"],
+        capsys,
+    )
+    assert_user_error(rc, err, "--chunk-size 400", "reads 256 tokens; use at most 254")
+    assert not fresh.exists()
