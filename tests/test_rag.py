@@ -276,3 +276,121 @@ def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
     )
     assert_user_error(rc, err, "--chunk-size 400", "reads 256 tokens; use at most 254")
     assert not fresh.exists()
+
+
+def test_the_augmented_turn_is_rendered_by_the_template_with_passages_in_order(tokenizer):
+    from strop.data.template import BUILTIN, ChatTemplate
+    from strop.rag.prompt import INSTRUCTION, augment
+    from strop.rag.search import Hit
+
+    hits = [
+        Hit(1, "doc-b", 0, 0.9, "Second  passage\ntext.", "b.md"),
+        Hit(2, "doc-a", 3, 0.5, "First.", "a.md"),
+    ]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is it?"}]
+    rendered = ChatTemplate(tokenizer, BUILTIN["chatml"]).render(
+        augment(messages, hits), add_generation_prompt=True
+    )
+    user = rendered.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    assert (
+        user
+        == f"{INSTRUCTION}\n\nContext:\n[1] (doc-b) Second passage text.\n[2] (doc-a) First.\n\nQuestion: What is it?"
+    )
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in rendered
+    assert messages[1]["content"] == "What is it?"  # the caller's messages are left as they were
+    assert augment(messages, []) == messages
+
+
+def test_generate_with_rag_answers_the_augmented_prompt_and_names_its_sources(
+    tiny_llama, tiny_bert, tmp_path, capsys
+):
+    from strop.api import LanguageModel
+    from strop.rag.prompt import with_context
+
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    rc, _, err = run_cli(
+        ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+    )
+    assert rc == 0, err
+    question = "Which planet has rings of ice?"
+    rc, out, err = run_cli(
+        [
+            "generate",
+            str(tiny_llama),
+            "--prompt",
+            question,
+            "--rag",
+            index,
+            "--top-k",
+            "2",
+            "--rag-mode",
+            "bm25",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    row = json.loads(out)
+    assert [s["doc_id"] for s in row["sources"]] == ["space"] and row["prompt"] == question
+    hits = Retriever(index).search(question, 2, "bm25")
+    want = LanguageModel(str(tiny_llama), device="cpu").generate(
+        [[{"role": "user", "content": with_context(question, hits)}]], 6, 0.0, 1.0, 1
+    )
+    assert row["response"] == want[0]
+    rc, _, err = run_cli(
+        ["generate", str(tiny_llama), "--prompt", "x", "--rag", str(tmp_path / "nope")], capsys
+    )
+    assert_user_error(rc, err, "not a strop index")
+
+
+def test_chat_with_rag_augments_each_turn_but_keeps_the_history_plain(
+    tiny_llama, tiny_bert, tmp_path, monkeypatch, capsys
+):
+    import builtins
+
+    import strop.models.generate as gen
+    from strop.rag.prompt import with_context
+
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    turns = iter(["Tell me about whales.", "And bread?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(turns))
+    seen = []
+
+    def fake_stream(model, template, messages, *args):
+        seen.append(messages)
+        yield "ok"
+
+    monkeypatch.setattr(gen, "stream", fake_stream)
+    rc, out, err = run_cli(
+        ["chat", str(tiny_llama), "--rag", index, "--top-k", "1", "--rag-mode", "bm25"], capsys
+    )
+    assert rc == 0, err
+    retriever = Retriever(index)
+    first, second = seen
+    assert first == [
+        {
+            "role": "user",
+            "content": with_context(
+                "Tell me about whales.", retriever.search("Tell me about whales.", 1, "bm25")
+            ),
+        }
+    ]
+    assert second[:2] == [
+        {"role": "user", "content": "Tell me about whales."},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert second[2]["content"] == with_context("And bread?", retriever.search("And bread?", 1, "bm25"))
+    assert "sources: [1] sea #" in out and "sources: [1] food #0" in out

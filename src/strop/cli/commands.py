@@ -138,13 +138,17 @@ def _quickstart(args) -> int:
 
 
 def _chat(args) -> int:
+    from strop.cli.rag import retriever_for
     from strop.models.generate import stream
     from strop.models.inference import load_for_inference
+    from strop.rag.prompt import augment
 
+    retriever = retriever_for(args)
     loaded = load_for_inference(args.target, device=args.device, quantize=args.quantize)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    print(f"chatting with {loaded.description}. /reset clears, /exit quits.")
+    with_index = f", answering from {args.rag}" if retriever else ""
+    print(f"chatting with {loaded.description}{with_index}. /reset clears, /exit quits.")
     while True:
         try:
             text = input("you> ").strip()
@@ -159,14 +163,22 @@ def _chat(args) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        hits = retriever.search(text, args.top_k, args.rag_mode) if retriever else []
         print("bot> ", end="", flush=True)
         reply = ""
         for piece in stream(
-            loaded.model, loaded.template, system + history, args.max_new_tokens, args.temperature, args.top_p
+            loaded.model,
+            loaded.template,
+            augment(system + history, hits),  # the passages go into this turn only, not the history
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
         ):
             print(piece, end="", flush=True)
             reply += piece
         print()
+        if hits:
+            print("sources: " + "; ".join(f"[{h.rank}] {h.doc_id} #{h.chunk}" for h in hits))
         history.append({"role": "assistant", "content": reply.strip()})
 
 
@@ -237,22 +249,41 @@ def _generate(args) -> int:
     import json
 
     from strop.api import LanguageModel
+    from strop.cli.rag import retriever_for
     from strop.models.prompts import read_prompts
+    from strop.rag.prompt import augment, sources
 
+    retriever = retriever_for(args)
     items: list[dict] = (
         [{"id": "0", "messages": [{"role": "user", "content": args.prompt}]}]
         if args.prompt
         else read_prompts(args.file)
     )
+    found = [_retrieve(retriever, it["messages"], args) for it in items]
     replies = LanguageModel(args.target, device=args.device, quantize=args.quantize).generate(
-        [it["messages"] for it in items], args.max_new_tokens, args.temperature, args.top_p, args.batch_size
+        [augment(it["messages"], hits) for it, hits in zip(items, found, strict=True)],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.batch_size,
     )
     lines = [
-        json.dumps({"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r})
-        for it, r in zip(items, replies, strict=True)
+        json.dumps(
+            {"id": it["id"], "prompt": it["messages"][-1]["content"], "response": r}
+            | ({"sources": sources(hits)} if retriever else {})
+        )
+        for it, r, hits in zip(items, replies, found, strict=True)
     ]
     _emit_jsonl(lines, args.out, "responses")
     return 0
+
+
+def _retrieve(retriever, messages: list[dict], args) -> list:
+    """Passages for the last user turn of `messages` (none without --rag)."""
+    if retriever is None:
+        return []
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return retriever.search(question, args.top_k, args.rag_mode)
 
 
 def _eval(args) -> int:

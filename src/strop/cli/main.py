@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="system prompt")
     _sampling_args(c, temperature=0.7, max_new_tokens=256)
     _quantize_arg(c)
+    rag.retrieval_args(c)
     c.set_defaults(func="chat")
 
     g = sub.add_parser(
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, default=8)
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
     _quantize_arg(g)
+    rag.retrieval_args(g)
     g.set_defaults(func="generate")
 
     pr = sub.add_parser(

@@ -51,6 +51,24 @@ def add_parser(sub, positive_int) -> None:
     rm.set_defaults(func="rag_remove")
 
 
+def retrieval_args(p) -> None:
+    """--rag for the commands that answer prompts: each prompt is answered with passages from INDEX."""
+    p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
+    p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
+    p.add_argument("--rag-mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+
+
+def retriever_for(args):
+    """The --rag index loaded (before any model, so a wrong path fails first), or None."""
+    if not getattr(args, "rag", None):
+        return None
+    if args.top_k < 1:
+        raise StropError(f"--top-k: must be at least 1, got {args.top_k}")
+    from strop.rag.search import Retriever
+
+    return Retriever(args.rag)
+
+
 def _rag_index(args) -> int:
     from pathlib import Path
 
