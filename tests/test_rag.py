@@ -394,3 +394,66 @@ def test_chat_with_rag_augments_each_turn_but_keeps_the_history_plain(
     ]
     assert second[2]["content"] == with_context("And bread?", retriever.search("And bread?", 1, "bm25"))
     assert "sources: [1] sea #" in out and "sources: [1] food #0" in out
+
+
+def test_raft_rows_have_the_oracle_in_the_asked_fraction_and_distractors_from_elsewhere(
+    tiny_bert, tmp_path, capsys
+):
+    topics = {f"t{i}": f"Topic {i} fact: the number {i} is lucky in village {i}." for i in range(12)}
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in topics.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "doc_id": k,
+                    "question": f"Which number is lucky in village {k[1:]}?",
+                    "answer": k[1:],
+                    "document": v,
+                }
+            )
+            + "\n"
+            for k, v in topics.items()
+        )
+    )
+    out = tmp_path / "raft.jsonl"
+    argv = [
+        "rag",
+        "raft",
+        str(qa),
+        "--index",
+        index,
+        "--out",
+        str(out),
+        "--oracle-fraction",
+        "0.25",
+        "--distractors",
+        "2",
+    ]
+    rc, stdout, err = run_cli(argv + ["--mode", "bm25"], capsys)
+    assert rc == 0, err
+    assert "3 with their oracle, 9 without" in stdout
+    built = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(built) == 12 and sum(r["raft"]["oracle"] for r in built) == 3
+    for r, (doc_id, text) in zip(built, topics.items(), strict=True):
+        prompt = r["messages"][0]["content"]
+        assert r["messages"][1] == {"role": "assistant", "content": doc_id[1:]}
+        assert (f"({doc_id}) {text}" in prompt) == r["raft"]["oracle"]
+        others = [p for p in r["raft"]["passages"] if p != doc_id]
+        assert len(others) == 2 and all(p in topics for p in others)
+        assert prompt.endswith(f"Question: Which number is lucky in village {doc_id[1:]}?")
+    rc, again, _ = run_cli(argv + ["--mode", "bm25", "--out", str(tmp_path / "again.jsonl")], capsys)
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # the seed fixes every choice
+    rc, _, err = run_cli(argv + ["--oracle-fraction", "1.5"], capsys)
+    assert_user_error(rc, err, "--oracle-fraction")
+    qa.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    rc, _, err = run_cli(argv, capsys)
+    assert_user_error(rc, err, "qa.jsonl:1", "no document field")

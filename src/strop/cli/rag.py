@@ -45,6 +45,25 @@ def add_parser(sub, positive_int) -> None:
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
     q.set_defaults(func="rag_query")
 
+    rf = rsub.add_parser(
+        "raft",
+        help="retrieval-augmented training rows (RAFT): questions with oracle and distractor passages",
+        description="Turn {question, answer, document} rows into chat rows whose prompt carries passages "
+        "as --rag shows them: for a fraction P of rows the oracle document plus K distractors retrieved "
+        "from INDEX, for the rest K distractors only; passages shuffled. Train on OUT like any chat data.",
+    )
+    rf.add_argument("rows", metavar="ROWS", help="JSONL/CSV with question, answer and document fields")
+    rf.add_argument("--index", required=True, metavar="INDEX", help="where distractors are retrieved from")
+    rf.add_argument("--out", required=True, metavar="OUT.jsonl")
+    rf.add_argument(
+        "--oracle-fraction", type=float, default=0.8, help="rows that see their oracle (default 0.8)"
+    )
+    rf.add_argument("--distractors", type=int, default=3, help="distractor passages per row (default 3)")
+    rf.add_argument("--document-field", help="the oracle document's field (default: document, context, ...)")
+    rf.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    rf.add_argument("--seed", type=int, default=0)
+    rf.set_defaults(func="rag_raft")
+
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
     rm.add_argument("index", metavar="INDEX")
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
@@ -138,6 +157,30 @@ def _rag_query(args) -> int:
             print(f"{h.rank}. {h.doc_id} #{h.chunk}  score {h.score:.4f}\n   {_one_line(h.text)}")
     if not hits and not args.json:
         print("no hits")
+    return 0
+
+
+def _rag_raft(args) -> int:
+    from pathlib import Path
+
+    from strop.core.io import atomic_write_text, check_output
+    from strop.data.read import read_rows
+    from strop.rag.raft import raft_rows
+    from strop.rag.search import Retriever
+
+    check_output(args.out, "--out", folder=False)
+    retriever = Retriever(args.index)
+    rows = read_rows(args.rows)
+    built = raft_rows(
+        rows, retriever, args.oracle_fraction, args.distractors, args.seed, args.mode, args.document_field
+    )
+    atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in built))
+    oracle = sum(r["raft"]["oracle"] for r in built)
+    short = sum(len(r["raft"]["passages"]) - r["raft"]["oracle"] < args.distractors for r in built)
+    print(
+        f"wrote {len(built)} rows to {args.out}: {oracle} with their oracle, {len(built) - oracle} without"
+        + (f"; {short} rows got fewer than {args.distractors} distractors (small index)" if short else "")
+    )
     return 0
 
 
