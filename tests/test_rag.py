@@ -457,3 +457,68 @@ def test_raft_rows_have_the_oracle_in_the_asked_fraction_and_distractors_from_el
     qa.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     rc, _, err = run_cli(argv, capsys)
     assert_user_error(rc, err, "qa.jsonl:1", "no document field")
+
+
+def test_retrieval_and_answer_scores_equal_hand_computed_values():
+    from strop.rag import scores
+
+    ranked = ["x", "g1", "x", "g2", "g1"]
+    gold = {"g1", "g2", "g3"}
+    assert scores.recall_at_k(ranked, gold, 1) == 0 and scores.recall_at_k(ranked, gold, 4) == pytest.approx(
+        2 / 3
+    )
+    assert scores.reciprocal_rank(ranked, gold) == 0.5 and scores.reciprocal_rank(["x"], gold) == 0
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)  # g1 at rank 2, g2 at 4; g1 again at 5 earns nothing
+    ideal = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert scores.ndcg_at_k(ranked, gold, 5) == pytest.approx(dcg / ideal)
+    assert scores.ndcg_at_k(["g1"], {"g1"}, 3) == 1.0
+    assert scores.exact_match("The Eiffel tower!", "eiffel  Tower") == 1.0
+    assert scores.token_f1("the big red dog", "a red dog barked") == pytest.approx(
+        2 * (2 / 3) * (2 / 3) / (4 / 3)
+    )
+    assert scores.token_f1("", "") == 1.0 and scores.token_f1("x", "") == 0.0
+    ref = "Insulin lowers blood sugar"  # content words: insulin, lowers, blood, sugar
+    passages = [
+        "Cats sleep.",
+        "Insulin is a hormone that lowers blood sugar.",
+        "Sugar is sweet; blood is red.",
+    ]
+    assert scores.context_recall(passages, ref) == 1.0
+    assert scores.context_recall(passages[:1], ref) == 0.0
+    # relevant: passage 2 (4/4 words) and 3 (2/4 = the 0.5 threshold): precision@2 = 1/2, @3 = 2/3
+    assert scores.context_precision(passages, ref) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_rag_eval_scores_each_mode(tiny_bert, tmp_path, capsys):
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    qs = tmp_path / "qs.jsonl"
+    qs.write_text(
+        json.dumps({"question": "Which planet is red?", "doc_id": "space", "answer": "Mars is red"})
+        + "\n"
+        + json.dumps({"question": "What does bread need?", "doc_ids": ["food"]})
+        + "\n"
+    )
+    rc, out, err = run_cli(
+        ["rag", "eval", index, str(qs), "--k", "1,3", "--modes", "bm25,dense", "--json"], capsys
+    )
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["with_gold"] == 2 and result["with_answer"] == 1
+    bm25 = result["modes"]["bm25"]
+    assert bm25["recall@1"] == bm25["mrr"] == bm25["ndcg@3"] == 1.0
+    assert bm25["context_recall@1"] == 1.0  # "mars", "red" are in the top passage
+    assert set(result["modes"]["dense"]) == set(bm25)
+    rc, out, err = run_cli(["rag", "eval", index, str(qs), "--modes", "bm25"], capsys)
+    assert rc == 0 and "| bm25 | 1.000 |" in out
+    rc, _, err = run_cli(["rag", "eval", index, str(qs), "--k", "0"], capsys)
+    assert_user_error(rc, err, "--k")
+    rc, _, err = run_cli(["rag", "eval", index, str(qs), "--modes", "fuzzy"], capsys)
+    assert_user_error(rc, err, "--modes", "'fuzzy'")

@@ -64,6 +64,20 @@ def add_parser(sub, positive_int) -> None:
     rf.add_argument("--seed", type=int, default=0)
     rf.set_defaults(func="rag_raft")
 
+    ev = rsub.add_parser(
+        "eval",
+        help="score retrieval: recall@k, MRR, nDCG@k against gold documents; context recall/precision",
+        description="For each question row (question; gold document ids in doc_id, doc_ids or gold; "
+        "optionally the reference answer), retrieve from INDEX in each mode and average recall@k, MRR "
+        "and nDCG@k, and context recall and precision at the smallest k against the reference answer.",
+    )
+    ev.add_argument("index", metavar="INDEX")
+    ev.add_argument("questions", metavar="QUESTIONS", help="JSONL/CSV rows of questions")
+    ev.add_argument("--k", default="1,3,5,10", help="cut-offs, comma-separated (default 1,3,5,10)")
+    ev.add_argument("--modes", default="hybrid,dense,bm25", help="modes to compare (default all three)")
+    ev.add_argument("--json", action="store_true", help="print the scores as JSON")
+    ev.set_defaults(func="rag_eval")
+
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
     rm.add_argument("index", metavar="INDEX")
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
@@ -181,6 +195,37 @@ def _rag_raft(args) -> int:
         f"wrote {len(built)} rows to {args.out}: {oracle} with their oracle, {len(built) - oracle} without"
         + (f"; {short} rows got fewer than {args.distractors} distractors (small index)" if short else "")
     )
+    return 0
+
+
+def _rag_eval(args) -> int:
+    from strop.data.read import read_rows
+    from strop.rag.retrieval_eval import evaluate_retrieval
+    from strop.rag.search import MODES, Retriever
+
+    try:
+        ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+    except ValueError:
+        raise StropError(f"--k: expected whole numbers separated by commas, got {args.k!r}") from None
+    if not ks or ks[0] < 1:
+        raise StropError(f"--k: cut-offs must be at least 1, got {args.k!r}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise StropError(f"--modes: {bad[0] if bad else args.modes!r} is not one of {', '.join(MODES)}")
+    retriever = Retriever(args.index)
+    result = evaluate_retrieval(retriever, read_rows(args.questions), ks, modes)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    names = list(next(iter(result["modes"].values())))
+    print(
+        f"{result['questions']} questions ({result['with_gold']} with gold documents, "
+        f"{result['with_answer']} with a reference answer)"
+    )
+    print("| mode | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for mode, values in result["modes"].items():
+        print(f"| {mode} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
     return 0
 
 
