@@ -522,3 +522,118 @@ def test_rag_eval_scores_each_mode(tiny_bert, tmp_path, capsys):
     assert_user_error(rc, err, "--k")
     rc, _, err = run_cli(["rag", "eval", index, str(qs), "--modes", "fuzzy"], capsys)
     assert_user_error(rc, err, "--modes", "'fuzzy'")
+
+
+def test_rag_compare_answers_with_every_arm_and_scores_against_base(
+    tiny_llama, tiny_bert, alpaca_file, tmp_path, tmp_path_factory, capsys
+):
+    from conftest import tiny_config
+    from strop.api import LanguageModel
+    from strop.rag import scores
+    from strop.rag.prompt import with_context
+    from strop.recipes.run import train
+    from test_models import _lively_dir
+
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    run = train(
+        tiny_config(tiny_llama, alpaca_file, tmp_path / "runs", train={"max_steps": 2}), show_progress=False
+    )
+    qs = tmp_path / "qs.jsonl"
+    qs.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"question": "Which planet has rings?", "answer": "Saturn", "doc_id": "space"},
+                {"question": "What does bread need?", "answer": "flour and yeast", "doc_id": "food"},
+                {"question": "Do whales sing?", "answer": "yes, under water", "doc_id": "sea"},
+            ]
+        )
+    )
+    out = tmp_path / "cmp"
+    lively = str(_lively_dir(tmp_path_factory.getbasetemp(), "llama"))  # a base whose replies are not empty
+    argv = [
+        "rag",
+        "compare",
+        str(qs),
+        "--index",
+        index,
+        "--base",
+        lively,
+        "--tuned",
+        str(run.run_dir),
+        "--raft",
+        str(run.run_dir),
+        "--out",
+        str(out),
+        "--top-k",
+        "1",
+        "--mode",
+        "bm25",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    rc, stdout, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    result = json.loads((out / "compare.json").read_text())
+    names = [a["arm"] for a in result["arms"]]
+    assert names == ["base", "base + RAG", "fine-tuned", "fine-tuned + RAG", "RAFT + RAG"]
+    assert result["retrieval_recall"] == 1.0
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["sources"][0]["doc_id"] for a in answers] == ["space", "food", "sea"]
+    hits = Retriever(index).search("Which planet has rings?", 1, "bm25")
+    want = LanguageModel(lively, device="cpu").generate(
+        [[{"role": "user", "content": with_context("Which planet has rings?", hits)}]], 4, 0.0, 1.0, 1
+    )
+    assert answers[0]["base + RAG"] == want[0] and all(a["base"] and a["base + RAG"] for a in answers)
+    assert result["arms"][0]["scores"]["embedding"] != 0 and result["arms"][0]["cost"]["answer_tokens"] > 0
+    refs = [a["reference"] for a in answers]
+    for arm in result["arms"]:
+        f1 = sum(scores.token_f1(a[arm["arm"]], r) for a, r in zip(answers, refs, strict=True)) / 3
+        assert arm["scores"]["token_f1"] == pytest.approx(f1)
+        if arm["arm"] != "base":
+            d = arm["vs_base"]["token_f1"]
+            base_f1 = result["arms"][0]["scores"]["token_f1"]
+            assert d["diff"] == pytest.approx(f1 - base_f1) and d["ci"][0] <= d["diff"] <= d["ci"][1]
+        assert (arm["cost"]["index_seconds"] is not None) == arm["rag"]
+        assert (
+            arm["cost"]["train_seconds"] is None
+            if arm["target"] == lively
+            else arm["cost"]["train_seconds"] > 0
+        )
+    rag_prompt = result["arms"][1]["cost"]["prompt_tokens"]
+    assert rag_prompt > result["arms"][0]["cost"]["prompt_tokens"]  # the passages cost prompt tokens
+    assert "vs_base_rag" in result["arms"][3] and "vs_base_rag" in result["arms"][4]
+    md = (out / "compare.md").read_text()
+    assert "| RAFT + RAG |" in md and "**Verdict.**" in md and result["verdict"] in md
+    rc, _, err = run_cli(argv[:7] + ["--tuned", str(tmp_path), "--out", str(tmp_path / "c2")], capsys)
+    assert_user_error(rc, err, "not a strop run directory")
+
+
+def _arm(name: str, f1: float, lo: float, hi: float) -> dict:
+    d = {"token_f1": {"diff": f1 - 0.2, "ci": [lo, hi]}}
+    return {"arm": name, "scores": {"token_f1": f1}, "vs_base": {} if name == "base" else d, "vs_base_rag": d}
+
+
+def test_the_verdict_names_a_clear_winner_and_refuses_an_unclear_one():
+    from strop.rag.compare import verdict
+
+    clear = [
+        _arm("base", 0.2, 0, 0),
+        _arm("base + RAG", 0.5, 0.2, 0.4),
+        _arm("fine-tuned", 0.21, -0.05, 0.07),
+    ]
+    text = verdict(clear, "token_f1")
+    assert text.startswith("base + RAG answers best: token_f1 0.500 against the base model's 0.200, +0.300")
+    assert "Retrieval alone helps" in text and "Fine-tuning alone makes no clear difference" in text
+    unclear = [_arm("base", 0.2, 0, 0), _arm("base + RAG", 0.25, -0.01, 0.1)]
+    assert verdict(unclear, "token_f1").startswith("No arm is clearly better than the base model")

@@ -6,7 +6,7 @@ import shlex
 import sys
 
 from strop.cli.main import CONFIGS
-from strop.cli.rag import _rag_eval, _rag_index, _rag_query, _rag_raft, _rag_remove  # noqa: F401 - routed by name from main
+from strop.cli.rag import _rag_compare, _rag_eval, _rag_index, _rag_query, _rag_raft, _rag_remove  # noqa: F401 - routed by name from main
 from strop.core.errors import StropError
 
 

@@ -78,6 +78,36 @@ def add_parser(sub, positive_int) -> None:
     ev.add_argument("--json", action="store_true", help="print the scores as JSON")
     ev.set_defaults(func="rag_eval")
 
+    cp = rsub.add_parser(
+        "compare",
+        help="fine-tune, RAG or both? base / +RAG / fine-tuned / +RAG / RAFT + RAG on the same questions",
+        description="Answer held-out questions (question + reference answer rows; gold doc_id optional) "
+        "with each arm, greedily; score token F1, exact match, ROUGE-L and embedding cosine, each with "
+        "its paired-bootstrap interval against the base model; report costs and a verdict. Writes "
+        "OUT/compare.json, OUT/compare.md and OUT/answers.jsonl.",
+    )
+    cp.add_argument("questions", metavar="QUESTIONS", help="JSONL/CSV rows: question, answer[, doc_id]")
+    cp.add_argument("--index", required=True, metavar="INDEX")
+    cp.add_argument(
+        "--base", required=True, metavar="MODEL", help="the base model (catalogue name, folder, hub id)"
+    )
+    cp.add_argument("--tuned", metavar="RUN_DIR", help="a run fine-tuned on the questions' domain")
+    cp.add_argument("--raft", metavar="RUN_DIR", help="a run trained on `strop rag raft` rows")
+    cp.add_argument("--out", default="rag-compare", metavar="DIR", help="default ./rag-compare")
+    cp.add_argument("--top-k", type=positive_int, default=4)
+    cp.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    cp.add_argument(
+        "--metric",
+        choices=["token_f1", "exact_match", "rouge_l", "embedding"],
+        default="token_f1",
+        help="the metric the verdict is about (default token_f1)",
+    )
+    cp.add_argument("--limit", type=positive_int, help="the first N questions only")
+    cp.add_argument("--max-new-tokens", type=positive_int, default=128)
+    cp.add_argument("--batch-size", type=positive_int, default=8)
+    cp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    cp.set_defaults(func="rag_compare")
+
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
     rm.add_argument("index", metavar="INDEX")
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
@@ -214,7 +244,7 @@ def _rag_eval(args) -> int:
     if bad or not modes:
         raise StropError(f"--modes: {bad[0] if bad else args.modes!r} is not one of {', '.join(MODES)}")
     retriever = Retriever(args.index)
-    result = evaluate_retrieval(retriever, read_rows(args.questions), ks, modes)  # type: ignore[arg-type]
+    result = evaluate_retrieval(retriever, read_rows(args.questions), ks, modes)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -226,6 +256,44 @@ def _rag_eval(args) -> int:
     print("| mode | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for mode, values in result["modes"].items():
         print(f"| {mode} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
+    return 0
+
+
+def _rag_compare(args) -> int:
+    from pathlib import Path
+
+    from strop.core.io import atomic_write_text, check_output
+    from strop.data.read import read_rows
+    from strop.rag.compare import arms, compare
+    from strop.rag.search import Retriever
+    from strop.report.rag import compare_markdown
+
+    out = Path(args.out)
+    check_output(out, "--out", folder=True)
+    retriever = Retriever(args.index)
+    rows = read_rows(args.questions, limit=args.limit)
+    arm_list = arms(args.base, args.tuned, args.raft)
+    result = compare(
+        rows,
+        retriever,
+        arm_list,
+        args.top_k,
+        args.mode,
+        args.max_new_tokens,
+        args.batch_size,
+        args.device,
+        args.metric,
+    )
+    answers = result.pop("answers")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out / "answers.jsonl", "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
+    )
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=1) + "\n")
+    markdown = compare_markdown(result)
+    atomic_write_text(out / "compare.md", markdown)
+    print(markdown)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'answers.jsonl'}")
     return 0
 
 

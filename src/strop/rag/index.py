@@ -37,6 +37,7 @@ class Index:
     documents: dict[str, dict] = field(default_factory=dict)  # id -> {digest, source, chunks}
     chunks: list[Chunk] = field(default_factory=list)
     vectors: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
+    seconds: float = 0.0  # time spent chunking and embedding, over every update of the index
 
     @property
     def dim(self) -> int:
@@ -82,7 +83,15 @@ def load(folder: str | Path) -> Index:
         raise StropError(f"{folder}: index format {meta.get('format')!r}; this strop reads format {FORMAT}")
     if len(chunks) != vectors.shape[0]:
         raise StropError(f"{folder}: {len(chunks)} chunks but {vectors.shape[0]} vectors; build it again")
-    return Index(meta["model"], meta["chunk_size"], meta["chunk_overlap"], meta["documents"], chunks, vectors)
+    return Index(
+        meta["model"],
+        meta["chunk_size"],
+        meta["chunk_overlap"],
+        meta["documents"],
+        chunks,
+        vectors,
+        float(meta.get("seconds", 0.0)),
+    )
 
 
 def save(index: Index, folder: str | Path) -> None:
@@ -99,6 +108,7 @@ def save(index: Index, folder: str | Path) -> None:
             "chunk_overlap": index.overlap,
             "chunks": len(index.chunks),
             "documents": index.documents,
+            "seconds": round(index.seconds, 3),
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
@@ -150,6 +160,7 @@ def update(
     index.vectors = torch.stack(rows) if rows else torch.empty(0, embedder.dim)  # type: ignore[arg-type]
     index.documents, index.chunks = documents, chunks
     changes.seconds = time.time() - t0
+    index.seconds += changes.seconds
     return changes
 
 

@@ -12,8 +12,11 @@ INSTRUCTION = "Answer the question. Use the context where it helps; it may hold 
 
 
 class Passage(Protocol):
-    doc_id: str
-    text: str
+    @property
+    def doc_id(self) -> str: ...
+
+    @property
+    def text(self) -> str: ...
 
 
 def with_context(question: str, passages: Sequence[Passage]) -> str:

@@ -71,12 +71,11 @@ def evaluate_retrieval(retriever: Retriever, rows: list[Row], ks: list[int], mod
                     per.setdefault(f"recall@{k}", []).append(scores.recall_at_k(ranked, golds[i], k))
                     per.setdefault(f"ndcg@{k}", []).append(scores.ndcg_at_k(ranked, golds[i], k))
                 per.setdefault("mrr", []).append(scores.reciprocal_rank(ranked, golds[i]))
-            if answers[i]:
+            answer = answers[i]
+            if answer:
                 k = min(ks)
                 texts = [h.text for h in hits[:k]]
-                per.setdefault(f"context_recall@{k}", []).append(scores.context_recall(texts, answers[i]))
-                per.setdefault(f"context_precision@{k}", []).append(
-                    scores.context_precision(texts, answers[i])
-                )
+                per.setdefault(f"context_recall@{k}", []).append(scores.context_recall(texts, answer))
+                per.setdefault(f"context_precision@{k}", []).append(scores.context_precision(texts, answer))
         out["modes"][mode] = {name: float(np.mean(v)) for name, v in per.items()}
     return out
