@@ -637,3 +637,17 @@ def test_the_verdict_names_a_clear_winner_and_refuses_an_unclear_one():
     assert "Retrieval alone helps" in text and "Fine-tuning alone makes no clear difference" in text
     unclear = [_arm("base", 0.2, 0, 0), _arm("base + RAG", 0.25, -0.01, 0.1)]
     assert verdict(unclear, "token_f1").startswith("No arm is clearly better than the base model")
+
+
+def test_raft_oracle_from_the_index_is_the_documents_best_chunk(embedder, tmp_path):
+    from strop.data.read import Row
+    from strop.rag.raft import raft_rows
+
+    index = ix.Index(str(embedder.name), size=6, overlap=0)
+    ix.update(index, corpus(tmp_path, DOCS), CountingEmbedder(embedder))
+    retriever = Retriever(index, embedder)
+    row = Row({"doc_id": "space", "question": "What has rings of ice?", "answer": "Saturn"}, "qa.jsonl:1")
+    (built,) = raft_rows([row], retriever, oracle_fraction=1.0, distractors=1, mode="bm25")
+    prompt = built["messages"][0]["content"]
+    assert "(space) Saturn has rings of ice." in prompt and "Mars" not in prompt  # its second chunk only
+    assert built["raft"]["oracle"] and len(built["raft"]["passages"]) == 2

@@ -2,9 +2,12 @@
 as `--rag` will show them, so the tuned model learns to use the right passage and to ignore the rest.
 
 For a fraction P of the rows (chosen by the seed, exactly round(P * rows)) the passages are the oracle
-document plus K distractors; for the others, K distractors only, so the model also learns to answer
+plus K distractors; for the others, K distractors only, so the model also learns to answer
 when retrieval missed. Distractors are the index's best hits for the question that do not come from the
-oracle document (by its id in the index, or by equal text). Passages are shuffled, so the oracle's
+oracle document (by its id in the index, or by equal text), topped up with random chunks of other
+documents when retrieval finds too few. The oracle is the row's document text, or,
+when the row's `doc_id` names a document of the index, that document's chunk that best matches the
+question (so the oracle is as long as any passage and the prompt looks like inference's). Passages are shuffled, so the oracle's
 position teaches nothing. Rows are chat rows, trained with loss on the answer only.
 """
 
@@ -58,9 +61,12 @@ def raft_rows(
     for i, row in enumerate(rows):
         question = _field(row, FIELDS["question"], "question", None)
         answer = _field(row, FIELDS["answer"], "answer", None)
-        document = _field(row, DOCUMENT_FIELDS, "document", document_field)
         oracle_id = str(row.data.get("doc_id") or row.data.get("id") or f"oracle-{i}")
-        passages = _distractors(retriever, question, document, oracle_id, distractors, mode)
+        if oracle_id in retriever.index.documents and not document_field:
+            document = retriever.best_chunk(question, oracle_id, mode).text  # as long as any passage
+        else:
+            document = _field(row, DOCUMENT_FIELDS, "document", document_field)
+        passages = _distractors(retriever, question, document, oracle_id, distractors, mode, rng)
         if i in with_oracle:
             passages.append(Passage(oracle_id, document))
         rng.shuffle(passages)
@@ -81,7 +87,7 @@ def raft_rows(
 
 
 def _distractors(
-    retriever: Retriever, question: str, document: str, oracle_id: str, k: int, mode
+    retriever: Retriever, question: str, document: str, oracle_id: str, k: int, mode, rng: random.Random
 ) -> list[Passage]:
     if k == 0:
         return []
@@ -94,5 +100,10 @@ def _distractors(
             continue
         picked.append(Passage(hit.doc_id, hit.text))
         if len(picked) == k:
-            break
+            return picked
+    # retrieval ran short (BM25 finds no other chunk sharing a word): random chunks of other documents
+    others = [
+        c for c in retriever.index.chunks if c.doc_id != oracle_id and Passage(c.doc_id, c.text) not in picked
+    ]
+    picked += [Passage(c.doc_id, c.text) for c in rng.sample(others, min(k - len(picked), len(others)))]
     return picked

@@ -70,6 +70,15 @@ class Retriever:
             for rank, (i, s) in enumerate(zip(order[:top_k], scores[:top_k], strict=True), 1)
         ]
 
+    def best_chunk(self, query: str, doc_id: str, mode: Mode = "hybrid") -> Hit:
+        """The chunk of document `doc_id` that matches `query` best (BM25 in bm25 mode, else cosine)."""
+        mine = [i for i, c in enumerate(self.index.chunks) if c.doc_id == doc_id]
+        if not mine:
+            raise StropError(f"document id {doc_id!r} is not in the index")
+        scores = self.bm25.scores(query) if mode == "bm25" else self.dense_scores(query)
+        best = max(mine, key=lambda i: (float(scores[i]), -i))
+        return self._hit(1, best, float(scores[best]))
+
     def dense_scores(self, query: str) -> np.ndarray:
         q = self.embedder.embed([query])[0]
         return (self.index.vectors @ q).numpy()
