@@ -276,6 +276,13 @@ def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
     )
     assert_user_error(rc, err, "--chunk-size 400", "reads 256 tokens; use at most 254")
     assert not fresh.exists()
+    (docs / "b.md").unlink()  # b is removed already; index a alone with --sync, then a new c.md
+    (docs / "c.md").write_text("Cranes nest in marshes.")
+    rc, stdout, err = run_cli(
+        ["rag", "index", str(docs / "c.md"), "--out", out, "--sync", "--no-progress"], capsys
+    )
+    assert rc == 0, err
+    assert "1 documents, 1 chunks (1 added, 0 updated, 0 unchanged, 1 removed" in stdout
 
 
 def test_the_augmented_turn_is_rendered_by_the_template_with_passages_in_order(tokenizer):
@@ -651,3 +658,48 @@ def test_raft_oracle_from_the_index_is_the_documents_best_chunk(embedder, tmp_pa
     prompt = built["messages"][0]["content"]
     assert "(space) Saturn has rings of ice." in prompt and "Mars" not in prompt  # its second chunk only
     assert built["raft"]["oracle"] and len(built["raft"]["passages"]) == 2
+
+
+def test_eval_with_rag_scores_answers_to_the_augmented_prompts(tiny_llama, tiny_bert, tmp_path, capsys):
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        json.dumps({"instruction": "Which planet has rings of ice?", "output": "Saturn"})
+        + "\n"
+        + json.dumps({"instruction": "What does bread need?", "output": "Flour and yeast"})
+        + "\n"
+    )
+    out = tmp_path / "ev"
+    argv = [
+        "eval",
+        str(tiny_llama),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    rc, stdout, err = run_cli(argv + ["--rag", index, "--top-k", "1", "--rag-mode", "bm25"], capsys)
+    assert rc == 0, err
+    found = [json.loads(line) for line in (out / "sources.jsonl").read_text().splitlines()]
+    assert [f["sources"][0]["doc_id"] for f in found] == ["space", "food"]
+    assert found[0]["question"] == "Which planet has rings of ice?"
+    with_rag = json.loads((out / "summary.json").read_text())
+    rc, _, err = run_cli(
+        argv[:4] + ["--out", str(tmp_path / "plain"), "--max-new-tokens", "4", "--device", "cpu"], capsys
+    )
+    assert rc == 0, err
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert with_rag["loss"] != plain["loss"]  # the reference was scored after a different prompt
+    assert not (tmp_path / "plain" / "sources.jsonl").exists()

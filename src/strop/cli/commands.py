@@ -306,10 +306,24 @@ def _eval(args) -> int:
         )
     except ValueError as e:
         raise StropError(f"strop eval: {e}") from None
+    from strop.cli.rag import retriever_for
+
     out = Path(args.out) if args.out else default_eval_dir(args.target, args.data)
     _check_out(str(out), folder=True)
+    retriever = retriever_for(args)
     s = evaluate_model_on_file(
-        args.target, args.data, ev, out, args.max_length, args.format, args.device, True, args.quantize
+        args.target,
+        args.data,
+        ev,
+        out,
+        args.max_length,
+        args.format,
+        args.device,
+        True,
+        args.quantize,
+        retriever,
+        args.top_k,
+        args.rag_mode,
     )
     scores = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
     loss = f"loss {s['loss']:.4f}, ppl {s['ppl']:.2f}, " if s["loss"] is not None else ""
@@ -317,6 +331,8 @@ def _eval(args) -> int:
         f"{s['examples']} examples in {s['seconds']:.0f} s ({s['examples_per_s']:.2f} examples/s): {loss}{scores}"
     )
     print(f"wrote {out / 'summary.json'} and {out / 'predictions.jsonl'}")
+    if retriever is not None:
+        print(f"passages of each prompt: {out / 'sources.jsonl'}")
     return 0
 
 

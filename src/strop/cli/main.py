@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="output folder (default: RUN_DIR/eval-DATA or ./eval-DATA)")
     _sampling_args(e, temperature=0.0, max_new_tokens=256)
     _quantize_arg(e)
+    rag.retrieval_args(e)
     e.set_defaults(func="eval")
 
     r = sub.add_parser(

@@ -40,3 +40,17 @@ def augment(messages: list[dict], passages: Sequence[Passage]) -> list[dict]:
 def sources(hits) -> list[dict]:
     """What a reply is returned with: each passage's document id, chunk number and score."""
     return [{"doc_id": h.doc_id, "chunk": h.chunk, "score": round(h.score, 6)} for h in hits]
+
+
+def augment_examples(examples: list, retriever, top_k: int, mode) -> tuple[list, list[dict]]:
+    """Evaluation examples (eval/examples.EvalExample) whose last user turn carries its passages, and
+    one {id, question, sources} row per example."""
+    from dataclasses import replace
+
+    out, rows = [], []
+    for ex in examples:
+        question = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), "")
+        hits = retriever.search(question, top_k, mode) if question else []
+        out.append(replace(ex, prompt=tuple(augment(list(ex.prompt), hits))))
+        rows.append({"id": ex.id, "question": question, "sources": sources(hits)})
+    return out, rows

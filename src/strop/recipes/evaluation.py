@@ -7,6 +7,7 @@ The end-of-run evaluation scores data.test when the config has one, else the val
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -118,13 +119,28 @@ def evaluate_model_on_file(
     device: str = "auto",
     progress: bool = True,
     quantize: str | None = None,
+    retriever=None,
+    top_k: int = 4,
+    rag_mode: str = "hybrid",
 ) -> dict:
     """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name).
-    Metrics and data are checked before the model loads, so a typo costs no loading time."""
+    Metrics and data are checked before the model loads, so a typo costs no loading time. With a
+    `retriever` (`--rag`), each prompt carries its passages and OUT/sources.jsonl lists them."""
     examples = file_examples(data, ev, fmt)
+    found: list[dict] = []
+    if retriever is not None:
+        from strop.rag.prompt import augment_examples
+
+        examples, found = augment_examples(examples, retriever, top_k, rag_mode)
     loaded = load_for_inference(target, device, quantize=quantize)
     with torch.no_grad():
-        return evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
+        summary = evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
+    if retriever is not None:
+        from strop.core.io import atomic_write_text
+
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
+        atomic_write_text(out_dir / "sources.jsonl", lines)
+    return summary
 
 
 def file_examples(data: str, ev: EvalConfig, fmt: str = "auto") -> list:
