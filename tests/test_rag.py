@@ -703,3 +703,45 @@ def test_eval_with_rag_scores_answers_to_the_augmented_prompts(tiny_llama, tiny_
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert with_rag["loss"] != plain["loss"]  # the reference was scored after a different prompt
     assert not (tmp_path / "plain" / "sources.jsonl").exists()
+
+
+def test_serve_with_rag_answers_with_passages_and_returns_their_sources(
+    tiny_bert, tmp_path, tmp_path_factory, capsys
+):
+    from strop.models.generate import generate
+    from strop.models.inference import load_for_inference
+    from strop.rag.prompt import augment
+    from test_models import _lively_dir
+    from test_serve import running
+
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
+    index = str(tmp_path / "idx")
+    assert (
+        run_cli(
+            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
+        )[0]
+        == 0
+    )
+    lively = _lively_dir(tmp_path_factory.getbasetemp(), "llama")
+    retriever = Retriever(index)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Which planet has rings of ice?"},
+    ]
+    with running(lively, rag=(retriever, 1, "bm25")) as s:
+        reply = s.client.chat.completions.create(
+            model=s.client.models.list().data[0].id, messages=conversation, max_tokens=6, temperature=0
+        )
+        assert reply.model_extra["sources"][0]["doc_id"] == "space"
+        stream = s.client.chat.completions.create(
+            model=reply.model, messages=conversation, max_tokens=6, temperature=0, stream=True
+        )
+        chunks = list(stream)
+        assert chunks[0].model_extra["sources"][0]["doc_id"] == "space"
+        assert all("sources" not in (c.model_extra or {}) for c in chunks[1:])
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    loaded = load_for_inference(str(lively), device="cpu")
+    hits = retriever.search("Which planet has rings of ice?", 1, "bm25")
+    want = generate(loaded.model, loaded.template, [augment(conversation, hits)], max_new_tokens=6)[0]
+    assert reply.choices[0].message.content.strip() == want == streamed.strip()  # generate() strips

@@ -50,12 +50,12 @@ def lively(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def running(target, adapters=None, limits=None, api_key=None, quantize=None):
+def running(target, adapters=None, limits=None, api_key=None, quantize=None, rag=None):
     import uvicorn
 
     limits = limits or Limits()
     app, engine, variants = build(
-        str(target), adapters or {}, limits, api_key, device="cpu", quantize=quantize
+        str(target), adapters or {}, limits, api_key, device="cpu", quantize=quantize, rag=rag
     )
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))

@@ -409,7 +409,20 @@ def _serve(args) -> int:
         queue=args.queue,
         max_batch=args.max_batch,
     )
-    serve(args.target, adapters, args.host, args.port, args.api_key, limits, args.device, args.quantize)
+    from strop.cli.rag import retriever_for
+
+    rag = retriever_for(args)
+    serve(
+        args.target,
+        adapters,
+        args.host,
+        args.port,
+        args.api_key,
+        limits,
+        args.device,
+        args.quantize,
+        rag=(rag, args.top_k, args.rag_mode) if rag else None,
+    )
     return 0
 
 

@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-tokens", type=_positive_int, help="default: the model's context length")
     sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     _quantize_arg(sv)
+    rag.retrieval_args(sv)
     sv.set_defaults(func="serve")
 
     e = sub.add_parser(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from strop.core.errors import DataError
 from strop.data.read import Row
 from strop.rag.prompt import with_context
-from strop.rag.search import Retriever
+from strop.rag.search import Mode, Retriever
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def raft_rows(
     oracle_fraction: float,
     distractors: int,
     seed: int = 0,
-    mode: str = "hybrid",
+    mode: Mode = "hybrid",
     document_field: str | None = None,
 ) -> list[dict]:
     if not 0 <= oracle_fraction <= 1:

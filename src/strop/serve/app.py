@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from strop.core.errors import StropError
 from strop.models.engine import Engine
 from strop.models.engine import Request as Job
+from strop.rag.prompt import augment, sources
 from strop.serve.limits import ChatRequest, CompletionRequest, Limits
 from strop.serve.variants import Variant
 
@@ -44,7 +45,16 @@ class ApiError(Exception):
         return JSONResponse({"error": body}, status_code=self.status, headers=headers)
 
 
-def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_key: str | None) -> FastAPI:
+def build_app(
+    engine: Engine,
+    variants: dict[str, Variant],
+    limits: Limits,
+    api_key: str | None,
+    rag: tuple | None = None,
+) -> FastAPI:
+    """`rag`: (Retriever, top_k, mode): chat requests are answered with passages for their last user
+    turn (rag/prompt.augment), and the response carries them as a top-level "sources" list (the first
+    chunk of a stream does)."""
     context = engine.max_length
 
     @asynccontextmanager
@@ -187,8 +197,15 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
     async def chat(request: Request):
         body = await read(request, ChatRequest)
         v = variant(body.model)
-        todo = jobs(body, [render(v, body.conversation())], v)
-        return await _respond(todo, body, v, asyncio.get_running_loop(), chat=True)
+        conversation = body.conversation()
+        extra: dict = {}
+        if rag is not None:
+            retriever, top_k, mode = rag
+            question = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
+            hits = await asyncio.to_thread(retriever.search, question, top_k, mode) if question else []
+            conversation, extra = augment(conversation, hits), {"sources": sources(hits)}
+        todo = jobs(body, [render(v, conversation)], v)
+        return await _respond(todo, body, v, asyncio.get_running_loop(), chat=True, extra=extra)
 
     @app.post("/v1/completions")
     async def complete(request: Request):
@@ -200,7 +217,7 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
             raise ApiError(400, "prompt: empty", param="prompt")
         return await _respond(jobs(body, prompts, v), body, v, asyncio.get_running_loop(), chat=False)
 
-    async def _respond(todo: list[Job], body, v: Variant, loop, chat: bool):
+    async def _respond(todo: list[Job], body, v: Variant, loop, chat: bool, extra: dict | None = None):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
@@ -211,7 +228,7 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
             for job in todo:
                 engine.submit(job)
             return StreamingResponse(
-                _events(pieces, todo, body, v, rid, created, chat),
+                _events(pieces, todo, body, v, rid, created, chat, extra or {}),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -242,15 +259,20 @@ def build_app(engine: Engine, variants: dict[str, Variant], limits: Limits, api_
             "model": v.name,
             "choices": choices,
             "usage": _usage(todo),
+            **(extra or {}),
         }
 
-    async def _events(pieces, todo, body, v, rid, created, chat) -> AsyncIterator[str]:
+    async def _events(pieces, todo, body, v, rid, created, chat, extra: dict) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        first = [True]
 
         def event(choices, usage=None) -> str:
             data = {"id": rid, "object": kind, "created": created, "model": v.name, "choices": choices}
             if usage is not None:
                 data["usage"] = usage
+            if first[0]:
+                data |= extra
+                first[0] = False
             return f"data: {json.dumps(data)}\n\n"
 
         fresh = set(range(len(todo)))  # choices whose first delta still has to say role=assistant

@@ -59,8 +59,10 @@ def build(
     api_key: str | None,
     device: str = "auto",
     quantize: str | None = None,
+    rag: tuple | None = None,
 ):
-    """The app, its engine and the served variants (the engine starts with the app)."""
+    """The app, its engine and the served variants (the engine starts with the app). `rag`:
+    (Retriever, top_k, mode) to answer chat requests with retrieved passages."""
     from strop.models.engine import Engine
     from strop.serve.app import build_app
     from strop.serve.variants import load_variants
@@ -73,7 +75,9 @@ def build(
         loaded.model = quantize_model(loaded.model, quantize, merge=not adapters)
     first = next(iter(variants.values()))
     engine = Engine(loaded.model, loaded.tokenizer, first.template.stop_ids, max_batch=limits.max_batch)
-    return build_app(engine, variants, limits, api_key), engine, variants
+    if rag is not None:
+        rag[0].search("warm up", 1, rag[2])  # loads the encoder and BM25 before the first request
+    return build_app(engine, variants, limits, api_key, rag), engine, variants
 
 
 def serve(
@@ -86,13 +90,14 @@ def serve(
     device: str = "auto",
     quantize: str | None = None,
     drain_seconds: int = 60,
+    rag: tuple | None = None,
 ) -> None:
     import uvicorn
 
     limits = limits or Limits()
     key = api_key_for(host, api_key)
     sock = bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
-    app, _, variants = build(target, adapters, limits, key, device, quantize)
+    app, _, variants = build(target, adapters, limits, key, device, quantize, rag)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {', '.join(variants)} at http://{shown}:{bound}/v1", file=sys.stderr, flush=True)
