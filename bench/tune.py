@@ -5,7 +5,7 @@
     python bench/tune.py --only sft           # alpaca instructions, SmolLM2-135M-Instruct + LoRA
 
 Each search splits its shared dataset with `strop data prepare` (80/10/10, deduplicated, stratified),
-runs the example config in examples/tune/ (12 trials, TPE, median pruning), refits the best and the
+runs the example config in examples/tune/ (TPE, median pruning; 12 trials for sentiment, 8 for SFT), refits the best and the
 default config and prints: trials by state, the steps pruning saved, wall time, the best parameters,
 and default vs best on the held-out test set with the paired-bootstrap interval of the difference.
 """

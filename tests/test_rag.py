@@ -172,6 +172,17 @@ DOCS = {
 }
 
 
+def build_index(tmp_path, encoder, capsys, docs: dict[str, str]) -> str:
+    """`strop rag index` over {id: text} rows with the tiny encoder; the index folder."""
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    index = str(tmp_path / "idx")
+    argv = ["rag", "index", str(rows), "--out", index, "--model", str(encoder), "--no-progress"]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    return index
+
+
 def test_update_embeds_only_new_chunk_texts_and_remove_removes(embedder, tmp_path):
     counting = CountingEmbedder(embedder)
     index = ix.Index(str(embedder.name), size=6, overlap=0)
@@ -314,13 +325,7 @@ def test_generate_with_rag_answers_the_augmented_prompt_and_names_its_sources(
     from strop.api import LanguageModel
     from strop.rag.prompt import with_context
 
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    rc, _, err = run_cli(
-        ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-    )
-    assert rc == 0, err
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     question = "Which planet has rings of ice?"
     rc, out, err = run_cli(
         [
@@ -363,15 +368,7 @@ def test_chat_with_rag_augments_each_turn_but_keeps_the_history_plain(
     import strop.models.generate as gen
     from strop.rag.prompt import with_context
 
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     turns = iter(["Tell me about whales.", "And bread?", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(turns))
     seen = []
@@ -407,15 +404,7 @@ def test_raft_rows_have_the_oracle_in_the_asked_fraction_and_distractors_from_el
     tiny_bert, tmp_path, capsys
 ):
     topics = {f"t{i}": f"Topic {i} fact: the number {i} is lucky in village {i}." for i in range(12)}
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in topics.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, topics)
     qa = tmp_path / "qa.jsonl"
     qa.write_text(
         "".join(
@@ -497,15 +486,7 @@ def test_retrieval_and_answer_scores_equal_hand_computed_values():
 
 
 def test_rag_eval_scores_each_mode(tiny_bert, tmp_path, capsys):
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     qs = tmp_path / "qs.jsonl"
     qs.write_text(
         json.dumps({"question": "Which planet is red?", "doc_id": "space", "answer": "Mars is red"})
@@ -541,15 +522,7 @@ def test_rag_compare_answers_with_every_arm_and_scores_against_base(
     from strop.recipes.run import train
     from test_models import _lively_dir
 
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     run = train(
         tiny_config(tiny_llama, alpaca_file, tmp_path / "runs", train={"max_steps": 2}), show_progress=False
     )
@@ -661,15 +634,7 @@ def test_raft_oracle_from_the_index_is_the_documents_best_chunk(embedder, tmp_pa
 
 
 def test_eval_with_rag_scores_answers_to_the_augmented_prompts(tiny_llama, tiny_bert, tmp_path, capsys):
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     data = tmp_path / "qa.jsonl"
     data.write_text(
         json.dumps({"instruction": "Which planet has rings of ice?", "output": "Saturn"})
@@ -714,15 +679,7 @@ def test_serve_with_rag_answers_with_passages_and_returns_their_sources(
     from test_models import _lively_dir
     from test_serve import running
 
-    rows = tmp_path / "docs.jsonl"
-    rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in DOCS.items()))
-    index = str(tmp_path / "idx")
-    assert (
-        run_cli(
-            ["rag", "index", str(rows), "--out", index, "--model", str(tiny_bert), "--no-progress"], capsys
-        )[0]
-        == 0
-    )
+    index = build_index(tmp_path, tiny_bert, capsys, DOCS)
     lively = _lively_dir(tmp_path_factory.getbasetemp(), "llama")
     retriever = Retriever(index)
     conversation = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from strop.report.document import duration, image, note, num, section, table, text, warning, write_document
+from strop.report.document import duration, image, note, section, table, text, warning, write_document
 from strop.report.plots import FIGSIZE, SHORT_FIGSIZE, new_figure, to_png
 
 
@@ -131,9 +131,9 @@ def _refit_section(refit: dict) -> dict:
         rows.append(
             [
                 m["name"],
-                num(m.get("base")),
-                num(m["default"]),
-                num(m["best"]),
+                _score(m.get("base")),
+                _score(m["default"]),
+                _score(m["best"]),
                 _diff(m.get("best_vs_default")),
                 _diff(m.get("best_vs_base")),
             ]
@@ -143,11 +143,16 @@ def _refit_section(refit: dict) -> dict:
     return section("Held-out test: base vs default vs best", blocks)
 
 
+def _score(x: float | None, signed: bool = False) -> str:
+    """Test metrics of close configs differ in the third decimal: three, fixed, so a column lines up."""
+    return "—" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
 def _diff(d: dict | None) -> str:
     if not d:
         return "—"
     lo, hi = d["ci"]
-    return f"{num(d['diff'], signed=True)} ({num(lo, signed=True)} to {num(hi, signed=True)})"
+    return f"{_score(d['diff'], True)} ({_score(lo, True)} to {_score(hi, True)})"
 
 
 def _objective(v) -> str:
