@@ -355,3 +355,18 @@ def test_sigterm_stops_the_running_trial_and_queues_it_again(base, tmp_path):
     assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["interrupted"]
     assert [t.state for t in rest] == [optuna.trial.TrialState.WAITING]  # queued again, same parameters
     assert rest[0].params == first.params or rest[0].system_attrs["fixed_params"] == first.params
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_example_configs_load_and_their_search_spaces_check(path):
+    from strop.core.config import load_config
+    from strop.tune.search import prepare
+
+    cfg = load_config(str(path))
+    assert path.read_text().startswith("#"), "an example config starts with a comment saying what it does"
+    if cfg.search is not None:
+        params, objective, base = prepare(cfg, cfg.search)
+        assert {p.key for p in params} == set(cfg.search.space) and "search" not in base
