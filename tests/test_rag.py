@@ -702,3 +702,27 @@ def test_serve_with_rag_answers_with_passages_and_returns_their_sources(
     hits = retriever.search("Which planet has rings of ice?", 1, "bm25")
     want = generate(loaded.model, loaded.template, [augment(conversation, hits)], max_new_tokens=6)[0]
     assert reply.choices[0].message.content.strip() == want == streamed.strip()  # generate() strips
+
+
+def test_approximate_search_finds_what_exact_search_finds():
+    from strop.rag.chunk import Chunk
+
+    pytest.importorskip("usearch")
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(500, 16, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(20, 16, generator=gen), dim=1)
+    chunks = [Chunk(f"d{i}", 0, 0, 1, f"text {i}", 1) for i in range(500)]
+    index = ix.Index("fake", 8, 0, {f"d{i}": {"source": "s"} for i in range(500)}, chunks, vectors)
+
+    class Fixed:  # the "encoder": query text i -> the i-th random query vector
+        def embed(self, texts):
+            return queries[[int(t) for t in texts]]
+
+    exact, approx = Retriever(index, Fixed()), Retriever(index, Fixed(), approximate=True)
+    overlap = []
+    for i in range(20):
+        a = [(h.doc_id, round(h.score, 5)) for h in exact.search(str(i), top_k=5, mode="dense")]
+        b = [(h.doc_id, round(h.score, 5)) for h in approx.search(str(i), top_k=5, mode="dense")]
+        assert b[0] == a[0]  # the nearest chunk, with its cosine
+        overlap.append(len(set(a) & set(b)) / 5)
+    assert sum(overlap) / len(overlap) >= 0.95

@@ -43,6 +43,11 @@ def add_parser(sub, positive_int) -> None:
     q.add_argument("--top-k", type=positive_int, default=4, help="hits to print (default 4)")
     q.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
+    q.add_argument(
+        "--approximate",
+        action="store_true",
+        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
+    )
     q.set_defaults(func="rag_query")
 
     rf = rsub.add_parser(
@@ -76,6 +81,11 @@ def add_parser(sub, positive_int) -> None:
     ev.add_argument("--k", default="1,3,5,10", help="cut-offs, comma-separated (default 1,3,5,10)")
     ev.add_argument("--modes", default="hybrid,dense,bm25", help="modes to compare (default all three)")
     ev.add_argument("--json", action="store_true", help="print the scores as JSON")
+    ev.add_argument(
+        "--approximate",
+        action="store_true",
+        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
+    )
     ev.set_defaults(func="rag_eval")
 
     cp = rsub.add_parser(
@@ -96,6 +106,11 @@ def add_parser(sub, positive_int) -> None:
     cp.add_argument("--out", default="rag-compare", metavar="DIR", help="default ./rag-compare")
     cp.add_argument("--top-k", type=positive_int, default=4)
     cp.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    cp.add_argument(
+        "--approximate",
+        action="store_true",
+        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
+    )
     cp.add_argument(
         "--metric",
         choices=["token_f1", "exact_match", "rouge_l", "embedding"],
@@ -119,6 +134,11 @@ def retrieval_args(p) -> None:
     p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
     p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
     p.add_argument("--rag-mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    p.add_argument(
+        "--rag-approximate",
+        action="store_true",
+        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
+    )
 
 
 def retriever_for(args):
@@ -129,7 +149,7 @@ def retriever_for(args):
         raise StropError(f"--top-k: must be at least 1, got {args.top_k}")
     from strop.rag.search import Retriever
 
-    return Retriever(args.rag)
+    return Retriever(args.rag, approximate=args.rag_approximate)
 
 
 def _rag_index(args) -> int:
@@ -181,7 +201,9 @@ def _rag_index(args) -> int:
 def _rag_query(args) -> int:
     from strop.rag.search import Retriever
 
-    hits = Retriever(args.index).search(args.text, top_k=args.top_k, mode=args.mode)
+    hits = Retriever(args.index, approximate=args.approximate).search(
+        args.text, top_k=args.top_k, mode=args.mode
+    )
     for h in hits:
         if args.json:
             print(
@@ -243,7 +265,7 @@ def _rag_eval(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise StropError(f"--modes: {bad[0] if bad else args.modes!r} is not one of {', '.join(MODES)}")
-    retriever = Retriever(args.index)
+    retriever = Retriever(args.index, approximate=args.approximate)
     result = evaluate_retrieval(retriever, read_rows(args.questions), ks, modes)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -270,7 +292,7 @@ def _rag_compare(args) -> int:
 
     out = Path(args.out)
     check_output(out, "--out", folder=True)
-    retriever = Retriever(args.index)
+    retriever = Retriever(args.index, approximate=args.approximate)
     rows = read_rows(args.questions, limit=args.limit)
     arm_list = arms(args.base, args.tuned, args.raft)
     result = compare(

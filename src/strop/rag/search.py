@@ -5,6 +5,7 @@ rankings of 1 / (60 + rank)), so a chunk either method ranks high comes first.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from strop.rag.lexical import BM25
 Mode = Literal["hybrid", "dense", "bm25"]
 MODES: tuple[Mode, ...] = ("hybrid", "dense", "bm25")
 RRF_K = 60
+log = logging.getLogger("strop.rag")
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,16 @@ class Hit:
 
 
 class Retriever:
-    """An index loaded for queries; the encoder is loaded only when a mode needs it."""
+    """An index loaded for queries; the encoder is loaded only when a mode needs it. `approximate`:
+    dense hits from an HNSW graph (usearch) built over the vectors on first use, instead of the exact
+    matrix product: sub-linear per query on large indexes, at a small loss of recall."""
 
-    def __init__(self, index: Index | str | Path, embedder=None) -> None:
+    def __init__(self, index: Index | str | Path, embedder=None, approximate: bool = False) -> None:
         self.index = index if isinstance(index, Index) else load(index)
         self._embedder = embedder
         self._bm25: BM25 | None = None
+        self.approximate = approximate
+        self._ann = None
 
     @property
     def embedder(self):
@@ -60,7 +66,7 @@ class Retriever:
         if not self.index.chunks or not query.strip():
             return []
         if mode == "dense":
-            order, scores = _ranked(self.dense_scores(query))
+            order, scores = self._dense_top(query, top_k)
         elif mode == "bm25":
             order, scores = _ranked(self.bm25.scores(query), positive=True)
         else:
@@ -83,9 +89,34 @@ class Retriever:
         q = self.embedder.embed([query])[0]
         return (self.index.vectors @ q).numpy()
 
+    def _dense_top(self, query: str, depth: int) -> tuple[list[int], list[float]]:
+        """The `depth` chunks nearest to the query, by cosine (exact, or from the HNSW graph)."""
+        if not self.approximate:
+            order, scores = _ranked(self.dense_scores(query))
+            return order[:depth], scores[:depth]
+        q = self.embedder.embed([query])[0].numpy()
+        found = self._graph().search(q, min(depth, len(self.index.chunks)))
+        return [int(k) for k in found.keys], [
+            1.0 - float(d) for d in found.distances
+        ]  # ip distance = 1 - cos
+
+    def _graph(self):
+        if self._ann is None:
+            try:
+                from usearch.index import Index as HNSW
+            except ImportError:
+                raise StropError("approximate search needs usearch: pip install usearch") from None
+            vectors = self.index.vectors.numpy()
+            log.info("building the approximate (HNSW) index over %d chunks", len(vectors))
+            self._ann = HNSW(
+                ndim=vectors.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_search=64
+            )
+            self._ann.add(np.arange(len(vectors)), vectors)
+        return self._ann
+
     def _fused(self, query: str, depth: int) -> tuple[list[int], list[float]]:
         fused: dict[int, float] = {}
-        for order, _ in (_ranked(self.dense_scores(query)), _ranked(self.bm25.scores(query), positive=True)):
+        for order, _ in (self._dense_top(query, depth), _ranked(self.bm25.scores(query), positive=True)):
             for rank, i in enumerate(order[:depth], 1):
                 fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
         best = sorted(fused, key=lambda i: (-fused[i], i))
