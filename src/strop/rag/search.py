@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class Retriever:
         self._embedder = embedder
         self._bm25: BM25 | None = None
         self.approximate = approximate
-        self._ann = None
+        self._ann: Any = None  # usearch.index.Index, built on first use
 
     @property
     def embedder(self):
