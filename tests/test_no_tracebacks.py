@@ -82,6 +82,10 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("rag index malformed rows", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp / "idx")]),
         ("rag index out is a file", ["rag", "index", str(tmp / "rows.jsonl"), "--out", file]),
         ("rag index out holds other files", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp)]),
+        (
+            "rag index --rebuild over other files",
+            ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp), "--rebuild"],
+        ),
         ("rag query not an index", ["rag", "query", str(tmp / "not-a-run"), "what?"]),
         ("rag remove not an index", ["rag", "remove", str(tmp / "not-a-run"), "doc"]),
         ("tune missing config", ["tune", missing + ".yaml"]),

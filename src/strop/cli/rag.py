@@ -162,9 +162,11 @@ def _rag_index(args) -> int:
 
     out = Path(args.out).expanduser()
     check_output(out, "--out", folder=True)
-    existing = None if args.rebuild or not (out / "index.json").exists() else ix.load(out)
-    if out.is_dir() and existing is None and not args.rebuild and any(out.iterdir()):
+    if (
+        out.is_dir() and not (out / "index.json").exists() and any(out.iterdir())
+    ):  # never replace others' files
         raise StropError(f"--out {args.out}: folder is not empty and holds no strop index; give a new folder")
+    existing = None if args.rebuild or not (out / "index.json").exists() else ix.load(out)
     model = args.model or (existing.model if existing else DEFAULT_MODEL)
     size = args.chunk_size or (existing.size if existing else 200)
     overlap = (
