@@ -6,8 +6,8 @@
 
 For each dataset: documents go into an index (MedQuAD: every answer, an NIH page passage; PubMedQA:
 every abstract's context); a seeded set of questions is held out from training, their documents in the
-index. SmolLM2-135M-Instruct + LoRA is fine-tuned on the other questions (plain SFT) and on RAFT rows built
-from them; then `strop rag compare` answers the held-out questions with base / base + RAG / fine-tuned /
+index. SmolLM2-135M-Instruct + LoRA is fine-tuned on the other questions (examples/rag/sft.yaml) and on
+RAFT rows built from them (examples/rag/raft.yaml); then `strop rag compare` answers the held-out questions with base / base + RAG / fine-tuned /
 fine-tuned + RAG / RAFT + RAG. Also `strop rag eval` for the retrieval alone. Resumable: finished steps
 are kept in --work.
 """
@@ -21,8 +21,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -68,22 +66,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def train_config(name: str, data: Path, out: Path, max_length: int, steps: int) -> dict:
-    return {
-        "name": name,
-        "output_dir": str(out),
-        "model": {"name": "smollm2-135m-instruct"},
-        "data": {"train": [str(data)], "val_fraction": 0.05, "max_length": max_length},
-        "method": {
-            "name": "lora",
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        },
-        "optim": {"lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 5, "grad_clip": 1.0},
-        "train": {"batch_size": 8, "max_steps": steps, "eval_every": steps, "seed": 0},
-        "eval": {"enabled": False},
-    }
-
-
 def run(name: str, work: Path, args) -> dict:
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
@@ -127,14 +109,22 @@ def run(name: str, work: Path, args) -> dict:
             "0.8",
         )
     runs = {}
-    for arm, data, length in (("sft", sft, 384), ("raft", d / "raft.jsonl", 1024)):
-        run_dir = d / "runs" / arm
+    for arm, data in (("sft", sft), ("raft", d / "raft.jsonl")):  # the shipped examples/rag configs
+        run_dir = d / "runs" / f"rag-{arm}"
         if not (run_dir / "result.json").is_file():
-            cfg = d / f"{arm}.yaml"
-            cfg.write_text(
-                yaml.safe_dump(train_config(arm, data, d / "runs", length, args.steps), sort_keys=False)
+            strop(
+                "train",
+                str(ROOT / "examples" / "rag" / f"{arm}.yaml"),
+                "--no-progress",
+                "--set",
+                f"data.train=[{data}]",
+                "--set",
+                f"output_dir={d / 'runs'}",
+                "--set",
+                f"train.max_steps={args.steps}",
+                "--set",
+                f"train.eval_every={args.steps}",
             )
-            strop("train", str(cfg), "--no-progress")
         runs[arm] = run_dir
     strop(
         "rag",
