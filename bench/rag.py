@@ -73,10 +73,7 @@ def run(name: str, work: Path, args) -> dict:
     held_out, train_rows = qa[: args.questions], qa[args.questions :][: args.train_rows]
     write_jsonl(d / "docs.jsonl", docs)
     questions = write_jsonl(d / "questions.jsonl", held_out)
-    sft = write_jsonl(
-        d / "sft.jsonl", [{"instruction": r["question"], "output": r["answer"]} for r in train_rows]
-    )
-    raft_src = write_jsonl(d / "raft-source.jsonl", train_rows)
+    qa_train = write_jsonl(d / "qa-train.jsonl", train_rows)  # {question, answer, doc_id}: SFT and RAFT rows
     timings: dict[str, float] = {}
     index = d / "index"
     if not (index / "index.json").is_file():
@@ -98,7 +95,7 @@ def run(name: str, work: Path, args) -> dict:
         strop(
             "rag",
             "raft",
-            str(raft_src),
+            str(qa_train),
             "--index",
             str(index),
             "--out",
@@ -109,7 +106,7 @@ def run(name: str, work: Path, args) -> dict:
             "0.8",
         )
     runs = {}
-    for arm, data in (("sft", sft), ("raft", d / "raft.jsonl")):  # the shipped examples/rag configs
+    for arm, data in (("sft", qa_train), ("raft", d / "raft.jsonl")):  # the shipped examples/rag configs
         run_dir = d / "runs" / f"rag-{arm}"
         if not (run_dir / "result.json").is_file():
             strop(
