@@ -1,6 +1,6 @@
 """Layering a tool checks: each package imports only from layers below it; siblings stay independent.
 
-cli -> api -> recipes -> {training | eval | report | export | serve} -> methods -> models -> data -> core
+cli -> api -> recipes -> {training | eval | report | export | serve} -> {methods | rag} -> models -> data -> core
 (`strop/api.py`, the public Python API, is a module with a layer of its own.)
 """
 
@@ -15,6 +15,7 @@ RANK = {
     "data": 1,
     "models": 2,
     "methods": 3,
+    "rag": 3,  # documents -> chunks -> index -> hits; the comparison of arms is a recipe (rag_compare)
     "training": 4,
     "eval": 4,
     "report": 4,

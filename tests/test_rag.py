@@ -605,7 +605,7 @@ def _arm(name: str, f1: float, lo: float, hi: float) -> dict:
 
 
 def test_the_verdict_names_a_clear_winner_and_refuses_an_unclear_one():
-    from strop.rag.compare import verdict
+    from strop.recipes.rag_compare import verdict
 
     clear = [
         _arm("base", 0.2, 0, 0),

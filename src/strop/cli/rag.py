@@ -288,8 +288,8 @@ def _rag_compare(args) -> int:
 
     from strop.core.io import atomic_write_text, check_output
     from strop.data.read import read_rows
-    from strop.rag.compare import arms, compare
     from strop.rag.search import Retriever
+    from strop.recipes.rag_compare import arms, compare
     from strop.report.rag import compare_markdown
 
     out = Path(args.out)

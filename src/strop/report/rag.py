@@ -1,4 +1,4 @@
-"""`strop rag compare` as Markdown: one table of arms, their scores, gains over base and costs."""
+"""`strop rag compare` (recipes/rag_compare.py) as Markdown: one table of arms, their scores, gains over base and costs."""
 
 from __future__ import annotations
 

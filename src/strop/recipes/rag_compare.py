@@ -71,7 +71,8 @@ def compare(
     device: str = "cpu",
     primary: str = "token_f1",
 ) -> dict:
-    from strop.api import LanguageModel
+    from strop.models.generate import generate
+    from strop.models.inference import load_for_inference
 
     questions = [question_of(r) for r in rows]
     refs = []
@@ -84,17 +85,17 @@ def compare(
     t0 = time.time()
     hits = [retriever.search(q, top_k=top_k, mode=mode) for q in questions]
     retrieval_seconds = time.time() - t0
-    loaded: dict[str, LanguageModel] = {}
+    loaded: dict = {}
     for arm in arm_list:
         if arm.target not in loaded:
-            loaded = {arm.target: LanguageModel(arm.target, device=device)}  # one model in memory at a time
+            loaded = {arm.target: load_for_inference(arm.target, device)}  # one model in memory at a time
         lm = loaded[arm.target]
         conversations = [
             augment([{"role": "user", "content": q}], h if arm.rag else [])
             for q, h in zip(questions, hits, strict=True)
         ]
         t = time.time()
-        arm.answers = lm.generate(conversations, max_new_tokens, 0.0, 1.0, batch_size)
+        arm.answers = generate(lm.model, lm.template, conversations, max_new_tokens, 0.0, 1.0, batch_size)
         arm.seconds = (time.time() - t) / len(questions)
         arm.prompt_tokens = sum(len(lm.template.prompt_ids(c)) for c in conversations) / len(conversations)
         arm.answer_tokens = sum(
