@@ -41,7 +41,7 @@ def add_parser(sub, positive_int) -> None:
     q.add_argument("index", metavar="INDEX")
     q.add_argument("text", metavar="TEXT")
     q.add_argument("--top-k", type=positive_int, default=4, help="hits to print (default 4)")
-    q.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    _mode_arg(q, "--mode")
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
     q.add_argument(
         "--approximate",
@@ -65,7 +65,7 @@ def add_parser(sub, positive_int) -> None:
     )
     rf.add_argument("--distractors", type=int, default=3, help="distractor passages per row (default 3)")
     rf.add_argument("--document-field", help="the oracle document's field (default: document, context, ...)")
-    rf.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    _mode_arg(rf, "--mode")
     rf.add_argument("--seed", type=int, default=0)
     rf.set_defaults(func="rag_raft")
 
@@ -105,7 +105,7 @@ def add_parser(sub, positive_int) -> None:
     cp.add_argument("--raft", metavar="RUN_DIR", help="a run trained on `strop rag raft` rows")
     cp.add_argument("--out", default="rag-compare", metavar="DIR", help="default ./rag-compare")
     cp.add_argument("--top-k", type=positive_int, default=4)
-    cp.add_argument("--mode", choices=["hybrid", "dense", "bm25"], default="hybrid")
+    _mode_arg(cp, "--mode")
     cp.add_argument(
         "--approximate",
         action="store_true",
@@ -129,11 +129,17 @@ def add_parser(sub, positive_int) -> None:
     rm.set_defaults(func="rag_remove")
 
 
+def _mode_arg(p, flag: str) -> None:
+    p.add_argument(
+        flag, choices=["hybrid", "dense", "bm25"], default="hybrid", help="retrieval (default hybrid)"
+    )
+
+
 def retrieval_args(p) -> None:
     """--rag for the commands that answer prompts: each prompt is answered with passages from INDEX."""
     p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
     p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
-    p.add_argument("--rag-mode", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid")
+    _mode_arg(p, "--rag-mode")
     p.add_argument(
         "--rag-approximate",
         action="store_true",
