@@ -35,6 +35,11 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("train nested too deep", ["train", str(tmp / "deep.yaml")]),
         ("train resume and config", ["train", tiny, "--resume", run]),
         ("train output_dir too long", ["train", tiny, "--set", f"output_dir={tmp / ('e' * 300)}"]),
+        ("train nnodes without endpoint", ["train", tiny, "--nnodes", "2"]),
+        (
+            "train node-rank out of range",
+            ["train", tiny, "--nnodes", "2", "--node-rank", "5", "--rdzv-endpoint", "127.0.0.1:1"],
+        ),
         (
             "generate --out under a file",
             ["generate", tiny_model, "--prompt", "hi", "--out", file + "/x.jsonl"],

@@ -54,11 +54,18 @@ def _train(args) -> int:
         config = _config_path(args.config)
     else:
         raise StropError("strop train: give a CONFIG file or --resume RUN_DIR")
+    from strop.core import distributed
     from strop.recipes.run import train
 
     cfg = load_config(config, overrides)
     command = "strop " + shlex.join(args.argv)
+    if (args.nproc or args.nnodes > 1) and not distributed.WORLD.active:
+        from strop.cli.launch import launch
+
+        return launch(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.argv)
     result = train(cfg, show_progress=not args.no_progress, command=command)
+    if not distributed.WORLD.main:
+        return 0  # rank 0 prints the result
     if isinstance(result, list):
         for stage, r in zip(cfg.stages, result, strict=True):
             print(f"stage {stage.name}:")

@@ -15,7 +15,7 @@ from importlib import resources
 from typing import get_args
 
 from strop.cli import rag
-from strop.core import signals
+from strop.core import distributed, signals
 from strop.core.data_config import DatasetSource
 from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
 
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = argv  # quoted when a stopped run says how to start it again
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    world = distributed.WORLD
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level if world.main else logging.ERROR, format="%(message)s")  # one voice
     try:
         signals.follow_parent()
         _quiet_libraries()  # imports transformers: Ctrl-C here is an interrupt like any other
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
     except Exception as e:  # a full disk, a read-only or forbidden folder: the user's to fix
+        if world.active and distributed.peer_failed(e):
+            return 3  # another process failed first: the launcher reports its error, not this echo
         os_error = user_os_error(e)
         if os_error is None:
             raise
@@ -107,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its last checkpoint (uses RUN_DIR/config.yaml)",
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = t.add_argument_group(
+        "several processes (torch.distributed; the same run as one process at the same global batch)"
+    )
+    dist.add_argument(
+        "--nproc",
+        type=_positive_int,
+        help="processes on this machine (one per GPU; on CPU they share the cores)",
+    )
+    dist.add_argument("--nnodes", type=_positive_int, default=1, help="machines taking part (default 1)")
+    dist.add_argument(
+        "--node-rank", type=int, help="this machine's number, 0..nnodes-1 (0 hosts --rdzv-endpoint)"
+    )
+    dist.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="where the machines meet (the same on every one)"
+    )
     t.set_defaults(func="train")
 
     tu = sub.add_parser(

@@ -13,8 +13,9 @@ from typing import NamedTuple
 import torch
 import yaml
 
+from strop.core import distributed
 from strop.core.config import RunConfig, load_config
-from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, set_threads
+from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, set_threads, usable_cores
 from strop.core.errors import StropError
 from strop.core.io import atomic_write_json
 from strop.models.trainable import count_parameters
@@ -49,8 +50,11 @@ def start_run(config: RunConfig | dict | str | Path, overrides: list[str] | None
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir).expanduser().resolve())})
     check_rerun(cfg)
-    threads = set_threads(cfg.train.threads)
-    device = resolve_device(cfg.model.device)
+    world = distributed.WORLD
+    # processes of one machine share its cores (torchrun's OMP_NUM_THREADS=1 is overruled)
+    threads = set_threads(cfg.train.threads or max(1, usable_cores() // world.local_size))
+    device = distributed.local_device(resolve_device(cfg.model.device))
+    distributed.init(device)
     configure_memory(cfg, device)
     return RunSetup(cfg, threads, device, resolve_dtype(cfg.model.dtype, device))
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from strop.core import distributed
 from strop.core.config import RunConfig
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
@@ -164,9 +165,10 @@ def cached_reference(
         return arrays[name]
     out = reference_logps(model, ts, pad_id, cfg.train.batch_size, progress, name)
     arrays[name], meta[name] = out, key
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(arrays, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    if distributed.WORLD.main:  # every process computed the same; one writes
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(arrays, str(tmp), metadata=meta)
+        os.replace(tmp, path)
     return out
 
 

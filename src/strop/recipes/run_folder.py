@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from strop.core import signals
+from strop.core import distributed, signals
 from strop.core.config import RunConfig, to_yaml
 from strop.core.errors import ConfigError, Interrupted, StropError, describe_os_error, user_os_error
 from strop.core.io import atomic_write_json, atomic_write_text, check_output
@@ -119,7 +119,7 @@ def guarded(cfg: RunConfig, command: str) -> Iterator[None]:
         with signals.graceful_stop():
             yield
     except BaseException as e:
-        kept = _remove_unfinished()
+        kept = _remove_unfinished() if distributed.WORLD.main else []
         if isinstance(e, (Interrupted, KeyboardInterrupt)):
             signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
             raise Interrupted(signum, _where_to_continue(cfg.run_dir, command, kept)) from None

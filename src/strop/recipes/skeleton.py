@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from strop.core import distributed
 from strop.core.config import RunConfig
+from strop.core.errors import ConfigError
 from strop.methods.objective import Objective
 from strop.models.build import build_causal_lm
 from strop.models.load import load_tokenizer, tokenizer_source
@@ -54,6 +56,7 @@ class Task:
     causal LM trained by the loop on `self.train_set` / `self.validation`."""
 
     causal_lm = True  # which tokenizer (and default model) the task loads
+    distributes = True  # trains under torchrun with N processes (training/loop.py splits each step)
     train_set: Any = None
     validation: Any = None
 
@@ -105,6 +108,11 @@ class Task:
 def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> TrainResult:
     t0 = time.time()
     cfg, threads, device, dtype = start_run(config)
+    world = distributed.WORLD
+    if world.active and not task.distributes:
+        raise ConfigError(
+            f"task: {cfg.task} trains in one process only for now; run it without --nproc/torchrun"
+        )
     run = Run(cfg, device, dtype, threads, show_progress)
     source = tokenizer_source(cfg.model.name, causal_lm=task.causal_lm)
     run.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
@@ -112,10 +120,14 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
 
     torch.manual_seed(cfg.train.seed)  # newly initialised weights (LoRA, heads) depend on the seed only
     model = task.build(run)
-    open_run_folder(cfg, summary, task.saved(model))  # only once the model and data are known to be good
+    if world.main:  # only once the model and data are known to be good
+        open_run_folder(cfg, summary, task.saved(model))
+    distributed.barrier()
     trainable, total = log_parameters(model, cfg, device, dtype, threads)
     objective = task.objective(run, model)
     result = task.fit(run, model, objective)
+    if not world.main:  # rank 0 exports, evaluates and reports; the weights are the same everywhere
+        return TrainResult(cfg.run_dir, cfg.run_dir / "model", result.final, summary, time.time() - t0)
 
     model_dir = task.export(run, model)
     metrics, seconds = save_result(cfg.run_dir, result, trainable, total, model_dir, t0, summary)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from strop.core import signals
+from strop.core import distributed, signals
 from strop.core.config import OptimConfig, TrainConfig
 from strop.core.device import autocast, release_free_memory
+from strop.core.distributed import World
 from strop.core.errors import ConfigError
 from strop.data.batches import BatchPlan
 from strop.data.curriculum import CurriculumPlan
@@ -61,8 +62,16 @@ class Curriculum:
 
 
 class MicroBatches:
-    """Micro-batch `m` of the run as tensors: padded examples (`batch_size`) or one packed row
-    (`batch_tokens`), plus how many real (non-padding) tokens it holds."""
+    """Micro-batch `m` of this process as tensors: padded examples (`batch_size`) or one packed row
+    (`batch_tokens`), plus how many real (non-padding) tokens it holds; None when this process's share
+    is empty (the last micro-batch of an epoch, split over more processes than it has examples).
+
+    Under N processes (core/distributed.py) the plan is that of the global batch, a pure function of
+    (seed, m, rank, N): padded micro-batches of N x `batch_size` examples are cut into N contiguous
+    shares, one per rank, so N x `batch_size` b is the micro-batch N*b of one process; packed rows and
+    curriculum micro-batches are dealt round-robin (rank r takes micro-batch m*N + r), so N processes
+    with accumulation a take the micro-batches one process takes with accumulation a*N. Every example
+    is used once per epoch across the processes."""
 
     def __init__(
         self,
@@ -71,24 +80,26 @@ class MicroBatches:
         pad_id: int,
         objective: Objective,
         curriculum: Curriculum | None = None,
+        world: World = distributed.SINGLE,
     ):
-        self.ts, self.pad_id, self.objective = ts, pad_id, objective
+        self.ts, self.pad_id, self.objective, self.world = ts, pad_id, objective, world
         self.lengths = lengths = objective.lengths(ts)
         self.plan: BatchPlan | PackedPlan | CurriculumPlan
+        self.packed = train.batch_tokens is not None
+        self.dealt = self.packed or curriculum is not None  # round-robin, else cut into shares
         if train.batch_tokens:
             self.plan = PackedPlan(lengths, train.batch_tokens, train.seed)
         else:
-            self.plan = BatchPlan(len(ts), train.batch_size, train.seed)
-        self.packed = train.batch_tokens is not None
+            self.plan = BatchPlan(len(ts), train.batch_size * (1 if self.dealt else world.size), train.seed)
         if curriculum is not None:
-            n_steps = total_steps(self.plan.per_epoch, train)
+            n_steps = total_steps(math.ceil(self.plan.per_epoch / world.size), train)
             c = curriculum
             full_at = max(1, round(c.full_at * n_steps) if c.full_at <= 1 else int(c.full_at))
             self.plan = CurriculumPlan(
                 c.difficulty,
                 lengths,
                 train.seed,
-                train.grad_accum,
+                train.grad_accum * world.size,
                 c.start,
                 full_at,
                 c.pacing,
@@ -96,11 +107,21 @@ class MicroBatches:
                 budget=train.batch_tokens,
             )
 
-    def __call__(self, m: int) -> tuple[dict, int]:
-        picked = self.plan.micro_batch(m)
+    @property
+    def per_epoch(self) -> int:
+        """Micro-batches per epoch of each process."""
+        return math.ceil(self.plan.per_epoch / self.world.size) if self.dealt else self.plan.per_epoch
+
+    def __call__(self, m: int) -> tuple[dict, int] | None:
+        n, rank = self.world.size, self.world.rank
+        picked = self.plan.micro_batch(m * n + rank if self.dealt else m)
         if isinstance(picked, list):  # packed plans (self.packed) give rows: lists of example indices
             real = sum(self.lengths[i] for r in picked for i in r)
             return self.objective.collate_packed(self.ts, picked, self.pad_id), real
+        if not self.dealt and n > 1:
+            picked = np.array_split(picked, n)[rank]
+            if len(picked) == 0:
+                return None
         return self.objective.collate(self.ts, picked, self.pad_id), sum(self.lengths[i] for i in picked)
 
 
@@ -126,11 +147,18 @@ def fit(
     validation but never part of `val_loss`, so they watch forgetting without choosing checkpoints."""
     if train.batch_tokens and not objective.packs:
         raise ConfigError(f"train.batch_tokens: {type(objective).__name__} cannot train on packed rows")
-    batches = MicroBatches(train_set, train, pad_id, objective, curriculum)
-    n_steps = total_steps(batches.plan.per_epoch, train)
+    world = distributed.WORLD
+    if world.size > len(train_set):
+        raise ConfigError(
+            f"{world.size} processes and {len(train_set)} training examples: every process needs at least one"
+        )
+    batches = MicroBatches(train_set, train, pad_id, objective, curriculum, world)
+    n_steps = total_steps(batches.per_epoch, train)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
-    counters = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}
+    counters: dict = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}
+    counters["processes"] = world.size  # a resume with another count is checked against it (LoopState)
+    counters["split"] = _split(train, world, batches.dealt)
     run = LoopState(run_dir, model, optimizer, counters, train.seed, train.keep_last, "train", show_progress)
 
     model.train()
@@ -186,23 +214,27 @@ def fit(
 def accumulate(
     model: nn.Module,
     objective: Objective,
-    micro: list[tuple[dict, int]],
+    micro: list[tuple[dict, int] | None],
     run: LoopState,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     train: TrainConfig,
 ) -> tuple[float, int, dict[str, float], int]:
     """One optimizer step's gradients: each micro-batch's loss sum back-propagated, then the gradients
-    divided by the step's count, so they are those of the mean over every unit of the step. Returns
-    (mean loss, count, stat sums, real tokens). A stop signal abandons the step: its gradients are
-    dropped and its RNG draws undone before the checkpoint."""
+    (summed over the processes, when there are several) divided by the step's count over all of them,
+    so they are those of the mean over every unit of the step, however it was split. Returns (mean loss,
+    count, stat sums, real tokens), totals of all processes. A stop signal (on any process) abandons the
+    step: its gradients are dropped and its RNG draws undone before the checkpoint."""
     stats: dict[str, float] = {}
     loss_sum, count, n_real, at_start = 0.0, 0, 0, rng_snapshot()
-    for batch, real in micro:
-        if signals.requested():
+    for picked in micro:
+        if distributed.any_true(bool(signals.requested()), device):
             run.optimizer.zero_grad(set_to_none=True)
             restore_rng(at_start)
             run.stop_on_signal()
+        if picked is None:  # this process's share of the micro-batch is empty
+            continue
+        batch, real = picked
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(device, autocast_dtype):
             out = objective.loss(model, batch)
@@ -214,10 +246,27 @@ def accumulate(
         n_real += real
         if device.type == "cpu" and train.release_memory:
             release_free_memory()  # resident memory drops back to what is live between micro-batches
+    if distributed.WORLD.active:
+        distributed.sum_gradients([p for p in model.parameters() if p.requires_grad], device)
+        names = run.stat_names = sorted(stats) or run.stat_names  # an empty share has no stats of its own
+        totals = distributed.sum_floats(
+            [loss_sum, count, n_real, *(stats.get(k, 0.0) for k in names)], device
+        )
+        loss_sum, count, n_real = totals[0], int(totals[1]), int(totals[2])
+        stats = dict(zip(names, totals[3:], strict=True))
     for p in model.parameters():
         if p.grad is not None:
             p.grad.div_(count or math.nan)
     return (loss_sum / count if count else math.nan), count, stats, n_real
+
+
+def _split(train: TrainConfig, world: World, dealt: bool) -> dict:
+    """What one optimizer step takes from the plan, whatever the number of processes: the examples of a
+    padded micro-batch over all processes and the micro-batches per step, or (packed rows, curriculum)
+    the plan's micro-batches per step. A resume by another number of processes must keep it."""
+    if dealt:
+        return {"plan_micro_batches_per_step": train.grad_accum * world.size}
+    return {"examples_per_micro_batch": train.batch_size * world.size, "grad_accum": train.grad_accum}
 
 
 class Validation:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from strop.core import signals
-from strop.core.errors import Interrupted, TrainingStopped
+from strop.core import distributed, signals
+from strop.core.errors import Interrupted, StropError, TrainingStopped
 from strop.core.metrics import MetricsSink
 from strop.training.checkpoint import (
     checkpoint_dir,
@@ -43,17 +43,25 @@ class LoopState:
         show_progress: bool,
     ):
         self.run_dir, self.modules, self.optimizer, self.keep_last = run_dir, modules, optimizer, keep_last
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(run_dir)
+        self.main = distributed.WORLD.main  # rank 0 alone writes the run folder, logs and shows progress
+        self.stat_names: list[str] = []  # the objective's statistics, summed over processes by name
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(run_dir)
+        distributed.barrier()
         self.state = {"step": 0, "finished": False, "best_step": None, "skipped_steps": 0, **state}
         resumed = resume_latest(run_dir, modules, optimizer)
         if resumed:
+            _check_same_split(resumed[0], self.state, resumed[1])
             self.state.update(resumed[0])
+            self.state.update(processes=state.get("processes", 1))
             log.info("resumed from %s (step %d of %d)", resumed[1], self.step, self.state["total_steps"])
         else:
             torch.manual_seed(seed)
             random.seed(seed)
-        self.sink = MetricsSink(run_dir, resume_step=self.step)
+        self.sink: MetricsSink | NoSink = (
+            MetricsSink(run_dir, resume_step=self.step) if self.main else NoSink()
+        )
         self.final: dict = {}
         for record in self.sink.kept:  # a resumed run reports its metrics so far, even with no step left
             self.final.update(record)
@@ -62,7 +70,7 @@ class LoopState:
             initial=self.step,
             desc=desc,
             unit="step",
-            disable=not show_progress,
+            disable=not (show_progress and self.main),
             dynamic_ncols=True,
         )
 
@@ -71,7 +79,13 @@ class LoopState:
         return self.state["step"]
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.modules, self.optimizer, self.state, self.keep_last)
+        """Rank 0 writes the checkpoint (every process holds the same weights and optimizer state); the
+        others wait until it is complete."""
+        path = checkpoint_dir(self.run_dir, self.step)
+        if self.main:
+            path = save_checkpoint(self.run_dir, self.modules, self.optimizer, self.state, self.keep_last)
+        distributed.barrier()
+        return path
 
     def log(self, record: dict, write: bool = True) -> None:
         """Keep `record` as the latest metrics, and write it to metrics.jsonl when `write`."""
@@ -145,6 +159,42 @@ class LoopState:
         load_weights(checkpoint_dir(self.run_dir, best), self.modules)
         log.info("kept the best weights: step %d (%s %.4f)", best, metric, self.state[f"best_{metric}"])
         return True
+
+
+class NoSink:
+    """The metrics of a process other than rank 0: kept by rank 0 alone."""
+
+    kept: list[dict] = []  # noqa: RUF012 - never written
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _check_same_split(saved: dict, now: dict, path: Path) -> None:
+    """A run resumed by another number of processes goes on exactly when each optimizer step still takes
+    the same micro-batches of the plan (training/loop._split); otherwise the data order from the
+    checkpoint on would differ from the run it continues, so it is refused, saying what to set."""
+    n_before, n_now = saved.get("processes", 1), now.get("processes", 1)
+    before, after = saved.get("split"), now.get("split")
+    if n_before == n_now or before is None or before == after:
+        return
+    if "examples_per_micro_batch" in before:
+        key, total, per = "train.batch_size", before["examples_per_micro_batch"], "examples per micro-batch"
+    else:
+        key, total, per = (
+            "train.grad_accum",
+            before.get("plan_micro_batches_per_step", 1),
+            "micro-batches per step",
+        )
+    hint = f"--set {key}={total // n_now}" if total % n_now == 0 else f"--nproc {n_before}"
+    raise StropError(
+        f"{path} was written by {n_before} process(es) taking {total} {per} in all; {n_now} process(es) "
+        f"with this config take {next(iter(after.values())) if after else '?'}, which would change the data "
+        f"order from here on. Resume with {hint} (or start a new run with --set name=NEW_NAME)"
+    )
 
 
 DIVERGED_ADVICE = "Lower optim.lr, check the data (and an RL reward for NaN), or use float32."

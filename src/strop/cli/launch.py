@@ -1,0 +1,118 @@
+"""`strop train CONFIG --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]`: start the run as
+N processes on this machine (of M machines) through torch.distributed's own launcher, the one `torchrun`
+is, and speak for them with one voice: rank 0's output on the console, the other processes' output in
+files, and when a process fails, its own `error:` line (the others are stopped by the launcher).
+
+`torchrun --nproc-per-node N -m strop train CONFIG` does the same run; this saves typing it and turns
+a failure into one line instead of the launcher's report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from strop.core.errors import Interrupted, StropError
+
+LAUNCH_FLAGS = {"--nproc": True, "--nnodes": True, "--node-rank": True, "--rdzv-endpoint": True}
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The command line each process runs: this one without the launch flags."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def launch(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None, argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if nnodes > 1 and not endpoint:
+        raise StropError(
+            "--nnodes: several machines need --rdzv-endpoint HOST:PORT (the same on every machine)"
+        )
+    if nnodes > 1 and node_rank is not None and not 0 <= node_rank < nnodes:
+        raise StropError(f"--node-rank: {node_rank} is not in 0..{nnodes - 1} (--nnodes {nnodes})")
+    logs = Path(tempfile.mkdtemp(prefix="strop-ranks-"))
+    if nnodes == 1:
+        backend, endpoint, configs = "c10d", f"127.0.0.1:{_free_port()}", {}
+    elif node_rank is not None:  # torchrun's static rendezvous: rank 0's machine hosts it at the endpoint
+        backend, configs = "static", {"rank": node_rank, "timeout": 900}
+    else:
+        backend, configs = "c10d", {}
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=os.environ.get("STROP_RUN_ID", "strop" if nnodes > 1 else uuid.uuid4().hex),
+        rdzv_backend=backend,
+        rdzv_endpoint=endpoint or "",
+        rdzv_configs=configs,
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+        # rank 0 of this machine writes to the console (and a file), the others to files only
+        logs_specs=DefaultLogsSpecs(
+            log_dir=str(logs),
+            redirects={r: Std.NONE if r == 0 else Std.ALL for r in range(nproc)},
+            tee={r: Std.ALL if r == 0 else Std.NONE for r in range(nproc)},
+        ),
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "strop", *child_argv(argv))
+        return 0
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        return _report(rank, failure.local_rank, failure.exitcode, logs)
+    except SignalException as e:  # the launcher stopped every process (they write their checkpoint)
+        signum = int(e.sigval)
+        raise Interrupted(signum, "each process was asked to stop at a safe point") from None
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _report(rank: int, local_rank: int, code: int, logs: Path) -> int:
+    """The first failing process's own error line (local rank 0 wrote it to the console already)."""
+    if code < 0:
+        name = signal.Signals(-code).name
+        print(
+            f"error: process {rank} was killed by {name} (out of memory?); the others were stopped",
+            file=sys.stderr,
+        )
+        return 2
+    if local_rank != 0:
+        lines = [
+            line
+            for f in logs.glob(f"*/attempt_*/{local_rank}/stderr.log")
+            for line in f.read_text(errors="replace").splitlines()
+            if line.startswith("error:")
+        ]
+        if lines:
+            print(lines[-1].replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
+        else:
+            print(f"error: process {rank} failed with exit status {code}", file=sys.stderr)
+    return code if code in (2, 130, 143) else 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

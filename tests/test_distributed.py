@@ -1,0 +1,280 @@
+"""N processes give the run one process gives at the same global batch (torch.distributed, gloo on CPU):
+per-step losses and final weights within 1e-5 for SFT (LoRA and full), DPO and classification, with
+accumulation, packed rows and an uneven last micro-batch; resume under N processes and with M != N;
+two machines simulated on loopback; a failure on one process ends the run with that process's error.
+
+Every run here is `strop train` in subprocesses, as users start it (`--nproc`, or torchrun itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ALPACA_ROWS, tiny_config, write_jsonl
+from strop.core.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+FAULT = Path(__file__).parent / "dist_fault"  # sitecustomize that fails one rank at a step
+TIMEOUT = 240
+
+
+def strop(args: list[str], cwd: Path, env: dict | None = None, timeout: int = TIMEOUT):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "strop", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(cfg: dict, tmp: Path, name: str, *launch: str, env: dict | None = None, ok: bool = True):
+    cfg = {**cfg, "name": name}
+    p = strop(["train", str(write_config(cfg, tmp / f"{name}.yaml")), "--no-progress", *launch], tmp, env)
+    if ok:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def weights(run_dir: Path) -> dict:
+    out = {}
+    for f in sorted((run_dir / "model").glob("*.safetensors")):
+        out |= {f"{f.name}:{k}": v for k, v in load_file(str(f)).items()}
+    assert out, f"no weights in {run_dir / 'model'}"
+    return out
+
+
+def assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) > 0
+    assert la == pytest.approx(lb, abs=atol, rel=0)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= atol, k
+
+
+def sft_config(model: Path, tmp: Path, rows=ALPACA_ROWS, **sections) -> dict:
+    data = write_jsonl(tmp / "train.jsonl", rows)
+    cfg = tiny_config(model, data, tmp / "out", **sections)
+    cfg["data"].pop("cache_dir", None)  # two processes tokenize side by side; the cache is tested elsewhere
+    cfg["train"] |= {"threads": 1, "log_every": 1}
+    return cfg
+
+
+def with_train(cfg: dict, **train) -> dict:
+    return {**cfg, "train": {**cfg["train"], **train}}
+
+
+@pytest.mark.parametrize(
+    "method", [{"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, {"name": "full"}]
+)
+def test_two_processes_equal_one_at_the_same_global_batch(method, tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, method=method, train={"max_steps": 4, "eval_every": 2})
+    one = run(with_train(cfg, batch_size=4), tmp_path, "one")
+    two = run(with_train(cfg, batch_size=2), tmp_path, "two", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "one", tmp_path / "out" / "two")
+    # one voice: rank 0 prints the result once, validation is logged once per evaluation
+    assert two.stdout.count("trained") == one.stdout.count("trained") and "Traceback" not in two.stderr
+    vals = [r for r in read_metrics(tmp_path / "out" / "two") if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+
+
+def test_accumulation_packing_and_an_uneven_last_batch(tiny_llama, tmp_path):
+    # 13 rows, 10 train: global micro-batches of 4 leave 2, then with 3 processes x 1 a share is empty
+    rows = ALPACA_ROWS[:13]
+    cfg = sft_config(tiny_llama, tmp_path, rows, train={"max_steps": 6})
+    run(with_train(cfg, batch_size=4, grad_accum=2), tmp_path, "one")
+    run(with_train(cfg, batch_size=2, grad_accum=2), tmp_path, "two", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "one", tmp_path / "out" / "two")
+
+    run(with_train(cfg, batch_size=3, grad_accum=1), tmp_path, "one3")
+    run(with_train(cfg, batch_size=1, grad_accum=1), tmp_path, "three", "--nproc", "3")
+    assert_same_run(tmp_path / "out" / "one3", tmp_path / "out" / "three")
+
+    packed = with_train(cfg, batch_size=1, batch_tokens=96)
+    run(with_train(packed, grad_accum=2), tmp_path, "packed1")
+    run(with_train(packed, grad_accum=1), tmp_path, "packed2", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "packed1", tmp_path / "out" / "packed2")
+
+
+def test_dpo_and_classification_distribute_exactly(tiny_llama, tiny_bert, tmp_path):
+    from test_classify import labelled_rows
+    from test_preference import pairs
+
+    dpo = tiny_config(
+        tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", pairs(16)), tmp_path / "out", task="dpo"
+    )
+    dpo["data"]["template"] = "chatml"
+    dpo["train"] = {"max_steps": 3, "seed": 0, "threads": 1}
+    run(with_train(dpo, batch_size=4), tmp_path, "dpo1")
+    run(with_train(dpo, batch_size=2), tmp_path, "dpo2", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "dpo1", tmp_path / "out" / "dpo2")
+    assert all("reward_accuracy" in r for r in read_metrics(tmp_path / "out" / "dpo2") if "loss" in r)
+
+    data = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(30))
+    bert = tmp_path / "bert-nodrop"  # BERT's dropout (0.1) draws differently for other batch shapes
+    shutil.copytree(tiny_bert, bert)
+    conf = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(
+        json.dumps(conf | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    )
+    cls = tiny_config(bert, data, tmp_path / "out", task="classification")
+    cls["method"] = {"name": "full"}
+    cls["classify"] = {"head_dropout": 0.0}  # each process draws its own dropout masks
+    cls["train"] = {"max_steps": 3, "seed": 0, "threads": 1}
+    run(with_train(cls, batch_size=8), tmp_path, "cls1")
+    run(with_train(cls, batch_size=4), tmp_path, "cls2", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "cls1", tmp_path / "out" / "cls2")
+
+
+def test_a_failing_process_stops_the_run_with_its_own_error_and_resume_goes_on(tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, train={"max_steps": 6, "save_every": 3})
+    run(with_train(cfg, batch_size=4), tmp_path, "whole")
+
+    fault = {
+        "PYTHONPATH": os.pathsep.join([str(FAULT), os.environ.get("PYTHONPATH", "")]),
+        "STROP_TEST_FAIL_RANK": "1",
+        "STROP_TEST_FAIL_STEP": "5",
+    }
+    cut = with_train(cfg, batch_size=2)
+    p = run(cut, tmp_path, "cut", "--nproc", "2", env=fault, ok=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process 1: injected failure on rank 1 at step 5"], p.stderr
+    assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+    run_dir = tmp_path / "out" / "cut"
+    assert sorted(x.name for x in (run_dir / "checkpoints").iterdir()) == ["step-000003"]
+
+    # resumed with one process at the same global batch: the uninterrupted run
+    one = strop(["train", "--resume", str(run_dir), "--no-progress", "--set", "train.batch_size=4"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert_same_run(tmp_path / "out" / "whole", run_dir)
+
+
+def test_resume_under_two_processes_and_a_changed_split_is_refused(tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, train={"max_steps": 6, "save_every": 3})
+    run(with_train(cfg, batch_size=4), tmp_path, "whole")
+    fault = {"PYTHONPATH": str(FAULT), "STROP_TEST_FAIL_RANK": "0", "STROP_TEST_FAIL_STEP": "5"}
+    run(with_train(cfg, batch_size=2), tmp_path, "cut", "--nproc", "2", env=fault, ok=False)
+    run_dir = tmp_path / "out" / "cut"
+
+    wrong = strop(["train", "--resume", str(run_dir), "--no-progress"], tmp_path)  # 1 x 2 != 2 x 2
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert "2 process(es)" in wrong.stderr and "--set train.batch_size=4" in wrong.stderr, wrong.stderr
+
+    again = strop(["train", "--resume", str(run_dir), "--no-progress", "--nproc", "2"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_run(tmp_path / "out" / "whole", run_dir)
+
+
+def test_two_machines_on_loopback_and_plain_torchrun(tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, train={"max_steps": 3})
+    run(with_train(cfg, batch_size=4), tmp_path, "one")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_config({**with_train(cfg, batch_size=2), "name": "nodes"}, tmp_path / "nodes.yaml")
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "strop",
+                "train",
+                str(path),
+                "--no-progress",
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [n.communicate(timeout=TIMEOUT) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    assert_same_run(tmp_path / "out" / "one", tmp_path / "out" / "nodes")
+
+    path = write_config({**with_train(cfg, batch_size=2), "name": "torchrun"}, tmp_path / "torchrun.yaml")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "strop",
+            "train",
+            str(path),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert p.returncode == 0, p.stderr
+    assert_same_run(tmp_path / "out" / "one", tmp_path / "out" / "torchrun")
+
+
+def test_a_signal_stops_every_process_with_a_checkpoint(tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, train={"max_steps": 400, "batch_size": 2})
+    path = write_config({**cfg, "name": "sig"}, tmp_path / "sig.yaml")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "strop", "train", str(path), "--no-progress", "--nproc", "2"],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "out" / "sig" / "metrics.jsonl"
+    deadline = TIMEOUT
+    import time
+
+    while deadline > 0 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+        deadline -= 0.5
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err, err
+    ckpts = list((tmp_path / "out" / "sig" / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file(), err
+    state = json.loads((ckpts[0] / "state.json").read_text())
+    assert 2 <= state["step"] < 400 and state["processes"] == 2
