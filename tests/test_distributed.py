@@ -278,3 +278,21 @@ def test_a_signal_stops_every_process_with_a_checkpoint(tiny_llama, tmp_path):
     assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file(), err
     state = json.loads((ckpts[0] / "state.json").read_text())
     assert 2 <= state["step"] < 400 and state["processes"] == 2
+
+
+def test_a_task_that_cannot_distribute_is_refused_by_name_and_errors_are_said_once(tiny_llama, tmp_path):
+    from test_rl import rl_config
+
+    p = run(rl_config(tiny_llama, tmp_path, steps=2), tmp_path, "ppo", "--nproc", "2", ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [
+        "error: task: ppo trains in one process only for now; run it without --nproc/torchrun"
+    ], p.stderr
+
+    # a config error every process meets (a missing data file) is printed once
+    cfg = sft_config(tiny_llama, tmp_path)
+    cfg["data"]["train"] = [str(tmp_path / "missing.jsonl")]
+    p = run(cfg, tmp_path, "missing", "--nproc", "2", ok=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.jsonl" in errors[0], p.stderr

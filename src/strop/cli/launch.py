@@ -99,17 +99,21 @@ def _report(rank: int, local_rank: int, code: int, logs: Path) -> int:
         )
         return 2
     if local_rank != 0:
-        lines = [
-            line
-            for f in logs.glob(f"*/attempt_*/{local_rank}/stderr.log")
-            for line in f.read_text(errors="replace").splitlines()
-            if line.startswith("error:")
-        ]
-        if lines:
-            print(lines[-1].replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
-        else:
+        lines = _error_lines(logs, local_rank)
+        if not lines:
             print(f"error: process {rank} failed with exit status {code}", file=sys.stderr)
+        elif lines[-1] not in _error_lines(logs, 0):  # the same error everywhere is said once
+            print(lines[-1].replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
     return code if code in (2, 130, 143) else 2
+
+
+def _error_lines(logs: Path, local_rank: int) -> list[str]:
+    return [
+        line
+        for f in logs.glob(f"*/attempt_*/{local_rank}/stderr.log")
+        for line in f.read_text(errors="replace").splitlines()
+        if line.startswith("error:")
+    ]
 
 
 def _free_port() -> int:

@@ -105,14 +105,19 @@ class Task:
         return None
 
 
+def refuse_one_process_only(task: Task, cfg: RunConfig) -> None:
+    if not task.distributes:
+        raise ConfigError(
+            f"task: {cfg.task} trains in one process only for now; run it without --nproc/torchrun"
+        )
+
+
 def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> TrainResult:
     t0 = time.time()
     cfg, threads, device, dtype = start_run(config)
     world = distributed.WORLD
-    if world.active and not task.distributes:
-        raise ConfigError(
-            f"task: {cfg.task} trains in one process only for now; run it without --nproc/torchrun"
-        )
+    if world.active:
+        refuse_one_process_only(task, cfg)
     run = Run(cfg, device, dtype, threads, show_progress)
     source = tokenizer_source(cfg.model.name, causal_lm=task.causal_lm)
     run.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
