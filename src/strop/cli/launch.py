@@ -69,11 +69,10 @@ def launch(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None,
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
-        # rank 0 of this machine writes to the console (and a file), the others to files only
+        # rank 0 of this machine writes to the console, the others to files only
         logs_specs=DefaultLogsSpecs(
             log_dir=str(logs),
             redirects={r: Std.NONE if r == 0 else Std.ALL for r in range(nproc)},
-            tee={r: Std.ALL if r == 0 else Std.NONE for r in range(nproc)},
         ),
     )
     try:
@@ -81,7 +80,10 @@ def launch(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None,
         return 0
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        return _report(rank, failure.local_rank, failure.exitcode, logs)
+        said = any(
+            f.local_rank == 0 and f.exitcode == 2 for f in e.failures.values()
+        )  # rank 0 printed its own
+        return _report(rank, failure.local_rank, failure.exitcode, logs, said)
     except SignalException as e:  # the launcher stopped every process (they write their checkpoint)
         signum = int(e.sigval)
         raise Interrupted(signum, "each process was asked to stop at a safe point") from None
@@ -89,7 +91,7 @@ def launch(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None,
         shutil.rmtree(logs, ignore_errors=True)
 
 
-def _report(rank: int, local_rank: int, code: int, logs: Path) -> int:
+def _report(rank: int, local_rank: int, code: int, logs: Path, said: bool) -> int:
     """The first failing process's own error line (local rank 0 wrote it to the console already)."""
     if code < 0:
         name = signal.Signals(-code).name
@@ -102,7 +104,7 @@ def _report(rank: int, local_rank: int, code: int, logs: Path) -> int:
         lines = _error_lines(logs, local_rank)
         if not lines:
             print(f"error: process {rank} failed with exit status {code}", file=sys.stderr)
-        elif lines[-1] not in _error_lines(logs, 0):  # the same error everywhere is said once
+        elif not said:  # an error every process meets is said once, by rank 0
             print(lines[-1].replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
     return code if code in (2, 130, 143) else 2
 
