@@ -19,9 +19,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from strop.core.distributed import PEER_LOST
 from strop.core.errors import Interrupted, StropError
 
-LAUNCH_FLAGS = {"--nproc": True, "--nnodes": True, "--node-rank": True, "--rdzv-endpoint": True}
+LAUNCH_FLAGS = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"}  # each takes a value
 
 
 def child_argv(argv: list[str]) -> list[str]:
@@ -99,6 +100,9 @@ def _report(rank: int, local_rank: int, code: int, logs: Path, said: bool) -> in
             f"error: process {rank} was killed by {name} (out of memory?); the others were stopped",
             file=sys.stderr,
         )
+        return 2
+    if code == PEER_LOST:  # the first to fail only saw a collective break: no process said why
+        print(f"error: process {rank}: the processes lost contact (a collective failed)", file=sys.stderr)
         return 2
     if local_rank != 0:
         lines = _error_lines(logs, local_rank)

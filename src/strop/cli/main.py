@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as e:  # a full disk, a read-only or forbidden folder: the user's to fix
         if world.active and distributed.peer_failed(e):
-            return 3  # another process failed first: the launcher reports its error, not this echo
+            return distributed.PEER_LOST  # the launcher reports the first failure, not this echo
         os_error = user_os_error(e)
         if os_error is None:
             raise

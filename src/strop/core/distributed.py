@@ -145,6 +145,9 @@ def _comm_device(device: torch.device) -> torch.device:
     return device if device.type == "cuda" else torch.device("cpu")
 
 
+PEER_LOST = 3  # exit status of a process whose collective broke because another one failed
+
+
 def peer_failed(e: BaseException) -> bool:
     """Whether `e` is a collective failing because another process of the run died or stopped."""
     import torch.distributed as dist
@@ -155,10 +158,3 @@ def peer_failed(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
     )
-
-
-def close() -> None:
-    if _group_ready():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
