@@ -1,6 +1,6 @@
 """Layering a tool checks: each package imports only from layers below it; siblings stay independent.
 
-cli -> api -> recipes -> {training | eval | report | export | serve} -> {methods | rag} -> models -> data -> core
+cli -> ui -> api -> recipes -> {training | eval | report | export | serve} -> {methods | rag} -> models -> data -> core
 (`strop/api.py`, the public Python API, is a module with a layer of its own.)
 """
 
@@ -24,7 +24,8 @@ RANK = {
     "recipes": 5,
     "tune": 6,  # runs recipes' runs as child processes; reads report and eval
     "api": 7,
-    "cli": 8,
+    "ui": 8,  # the dashboard: starts runs as child processes, tries runs through the api and serve
+    "cli": 9,
 }
 MODULES = {"api"}  # top-level modules with a layer (strop/__init__.py and __main__.py are facades)
 

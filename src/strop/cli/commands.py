@@ -8,6 +8,7 @@ import sys
 from strop.cli.data import _data_check, _data_prepare  # noqa: F401 - routed by name from main
 from strop.cli.main import CONFIGS
 from strop.cli.rag import _rag_compare, _rag_eval, _rag_index, _rag_query, _rag_raft, _rag_remove  # noqa: F401 - routed by name from main
+from strop.cli.ui import _ui  # noqa: F401 - routed by name from main
 from strop.core.errors import StropError
 
 

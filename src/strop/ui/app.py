@@ -1,0 +1,298 @@
+"""The dashboard's routes: pages rendered on the server, JSON the pages poll, and the token check.
+
+Pages: `/` runs, `/run/RUN` a run, `/compare?run=A&run=B`, `/start`, `/try/RUN`. JSON: `/api/...`.
+`/serve/RUN/v1/...` is the run's own `strop serve` app (playground.py), which the chat page streams from.
+Every request carries the token: `?token=` once (answered with a cookie and a redirect that drops it
+from the address bar), then the cookie, or an `X-Strop-Token` header; anything else gets 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import PlainTextResponse, RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from strop.core.errors import StropError
+from strop.report.collect import dig, read_run
+from strop.report.compare import write_comparison
+from strop.ui import form, runs
+from strop.ui.jobs import STATE, Jobs
+from strop.ui.playground import Playground, kind
+
+HERE = resources.files("strop.ui")
+STATIC = {"ui.js": "text/javascript", "ui.css": "text/css"}
+
+
+def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tuple[ASGIApp, Jobs, Playground]:
+    """The dashboard over the runs folder `root`, behind `token`; returns (app, jobs, playground) so the
+    server can stop jobs and unload the playground when it ends."""
+    root = root.resolve()
+    jobs, playground = Jobs(root), Playground(device)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
+    app = FastAPI(title="strop ui", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def html(name: str, **context) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(root=str(root), **context))
+
+    def run_dir(rid: str) -> Path:
+        try:
+            return runs.resolve(root, rid)
+        except StropError as e:
+            raise StarletteHTTPException(404, str(e)) from None
+
+    def all_rows() -> list[dict]:
+        found = runs.find_runs(root)
+        rows = [runs.row(root, d, jobs.get(runs.run_id(root, d))) for d in found]
+        have = {r["id"] for r in rows}
+        rows += [runs.starting_row(j) for rid, j in jobs.jobs.items() if rid not in have and j.alive]
+        return sorted(rows, key=lambda r: -r["started"])
+
+    @app.exception_handler(StropError)
+    async def user_error(request: Request, e: StropError):
+        return JSONResponse({"error": f"error: {e}"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def not_found(request: Request, e: StarletteHTTPException):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": f"error: {e.detail}"}, status_code=e.status_code)
+        page = env.get_template("error.html").render(root=str(root), message=e.detail, title="error")
+        return HTMLResponse(page, status_code=e.status_code)
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        if name not in STATIC:
+            raise StarletteHTTPException(404, f"no file {name}")
+        return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name])
+
+    @app.get("/", response_class=HTMLResponse)
+    async def runs_page():
+        return html("runs.html", title="runs", rows=await asyncio.to_thread(all_rows))
+
+    @app.get("/api/runs")
+    async def runs_json():
+        return await asyncio.to_thread(all_rows)
+
+    @app.get("/run/{rid:path}", response_class=HTMLResponse)
+    async def run_page(rid: str):
+        d = run_dir(rid)
+        info = await asyncio.to_thread(runs.page, root, d, jobs.get(rid))
+        job = jobs.get(rid)
+        return html(
+            "run.html",
+            title=info["row"]["name"],
+            rid=rid,
+            info=info,
+            job=job,
+            job_error=job.error() if job else None,
+            try_kind=kind(d),
+        )
+
+    @app.get("/api/run/{rid:path}")
+    async def run_json(rid: str):
+        d = run_dir(rid)
+        job = jobs.get(rid)
+        row = await asyncio.to_thread(runs.row, root, d, job)
+        return {**row, "error": job.error() if job else None, "log": _log_tail(job.log) if job else None}
+
+    @app.get("/api/metrics/{rid:path}")
+    async def metrics(rid: str, offset: int = 0):
+        return runs.tail(run_dir(rid), max(0, offset))
+
+    @app.get("/report/{rid:path}")
+    async def report(rid: str):
+        path = run_dir(rid) / "report.html"
+        if not path.is_file():
+            raise StarletteHTTPException(404, f"{rid}: no report yet (it is written when the run ends)")
+        return FileResponse(path, media_type="text/html")
+
+    @app.post("/api/stop/{rid:path}")
+    async def stop(rid: str):
+        jobs.stop(rid)
+        return {"stopping": rid}
+
+    @app.post("/api/resume/{rid:path}")
+    async def resume(rid: str):
+        d = run_dir(rid)
+        job = jobs.get(rid)
+        state = runs.status(d, job)
+        if state != "stopped":
+            raise StropError(f"{rid}: the run is {state}; only a stopped run resumes")
+        cfg = read_run(d).config
+        jobs.start(rid, ["train", "--resume", str(d), "--no-progress"], *_labels(cfg))
+        return {"run": rid}
+
+    @app.get("/start", response_class=HTMLResponse)
+    async def start_page(base: str = "quickstart"):
+        try:
+            sections, problem = form.form_fields(base), None
+        except StropError as e:
+            sections, problem = [], f"error: {e}"
+        return html(
+            "start.html",
+            title="start a run",
+            base=base,
+            shipped=form.shipped_configs(),
+            sections=sections,
+            problem=problem,
+        )
+
+    async def submission(request: Request) -> tuple[str, dict[str, str]]:
+        try:
+            body = await request.json()
+            base, values = body["base"], body.get("values") or {}
+            if not isinstance(base, str) or not isinstance(values, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise StropError('expected a JSON body {"base": CONFIG, "values": {KEY: TEXT}}') from None
+        return base, {str(k): str(v) for k, v in values.items()}
+
+    @app.post("/api/check")
+    async def check(request: Request):
+        base, values = await submission(request)
+        cfg, argv = form.validate(root, base, values)
+        findings = await asyncio.to_thread(form.data_findings, cfg)
+        return {"command": form.command_line(argv), "findings": findings, "name": cfg.name}
+
+    @app.post("/api/start")
+    async def start(request: Request):
+        base, values = await submission(request)
+        cfg, argv = form.validate(root, base, values)
+        rid = runs.run_id(root, cfg.run_dir.resolve())
+        jobs.start(rid, argv, *_labels(cfg.model_dump(mode="json")))
+        return {"run": rid, "command": form.command_line(argv)}
+
+    @app.get("/compare", response_class=HTMLResponse)
+    async def compare_page(run: list[str] | None = None):
+        chosen = [r for r in run or [] if r]
+        for r in chosen:
+            run_dir(r)
+        rows = await asyncio.to_thread(all_rows)
+        view = "/compare/view?" + urlencode([("run", r) for r in chosen]) if chosen else None
+        return html("compare.html", title="compare", rows=rows, chosen=chosen, view=view)
+
+    @app.get("/compare/view")
+    async def compare_view(run: list[str] | None = None):
+        chosen = [r for r in run or [] if r]
+        dirs = [run_dir(r) for r in chosen]
+        digest = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:16]
+        paths = await asyncio.to_thread(write_comparison, dirs, root / STATE / "compare" / digest)
+        return FileResponse(paths["html"], media_type="text/html")
+
+    @app.get("/try/{rid:path}", response_class=HTMLResponse)
+    async def try_page(rid: str):
+        d = run_dir(rid)
+        how = kind(d)
+        if how is None:
+            raise StarletteHTTPException(404, f"{rid}: no exported model to try (the run has not finished)")
+        return html("try.html", title=f"try {rid}", rid=rid, how=how, served=d.name)
+
+    @app.post("/api/predict/{rid:path}")
+    async def predict(rid: str, request: Request):
+        body = await request.json()
+        how, clf = await asyncio.to_thread(playground.load, run_dir(rid))
+        if how != "predict":
+            raise StropError(f"{rid}: not a classification run")
+        text, pair = str(body.get("text") or ""), body.get("pair") or None
+        if not text.strip():
+            raise StropError("text: give a text to label")
+        return (await asyncio.to_thread(clf.predict, [(text, pair)]))[0]
+
+    @app.post("/api/score/{rid:path}")
+    async def score(rid: str, request: Request):
+        body = await request.json()
+        how, rm = await asyncio.to_thread(playground.load, run_dir(rid))
+        if how != "score":
+            raise StropError(f"{rid}: not a reward run")
+        prompt, reply = str(body.get("prompt") or ""), str(body.get("response") or "")
+        if not prompt.strip() or not reply.strip():
+            raise StropError("prompt, response: give both a prompt and a reply to score")
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        return {"reward": (await asyncio.to_thread(rm.score, [turns]))[0]}
+
+    guarded = Guard(app, token, cookie, root, playground)
+    return guarded, jobs, playground
+
+
+class Guard:
+    """ASGI: the token check in front of everything, and `/serve/RUN/v1/...` routed to the run's own
+    OpenAI-compatible app."""
+
+    def __init__(self, app: ASGIApp, token: str, cookie: str, root: Path, playground: Playground):
+        self.app, self.token, self.cookie, self.root, self.playground = app, token, cookie, root, playground
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets here
+        query = parse_qs(scope.get("query_string", b"").decode())
+        given = (query.get("token") or [""])[0]
+        if given and self._good(given):
+            rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
+            target = scope["path"] + (f"?{rest}" if rest else "")
+            response = RedirectResponse(target, status_code=303)
+            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
+            await response(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if not (self._good(headers.get("x-strop-token", "")) or self._good(_cookie(headers, self.cookie))):
+            message = "missing or wrong token: open the address `strop ui` printed (it carries ?token=...)"
+            await PlainTextResponse(message, status_code=401)(scope, receive, send)
+            return
+        if scope["path"].startswith("/serve/"):
+            await self._serve(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _good(self, given: str) -> bool:
+        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid, sep, sub = scope["path"][len("/serve/") :].partition("/v1/")
+        try:
+            d = runs.resolve(self.root, rid)
+            if not sep:
+                raise StropError(f"{scope['path']}: expected /serve/RUN/v1/...")
+            how, loaded = await asyncio.to_thread(self.playground.load, d)
+            if how != "chat":
+                raise StropError(f"{rid}: a {how} run; it does not chat")
+        except StropError as e:
+            body = {
+                "error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}
+            }
+            await JSONResponse(body, status_code=404)(scope, receive, send)
+            return
+        prefix = scope["path"][: len(scope["path"]) - len(sub) - len("/v1/")]
+        await loaded[0]({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
+
+
+def _cookie(headers: dict[str, str], name: str) -> str:
+    for part in headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def _labels(cfg: dict) -> tuple[str, str, str]:
+    """(task, model, method) of a config, for the table row of a job whose folder is not there yet."""
+    model, method = dig(cfg, "model", "name"), dig(cfg, "method", "name")
+    return str(cfg.get("task") or "sft"), str(model or ""), str(method or "")
+
+
+def _log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
