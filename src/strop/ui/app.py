@@ -13,10 +13,11 @@ import hashlib
 import hmac
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse, RedirectResponse
@@ -54,7 +55,12 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         found = runs.find_runs(root)
         rows = [runs.row(root, d, jobs.get(runs.run_id(root, d))) for d in found]
         have = {r["id"] for r in rows}
-        rows += [runs.starting_row(j) for rid, j in jobs.jobs.items() if rid not in have and j.alive]
+        # jobs whose folder is not there: still loading, or failed before it was made
+        rows += [
+            runs.starting_row(j)
+            for rid, j in jobs.jobs.items()
+            if rid not in have and (j.alive or j.error()) and not (root / rid).is_dir()
+        ]
         return sorted(rows, key=lambda r: -r["started"])
 
     @app.exception_handler(StropError)
@@ -82,31 +88,46 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
     async def runs_json():
         return await asyncio.to_thread(all_rows)
 
+    def folder_or_job(rid: str) -> Path | None:
+        """The run's folder, or None for a job of ours whose folder is not there (yet, or ever)."""
+        job = jobs.get(rid)
+        if job is not None and not (root / rid).is_dir():
+            return None
+        return run_dir(rid)
+
     @app.get("/run/{rid:path}", response_class=HTMLResponse)
     async def run_page(rid: str):
-        d = run_dir(rid)
-        info = await asyncio.to_thread(runs.page, root, d, jobs.get(rid))
-        job = jobs.get(rid)
+        d, job = folder_or_job(rid), jobs.get(rid)
+        if d is None:
+            assert job is not None
+            info = {"row": runs.starting_row(job), "dir": str(root / rid), "config": "", "data": {}}
+            info |= {"samples": [], "checkpoints": [], "report": False, "notes": []}
+        else:
+            info = await asyncio.to_thread(runs.page, root, d, job)
         return html(
             "run.html",
-            title=info["row"]["name"],
+            title=info["row"]["id"],
             rid=rid,
             info=info,
             job=job,
             job_error=job.error() if job else None,
-            try_kind=kind(d),
+            try_kind=kind(d) if d else None,
         )
 
     @app.get("/api/run/{rid:path}")
     async def run_json(rid: str):
-        d = run_dir(rid)
-        job = jobs.get(rid)
-        row = await asyncio.to_thread(runs.row, root, d, job)
+        d, job = folder_or_job(rid), jobs.get(rid)
+        if d is None:
+            assert job is not None
+            row = runs.starting_row(job)
+        else:
+            row = await asyncio.to_thread(runs.row, root, d, job)
         return {**row, "error": job.error() if job else None, "log": _log_tail(job.log) if job else None}
 
     @app.get("/api/metrics/{rid:path}")
     async def metrics(rid: str, offset: int = 0):
-        return runs.tail(run_dir(rid), max(0, offset))
+        d = folder_or_job(rid)
+        return runs.tail(d, max(0, offset)) if d else {"records": [], "offset": 0, "reset": False}
 
     @app.get("/report/{rid:path}")
     async def report(rid: str):
@@ -172,7 +193,7 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         return {"run": rid, "command": form.command_line(argv)}
 
     @app.get("/compare", response_class=HTMLResponse)
-    async def compare_page(run: list[str] | None = None):
+    async def compare_page(run: Annotated[list[str] | None, Query()] = None):
         chosen = [r for r in run or [] if r]
         for r in chosen:
             run_dir(r)
@@ -181,7 +202,7 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         return html("compare.html", title="compare", rows=rows, chosen=chosen, view=view)
 
     @app.get("/compare/view")
-    async def compare_view(run: list[str] | None = None):
+    async def compare_view(run: Annotated[list[str] | None, Query()] = None):
         chosen = [r for r in run or [] if r]
         dirs = [run_dir(r) for r in chosen]
         digest = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:16]

@@ -34,7 +34,7 @@ function runsPage() {
   const table = $("#runs"), body = $("tbody", table), filter = $("#filter");
   let rows = JSON.parse($("#rows").textContent), sortKey = "started", sortDesc = true;
   const cells = r => [
-    [r.name, `/run/${r.id}`], [r.task], [r.model], [r.method], [r.status, null, `status ${r.status}`],
+    [r.id, `/run/${r.id}`], [r.task], [r.model], [r.method], [r.status, null, `status ${r.status}`],
     [num(r.best_val_loss)], [r.metric ? `${r.metric} ${num(r.metric_value, 3)}` : "—"],
     [duration(r.seconds)], [new Date(r.started * 1000).toLocaleString()],
   ];
