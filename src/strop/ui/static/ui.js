@@ -186,13 +186,20 @@ function startPage() {
     return out;
   };
   const body = () => ({base: form.dataset.base, values: values()});
+  function clearInvalid() {
+    for (const f of form.querySelectorAll(".field.invalid")) f.classList.remove("invalid");
+    for (const e of form.querySelectorAll(".field-error")) e.remove();
+  }
   function showError(message) {
     errBox.hidden = false;
     errBox.textContent = message;
-    for (const f of form.querySelectorAll(".field.invalid")) f.classList.remove("invalid");
-    for (const m of message.matchAll(/^\s*([\w.]+): /gm)) {  // the keys the error names
+    clearInvalid();
+    for (const m of message.matchAll(/^\s*([\w.]+): (.*)$/gm)) {  // the keys the error names
       const field = form.querySelector(`.field[data-key="${CSS.escape(m[1])}"]`);
-      if (field) { field.classList.add("invalid"); field.closest("details").open = true; }
+      if (!field) continue;
+      field.classList.add("invalid");
+      field.append(el("span", {class: "field-error"}, m[2]));
+      field.closest("details").open = true;
     }
   }
   form.addEventListener("input", () => { launch.disabled = true; });
@@ -206,7 +213,7 @@ function startPage() {
       $("#check-text").textContent = r.findings.text;
       $("#findings").hidden = false;
       launch.disabled = r.findings.errors.length > 0;
-      for (const f of form.querySelectorAll(".field.invalid")) f.classList.remove("invalid");
+      clearInvalid();
     } catch (e) { showError(e.message); } finally { $("#check").disabled = false; }
   });
   launch.addEventListener("click", async () => {
