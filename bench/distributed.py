@@ -1,7 +1,8 @@
-"""One process x 2 threads vs 2 processes x 1 thread on this CPU, at the same global batch: training
-tokens/s (steps after the first) and peak resident memory of the largest process, as `strop train` runs.
+"""One process x 2 threads vs 2 processes x 1 thread (DDP, then FSDP) on this CPU, at the same global
+batch: training tokens/s (steps after the first) and peak resident memory of the largest process, as
+`strop train` runs.
 
-    python bench/distributed.py [--steps 8] [--batch 8] [--config quickstart]
+    python bench/distributed.py [--steps 8] [--batch 8] [--config quickstart] [--method lora|full]
 
 Each arm is its own `strop train` (the second with `--nproc 2`); they run one after the other, never side
 by side. Tokens/s is the run's own figure (metrics.jsonl: real tokens of all processes per step time).
@@ -25,7 +26,9 @@ MEASURE = (
 )
 
 
-def arm(name: str, config: str, out: Path, steps: int, batch: int, nproc: int) -> dict:
+def arm(
+    name: str, config: str, out: Path, steps: int, batch: int, nproc: int, method: str, parallel: str = "ddp"
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -45,6 +48,10 @@ def arm(name: str, config: str, out: Path, steps: int, batch: int, nproc: int) -
         f"train.batch_size={batch // nproc}",
         "--set",
         f"train.eval_every={steps}",
+        "--set",
+        f"method.name={method}",
+        "--set",
+        f"train.parallel={parallel}",
     ]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
@@ -64,17 +71,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="global micro-batch")
     ap.add_argument("--config", default="quickstart")
+    ap.add_argument("--method", default="lora", choices=["lora", "full"])
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="strop-bench-dist-"))
+    common = (args.config, out, args.steps, args.batch)
     rows = [
-        arm("one-x2-threads", args.config, out, args.steps, args.batch, 1),
-        arm("two-x1-thread", args.config, out, args.steps, args.batch, 2),
+        arm("one-x2-threads", *common, 1, args.method),
+        arm("two-x1-thread-ddp", *common, 2, args.method),
+        arm("two-x1-thread-fsdp", *common, 2, args.method, "fsdp"),
     ]
     print("| arm | tokens/s (median) | peak RSS of the largest process | wall s |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} MB | {r['wall_s']:.0f} |")
-    print(f"ratio two/one tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}")
+    for r in rows[1:]:
+        ratio = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+        print(
+            f"ratio {r['arm']}/one tokens/s: {ratio:.2f}; memory {r['peak_rss_mb'] / rows[0]['peak_rss_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_accumulation_packing_and_an_uneven_last_batch(tiny_llama, tmp_path):
     assert_same_run(tmp_path / "out" / "packed1", tmp_path / "out" / "packed2")
 
 
-def test_dpo_and_classification_distribute_exactly(tiny_llama, tiny_bert, tmp_path):
+def dpo_and_classification(tiny_llama: Path, tiny_bert: Path, tmp_path: Path) -> tuple[dict, dict]:
     from test_classify import labelled_rows
     from test_preference import pairs
 
@@ -128,10 +128,6 @@ def test_dpo_and_classification_distribute_exactly(tiny_llama, tiny_bert, tmp_pa
     )
     dpo["data"]["template"] = "chatml"
     dpo["train"] = {"max_steps": 3, "seed": 0, "threads": 1}
-    run(with_train(dpo, batch_size=4), tmp_path, "dpo1")
-    run(with_train(dpo, batch_size=2), tmp_path, "dpo2", "--nproc", "2")
-    assert_same_run(tmp_path / "out" / "dpo1", tmp_path / "out" / "dpo2")
-    assert all("reward_accuracy" in r for r in read_metrics(tmp_path / "out" / "dpo2") if "loss" in r)
 
     data = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(30))
     bert = tmp_path / "bert-nodrop"  # BERT's dropout (0.1) draws differently for other batch shapes
@@ -144,8 +140,19 @@ def test_dpo_and_classification_distribute_exactly(tiny_llama, tiny_bert, tmp_pa
     cls["method"] = {"name": "full"}
     cls["classify"] = {"head_dropout": 0.0}  # each process draws its own dropout masks
     cls["train"] = {"max_steps": 3, "seed": 0, "threads": 1}
+    return dpo, cls
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_dpo_and_classification_distribute_exactly(parallel, tiny_llama, tiny_bert, tmp_path):
+    dpo, cls = dpo_and_classification(tiny_llama, tiny_bert, tmp_path)
+    run(with_train(dpo, batch_size=4), tmp_path, "dpo1")
+    run(with_train(dpo, batch_size=2, parallel=parallel), tmp_path, "dpo2", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "dpo1", tmp_path / "out" / "dpo2")
+    assert all("reward_accuracy" in r for r in read_metrics(tmp_path / "out" / "dpo2") if "loss" in r)
+
     run(with_train(cls, batch_size=8), tmp_path, "cls1")
-    run(with_train(cls, batch_size=4), tmp_path, "cls2", "--nproc", "2")
+    run(with_train(cls, batch_size=4, parallel=parallel), tmp_path, "cls2", "--nproc", "2")
     assert_same_run(tmp_path / "out" / "cls1", tmp_path / "out" / "cls2")
 
 
@@ -280,14 +287,37 @@ def test_a_signal_stops_every_process_with_a_checkpoint(tiny_llama, tmp_path):
     assert 2 <= state["step"] < 400 and state["processes"] == 2
 
 
-def test_a_task_that_cannot_distribute_is_refused_by_name_and_errors_are_said_once(tiny_llama, tmp_path):
+@pytest.mark.parametrize("task", ["grpo", "ppo"])
+def test_ppo_and_grpo_two_processes_equal_one(task, tiny_llama, tmp_path):
     from test_rl import rl_config
 
-    p = run(rl_config(tiny_llama, tmp_path, steps=2), tmp_path, "ppo", "--nproc", "2", ok=False)
+    cfg = rl_config(tiny_llama, tmp_path, task=task, steps=3, mini_batch=4, prompts_per_step=4)
+    cfg["train"] |= {"batch_size": 2, "eval_every": 3}
+    run(cfg, tmp_path, "one")
+    two = run(cfg, tmp_path, "two", "--nproc", "2")
+    a, b = read_metrics(tmp_path / "runs" / "one"), read_metrics(tmp_path / "runs" / "two")
+    for key in ("reward", "reply_tokens", "loss", "grad_norm", "val_reward"):
+        va, vb = [r[key] for r in a if key in r], [r[key] for r in b if key in r]
+        assert len(va) == len(vb) > 0 and va == pytest.approx(vb, abs=1e-5, rel=0), key
+    # 3 steps x 4 epochs x 4 mini-batches = 48 Adam updates at lr 1e-2: rounding reaches ~1e-5 in weights
+    assert_same_run(tmp_path / "runs" / "one", tmp_path / "runs" / "two", atol=5e-5)
+    assert two.stdout.count("done in") == 1 and two.stdout.count("val_reward") == 1, two.stdout
+
+
+def test_settings_n_processes_cannot_honour_are_refused_by_name_and_errors_are_said_once(
+    tiny_llama, tmp_path
+):
+    from test_rl import rl_config
+
+    cfg = rl_config(tiny_llama, tmp_path, task="grpo", steps=2, prompts_per_step=3)
+    p = run(cfg, tmp_path, "grpo", "--nproc", "2", ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [
-        "error: task: ppo trains in one process only for now; run it without --nproc/torchrun"
+        "error: rl.prompts_per_step: 3 prompts per step cannot be shared by 2 processes; make it a multiple of 2"
     ], p.stderr
+    cfg = rl_config(tiny_llama, tmp_path, task="ppo", steps=2, prompts_per_step=4)
+    p = run(with_train(cfg, parallel="fsdp"), tmp_path, "ppo", "--nproc", "2", ok=False)
+    assert "error: train.parallel: fsdp is not built for ppo/grpo" in p.stderr and p.returncode == 2, p.stderr
 
     # a config error every process meets (a missing data file) is printed once
     cfg = sft_config(tiny_llama, tmp_path)
@@ -296,3 +326,66 @@ def test_a_task_that_cannot_distribute_is_refused_by_name_and_errors_are_said_on
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing.jsonl" in errors[0], p.stderr
+
+
+def shard_files(ckpt: Path) -> list[str]:
+    return sorted(f"{p.parent.name}/{p.name}" for p in ckpt.glob("*/shard-*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "method", [{"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, {"name": "full"}]
+)
+def test_fsdp_equals_one_process_and_writes_sharded_checkpoints(method, tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, method=method, train={"max_steps": 4, "eval_every": 2})
+    cfg["optim"] = {**cfg.get("optim", {}), "grad_clip": 0.5}  # clipping over shards and whole tensors
+    run(with_train(cfg, batch_size=4), tmp_path, "one")
+    two = run(with_train(cfg, batch_size=2, parallel="fsdp"), tmp_path, "fsdp", "--nproc", "2")
+    assert_same_run(tmp_path / "out" / "one", tmp_path / "out" / "fsdp")
+    assert "blocks sharded over 2 processes" in two.stderr, two.stderr
+    ckpt = sorted((tmp_path / "out" / "fsdp" / "checkpoints").iterdir())[-1]
+    assert shard_files(ckpt) == [
+        f"{part}/shard-0000{r}-model-00001-of-00001.safetensors"
+        for part in ("model", "optimizer")
+        for r in (1, 2)
+    ]
+    assert not (ckpt / "trainable.safetensors").exists()
+    assert json.loads((ckpt / "state.json").read_text())["sharded"] == 2
+    # each process holds half of a block's weight
+    rows = [
+        load_file(str(ckpt / "model" / f"shard-0000{r}-model-00001-of-00001.safetensors")) for r in (1, 2)
+    ]
+    name = next(k for k in rows[0] if ".layers.0." in k and k.endswith("weight") and rows[0][k].dim() == 2)
+    whole = load_file(str(tmp_path / "out" / "one" / "checkpoints" / ckpt.name / "trainable.safetensors"))[
+        name
+    ]
+    assert rows[0][name].shape[0] + rows[1][name].shape[0] == whole.shape[0]
+
+
+def test_fsdp_resumes_with_two_one_or_ddp_and_an_empty_share(tiny_llama, tmp_path):
+    cfg = sft_config(tiny_llama, tmp_path, train={"max_steps": 6, "save_every": 3})
+    run(with_train(cfg, batch_size=4), tmp_path, "whole")
+    fault = {"PYTHONPATH": str(FAULT), "STROP_TEST_FAIL_RANK": "1", "STROP_TEST_FAIL_STEP": "5"}
+    sharded = with_train(cfg, batch_size=2, parallel="fsdp")
+    for name, resume in (("again", ["--nproc", "2"]), ("single", ["--set", "train.batch_size=4"])):
+        run(sharded, tmp_path, name, "--nproc", "2", env=fault, ok=False)
+        run_dir = tmp_path / "out" / name
+        assert shard_files(run_dir / "checkpoints" / "step-000003"), name
+        p = strop(["train", "--resume", str(run_dir), "--no-progress", *resume], tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert_same_run(tmp_path / "out" / "whole", run_dir)
+
+    # a plain (DDP) checkpoint goes on sharded: each process takes its rows of every tensor
+    run(with_train(cfg, batch_size=2), tmp_path, "ddp", "--nproc", "2", env=fault, ok=False)
+    run_dir = tmp_path / "out" / "ddp"
+    p = strop(
+        ["train", "--resume", str(run_dir), "--no-progress", "--nproc", "2", "--set", "train.parallel=fsdp"],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert_same_run(tmp_path / "out" / "whole", run_dir)
+
+    # 10 training rows, 3 processes x 1: the last micro-batch of an epoch leaves two processes nothing
+    small = sft_config(tiny_llama, tmp_path, ALPACA_ROWS[:13], train={"max_steps": 5})
+    run(with_train(small, batch_size=3), tmp_path, "one3")
+    run(with_train(small, batch_size=1, parallel="fsdp"), tmp_path, "fsdp3", "--nproc", "3")
+    assert_same_run(tmp_path / "out" / "one3", tmp_path / "out" / "fsdp3")

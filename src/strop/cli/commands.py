@@ -62,11 +62,7 @@ def _train(args) -> int:
     command = "strop " + shlex.join(args.argv)
     if (args.nproc or args.nnodes > 1) and not distributed.WORLD.active:
         from strop.cli.launch import launch
-        from strop.recipes.run import task_for
-        from strop.recipes.skeleton import refuse_one_process_only
 
-        if not cfg.stages:  # stages are SFT, which distributes; refused before any process starts
-            refuse_one_process_only(task_for(cfg), cfg)
         return launch(args.nproc or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.argv)
     result = train(cfg, show_progress=not args.no_progress, command=command)
     if not distributed.WORLD.main:

@@ -125,6 +125,11 @@ class TrainConfig(Section):
         description="CPU: hand freed memory back to the OS after every micro-batch (lower resident memory "
         "between steps; each step then page-faults its activations in again, which costs time)",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="several processes (--nproc, torchrun): ddp keeps the whole model in each; fsdp shards "
+        "the transformer blocks' weights, gradients and optimizer state over them (torch FSDP2)",
+    )
 
 
 class EvalConfig(Section):

@@ -43,8 +43,6 @@ def _rl(cfg: RunConfig) -> RLConfig:
 class RLTask(Task):
     """PPO or GRPO: the loop is training/rl_loop.fit_rl (rollouts, rewards, KL to the start)."""
 
-    distributes = False  # fit_rl does not split rollouts over processes yet
-
     def data(self, run: Run) -> dict:
         cfg, rl = run.cfg, _rl(run.cfg)
         self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)

@@ -20,13 +20,13 @@ import torch
 
 from strop.core import distributed
 from strop.core.config import RunConfig
-from strop.core.errors import ConfigError
 from strop.methods.objective import Objective
 from strop.models.build import build_causal_lm
 from strop.models.load import load_tokenizer, tokenizer_source
 from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
 from strop.training.loop import FitResult, fit
+from strop.training.sharding import load_trained
 
 
 @dataclass
@@ -56,7 +56,6 @@ class Task:
     causal LM trained by the loop on `self.train_set` / `self.validation`."""
 
     causal_lm = True  # which tokenizer (and default model) the task loads
-    distributes = True  # trains under torchrun with N processes (training/loop.py splits each step)
     train_set: Any = None
     validation: Any = None
 
@@ -105,19 +104,10 @@ class Task:
         return None
 
 
-def refuse_one_process_only(task: Task, cfg: RunConfig) -> None:
-    if not task.distributes:
-        raise ConfigError(
-            f"task: {cfg.task} trains in one process only for now; run it without --nproc/torchrun"
-        )
-
-
 def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> TrainResult:
     t0 = time.time()
     cfg, threads, device, dtype = start_run(config)
     world = distributed.WORLD
-    if world.active:
-        refuse_one_process_only(task, cfg)
     run = Run(cfg, device, dtype, threads, show_progress)
     source = tokenizer_source(cfg.model.name, causal_lm=task.causal_lm)
     run.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
@@ -133,6 +123,9 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     result = task.fit(run, model, objective)
     if not world.main:  # rank 0 exports, evaluates and reports; the weights are the same everywhere
         return TrainResult(cfg.run_dir, cfg.run_dir / "model", result.final, summary, time.time() - t0)
+    if result.weights is not None:  # sharded: export and evaluate a whole model holding the gathered weights
+        model = task.build(run)
+        load_trained(model, result.weights)
 
     model_dir = task.export(run, model)
     metrics, seconds = save_result(cfg.run_dir, result, trainable, total, model_dir, t0, summary)

@@ -8,22 +8,37 @@ the new one is complete, keeping the last K and the best.
         optimizer.json          # param_groups (hyperparameters)
         rng.safetensors         # torch CPU (and CUDA) generator states
         state.json              # step, best validation, counters, Python RNG state
+
+A run whose blocks are sharded over N processes (`train.parallel: fsdp`, training/sharding.py) writes
+the tensors with torch.distributed.checkpoint instead, every process its own rows, still safetensors:
+
+    run_dir/checkpoints/step-000040/
+        model/shard-0000R-model-00001-of-00001.safetensors      # trainable weights, rows of process R
+        optimizer/shard-0000R-model-00001-of-00001.safetensors  # optimizer state, "<index>.<name>"
+        optimizer.json, rng.safetensors, state.json            # as above, written last by rank 0
+
+Each file records where its rows sit in the whole tensor (DCP's sharding info), so any number of
+processes, sharded or not, loads either layout, and a plain checkpoint loads into a sharded run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from strop.core import distributed
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir
+from strop.training import sharding
 
 PREFIX = "step-"
 log = logging.getLogger("strop.train")
@@ -72,6 +87,43 @@ def save_checkpoint(
     return path
 
 
+def save_sharded_checkpoint(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep_last: int
+) -> Path:
+    """Every process writes its rows of the weights and optimizer state into a folder rank 0 prepared;
+    rank 0 then adds the JSON and RNG files, state.json last, and renames the folder into place
+    (core/io.atomic_dir), so a checkpoint is complete or absent, as a plain one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    final = checkpoint_dir(run_dir, state["step"])
+    shared = final.with_name(f".{final.name}.tmp-shards")
+    if distributed.WORLD.main:
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+    distributed.barrier()
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    for part, tensors in (("model", trainable), ("optimizer", opt_tensors)):
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(shared / part), save_distributed=True))
+    distributed.barrier()
+    if distributed.WORLD.main:
+        full_state = {**state, "python_rng": random.getstate(), "sharded": distributed.WORLD.size}
+
+        def fill(tmp: Path) -> None:
+            for part in ("model", "optimizer"):
+                os.replace(shared / part, tmp / part)
+            save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=2))
+
+        atomic_dir(final, fill)
+        shutil.rmtree(shared, ignore_errors=True)
+        _prune(run_dir, keep_last, state.get("best_step"))
+    distributed.barrier()
+    return final
+
+
 def read_state(path: Path) -> dict | None:
     """A checkpoint's state.json, or None when it is damaged (a file edited or cut short on disk)."""
     try:
@@ -117,8 +169,8 @@ def restore_rng(snapshot: tuple) -> None:
 
 
 def load_weights(path: Path, model: nn.Module) -> None:
-    weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
+    weights = _read_tensors(path, "model", "trainable", params.get)
     missing = [n for n in weights if n not in params]
     if missing:
         raise StropError(
@@ -130,11 +182,40 @@ def load_weights(path: Path, model: nn.Module) -> None:
             params[n].copy_(t)
 
 
+def _read_tensors(
+    path: Path, part: str, plain: str, target: Callable[[str], torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    """The tensors of one part of a checkpoint (`part`: the sharded folder, `plain`: the plain file),
+    each laid out as `target(name)` (the parameter it belongs to: sharded or whole) when it has that
+    parameter's shape, else whole; names with no parameter come back as saved, for the caller to refuse."""
+    if (path / f"{plain}.safetensors").is_file():
+        saved = load_file(str(path / f"{plain}.safetensors"))
+        return {k: sharding.like(target(k), v) for k, v in saved.items()}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path / part))
+    saved_meta = reader.read_metadata().state_dict_metadata
+    out: dict[str, torch.Tensor] = {}
+    for k, meta in saved_meta.items():
+        size, dtype = meta.size, meta.properties.dtype  # type: ignore[union-attr]
+        t = target(k)
+        if t is not None and tuple(t.shape) == tuple(size):
+            out[k] = torch.zeros_like(t, dtype=dtype)  # sharded like its target, or whole
+        else:
+            out[k] = torch.zeros(size, dtype=dtype)
+    import torch.distributed as dist
+
+    single = not dist.is_initialized()  # one process reading a sharded checkpoint whole
+    dcp.load(out, storage_reader=HuggingFaceStorageReader(str(path / part)), no_dist=single)
+    return out
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights, optimizer and RNG states; returns the saved loop state."""
     load_weights(path, model)
-    tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
+    tensors = _read_tensors(path, "optimizer", "optimizer", _optimizer_param(optimizer, meta))
     try:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
     except ValueError as e:
@@ -150,6 +231,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = json.loads((path / "state.json").read_text())
     random.setstate(_tupled(state.pop("python_rng")))
     return state
+
+
+def _optimizer_param(optimizer: torch.optim.Optimizer, meta: dict) -> Callable[[str], torch.Tensor | None]:
+    """The parameter a saved optimizer tensor "<index>.<name>" belongs to, for its layout (a state tensor
+    shaped like its parameter is sharded like it; `step` and other scalars stay whole)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    order = [i for group in meta["param_groups"] for i in group["params"]]
+    by_index = dict(zip(order, params, strict=False))
+    return lambda key: by_index.get(int(key.split(".", 1)[0]))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

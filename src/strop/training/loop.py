@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan
 from strop.data.tokenized import TokenizedSet
 from strop.methods.objective import Objective
+from strop.training import sharding
 from strop.training.checkpoint import restore_rng, rng_snapshot
 from strop.training.loop_state import LoopState
 from strop.training.optim import build_optimizer, lr_factor, set_lr
@@ -43,6 +45,7 @@ class FitResult:
     best_val_loss: float | None
     skipped_steps: int
     stopped_early: bool
+    weights: dict | None = None  # sharded runs: the trained weights whole, on rank 0 (for export)
 
 
 def total_steps(micro_per_epoch: int, train: TrainConfig) -> int:
@@ -124,6 +127,11 @@ class MicroBatches:
                 return None
         return self.objective.collate(self.ts, picked, self.pad_id), sum(self.lengths[i] for i in picked)
 
+    def filler(self) -> dict:
+        """A one-example batch a sharded process runs with weight 0 when its share is empty: every
+        process must take part in each block's gathers and reductions."""
+        return self.objective.collate(self.ts, np.array([0]), self.pad_id)
+
 
 @signals.deferring
 def fit(
@@ -154,6 +162,10 @@ def fit(
         )
     batches = MicroBatches(train_set, train, pad_id, objective, curriculum, world)
     n_steps = total_steps(batches.per_epoch, train)
+    sharded = train.parallel == "fsdp" and world.active
+    if sharded:  # before the optimizer, which then holds the shards
+        n_blocks = sharding.shard(model, device)
+        log.info("fsdp: %d blocks sharded over %d processes", n_blocks, world.size)
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
     counters: dict = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}
@@ -170,10 +182,14 @@ def fit(
         set_lr(optimizer, lr)
         micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
         loss, n_labels, stats, n_real = accumulate(
-            model, objective, micro, run, device, autocast_dtype, train
+            model, objective, micro, run, device, autocast_dtype, train, batches.filler if sharded else None
         )
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
+        max_norm = optim.grad_clip or float("inf")
+        if sharded:
+            grad_norm = sharding.clip_gradients(params, max_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         run.state["step"] = step + 1
         run.step_or_skip(loss, grad_norm, train.max_bad_steps)
 
@@ -207,7 +223,13 @@ def fit(
     run.keep_best("val_loss")
     st = run.state
     return FitResult(
-        st["step"], run.final, st["best_step"], st["best_val_loss"], st["skipped_steps"], stop_early
+        st["step"],
+        run.final,
+        st["best_step"],
+        st["best_val_loss"],
+        st["skipped_steps"],
+        stop_early,
+        weights=sharding.full_weights(model) if sharded else None,
     )
 
 
@@ -219,12 +241,14 @@ def accumulate(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     train: TrainConfig,
+    filler: Callable[[], dict] | None = None,
 ) -> tuple[float, int, dict[str, float], int]:
     """One optimizer step's gradients: each micro-batch's loss sum back-propagated, then the gradients
     (summed over the processes, when there are several) divided by the step's count over all of them,
     so they are those of the mean over every unit of the step, however it was split. Returns (mean loss,
     count, stat sums, real tokens), totals of all processes. A stop signal (on any process) abandons the
-    step: its gradients are dropped and its RNG draws undone before the checkpoint."""
+    step: its gradients are dropped and its RNG draws undone before the checkpoint. `filler` (sharded
+    runs): the batch a process runs with weight 0 for an empty share, to join every block's collectives."""
     stats: dict[str, float] = {}
     loss_sum, count, n_real, at_start = 0.0, 0, 0, rng_snapshot()
     for picked in micro:
@@ -232,12 +256,18 @@ def accumulate(
             run.optimizer.zero_grad(set_to_none=True)
             restore_rng(at_start)
             run.stop_on_signal()
-        if picked is None:  # this process's share of the micro-batch is empty
-            continue
-        batch, real = picked
+        empty = picked is None  # this process's share of the micro-batch is empty
+        if empty:
+            if filler is None:
+                continue
+            picked = filler(), 0
+        batch, real = picked  # type: ignore[misc]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(device, autocast_dtype):
             out = objective.loss(model, batch)
+        if empty:  # a filler: its collectives, none of its gradient
+            (out.total * 0.0).backward()
+            continue
         for name, v in out.stats.items():
             stats[name] = stats.get(name, 0.0) + v
         out.total.backward()
@@ -246,8 +276,9 @@ def accumulate(
         n_real += real
         if device.type == "cpu" and train.release_memory:
             release_free_memory()  # resident memory drops back to what is live between micro-batches
-    if distributed.WORLD.active:
-        distributed.sum_gradients([p for p in model.parameters() if p.requires_grad], device)
+    if distributed.WORLD.active:  # sharded blocks summed theirs in backward (reduce-scatter)
+        whole = [p for p in model.parameters() if p.requires_grad and not sharding.is_sharded(p)]
+        distributed.sum_gradients(whole, device)
         names = run.stat_names = sorted(stats) or run.stat_names  # an empty share has no stats of its own
         totals = distributed.sum_floats(
             [loss_sum, count, n_real, *(stats.get(k, 0.0) for k in names)], device

@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 from strop.core import distributed, signals
 from strop.core.errors import Interrupted, StropError, TrainingStopped
 from strop.core.metrics import MetricsSink
+from strop.training import sharding
 from strop.training.checkpoint import (
     checkpoint_dir,
     load_weights,
     remove_partial_checkpoints,
     resume_latest,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 
 log = logging.getLogger("strop.train")
@@ -44,6 +46,7 @@ class LoopState:
     ):
         self.run_dir, self.modules, self.optimizer, self.keep_last = run_dir, modules, optimizer, keep_last
         self.main = distributed.WORLD.main  # rank 0 alone writes the run folder, logs and shows progress
+        self.sharded = sharding.model_is_sharded(modules)  # every process writes its rows of a checkpoint
         self.stat_names: list[str] = []  # the objective's statistics, summed over processes by name
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +83,12 @@ class LoopState:
 
     def save(self) -> Path:
         """Rank 0 writes the checkpoint (every process holds the same weights and optimizer state); the
-        others wait until it is complete."""
+        others wait until it is complete. Sharded, every process writes its rows."""
         path = checkpoint_dir(self.run_dir, self.step)
+        if self.sharded:
+            return save_sharded_checkpoint(
+                self.run_dir, self.modules, self.optimizer, self.state, self.keep_last
+            )
         if self.main:
             path = save_checkpoint(self.run_dir, self.modules, self.optimizer, self.state, self.keep_last)
         distributed.barrier()

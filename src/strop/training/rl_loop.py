@@ -6,6 +6,14 @@ reward (`val_reward`, every `train.eval_every` steps and at the end).
 
 It shares the optimizer, schedule, checkpoints (resume included) and metrics sink with `fit`; the
 objectives are methods/rl.py's. One step is one rollout of `prompts_per_step x group_size` replies.
+
+Reply i of step t is drawn from its own generator, seeded by (seed, t, i), so a rollout does not depend
+on how its replies are batched or spread. Under N processes (core/distributed.py) each samples and
+scores its contiguous 1/N of the step's prompts (whole groups, so GRPO's group baselines stay local);
+the update passes walk the one permutation of the whole rollout every process draws alike, each
+process back-propagating its own rows of each mini-batch over the mini-batch's token count of all of
+them; gradients are summed before the step, and PPO's whitening, the KL controller and the logged
+metrics see the whole rollout. So N processes give the run one process gives (up to float rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from strop.core import signals
+from strop.core import distributed, signals
 from strop.core.config import OptimConfig, TrainConfig
+from strop.core.errors import ConfigError
 from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_order
 from strop.data.template import ChatTemplate
@@ -56,6 +65,7 @@ def fit_rl(
     """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
     evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
     policy.eval()  # no dropout in any pass: rollout, old and reference log-probs and updates agree
+    _check_split(rl, train)
     n_steps = train.max_steps or max(1, math.ceil(train.epochs * len(prompts) / rl.prompts_per_step))
     modules = nn.ModuleDict({"policy": policy, **({"value_head": value_head} if value_head else {})})
     optimizer = build_optimizer(
@@ -89,17 +99,28 @@ def fit_rl(
             policy, value_head, reference if use_reference else None, s, scores, rl, train, state, device
         )
         sums, updates, skipped, grad_norm = _update(modules, optimizer, objective, batch, rl, train, optim)
+        scores, unfinished, kl_seq, lengths = (
+            _whole(t, device) for t in (scores, unfinished.float(), kl_seq, torch.tensor(s.lengths))
+        )
         _count_skipped(run, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
         if kl_ctl is not None:
-            state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(s.replies))
+            state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(scores))
         state["step"] = step + 1
         record = _record(
-            step + 1, scores, unfinished, kl_seq if use_reference else None, s, state, sums, updates, skipped
+            step + 1,
+            scores,
+            unfinished,
+            kl_seq if use_reference else None,
+            lengths,
+            state,
+            sums,
+            updates,
+            skipped,
         )
         record |= {
             "lr": lr,
             "grad_norm": grad_norm,
-            "replies_per_s": len(s.replies) / max(time.perf_counter() - t0, 1e-9),
+            "replies_per_s": len(scores) / max(time.perf_counter() - t0, 1e-9),
             "elapsed_s": time.perf_counter() - t_start,
         }
         run.log(record)
@@ -123,7 +144,7 @@ def fit_rl(
 
 
 def _record(
-    step: int, scores, unfinished, kl_seq, s, state: dict, sums: dict, updates: int, skipped: int
+    step: int, scores, unfinished, kl_seq, lengths, state: dict, sums: dict, updates: int, skipped: int
 ) -> dict:
     """A step's metrics: rewards, KL (when there is a reference), reply lengths, the share cut off,
     skipped updates and the means of the update metrics."""
@@ -132,7 +153,7 @@ def _record(
         "reward": float(scores.mean()),
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         **({"kl": float(kl_seq.mean()), "kl_coef": state["kl_coef"]} if kl_seq is not None else {}),
-        "reply_tokens": sum(s.lengths) / len(s.lengths),
+        "reply_tokens": float(lengths.float().mean()),
         "cut_off": float(unfinished.float().mean()),
         **({"skipped_updates": skipped} if skipped else {}),
         **{k: v / updates for k, v in sums.items() if kl_seq is not None or k != "kl_loss"},
@@ -179,10 +200,13 @@ class RewardEvaluation:
 
 
 def _rollout(policy, template, prompts, reward: Reward, step: int, rl: RLConfig, train: TrainConfig, device):
-    """Step `step`'s prompts, `group_size` sampled replies each, and their rewards (B,), with
-    `missing_eos_penalty` off those cut at `max_new_tokens` (B,) bool."""
+    """Step `step`'s prompts (this process's share), `group_size` sampled replies each, and their
+    rewards (B,), with `missing_eos_penalty` off those cut at `max_new_tokens` (B,) bool."""
+    world = distributed.WORLD
+    share = rl.prompts_per_step // world.size
+    first = world.rank * share
     picked = [
-        _prompt_at(prompts, step * rl.prompts_per_step + j, train.seed) for j in range(rl.prompts_per_step)
+        _prompt_at(prompts, step * rl.prompts_per_step + j, train.seed) for j in range(first, first + share)
     ]
     s = sample(
         policy,
@@ -192,6 +216,9 @@ def _rollout(policy, template, prompts, reward: Reward, step: int, rl: RLConfig,
         rl.temperature,
         rl.top_p,
         batch_size=train.batch_size * 4,
+        seeds=[
+            _reply_seed(train.seed, step, first * rl.group_size + i) for i in range(share * rl.group_size)
+        ],
     )
     scores = torch.tensor(reward(s.prompts, s.replies), dtype=torch.float32, device=device)  # (B,)
     unfinished = torch.tensor([not e for e in s.ended], device=device)  # (B,)
@@ -218,7 +245,9 @@ def _prepare(policy, value_head, reference, s, scores, rl: RLConfig, train: Trai
     assert old_values is not None  # response_logps gives values with a value head
     rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
     advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-    if mask.sum() > 1:
+    if distributed.WORLD.active:
+        advantages = _whiten_whole(advantages, mask, device)
+    elif mask.sum() > 1:
         advantages = whiten(advantages, mask)
     batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
     return (
@@ -233,24 +262,32 @@ def _update(modules, optimizer, objective, batch: dict, rl: RLConfig, train: Tra
     micro-batches of `train.batch_size` rows as a masked mean over its tokens. A non-finite update is
     skipped (as `fit` skips a step). Returns (metric sums, updates, skipped, last grad norm)."""
     mask = batch["response_mask"]
+    world = distributed.WORLD
+    device = mask.device
     sums: dict[str, float] = {}
     updates, skipped, grad_norm = 0, 0, 0.0
-    size = mask.size(0)
+    local = mask.size(0)
+    size = local * world.size  # the whole rollout; this process holds rows [offset, offset + local)
+    offset = world.rank * local
     mini = rl.mini_batch or size
     for _ in range(rl.update_epochs):
-        order = torch.randperm(size)
+        order = torch.randperm(size)  # the same on every process: their generators are in step
         for start in range(0, size, mini):
             rows = order[start : start + mini]
-            n_tokens = mask[rows].sum()
+            rows = rows[(rows >= offset) & (rows < offset + local)] - offset  # this process's rows of it
+            n_tokens = distributed.sum_floats([float(mask[rows].sum())], device)[0]
             finite = True
             for m in range(0, len(rows), train.batch_size):
                 sub = rows[m : m + train.batch_size]
-                weight = mask[sub].sum() / n_tokens  # the masked mean over the whole mini-batch
+                weight = float(mask[sub].sum()) / n_tokens  # the masked mean over the whole mini-batch
                 loss, metrics = objective(_rows(batch, sub))
                 (loss * weight).backward()
                 finite = finite and math.isfinite(loss.item())
                 for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v * float(weight)
+                    sums[k] = sums.get(k, 0.0) + v * weight
+            finite = not distributed.any_true(not finite, device)
+            if world.active:
+                distributed.sum_gradients([p for p in modules.parameters() if p.requires_grad], device)
             params = [p for p in modules.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
             if finite and math.isfinite(grad_norm):
@@ -259,7 +296,13 @@ def _update(modules, optimizer, objective, batch: dict, rl: RLConfig, train: Tra
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             updates += 1
-    return sums, updates, skipped, grad_norm
+    names = sorted(sums)  # every process ran rows of its own in some mini-batch, so all have every name
+    return (
+        dict(zip(names, distributed.sum_floats([sums[k] for k in names], device), strict=True)),
+        updates,
+        skipped,
+        grad_norm,
+    )
 
 
 def _count_skipped(
@@ -280,6 +323,50 @@ def _count_skipped(
         run.stop_diverged(
             f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step {step}."
         )
+
+
+def _check_split(rl: RLConfig, train: TrainConfig) -> None:
+    world = distributed.WORLD
+    if not world.active:
+        return
+    if train.parallel == "fsdp":
+        raise ConfigError(
+            "train.parallel: fsdp is not built for ppo/grpo (every sampled token would gather the "
+            "weights); use train.parallel: ddp"
+        )
+    if rl.prompts_per_step % world.size:
+        raise ConfigError(
+            f"rl.prompts_per_step: {rl.prompts_per_step} prompts per step cannot be shared by {world.size} "
+            f"processes; make it a multiple of {world.size}"
+        )
+
+
+def _reply_seed(seed: int, step: int, i: int) -> int:
+    """The seed of reply i of step `step`'s rollout: its draws depend on nothing else."""
+    return (seed * 1_000_003 + step) * 100_003 + i
+
+
+def _whole(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A per-reply tensor of this process's replies (B_local,) as that of the whole rollout (B,), on
+    every process (each places its rows, the rest zeros, and the sum is the whole)."""
+    world = distributed.WORLD
+    if not world.active:
+        return t
+    n = t.numel()
+    full = [0.0] * (n * world.size)
+    full[world.rank * n : (world.rank + 1) * n] = t.double().tolist()
+    return torch.tensor(distributed.sum_floats(full, device), dtype=t.dtype, device=t.device)
+
+
+def _whiten_whole(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """methods.ppo_losses.whiten over the valid positions of every process's rows."""
+    n, total = distributed.sum_floats([float(mask.sum()), float(x[mask].double().sum())], device)
+    if n <= 1:
+        return x
+    mean = total / n
+    sq = distributed.sum_floats([float(((x[mask].double() - mean) ** 2).sum())], device)[0]
+    var = sq / (n - 1)
+    return ((x - mean) * (var + 1e-8) ** -0.5).masked_fill(~mask, 0.0)
 
 
 def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:

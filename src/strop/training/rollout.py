@@ -41,8 +41,10 @@ def sample(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int = 16,
+    seeds: list[int] | None = None,
 ) -> Samples:
-    """One reply per prompt (repeat a prompt to sample several), in the prompts' order.
+    """One reply per prompt (repeat a prompt to sample several), in the prompts' order; `seeds`: one
+    per prompt, each reply then drawn from its own generator (else from torch's global one).
 
     Sampling draws from softmax(logits / temperature) after top-p, the distribution response_logps
     scores: the engine applies none of the logit processors a model's generation_config may switch on.
@@ -55,8 +57,9 @@ def sample(
             max_new_tokens=max_new_tokens,
             temperature=0.0 if greedy else temperature,
             top_p=top_p,
+            seed=None if seeds is None else seeds[i],
         )
-        for p in prompts
+        for i, p in enumerate(prompts)
     ]
     engine_for(model, template, batch_size).run(requests)
     replies = [r.tokens for r in requests]
