@@ -342,6 +342,57 @@ def test_predict_on_a_classification_run(tmp_path, tiny_bert):
     assert got == Classifier(run).predict(["the sea is wide"])[0]
 
 
+def test_score_on_a_reward_run(tmp_path, tiny_llama):
+    from strop.api import RewardModel
+    from strop.recipes.run import train
+    from test_preference import dpo_config
+
+    cfg = dpo_config(tiny_llama, tmp_path, task="reward")
+    cfg["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    cfg["eval"] = {"enabled": False}
+    run = train(cfg, show_progress=False).run_dir
+    prompt, reply = "Write a short poem 99.", "The sea is wide and blue and deep."
+    with dashboard(run.parent) as ui:
+        status, page = request(f"{ui.url}/try/{run.name}", raw=True)
+        assert status == 200 and 'data-how="score"' in page
+        status, got = request(f"{ui.url}/api/score/{run.name}", {"prompt": prompt, "response": reply})
+        assert status == 200
+        status, bad = request(f"{ui.url}/api/score/{run.name}", {"prompt": prompt, "response": ""})
+        assert status == 400 and bad["error"].startswith("error: prompt, response:")
+        assert request(f"{ui.url}/api/predict/{run.name}", {"text": "x"})[0] == 400  # not a classifier
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    assert got["reward"] == pytest.approx(RewardModel(run).score([turns])[0], abs=1e-5)
+
+
+def test_a_restarted_dashboard_still_tells_a_failed_job_from_a_stopped_one(tmp_path):
+    from strop.ui.jobs import STATE, Jobs
+    from strop.ui.runs import status
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    jobs = Jobs(root)
+    jobs.start("bad", ["no-such-command"]).process.wait(60)  # argparse refuses it: status 2
+    deadline = time.time() + 10
+    while jobs.get("bad").returncode is None:  # the waiting thread records it
+        assert time.time() < deadline
+        time.sleep(0.05)
+    record = json.loads((root / STATE / "jobs" / "bad.json").read_text())
+    assert record["returncode"] == 2 and record["command"] == ["strop", "no-such-command"]
+    # a job SIGTERM stopped, as the record of one reads (test_a_run_started_... stops a real one)
+    cut = {**record, "run_id": "cut", "returncode": 143}
+    (root / STATE / "jobs" / "cut.json").write_text(json.dumps(cut))
+    for name in ("bad", "cut"):
+        plant(root, name, CURVE, checkpoint=2)  # both left a checkpoint behind
+    again = Jobs(root)  # what a new `strop ui` over the same folder reads
+    assert {k: (j.returncode, j.alive) for k, j in again.jobs.items()} == {
+        "bad": (2, False),
+        "cut": (143, False),
+    }
+    assert status(root / "bad", again.get("bad")) == "failed"
+    assert status(root / "cut", again.get("cut")) == "stopped"
+    assert "invalid choice" in again.get("bad").error()
+
+
 def test_compare_is_strop_compares_page(tmp_path, trained):
     import shutil
 
