@@ -1,32 +1,30 @@
-"""The dashboard's routes: pages rendered on the server, JSON the pages poll, and the token check.
+"""The dashboard's routes: pages rendered on the server and the JSON the pages poll.
 
 Pages: `/` runs, `/run/RUN` a run, `/compare?run=A&run=B`, `/start`, `/try/RUN`. JSON: `/api/...`.
-`/serve/RUN/v1/...` is the run's own `strop serve` app (playground.py), which the chat page streams from.
-Every request carries the token: `?token=` once (answered with a cookie and a redirect that drops it
-from the address bar), then the cookie, or an `X-Strop-Token` header; anything else gets 401.
+Everything sits behind guard.py's token check, which also routes `/serve/RUN/v1/...` to the run's own
+`strop serve` app (playground.py), the endpoint the chat page streams from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
-from urllib.parse import parse_qs, urlencode
+from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import jinja2
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import PlainTextResponse, RedirectResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from strop.core.errors import StropError
 from strop.report.collect import dig, read_run
 from strop.report.compare import write_comparison
 from strop.ui import form, runs
+from strop.ui.guard import Guard
 from strop.ui.jobs import STATE, Jobs
 from strop.ui.playground import Playground, kind
 
@@ -100,8 +98,8 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         d, job = folder_or_job(rid), jobs.get(rid)
         if d is None:
             assert job is not None
-            info = {"row": runs.starting_row(job), "dir": str(root / rid), "config": "", "data": {}}
-            info |= {"samples": [], "checkpoints": [], "report": False, "notes": []}
+            info: dict[str, Any] = {"row": runs.starting_row(job), "dir": str(root / rid), "config": ""}
+            info |= {"data": {}, "samples": [], "checkpoints": [], "report": False, "notes": []}
         else:
             info = await asyncio.to_thread(runs.page, root, d, job)
         return html(
@@ -242,68 +240,6 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
 
     guarded = Guard(app, token, cookie, root, playground)
     return guarded, jobs, playground
-
-
-class Guard:
-    """ASGI: the token check in front of everything, and `/serve/RUN/v1/...` routed to the run's own
-    OpenAI-compatible app."""
-
-    def __init__(self, app: ASGIApp, token: str, cookie: str, root: Path, playground: Playground):
-        self.app, self.token, self.cookie, self.root, self.playground = app, token, cookie, root, playground
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] != "http":
-            return  # no websockets here
-        query = parse_qs(scope.get("query_string", b"").decode())
-        given = (query.get("token") or [""])[0]
-        if given and self._good(given):
-            rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
-            target = scope["path"] + (f"?{rest}" if rest else "")
-            response = RedirectResponse(target, status_code=303)
-            response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
-            await response(scope, receive, send)
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if not (self._good(headers.get("x-strop-token", "")) or self._good(_cookie(headers, self.cookie))):
-            message = "missing or wrong token: open the address `strop ui` printed (it carries ?token=...)"
-            await PlainTextResponse(message, status_code=401)(scope, receive, send)
-            return
-        if scope["path"].startswith("/serve/"):
-            await self._serve(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _good(self, given: str) -> bool:
-        return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rid, sep, sub = scope["path"][len("/serve/") :].partition("/v1/")
-        try:
-            d = runs.resolve(self.root, rid)
-            if not sep:
-                raise StropError(f"{scope['path']}: expected /serve/RUN/v1/...")
-            how, loaded = await asyncio.to_thread(self.playground.load, d)
-            if how != "chat":
-                raise StropError(f"{rid}: a {how} run; it does not chat")
-        except StropError as e:
-            body = {
-                "error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}
-            }
-            await JSONResponse(body, status_code=404)(scope, receive, send)
-            return
-        prefix = scope["path"][: len(scope["path"]) - len(sub) - len("/v1/")]
-        await loaded[0]({**scope, "root_path": scope.get("root_path", "") + prefix}, receive, send)
-
-
-def _cookie(headers: dict[str, str], name: str) -> str:
-    for part in headers.get("cookie", "").split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name:
-            return value
-    return ""
 
 
 def _labels(cfg: dict) -> tuple[str, str, str]:
