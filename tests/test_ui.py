@@ -389,6 +389,8 @@ def test_a_restarted_dashboard_still_tells_a_failed_job_from_a_stopped_one(tmp_p
         "cut": (143, False),
     }
     assert status(root / "bad", again.get("bad")) == "failed"
+    (root / "bad" / "result.json").write_text("{}")  # trained and exported, then its evaluation failed
+    assert status(root / "bad", again.get("bad")) == "failed"
     assert status(root / "cut", again.get("cut")) == "stopped"
     assert "invalid choice" in again.get("bad").error()
 

@@ -131,6 +131,12 @@ def test_run_page_curves_follow_metrics_jsonl_without_a_reload(ui):
         not b.find_element("id", "stop").is_displayed() and not b.find_element("id", "resume").is_displayed()
     )
     shot(b, "run")
+    samples = [json.loads(x) for x in (ui.root / "tuned" / "eval" / "samples.jsonl").read_text().splitlines()]
+    wanted = samples[-1]["input"]
+    b.find_element("id", "sample-filter").send_keys(wanted)
+    shown = [r.text for r in b.find_elements("css selector", "#samples tbody tr") if r.is_displayed()]
+    assert shown and all(wanted in r for r in shown)
+    assert len(shown) == sum(wanted in " ".join(map(str, s.values())) for s in samples) < len(samples)
     b.get(ui.url + "/run/stopped-run")  # a checkpoint and no job: resumable, nothing to stop
     wait(b, lambda: b.find_element("id", "resume").is_displayed(), "the resume button")
     assert not b.find_element("id", "stop").is_displayed()

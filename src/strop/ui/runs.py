@@ -5,10 +5,12 @@ run started with `strop train` in a terminal shows up as well as one started fro
 
 - running: a job started by this dashboard is alive, or (a run started elsewhere) one of its files
   changed in the last `ACTIVE_SECONDS`;
-- finished: result.json is there (training ended and the model was exported);
+- finished: result.json is there (training ended and the model was exported), unless a job of ours
+  then failed (in the evaluation or the report);
 - stopped: a checkpoint is there to resume from (a job of ours that ended by SIGINT/SIGTERM, or a run
   left unfinished);
-- failed: a job of ours that exited with an error, or a run with neither a result nor a checkpoint.
+- failed: a job of ours that exited with an error, or a run with neither a result nor a checkpoint
+  that nobody is writing.
 """
 
 from __future__ import annotations
@@ -64,12 +66,12 @@ def resolve(root: Path, rid: str) -> Path:
 def status(run_dir: Path, job: Job | None) -> str:
     if job is not None and job.alive:
         return "running"
+    if job is not None and job.returncode not in (0, None) and not job.stopped:
+        return "failed"  # also after result.json: its evaluation or report failed (the error says)
     if (run_dir / "result.json").is_file():
         return "finished"
     if job is None and time.time() - _last_change(run_dir) < ACTIVE_SECONDS:
         return "running"
-    if job is not None and job.returncode not in (0, None) and not job.stopped:
-        return "failed"
     return "stopped" if _checkpoints(run_dir) else "failed"
 
 
