@@ -284,6 +284,9 @@ def test_a_failing_start_shows_the_childs_error_line(tmp_path, tiny_llama):
             assert time.time() < deadline
             time.sleep(0.2)
         _, rows = request(ui.url + "/api/runs")
+        status, page = request(ui.url + "/run/broken", raw=True)  # a page though it has no folder
+        assert status == 200 and "no-such-model" in page
+        assert request(ui.url + "/api/run/broken")[1]["status"] == "failed"
     job = ui.jobs.get("broken")
     assert job.returncode == 2 and job.error().startswith("error:") and "no-such-model" in job.error()
     assert [(r["id"], r["status"]) for r in rows] == [("broken", "failed")]
