@@ -1,6 +1,6 @@
 """One process x 2 threads vs 2 processes x 1 thread (DDP, then FSDP) on this CPU, at the same global
-batch: training tokens/s (steps after the first) and peak resident memory of the largest process, as
-`strop train` runs.
+batch: training tokens/s (steps after the first) and the resident memory of the largest process while the steps run
+(sampled every 0.1 s) and over the whole run (loading and export included), as `strop train` runs.
 
     python bench/distributed.py [--steps 8] [--batch 8] [--config quickstart] [--method lora|full]
 
@@ -56,14 +56,40 @@ def arm(
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", MEASURE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics, train_peak = out / name / "metrics.jsonl", 0
+    while p.poll() is None:  # the largest process's RSS while the steps run (until the last step's record)
+        if metrics.exists() and f'"step": {steps},' in metrics.read_text():
+            break
+        train_peak = max(train_peak, _largest_rss(p.pid))
+        time.sleep(0.1)
+    _, err = p.communicate()
     wall = time.perf_counter() - t0
     if p.returncode:
-        sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
-    peak = int(p.stderr.strip().splitlines()[-1])  # KiB: the largest process of this arm's tree
-    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        sys.exit(f"{name} failed:\n{err[-3000:]}")
+    peak = int(err.strip().splitlines()[-1])  # KiB: the largest process of this arm's tree, whole run
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    return {"arm": name, "tokens_per_s": statistics.median(tps), "peak_rss_mb": peak / 1024, "wall_s": wall}
+    return {
+        "arm": name,
+        "tokens_per_s": statistics.median(tps),
+        "train_rss_mb": train_peak / 2**20,
+        "peak_rss_mb": peak / 1024,
+        "wall_s": wall,
+    }
+
+
+def _largest_rss(pid: int) -> int:
+    """Bytes: the resident memory of the largest process under `pid`."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+        return max((q.memory_info().rss for q in procs), default=0)
+    except psutil.Error:
+        return 0
 
 
 def main() -> None:

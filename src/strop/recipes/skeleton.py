@@ -26,7 +26,7 @@ from strop.models.load import load_tokenizer, tokenizer_source
 from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
 from strop.training.loop import FitResult, fit
-from strop.training.sharding import load_trained
+from strop.training.sharding import gather_into, model_is_sharded
 
 
 @dataclass
@@ -121,11 +121,12 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     trainable, total = log_parameters(model, cfg, device, dtype, threads)
     objective = task.objective(run, model)
     result = task.fit(run, model, objective)
+    if model_is_sharded(model):  # rank 0 exports and evaluates a whole model of the gathered weights
+        whole = task.build(run) if world.main else None
+        gather_into(model, whole)
+        model = whole  # type: ignore[assignment]  # None on the other processes, which return below
     if not world.main:  # rank 0 exports, evaluates and reports; the weights are the same everywhere
         return TrainResult(cfg.run_dir, cfg.run_dir / "model", result.final, summary, time.time() - t0)
-    if result.weights is not None:  # sharded: export and evaluate a whole model holding the gathered weights
-        model = task.build(run)
-        load_trained(model, result.weights)
 
     model_dir = task.export(run, model)
     metrics, seconds = save_result(cfg.run_dir, result, trainable, total, model_dir, t0, summary)

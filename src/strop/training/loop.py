@@ -45,7 +45,6 @@ class FitResult:
     best_val_loss: float | None
     skipped_steps: int
     stopped_early: bool
-    weights: dict | None = None  # sharded runs: the trained weights whole, on rank 0 (for export)
 
 
 def total_steps(micro_per_epoch: int, train: TrainConfig) -> int:
@@ -229,7 +228,6 @@ def fit(
         st["best_val_loss"],
         st["skipped_steps"],
         stop_early,
-        weights=sharding.full_weights(model) if sharded else None,
     )
 
 

@@ -101,14 +101,19 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> float:
     return norm
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable weights whole, on CPU (every process takes part in the gathers)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
+def gather_into(model: nn.Module, whole: nn.Module | None) -> None:
+    """Copy the trained weights of sharded `model` into `whole`, an unsharded model of the same build
+    (rank 0's; None on the others, which only take part in the gathers). One tensor is whole at a time,
+    so the peak is `whole` plus one weight, not a second copy of the model."""
+    params = dict(whole.named_parameters()) if whole is not None else {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue  # frozen weights are the base's, as `whole` was built
             t = p.detach().full_tensor() if is_sharded(p) else p.detach()  # type: ignore[attr-defined]
-            out[name] = t.cpu()
-    return out
+            if whole is not None:
+                params[name].copy_(t)
+            del t
 
 
 def like(target: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
@@ -121,10 +126,3 @@ def like(target: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
     t = target  # a DTensor
     return distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements)  # type: ignore[attr-defined]
 
-
-def load_trained(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Put `full_weights` into an unsharded model of the same build (its other weights are the base's)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
