@@ -165,6 +165,8 @@ def fit(
     if sharded:  # before the optimizer, which then holds the shards
         n_blocks = sharding.shard(model, device)
         log.info("fsdp: %d blocks sharded over %d processes", n_blocks, world.size)
+        if device.type == "cpu":
+            release_free_memory()  # the whole weights each process loaded before sharding go back
     optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
     counters: dict = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}

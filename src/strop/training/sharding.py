@@ -66,7 +66,14 @@ def shard(model: nn.Module, device: torch.device) -> int:
     # weights gathered from forward to backward: the whole model on every process.
     root = _innermost_holder(model, blocks)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
-    fully_shard(root, mesh=mesh, ignored_params={p for p in root.parameters() if id(p) not in in_blocks})
+    whole = [p for p in model.parameters() if id(p) not in in_blocks]
+    fully_shard(root, mesh=mesh, ignored_params={p for p in whole if any(p is q for q in root.parameters())})
+    # The loaded weights may be views of one memory-mapped file, which stays mapped (and resident, as
+    # far as the copies into shards touched it) while any view lives: own copies of the whole weights
+    # let it go, so a process holds its shards and the whole part, not the file besides.
+    with torch.no_grad():
+        for p in whole:
+            p.data = p.data.clone()
     return len(blocks)
 
 
@@ -125,4 +132,3 @@ def like(target: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
 
     t = target  # a DTensor
     return distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements)  # type: ignore[attr-defined]
-
