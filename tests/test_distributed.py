@@ -384,8 +384,9 @@ def test_fsdp_resumes_with_two_one_or_ddp_and_an_empty_share(tiny_llama, tmp_pat
     assert p.returncode == 0, p.stderr
     assert_same_run(tmp_path / "out" / "whole", run_dir)
 
-    # 10 training rows, 3 processes x 1: the last micro-batch of an epoch leaves two processes nothing
+    # 10 training rows, 3 processes x 1, accumulation 2: the last micro-batch of an epoch leaves two
+    # processes nothing, and they run a filler with no weight to join every block's collectives
     small = sft_config(tiny_llama, tmp_path, ALPACA_ROWS[:13], train={"max_steps": 5})
-    run(with_train(small, batch_size=3), tmp_path, "one3")
-    run(with_train(small, batch_size=1, parallel="fsdp"), tmp_path, "fsdp3", "--nproc", "3")
+    run(with_train(small, batch_size=3, grad_accum=2), tmp_path, "one3")
+    run(with_train(small, batch_size=1, grad_accum=2, parallel="fsdp"), tmp_path, "fsdp3", "--nproc", "3")
     assert_same_run(tmp_path / "out" / "one3", tmp_path / "out" / "fsdp3")
