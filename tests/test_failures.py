@@ -355,3 +355,22 @@ def test_a_config_with_a_key_given_twice_is_refused(tmp_path, capsys):
     config.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
     rc, _, err = run_cli(["train", str(config)], capsys)
     assert_user_error(rc, err, "twice.yaml:3:3", "the key 'lr' is given twice")
+
+
+def _rewrite_folder(args: tuple[str, int]) -> None:
+    from strop.core.io import atomic_dir
+
+    final, i = args
+    for _ in range(100):
+        atomic_dir(Path(final), lambda t: (t / "who.txt").write_text(str(i)))
+
+
+def test_atomic_dir_survives_processes_writing_the_same_folder_at_once(tmp_path):
+    # tune workers tokenize into one shared cache: the other's folder can land between our two renames
+    import multiprocessing
+
+    final = tmp_path / "shared"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        pool.map(_rewrite_folder, [(str(final), i) for i in range(3)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no temporary or old folder left
+    assert (final / "who.txt").read_text() in {"0", "1", "2"}

@@ -114,13 +114,7 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        _put_in_place(tmp, final)
         fsync_dir(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,6 +125,27 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _put_in_place(tmp: Path, final: Path, attempts: int = 5) -> None:
+    """Rename `tmp` to `final`, moving an existing `final` aside first. Two processes may write the same
+    folder at once (tune workers tokenizing into one shared cache): when the other one's folder lands
+    between our two renames, ours goes in place on the next attempt (the last writer's folder stays)."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    for attempt in range(attempts):
+        try:
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            return
+        except OSError as e:
+            raced = e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) and tmp.exists()
+            if not raced or attempt == attempts - 1:
+                raise
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
