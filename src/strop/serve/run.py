@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Literal
 
 from strop.core.errors import ConfigError
 from strop.serve.limits import Limits
@@ -92,27 +93,38 @@ def serve(
     drain_seconds: int = 60,
     rag: tuple | None = None,
 ) -> None:
-    import uvicorn
-
     limits = limits or Limits()
     key = api_key_for(host, api_key)
     sock = bind(host, port)  # before loading: a taken port fails in a second, not after the model loads
     app, _, variants = build(target, adapters, limits, key, device, quantize, rag)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {', '.join(variants)} at http://{shown}:{bound}/v1", file=sys.stderr, flush=True)
+    print(f"serving {', '.join(variants)} at {url_of(host, sock)}/v1", file=sys.stderr, flush=True)
     if key is None:
         print("no API key: loopback clients only", file=sys.stderr, flush=True)
+    run_uvicorn(app, sock, drain_seconds=drain_seconds, lifespan="on")
+    print("stopped (requests in flight were finished)", file=sys.stderr, flush=True)
+
+
+def url_of(host: str, sock: socket.socket) -> str:
+    """http://HOST:PORT of a bound socket (an IPv6 host in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{sock.getsockname()[1]}"
+
+
+def run_uvicorn(
+    app, sock: socket.socket, drain_seconds: int | None = None, lifespan: Literal["on", "off"] = "on"
+) -> None:
+    """Serve `app` on `sock` until SIGINT/SIGTERM. uvicorn drains, then re-raises the signal to the
+    handler it found: a quiet one, so a drained server ends with status 0 instead of dying of the
+    signal it has already honoured."""
+    import uvicorn
+
     config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=drain_seconds, access_log=False, lifespan="on"
+        app, log_level="warning", timeout_graceful_shutdown=drain_seconds, access_log=False, lifespan=lifespan
     )
     server = uvicorn.Server(config)
-    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: a quiet one,
-    # so a drained server ends with status 0 instead of dying of the signal it has already honoured
     quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:
         for sig, handler in quiet.items():
             signal.signal(sig, handler)
-    print("stopped (requests in flight were finished)", file=sys.stderr, flush=True)

@@ -8,12 +8,11 @@ is new at every start (secrets.token_urlsafe) and never written to disk.
 from __future__ import annotations
 
 import secrets
-import signal
 import sys
 from pathlib import Path
 
 from strop.core.errors import ConfigError
-from strop.serve.run import bind, is_loopback
+from strop.serve.run import bind, is_loopback, run_uvicorn, url_of
 
 
 def check_address(host: str, port: int, allow_remote: bool) -> None:
@@ -36,27 +35,18 @@ def check_runs(runs: str) -> Path:
 
 
 def serve_ui(runs: str, host: str, port: int, allow_remote: bool, device: str = "auto") -> None:
-    import uvicorn
-
     from strop.ui.app import build_app
 
     check_address(host, port, allow_remote)
     root = check_runs(runs)
     sock = bind(host, port)
-    bound = sock.getsockname()[1]
     token = secrets.token_urlsafe(24)
-    app, jobs, playground = build_app(root, token, f"strop_ui_{bound}", device)
-    shown = f"[{host}]" if ":" in host else host
+    app, jobs, playground = build_app(root, token, f"strop_ui_{sock.getsockname()[1]}", device)
     print(f"strop ui: runs in {root}", file=sys.stderr, flush=True)
-    print(f"open http://{shown}:{bound}/?token={token}", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"open {url_of(host, sock)}/?token={token}", file=sys.stderr, flush=True)
     try:
-        server.run(sockets=[sock])
+        run_uvicorn(app, sock, lifespan="off")
     finally:
-        for sig, handler in quiet.items():
-            signal.signal(sig, handler)
         jobs.stop_all()  # they would get SIGTERM anyway (STROP_PARENT_PID); said here, and at once
         playground.close()
     print("strop ui stopped; runs it started were sent SIGTERM (each writes a checkpoint)", file=sys.stderr)
