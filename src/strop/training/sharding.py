@@ -25,6 +25,8 @@ from strop.core.errors import ConfigError
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
+    if not distributed.WORLD.active:  # one process never holds DTensors: no import of torch.distributed
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
