@@ -223,3 +223,73 @@ def test_run_decodes_in_eval_mode_and_gives_the_mode_back(loaded):  # noqa: F811
         handle.remove()
     assert seen and not any(seen) and loaded.model.training
     loaded.model.eval()
+
+
+@pytest.mark.parametrize("fails_at", [0, 3])  # its first draw (at admission), or mid-decode
+def test_a_request_failing_alone_leaves_the_others_their_own_output(loaded, fails_at):  # noqa: F811
+    """Greedy and seeded rows decode; a poisoned one joins after two steps and its draw raises: it alone
+    fails, and the others' tokens equal what each gets alone."""
+    ids = _ids(loaded)
+
+    def requests():
+        return [
+            Request(ids[0], max_new_tokens=12),
+            Request(ids[1], max_new_tokens=12, temperature=1.0, seed=3),
+            Request(ids[3], max_new_tokens=12, temperature=0.7, top_p=0.9, seed=-5),
+        ]
+
+    alone = [_decode(_engine(loaded), [r])[0] for r in requests()]
+    engine = _engine(loaded)
+    good = [engine.submit(r) for r in requests()]
+    engine.step()
+    engine.step()
+    poison = Request(ids[2], max_new_tokens=12, temperature=1.0, seed=9)
+    original = engine._draw
+
+    def draw(logits, row):
+        if row.req is poison and len(poison.tokens) >= fails_at:
+            raise RuntimeError("probability tensor contains either inf, nan")
+        return original(logits, row)
+
+    engine._draw = draw
+    engine.submit(poison)
+    finished = []
+    while engine.load:
+        finished += engine.step()
+    assert poison in finished and poison.finish_reason == "error" and len(poison.tokens) == fails_at
+    assert "inf, nan" in str(poison.error)
+    assert [r.tokens for r in good] == alone and all(r.error is None for r in good)
+    assert engine.rows == [] and engine.cache is None
+
+
+def test_a_failing_stream_callback_fails_only_its_request(loaded):  # noqa: F811
+    ids = _ids(loaded)
+    alone = _decode(_engine(loaded), [Request(ids[1], max_new_tokens=10)])[0]
+
+    def broken(piece):
+        raise OSError("client socket gone")
+
+    reqs = [Request(ids[0], max_new_tokens=10, on_text=broken), Request(ids[1], max_new_tokens=10)]
+    with pytest.raises(OSError, match="socket gone"):
+        _engine(loaded).run(reqs)
+    assert reqs[0].finish_reason == "error" and reqs[1].error is None and reqs[1].tokens == alone
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    logits = torch.tensor([1.0, 3.0, -2.0, float("-inf")])
+    for t in (1e-300, 5e-324, 1e-8):
+        g = torch.Generator().manual_seed(0)
+        assert {int(_draw(logits, t, 1.0, g)) for _ in range(20)} == {1}
+        assert int(_draw(logits, t, 0.5, g)) == 1
+    with pytest.raises(ValueError, match="not finite"):
+        _draw(torch.tensor([0.0, float("nan")]), 1.0, 1.0, None)
+
+
+def test_any_integer_seed_makes_a_generator_torch_reads_the_same_way():
+    from strop.models.engine import _generator
+
+    for seed in (2**70, -(2**63), 2**64 + 5, -1):
+        assert _generator(seed) is not None
+    same = torch.Generator().manual_seed(-5)  # torch's own reading of a negative seed
+    assert torch.equal(torch.rand(3, generator=_generator(-5)), torch.rand(3, generator=same))
+    assert torch.equal(torch.rand(3, generator=_generator(2**64 + 5)), torch.rand(3, generator=_generator(5)))

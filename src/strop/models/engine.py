@@ -11,6 +11,10 @@ are served on one base without reloading it.
 Greedy decoding is argmax of the same logits `model.generate` computes (positions from the attention
 mask, left padding masked out), so the two agree token for token; sampling draws from
 softmax(logits / temperature) after top-p, from the request's own generator when it has a seed.
+
+Requests are isolated: a failure that belongs to one row (its sampling parameters, its seed, its
+`on_text` callback) fails that request alone and the others decode on with exactly the tokens they get
+alone; only a failure of the shared forward pass fails the whole batch.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ class Request:
 @dataclass
 class _Row:
     req: Request
-    generator: torch.Generator | None
     position: int  # position id of the next token fed
     sent: int = 0  # characters of text already handed to on_text
+    generator: torch.Generator | None = None  # made at the first draw of a seeded request
 
 
 class Engine:
@@ -212,7 +216,7 @@ class Engine:
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         cache = _growing_cache()
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in new])
-        rows = [_Row(r, _generator(r.seed), len(r.prompt)) for r in new]
+        rows = [_Row(r, len(r.prompt)) for r in new]
         first = self._sample(logits, rows)
         self._join(cache, mask, rows, first)
         self._admitting = []
@@ -249,24 +253,45 @@ class Engine:
             self._append(row, token)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """(B,) each row's next token: argmax for greedy rows, a draw for sampling ones. A row whose draw
+        raises is failed alone (it keeps its argmax so the batch's tensors stay whole, and leaves at the
+        next `_retire`)."""
         chosen = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
-            if row.req.temperature > 0:
-                chosen[i] = _draw(logits[i], row.req.temperature, row.req.top_p, row.generator)
+            if row.req.temperature > 0 and row.req.error is None:
+                try:
+                    chosen[i] = self._draw(logits[i], row)
+                except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                    self._fail_row(row, e)
         return chosen
+
+    def _draw(self, logits: torch.Tensor, row: _Row) -> torch.Tensor:
+        """One row's sampled token from its (V,) logits."""
+        if row.generator is None and row.req.seed is not None:
+            row.generator = _generator(row.req.seed)
+        return _draw(logits, row.req.temperature, row.req.top_p, row.generator)
+
+    def _fail_row(self, row: _Row, error: Exception) -> None:
+        """Mark one row failed; `_retire` takes it out of the batch and finishes it with its error."""
+        row.req.error, row.req.finish_reason = error, "error"
 
     def _stops(self, req: Request) -> set[int] | frozenset[int]:
         return self.stop_ids if req.stop_ids is None else req.stop_ids
 
     def _append(self, row: _Row, token: int) -> None:
         req = row.req
+        if req.error is not None:
+            return
         req.tokens.append(token)
         if token in self._stops(req):
             req.finish_reason = "stop"
         elif len(req.tokens) >= req.max_new_tokens or row.position + 1 >= self.max_length:
             req.finish_reason = "length"
         if req.stop or req.on_text is not None or req.finish_reason:
-            self._update_text(row)
+            try:
+                self._update_text(row)
+            except Exception as e:  # noqa: BLE001 - e.g. its on_text raised: this request fails alone
+                self._fail_row(row, e)
 
     def _update_text(self, row: _Row) -> None:
         req = row.req
@@ -386,17 +411,29 @@ def _cache_argument(model) -> str:
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
+    """A CPU generator for `seed`; any int is taken modulo 2**64 (torch's own reading of a negative seed
+    in [-2**63, 0), and no overflow error for a larger one)."""
     if seed is None:
         return None
     g = torch.Generator()
-    g.manual_seed(seed)
+    g.manual_seed(seed % (1 << 64))
     return g
 
 
 def _draw(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+    """A token drawn from softmax(logits / temperature) within the top-p mass (on the CPU).
+
+    Stable for any positive temperature: the logits are shifted so their maximum is 0 before the
+    division, in float64, so a tiny temperature (1e-300) gives -inf for the others and 1 for the
+    maximum (greedy, ties shared) instead of inf - inf = nan. Non-finite probabilities (nan logits
+    from the model) raise ValueError, which fails this request alone.
+    """
+    scores = logits.cpu().double()
+    probs = torch.softmax((scores - scores.max()) / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError("the model's next-token scores are not finite (nan or inf); cannot sample")
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # the smallest set whose mass reaches top_p
