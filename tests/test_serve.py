@@ -4,6 +4,7 @@ server on loopback (tiny models; the packaged model in bench/serve.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -49,8 +50,25 @@ def lively(tmp_path_factory) -> Path:
     return _lively_dir(tmp_path_factory.mktemp("serve"), "llama")
 
 
+class _Log(logging.Handler):
+    """The server's log lines, tracebacks included (uvicorn logs an ASGI app's exception this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
 @contextmanager
 def running(target, adapters=None, limits=None, api_key=None, quantize=None, rag=None):
+    """A live server on loopback; `.log` holds what it logged (uvicorn's loggers, engine-thread crashes)."""
     import uvicorn
 
     limits = limits or Limits()
@@ -67,11 +85,18 @@ def running(target, adapters=None, limits=None, api_key=None, quantize=None, rag
         time.sleep(0.02)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=60)
+    log = _Log()
+    logger = logging.getLogger("uvicorn")  # uvicorn.error and uvicorn.asgi propagate to it
+    logger.addHandler(log)  # after uvicorn's own logging setup, which replaces handlers
+    hook = threading.excepthook
+    threading.excepthook = lambda args: log.lines.append(f"thread {args.thread}: {args.exc_value!r}")
     try:
-        yield SimpleNamespace(url=url, client=client, engine=engine, variants=variants)
+        yield SimpleNamespace(url=url, client=client, engine=engine, variants=variants, log=log)
     finally:
         server.should_exit = True
         thread.join(30)
+        threading.excepthook = hook
+        logger.removeHandler(log)
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +253,13 @@ def test_malformed_and_oversized_bodies_are_400s(lively):
         assert status == 404 and "error" in body
 
 
-def test_a_full_queue_is_a_429_and_nothing_else_fails(lively):
+def test_a_full_queue_is_a_429_and_a_request_larger_than_the_queue_a_400(lively):
     with running(lively, limits=Limits(queue=3, max_batch=2, max_tokens=40)) as s:
-        with pytest.raises(openai.RateLimitError) as e:
+        with pytest.raises(openai.BadRequestError) as e:  # it can never fit: a 429 would be retried forever
             s.client.chat.completions.create(model=lively.name, messages=HELLO, n=4)
-        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "rate_limit_exceeded"
+        assert e.value.body["param"] == "n" and "at most 3" in e.value.message
         outcomes: list = []
+        retry_after: list = []
 
         def ask():
             try:
@@ -241,8 +267,9 @@ def test_a_full_queue_is_a_429_and_nothing_else_fails(lively):
                     model=lively.name, messages=STORY, max_tokens=40, temperature=0
                 )
                 outcomes.append("ok")
-            except openai.RateLimitError:
+            except openai.RateLimitError as e:
                 outcomes.append(429)
+                retry_after.append((e.response.headers["retry-after"], e.code))
             except Exception as e:  # noqa: BLE001
                 outcomes.append(repr(e))
 
@@ -252,6 +279,7 @@ def test_a_full_queue_is_a_429_and_nothing_else_fails(lively):
         for t in threads:
             t.join(120)
     assert set(outcomes) <= {"ok", 429} and outcomes.count("ok") >= 3 and 429 in outcomes, outcomes
+    assert set(retry_after) == {("1", "rate_limit_exceeded")}
 
 
 def test_an_api_key_guards_every_route_but_health(lively):
@@ -387,3 +415,140 @@ def test_a_signal_finishes_the_stream_in_flight_then_exits_cleanly(lively, sig):
         assert rc == 0 and "stopped" in rest and "Traceback" not in rest, rest
     finally:
         proc.kill()
+
+
+def _post(url: str, body: dict | str) -> tuple[int, dict]:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return raw(url, data.encode(), {"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    "route, fields, param",
+    [
+        ("chat", {"seed": 2**70}, "seed"),
+        ("chat", {"seed": -(2**63) - 1}, "seed"),
+        ("chat", {"temperature": "nan"}, "temperature"),
+        ("chat", '"temperature": NaN', "temperature"),
+        ("chat", {"temperature": -1e-300}, "temperature"),
+        ("chat", {"top_p": 0}, "top_p"),
+        ("chat", {"top_p": "Infinity"}, "top_p"),
+        ("chat", {"presence_penalty": "-inf"}, "presence_penalty"),
+        ("chat", {"logit_bias": {"5": "nan"}}, "logit_bias.5"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            "messages.0.content.0.type",
+        ),
+        ("completions", {"prompt": []}, "prompt"),
+        ("completions", {"prompt": ["a", 5]}, "prompt.1"),
+        ("completions", {"prompt": ["the sea"] * 17}, "prompt"),  # more than the queue holds: never fits
+    ],
+)
+def test_a_request_that_cannot_be_decoded_is_a_400_naming_the_field(served, lively, route, fields, param):
+    base = {"model": lively.name}
+    base |= {"messages": HELLO} if route == "chat" else {"prompt": "the sea"}
+    if isinstance(fields, str):  # a literal the json module will not write
+        body: dict | str = json.dumps(base)[:-1] + ", " + fields + "}"
+    else:
+        body = base | fields
+    status, reply = _post(f"{served.url}/v1/{'chat/' if route == 'chat' else ''}completions", body)
+    assert status == 400 and reply["error"]["param"] == param, reply
+    assert reply["error"]["type"] == "invalid_request_error" and "Traceback" not in served.log.text
+
+
+def _while_two_decode(s, name: str, intruders: list) -> tuple[list[str], list]:
+    """Two 50-token requests (greedy, and seeded sampling) stream while the engine is slowed to 20 ms a
+    step; once both are under way each intruder(s) runs in turn. The two texts and the intruders'
+    outcomes; the two must still be decoding when the intruders are done."""
+    kws = [
+        dict(messages=STORY, max_tokens=50, temperature=0),
+        dict(messages=HELLO, max_tokens=50, temperature=1.0, seed=5),
+    ]
+    texts: list = [None, None]
+    started = [threading.Event(), threading.Event()]
+    original = s.engine._decode
+    s.engine._decode = lambda: (time.sleep(0.02), original())[1]
+
+    def consume(k):
+        pieces = []
+        for chunk in s.client.chat.completions.create(model=name, stream=True, **kws[k]):
+            pieces.append(chunk.choices[0].delta.content or "")
+            if "".join(pieces):
+                started[k].set()
+        texts[k] = "".join(pieces)
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        assert all(e.wait(30) for e in started)
+        outcomes = [intrude(s) for intrude in intruders]
+        assert all(t.is_alive() for t in threads), "the intruders did not overlap the decoding requests"
+        for t in threads:
+            t.join(60)
+    finally:
+        s.engine._decode = original
+    alone = [s.client.chat.completions.create(model=name, **kw).choices[0].message.content for kw in kws]
+    assert texts == alone and all(len(t) > 20 for t in alone), (texts, alone)
+    return texts, outcomes
+
+
+def _status(s, name, **kw):
+    try:
+        out = s.client.chat.completions.create(model=name, messages=HELLO, max_tokens=6, **kw)
+        return out.choices[0].message.content
+    except openai.APIStatusError as e:
+        return e.status_code, e.body.get("param"), e.message
+
+
+def test_a_tiny_temperature_or_a_huge_seed_fails_nobody_decoding_beside_it(served, lively):
+    greedy = _status(served, lively.name, temperature=0)
+    _, outcomes = _while_two_decode(
+        served,
+        lively.name,
+        [
+            lambda s: _status(s, lively.name, temperature=1e-300, seed=1),
+            lambda s: _status(s, lively.name, temperature=1e-300),
+            lambda s: _status(s, lively.name, temperature=1.0, seed=2**70),
+            lambda s: _status(s, lively.name, temperature=1.0, seed=-(2**63)),
+        ],
+    )
+    assert outcomes[:2] == [greedy, greedy]  # a tiny temperature is greedy in effect
+    assert outcomes[2][:2] == (400, "seed") and isinstance(outcomes[3], str)
+    assert "Traceback" not in served.log.text
+
+
+def test_a_request_failing_in_the_engine_fails_alone(served, lively):
+    """Poisoned past the door (its draw raises in the engine): a 500 for it, its own text for the others."""
+    original = served.engine._draw
+
+    def draw(logits, row):
+        if row.req.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, row)
+
+    served.engine._draw = draw
+    try:
+        _, outcomes = _while_two_decode(
+            served, lively.name, [lambda s: _status(s, lively.name, temperature=1.0, seed=666)]
+        )
+    finally:
+        served.engine._draw = original
+    status, _, message = outcomes[0]
+    assert status == 500 and "generation failed: RuntimeError" in message
+
+
+def test_a_client_gone_mid_body_leaves_no_traceback(served, lively):
+    import socket
+
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            "content-length: 5000\r\n\r\n"
+        )
+        conn.sendall(head.encode() + b'{"model": "' + lively.name.encode())
+        time.sleep(0.3)  # the handler is reading the body
+    time.sleep(0.5)
+    assert raw(served.url + "/health")[0] == 200
+    assert "Traceback" not in served.log.text and "Exception" not in served.log.text, served.log.text

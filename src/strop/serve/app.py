@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from strop.core.errors import StropError
 from strop.models.engine import Engine
@@ -92,16 +94,20 @@ def build_app(
     async def read(request: Request, schema: type[BaseModel]):
         authorize(request)
         size, chunks = 0, []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.body_bytes:
-                raise ApiError(400, f"request body over {limits.body_bytes} bytes", code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.body_bytes:
+                    raise ApiError(400, f"request body over {limits.body_bytes} bytes", code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone mid-body: an answer nobody reads, and no traceback in the log
+            raise ApiError(400, "the client disconnected before the body ended") from None
         try:
             return schema.model_validate_json(b"".join(chunks))
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or None
+            # the deepest error: of a union's members, the one the client's value came closest to
+            first = max(e.errors(), key=lambda err: len(_field_path(err["loc"]).split(".")))
+            where = _field_path(first["loc"]) or None
             message = f"{where}: {first['msg']}" if where else first["msg"]
             if first["type"] == "extra_forbidden":
                 message = f"{where}: unknown field"
@@ -148,6 +154,13 @@ def build_app(
                     code="context_length_exceeded",
                 )
         wanted = len(prompts) * body.n
+        if wanted > limits.queue:  # never fits: a 429 would have a client retry forever
+            raise ApiError(
+                400,
+                f"the request asks for {wanted} choices ({len(prompts)} prompts x n={body.n}); this server "
+                f"queues at most {limits.queue}",
+                param="prompt" if len(prompts) > 1 else "n",
+            )
         if engine.load + wanted > limits.queue:
             raise ApiError(
                 429,
@@ -213,7 +226,7 @@ def build_app(
         v = variant(body.model)
         tok = v.template.tokenizer
         prompts = [tok(p)["input_ids"] for p in body.prompts()]
-        if any(not p for p in prompts):
+        if not prompts or any(not p for p in prompts):
             raise ApiError(400, "prompt: empty", param="prompt")
         return await _respond(jobs(body, prompts, v), body, v, asyncio.get_running_loop(), chat=False)
 
@@ -310,6 +323,15 @@ def build_app(
                 job.cancelled = True  # the client went away: its choices leave the batch at the next step
 
     return app
+
+
+def _field_path(loc: tuple) -> str:
+    """The dotted field of a pydantic error location, without the union member it tried: pydantic
+    says ('prompt', 'list[str]', 0) for `prompt: str | list[str]`; the client's field is prompt.0."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
+
+
+_UNION_MEMBER = re.compile(r"str|int|float|bool|[A-Z]\w*|\w+\[.*\]")
 
 
 def _model_card(v: Variant) -> dict:

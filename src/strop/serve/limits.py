@@ -1,4 +1,10 @@
-"""What a request may ask for: OpenAI's request bodies (unknown fields refused) and the server's caps."""
+"""What a request may ask for: OpenAI's request bodies (unknown fields refused) and the server's caps.
+
+Every value that reaches the engine is one it can decode: numbers are finite (NaN and Infinity are
+refused), temperature is 0 (greedy) or in (0, 2] (any positive value samples stably, see
+models/engine._draw: a tiny one is greedy in effect), top_p in (0, 1], a seed is a signed 64-bit
+integer (what torch and OpenAI accept), a prompt list is not empty. The app checks the server's caps.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +21,15 @@ class Limits:
     stop: int = 4  # OpenAI's own limit on stop strings
     prompt_tokens: int | None = None  # None: the model's context length
     body_bytes: int = 1 << 20
-    queue: int = 64  # choices waiting or decoding; beyond it a request gets 429
+    queue: int = 64  # choices waiting or decoding; beyond it a request gets 429 (400 if it alone is larger)
     max_batch: int = 16  # choices decoded together
 
 
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -28,7 +37,7 @@ class _Body(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -56,18 +65,18 @@ class _Body(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     include_usage: bool = False
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
