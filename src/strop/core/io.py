@@ -1,14 +1,19 @@
-"""Atomic writes: a reader never sees a half-written file or checkpoint folder."""
+"""Atomic writes: a reader never sees a half-written file or checkpoint folder. Outputs that exist are
+replaced only when asked (`check_fresh_output`), never the input itself; `exclusive` serialises the
+processes that update one thing in place (read, change, write) so no update is lost."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from strop.core.errors import StropError
@@ -63,6 +68,84 @@ def check_output(path: str | Path, option: str, folder: bool) -> Path:
     except OSError as e:
         raise StropError(f"{option}: cannot write in {existing} ({e.strerror})") from None
     return existing
+
+
+def check_fresh_output(
+    path: str | Path, option: str, folder: bool, force: bool, inputs: Iterable[str | Path | None] = ()
+) -> Path:
+    """`check_output`, and an output that exists (a file, or a folder that is not empty) is refused
+    unless `force`. An input is refused even with `force`: the output file is one of `inputs` (the same
+    file by any path, link or symbolic link), or the output folder holds one. Errors name `option` and
+    the path; returns what `check_output` returns."""
+    existing = check_output(path, option, folder)
+    p = Path(path).expanduser()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).expanduser()
+        if not folder and _same_file(p, source):
+            raise StropError(f"{option}: {path} is the input file; choose another path")
+        if folder and p.is_dir() and _inside(source, p):
+            raise StropError(f"{option}: {path} holds the input {given}; choose another folder")
+    taken = p.is_dir() and any(p.iterdir()) if folder else p.exists() or p.is_symlink()
+    if taken and not force:
+        what = "exists and is not empty" if folder else "exists"
+        raise StropError(f"{option}: {path} {what}; pass --force to replace it")
+    return existing
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): the same path is still the same file
+        return a.resolve() == b.resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+@contextmanager
+def exclusive(lock: Path, what: str, timeout: float, notice_after: float = 1.0) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `lock` while the block runs; another process holding it is
+    waited for (a line on stderr after `notice_after` s), and past `timeout` s the wait ends in a
+    StropError naming `what`. The lock file is removed on release and re-checked after every acquire,
+    so a waiter never holds a lock file that is no longer the one at `lock`. A process that dies
+    releases its lock (the kernel drops it), so a crash never leaves `what` locked."""
+    import fcntl
+
+    start, told = time.monotonic(), False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if waited >= timeout:
+                        raise StropError(
+                            f"{what}: another process has been changing it for {timeout:.0f} s; try again "
+                            "once it has finished"
+                        ) from None
+                    if not told and waited >= notice_after:
+                        logging.getLogger("strop").warning("waiting for another process changing %s...", what)
+                        told = True
+                    time.sleep(0.05)
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # its holder removed it on release: take the next one
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    lock.unlink(missing_ok=True)  # while still held: the next one starts from a new file
+                return
+        finally:
+            os.close(fd)  # releases the lock
 
 
 def fsync_dir(path: Path) -> None:

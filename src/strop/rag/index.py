@@ -7,26 +7,38 @@
 Adding, updating and removing documents rewrites the folder atomically (the old index stays whole until
 the new one is in place) and embeds only chunks whose text is new: an unchanged document keeps its
 vectors, and a changed one re-uses the vectors of every chunk whose text did not change.
+
+Concurrency: a change is read, made and saved under `locked(INDEX)` (a lock file beside the folder,
+since the folder itself is replaced by each save), so two updates at once both land, one after the
+other. `load` reads one whole version: its three files are opened through one handle on the folder,
+so a save landing meanwhile is seen entirely or not at all.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from strop.core.errors import StropError
-from strop.core.io import atomic_dir
+from strop.core.io import atomic_dir, exclusive
 from strop.rag.chunk import Chunk, chunk_text
 from strop.rag.documents import Document
 
 FORMAT = 1
 FILES = ("index.json", "chunks.jsonl", "embeddings.safetensors")
+LOCK_TIMEOUT = 3600.0  # s an update waits for another one (embedding a large corpus takes minutes)
 
 
 @dataclass
@@ -65,33 +77,92 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def lock_path(folder: str | Path) -> Path:
+    """`.NAME.lock` beside the index folder `NAME`: each save replaces the folder, never this file."""
+    d = Path(folder).expanduser().resolve()
+    return d.with_name(f".{d.name}.lock")
+
+
+@contextmanager
+def locked(folder: str | Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the index's update lock: wrap the load, the change and the save of one update in it."""
+    lock = lock_path(folder)
+    if not lock.parent.is_dir():
+        raise StropError(f"{folder}: not a strop index (no such folder)")
+    with exclusive(lock, str(folder), timeout):
+        yield
+
+
 def load(folder: str | Path) -> Index:
-    d = Path(folder).expanduser()
-    missing = [f for f in FILES if not (d / f).is_file()]
-    if missing:
-        what = "no such folder" if not d.is_dir() else f"no {missing[0]} there"
-        raise StropError(f"{folder}: not a strop index ({what}; build one with `strop rag index`)")
+    """The index in `folder`, as one version of it (see the module docstring). A missing, foreign or
+    damaged index (a file cut short, a wrong field) is a StropError naming the folder."""
+    texts = _read_version(Path(folder).expanduser(), str(folder))
     try:
-        meta = json.loads((d / "index.json").read_text())
-        chunks = [Chunk(**json.loads(line)) for line in (d / "chunks.jsonl").read_text().splitlines() if line]
-        vectors = load_file(d / "embeddings.safetensors")["embeddings"]
-    except (ValueError, TypeError, KeyError) as e:
+        meta = json.loads(texts["index.json"])
+        chunks = [Chunk(**json.loads(line)) for line in texts["chunks.jsonl"].decode().splitlines() if line]
+        vectors = load_safetensors(texts["embeddings.safetensors"])["embeddings"]
+        if meta.get("format") != FORMAT:
+            raise StropError(
+                f"{folder}: index format {meta.get('format')!r}; this strop reads format {FORMAT}"
+            )
+        index = Index(
+            meta["model"],
+            meta["chunk_size"],
+            meta["chunk_overlap"],
+            meta["documents"],
+            chunks,
+            vectors,
+            float(meta.get("seconds", 0.0)),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, SafetensorError) as e:
         raise StropError(
-            f"{folder}: the index is damaged ({type(e).__name__}: {e}); build it again"
+            f"{folder}: the index is damaged ({type(e).__name__}: {str(e)[:200]}); build it again"
         ) from None
-    if meta.get("format") != FORMAT:
-        raise StropError(f"{folder}: index format {meta.get('format')!r}; this strop reads format {FORMAT}")
+    if vectors.ndim != 2:
+        raise StropError(
+            f"{folder}: the index is damaged (embeddings of shape {list(vectors.shape)}); build it again"
+        )
     if len(chunks) != vectors.shape[0]:
         raise StropError(f"{folder}: {len(chunks)} chunks but {vectors.shape[0]} vectors; build it again")
-    return Index(
-        meta["model"],
-        meta["chunk_size"],
-        meta["chunk_overlap"],
-        meta["documents"],
-        chunks,
-        vectors,
-        float(meta.get("seconds", 0.0)),
-    )
+    return index
+
+
+def _read_version(d: Path, name: str, attempts: int = 20) -> dict[str, bytes]:
+    """The bytes of FILES, all from one version of the folder: opened relative to one handle on it, so
+    a save replacing the folder meanwhile cannot mix versions. A read that a save got in the way of
+    (the folder moved aside for a moment, the old version removed before its files were opened) is
+    tried again."""
+    for attempt in range(attempts):
+        handles: list[int] = []
+        try:
+            dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                for f in FILES:
+                    handles.append(os.open(f, os.O_RDONLY, dir_fd=dfd))
+            finally:
+                os.close(dfd)
+            out = {}
+            for f, fd in zip(FILES, handles, strict=True):
+                with open(fd, "rb", closefd=False) as fh:
+                    out[f] = fh.read()
+            return out
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            if attempt == attempts - 1 or not (_mid_save(d) or all((d / f).is_file() for f in FILES)):
+                break
+            time.sleep(0.05)
+        finally:
+            for fd in handles:
+                os.close(fd)
+    missing = [f for f in FILES if not (d / f).is_file()]
+    what = "no such folder" if not d.is_dir() else f"no {missing[0] if missing else FILES[0]} there"
+    raise StropError(f"{name}: not a strop index ({what}; build one with `strop rag index`)")
+
+
+def _mid_save(d: Path) -> bool:
+    """Whether a save of `d` is under way (`atomic_dir`'s temporary or old sibling exists)."""
+    d = d.resolve()
+    pattern = glob.escape(f".{d.name}")
+    return d.parent.is_dir() and any(any(d.parent.glob(f"{pattern}.{kind}-*")) for kind in ("tmp", "old"))
 
 
 def save(index: Index, folder: str | Path) -> None:
