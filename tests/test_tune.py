@@ -216,10 +216,52 @@ BAD_SPACES = [
     ({"optim.lr": {"low": 1e-4}}, "search.space.optim.lr.high: required key is missing"),
     ({"optim.lr": {"low": 1e-4, "high": 1e-2, "logg": True}}, "search.space.optim.lr.logg: unknown key"),
     ({"method.lora.r": []}, "search.space.method.lora.r: an empty list of choices"),
-    ({"method.lora.r": [0, 4]}, "search.space.method.lora.r: the value 0 makes the config invalid"),
+    ({"method.lora.r": [0, 4]}, "search.space.method.lora.r: the value 0 made the config invalid"),
     ({"optim.lr": 1e-3}, "search.space.optim.lr: expected {low, high}"),
     ({"name": ["a", "b"]}, "search.space.name: name cannot be searched"),
     ({}, "search.space: nothing to search"),
+    # bounds held to the field's type and ceiling (tune/bounds.py)
+    (
+        {"train.max_steps": {"low": 1, "high": 1e12}},
+        "search.space.train.max_steps.high: train.max_steps is an integer",
+    ),
+    (
+        {"train.max_steps": {"low": 1, "high": 10**11}},
+        "search.space.train.max_steps.high: 100000000000 is beyond",
+    ),
+    (
+        {"train.max_steps": {"low": 2, "high": 8, "step": 2.0}},
+        "search.space.train.max_steps.step: train.max_steps is an integer",
+    ),
+    (
+        {"train.max_steps": [4, 2.5]},
+        "search.space.train.max_steps: train.max_steps is an integer, got the choice 2.5",
+    ),
+    (
+        {"train.max_steps": [4, True]},
+        "search.space.train.max_steps: train.max_steps is a number, got the choice True",
+    ),
+    (
+        {"train.batch_size": {"low": 1, "high": 100000}},
+        "search.space.train.batch_size.high: 100000 is beyond what a search tries for train.batch_size (at most 4,096",
+    ),
+    ({"train.epochs": [1, 1e5]}, "search.space.train.epochs: 100000.0 is beyond"),
+    ({"train.seed": [2**70]}, "search.space.train.seed: 1180591620717411303424 is beyond"),
+    ({"optim.lr": {"low": 1e-4, "high": 1e300}}, "search.space.optim.lr.high: 1e+300 is beyond"),
+    (
+        {"train.gradient_checkpointing": {"low": 0, "high": 1}},
+        "search.space.train.gradient_checkpointing: train.gradient_checkpointing is true or false",
+    ),
+    (
+        {"optim.schedule": {"low": 0, "high": 2}},
+        "search.space.optim.schedule: optim.schedule takes one of constant, linear, cosine",
+    ),
+    ({"optim.betas": {"low": 0, "high": 1}}, "search.space.optim.betas: optim.betas is not a number"),
+    # the schema's own ceiling (data.val_fraction < 1): the end is validated as the config
+    (
+        {"data.val_fraction": {"low": 0.1, "high": 1.0}},
+        "search.space.data.val_fraction: the value 1.0 made the config invalid",
+    ),
 ]
 
 
@@ -248,6 +290,23 @@ def test_bad_search_spaces_name_the_key(base, tmp_path, capsys, space, message):
             "search.storage: expected an SQLAlchemy URL",
         ),
         (["--space", "optim.lr=[1e-3]", "--refit"], "--refit: the refit is evaluated on data.test"),
+        (["--space", "train.max_steps={low: 1, high: 1e12}"], "search.space.train.max_steps.high: "),
+        (
+            ["--space", "train.max_steps={low: 1, high: 5000}", "--sampler", "grid"],
+            "search.space.train.max_steps: the grid over train.max_steps has more than 1,000 points",
+        ),
+        (  # each value passes alone, one grid point does not: every point is checked first
+            [
+                "--space",
+                "train.batch_tokens=[64, 128]",
+                "--space",
+                "data.max_length=[64, 128]",
+                "--sampler",
+                "grid",
+            ],
+            "search.space.train.batch_tokens: the value 64 made the config invalid: train.batch_tokens (64) "
+            "must be at least data.max_length (128)",
+        ),
     ],
 )
 def test_bad_search_settings_are_refused_before_any_trial(base, tmp_path, capsys, extra, message):
@@ -264,6 +323,61 @@ def test_a_failing_first_trial_stops_the_search_with_its_error(base, tmp_path, c
     assert_user_error(rc, err, "trial 000 failed:", "gone.jsonl", "log.txt")
     data = study_json(tmp_path / "runs" / "search")
     assert [t["state"] for t in data["trials"]] == ["fail"]
+
+
+def test_values_the_config_refuses_together_stop_the_search_naming_the_key(base, tmp_path, capsys):
+    # each value passes alone against the config; the random sampler's first trial holds both
+    base["search"] = {"sampler": "random", "space": {"train.batch_tokens": [64], "data.max_length": [128]}}
+    rc, _, err = run_cli(["tune", str(write(tmp_path / "c.yaml", base)), "--no-progress"], capsys)
+    assert_user_error(
+        rc,
+        err,
+        "error: search.space.train.batch_tokens: the value 64 made the config invalid: train.batch_tokens",
+    )
+    assert err.count("error:") == 1
+    [trial] = study_json(tmp_path / "runs" / "search")["trials"]
+    assert trial["state"] == "fail" and trial["error"].startswith("search.space.train.batch_tokens")
+    assert not (tmp_path / "runs" / "search" / "trials").exists()  # no run was started
+
+
+def test_a_run_failing_on_a_searched_key_stops_the_search_naming_it(base, tmp_path, capsys):
+    # the config takes any module name; the run itself finds none such: the space's fault, said at once
+    base["search"] = {"sampler": "grid", "space": {"method.lora.target_modules": ["no_such_proj", "q_proj"]}}
+    rc, _, err = run_cli(["tune", str(write(tmp_path / "c.yaml", base)), "--no-progress"], capsys)
+    assert_user_error(
+        rc,
+        err,
+        "error: search.space.method.lora.target_modules: the value 'no_such_proj' failed trial 000 (log: ",
+        ": method.lora.target_modules: ",
+    )
+    data = study_json(tmp_path / "runs" / "search")
+    assert [t["state"] for t in data["trials"]] == ["fail", "waiting"], err  # the grid's next never ran
+
+
+def test_only_an_error_that_begins_with_a_searched_key_blames_the_space():
+    from strop.tune.space import blamed_key, space_error
+
+    values = {"optim.lr": 0.5, "method.lora.r": 8}
+    assert blamed_key("method.lora.r: 8 is above the width", values) == "method.lora.r"
+    assert blamed_key("method.lora.rank_pattern: unknown", values) is None
+    # a diverged run's advice names optim.lr: an ordinary trial failure, not the space's
+    diverged = "3 consecutive steps had a non-finite loss; stopped at step 9. Lower optim.lr or use float32."
+    assert blamed_key(diverged, values) is None
+    assert space_error(values, "data.train: gone").startswith(
+        "search.space (optim.lr, method.lora.r): the values optim.lr=0.5, method.lora.r=8 made"
+    )
+
+
+def test_a_fault_inside_a_worker_is_raised_not_lost(base, tmp_path, capsys, monkeypatch):
+    from strop.tune.search import Search
+
+    def broken(self, values, number):
+        raise RuntimeError("a bug in strop")
+
+    monkeypatch.setattr(Search, "_trial_config", broken)
+    base["search"] = {"space": {"optim.lr": [1e-3]}}
+    with pytest.raises(RuntimeError, match="a bug in strop"):  # a traceback and exit 1, never exit 0
+        run_cli(["tune", str(write(tmp_path / "c.yaml", base)), "--no-progress"], capsys)
 
 
 def test_train_of_a_config_with_a_search_section_trains_the_default(base, tmp_path, capsys):

@@ -32,7 +32,16 @@ from strop.core.search_config import SearchConfig, default_direction
 from strop.eval.suite import metric_names
 from strop.tune import study as studies
 from strop.tune.outcome import TuneResult, write_outcome
-from strop.tune.space import Param, apply_params, grid_points, parse_space
+from strop.tune.space import (
+    Param,
+    apply_params,
+    blamed_key,
+    check_point,
+    grid_points,
+    parse_space,
+    problems,
+    space_error,
+)
 from strop.tune.trial import Objective, TrialFailed, TrialInterrupted, TrialRunner, read_value
 
 log = logging.getLogger("strop.tune")
@@ -48,6 +57,9 @@ def prepare(cfg: RunConfig, search: SearchConfig) -> tuple[list[Param], Objectiv
         raise ConfigError("search: a config with stages cannot be searched yet; search one stage's config")
     base = cfg.model_dump(mode="json", exclude={"search"})
     params = parse_space(search.space, base)
+    if search.sampler == "grid":  # every point checked before any folder exists
+        for point in grid_points(params):
+            check_point(base, point)
     direction = search.direction or default_direction(search.objective)
     objective = Objective.of(search.objective, direction)
     _check_objective(cfg, search.objective)
@@ -103,6 +115,8 @@ def tune(
     search_run.run(show_progress)
 
     result = write_outcome(study, cfg, search, objective, base, planned)
+    if search_run.crash is not None:  # a fault of strop's own in a worker: its traceback, exit 1
+        raise search_run.crash
     if search_run.failure:
         raise StropError(search_run.failure)
     if refit and result.best:
@@ -114,7 +128,15 @@ def tune(
 
 class Search:
     """The workers' loop: ask the study for a trial, run it as a child process, tell the outcome,
-    until the study holds `planned` finished trials (complete or pruned)."""
+    until the study holds `planned` finished trials (complete or pruned).
+
+    A trial fails in one of two ways. The space's: its values make the config invalid, or its run's
+    error line begins with a searched key (`method.lora.target_modules: ... not found`); the search
+    stops at once with an error naming `search.space.KEY`. Any other (a diverged run, a data error):
+    the trial is recorded as failed and the search goes on, unless no trial has finished yet or
+    `MAX_FAILURES_IN_A_ROW` failed in a row. Either way the trial is told to the study as failed, and
+    `failure` holds the error the search ends with; `crash` holds an exception a worker did not expect.
+    """
 
     def __init__(self, study, params, objective, base, run_dir, search: SearchConfig, planned: int):
         self.study, self.params, self.objective, self.base = study, params, objective, base
@@ -124,6 +146,7 @@ class Search:
         self.lock = threading.Lock()
         self.failures_in_a_row = 0
         self.failure: str | None = None
+        self.crash: BaseException | None = None
         self.bar: tqdm | None = None
         self.threads_per_trial = max(1, usable_cores() // search.workers)
 
@@ -181,7 +204,15 @@ class Search:
                 signal.signal(s, h)
 
     def _work(self) -> None:
-        while not self.runner.stopping and self.failure is None:
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001 - said by the main thread, not lost with this one
+            with self.lock:
+                self.crash = self.crash or e
+                self.failure = self.failure or f"a worker stopped: {type(e).__name__}: {e}"
+
+    def _loop(self) -> None:
+        while not self.runner.stopping and self.failure is None and self.crash is None:
             with self.lock:
                 active = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 if studies.finished_count(self.study) + active >= self.planned:
@@ -195,7 +226,11 @@ class Search:
     def _one(self, trial: optuna.Trial) -> None:
         number = trial.number
         trial_dir = self.run_dir / "trials" / f"{number:03d}"
-        config = self._trial_config(trial.params, number)
+        try:
+            config = self._trial_config(trial.params, number)
+        except ConfigError as e:  # values each end of the space passed, together refused
+            self._space_failed(trial, space_error(trial.params, problems(e)))
+            return
         trial_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(trial_dir / "config.yaml", to_yaml(config))
         trial.set_user_attr("folder", str(trial_dir.relative_to(self.run_dir)))
@@ -207,7 +242,11 @@ class Search:
             studies.queue_again(self.study, self.study._storage.get_trial(trial._trial_id))
             return
         except TrialFailed as e:
-            self._failed(trial, str(e))
+            if blamed_key(str(e), trial.params) is not None:
+                what = f"failed trial {number:03d} (log: {trial_dir / 'log.txt'})"
+                self._space_failed(trial, space_error(trial.params, str(e), what))
+            else:
+                self._failed(trial, str(e))
             return
         finally:
             if not self.search.keep_checkpoints:
@@ -243,6 +282,14 @@ class Search:
                 self.failure = f"trial {trial.number:03d} failed: {message}"
                 if never_worked and not objective_missing:
                     self.failure += f" (log: {self.run_dir / 'trials' / f'{trial.number:03d}' / 'log.txt'})"
+
+    def _space_failed(self, trial: optuna.Trial, message: str) -> None:
+        """A trial the space's values failed: the search ends with `message`, naming the key."""
+        with self.lock:
+            trial.set_user_attr("error", message)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self._say(f"trial {trial.number:03d} failed: {message}")
+            self.failure = self.failure or message
 
     def _trial_config(self, values: dict, number: int) -> RunConfig:
         raw = apply_params(self.base, values)
