@@ -441,6 +441,7 @@ def _post(url: str, body: dict | str) -> tuple[int, dict]:
         ),
         ("completions", {"prompt": []}, "prompt"),
         ("completions", {"prompt": ["a", 5]}, "prompt.1"),
+        ("completions", {"Str": 1}, "Str"),  # an unknown field named like a union member is still named
         ("completions", {"prompt": ["the sea"] * 17}, "prompt"),  # more than the queue holds: never fits
     ],
 )

@@ -106,8 +106,8 @@ def build_app(
             return schema.model_validate_json(b"".join(chunks))
         except ValidationError as e:
             # the deepest error: of a union's members, the one the client's value came closest to
-            first = max(e.errors(), key=lambda err: len(_field_path(err["loc"]).split(".")))
-            where = _field_path(first["loc"]) or None
+            first = max(e.errors(), key=lambda err: len(_field_path(err).split(".")))
+            where = _field_path(first) or None
             message = f"{where}: {first['msg']}" if where else first["msg"]
             if first["type"] == "extra_forbidden":
                 message = f"{where}: unknown field"
@@ -325,10 +325,17 @@ def build_app(
     return app
 
 
-def _field_path(loc: tuple) -> str:
-    """The dotted field of a pydantic error location, without the union member it tried: pydantic
-    says ('prompt', 'list[str]', 0) for `prompt: str | list[str]`; the client's field is prompt.0."""
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
+def _field_path(error: dict) -> str:
+    """The dotted field of a pydantic error, without the union member it tried: pydantic says
+    ('prompt', 'list[str]', 0) for `prompt: str | list[str]`; the client's field is prompt.0. The
+    name of an unknown field is kept whatever it looks like."""
+    loc = error["loc"]
+    last = len(loc) - 1 if error["type"] == "extra_forbidden" else len(loc)
+    return ".".join(
+        str(p)
+        for i, p in enumerate(loc)
+        if i == last or not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))
+    )
 
 
 _UNION_MEMBER = re.compile(r"str|int|float|bool|[A-Z]\w*|\w+\[.*\]")
