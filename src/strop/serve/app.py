@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -325,7 +326,7 @@ def build_app(
     return app
 
 
-def _field_path(error: dict) -> str:
+def _field_path(error: ErrorDetails) -> str:
     """The dotted field of a pydantic error, without the union member it tried: pydantic says
     ('prompt', 'list[str]', 0) for `prompt: str | list[str]`; the client's field is prompt.0. The
     name of an unknown field is kept whatever it looks like."""
