@@ -319,13 +319,28 @@ def test_settings_n_processes_cannot_honour_are_refused_by_name_and_errors_are_s
     p = run(with_train(cfg, parallel="fsdp"), tmp_path, "ppo", "--nproc", "2", ok=False)
     assert "error: train.parallel: fsdp is not built for ppo/grpo" in p.stderr and p.returncode == 2, p.stderr
 
-    # a config error every process meets (a missing data file) is printed once
+
+SLOW_EXIT = """import atexit, os, time
+if os.environ.get("RANK") == os.environ.get("STROP_TEST_SLOW_RANK"):
+    atexit.register(time.sleep, 5)  # after main() has said its error, before the process ends
+"""
+
+
+@pytest.mark.parametrize("slow_rank", ["0", "1"])
+def test_an_error_every_process_meets_is_said_once_whichever_ends_first(slow_rank, tiny_llama, tmp_path):
+    # a config error every process meets (a missing data file) is said once, as one process says it.
+    # Rank `slow_rank` lingers after its error: with rank 0 slow, the launcher stops it before it ends
+    # (exit -SIGTERM after its error), the order that once printed two lines
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_EXIT)
+    env = {"PYTHONPATH": str(tmp_path / "slow"), "STROP_TEST_SLOW_RANK": slow_rank}
     cfg = sft_config(tiny_llama, tmp_path)
     cfg["data"]["train"] = [str(tmp_path / "missing.jsonl")]
-    p = run(cfg, tmp_path, "missing", "--nproc", "2", ok=False)
+    p = run(cfg, tmp_path, "missing", "--nproc", "2", env=env, ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "missing.jsonl" in errors[0], p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, p.stderr
+    assert errors[0].startswith("error: data file not found") and "missing.jsonl" in errors[0], p.stderr
 
 
 def shard_files(ckpt: Path) -> list[str]:

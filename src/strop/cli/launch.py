@@ -1,7 +1,12 @@
 """`strop train CONFIG --nproc N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]`: start the run as
 N processes on this machine (of M machines) through torch.distributed's own launcher, the one `torchrun`
 is, and speak for them with one voice: rank 0's output on the console, the other processes' output in
-files, and when a process fails, its own `error:` line (the others are stopped by the launcher).
+files, and when the run fails, exactly one `error:` line, said here once every process has ended:
+local rank 0's own error when it has one (an error every process meets, such as a missing data file,
+is said as one process says it), else the first failing process's, named (`error: process 1: ...`).
+The processes leave their error lines in a folder (`distributed.say_error`) instead of printing them,
+so which process ends first, or whether the launcher stops rank 0 just after its error, cannot change
+what is said.
 
 `torchrun --nproc-per-node N -m strop train CONFIG` does the same run; this saves typing it and turns
 a failure into one line instead of the launcher's report.
@@ -19,7 +24,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from strop.core.distributed import PEER_LOST
+from strop.core.distributed import ERRORS_ENV, PEER_LOST
 from strop.core.errors import Interrupted, StropError
 
 LAUNCH_FLAGS = {"--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint"}  # each takes a value
@@ -76,24 +81,34 @@ def launch(nproc: int, nnodes: int, node_rank: int | None, endpoint: str | None,
             redirects={r: Std.NONE if r == 0 else Std.ALL for r in range(nproc)},
         ),
     )
+    errors = logs / "errors"
+    errors.mkdir()
+    previous = os.environ.get(ERRORS_ENV)
+    os.environ[ERRORS_ENV] = str(errors)  # the processes inherit this process's environment
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "strop", *child_argv(argv))
         return 0
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        said = any(
-            f.local_rank == 0 and f.exitcode == 2 for f in e.failures.values()
-        )  # rank 0 printed its own
-        return _report(rank, failure.local_rank, failure.exitcode, logs, said)
+        return _report(rank, failure.local_rank, failure.exitcode, errors)
     except SignalException as e:  # the launcher stopped every process (they write their checkpoint)
         signum = int(e.sigval)
         raise Interrupted(signum, "each process was asked to stop at a safe point") from None
     finally:
+        if previous is None:
+            os.environ.pop(ERRORS_ENV, None)
+        else:
+            os.environ[ERRORS_ENV] = previous
         shutil.rmtree(logs, ignore_errors=True)
 
 
-def _report(rank: int, local_rank: int, code: int, logs: Path, said: bool) -> int:
-    """The first failing process's own error line (local rank 0 wrote it to the console already)."""
+def _report(rank: int, local_rank: int, code: int, errors: Path) -> int:
+    """The run's one error line: local rank 0's own error, else the first failing process's (`rank`,
+    `local_rank`, exit status `code`). Returns the exit status."""
+    own = _error_line(errors, 0)
+    if own is not None:
+        print(own, file=sys.stderr)
+        return 2
     if code < 0:
         name = signal.Signals(-code).name
         print(
@@ -104,22 +119,20 @@ def _report(rank: int, local_rank: int, code: int, logs: Path, said: bool) -> in
     if code == PEER_LOST:  # the first to fail only saw a collective break: no process said why
         print(f"error: process {rank}: the processes lost contact (a collective failed)", file=sys.stderr)
         return 2
-    if local_rank != 0:
-        lines = _error_lines(logs, local_rank)
-        if not lines:
+    if local_rank != 0:  # local rank 0's own failure without a line is a traceback on the console
+        line = _error_line(errors, local_rank)
+        if line is None:
             print(f"error: process {rank} failed with exit status {code}", file=sys.stderr)
-        elif not said:  # an error every process meets is said once, by rank 0
-            print(lines[-1].replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
+        else:
+            print(line.replace("error:", f"error: process {rank}:", 1), file=sys.stderr)
     return code if code in (2, 130, 143) else 2
 
 
-def _error_lines(logs: Path, local_rank: int) -> list[str]:
-    return [
-        line
-        for f in logs.glob(f"*/attempt_*/{local_rank}/stderr.log")
-        for line in f.read_text(errors="replace").splitlines()
-        if line.startswith("error:")
-    ]
+def _error_line(errors: Path, local_rank: int) -> str | None:
+    try:
+        return (errors / str(local_rank)).read_text(errors="replace").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def _free_port() -> int:

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(commands, f"_{args.func}")(args) or 0
     except StropError as e:
-        print(f"error: {e}", file=sys.stderr)
+        distributed.say_error(str(e))
         return 2
     except Interrupted as e:  # a run stopped by SIGINT/SIGTERM: the message says what is kept
         print(f"\ninterrupted by {signal.Signals(e.signum).name}. {e.message}", file=sys.stderr)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         os_error = user_os_error(e)
         if os_error is None:
             raise
-        print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
+        distributed.say_error(describe_os_error(os_error))
         return 2
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from strop.core.errors import StropError
@@ -146,6 +148,21 @@ def _comm_device(device: torch.device) -> torch.device:
 
 
 PEER_LOST = 3  # exit status of a process whose collective broke because another one failed
+ERRORS_ENV = "STROP_ERRORS"  # set by `--nproc` (cli/launch.py): the folder its processes leave errors in
+
+
+def say_error(message: str) -> None:
+    """A user error's one `error:` line. A process started by `strop ... --nproc` leaves it in
+    `$STROP_ERRORS/<local rank>` (written whole or not at all) and prints nothing: the launcher says
+    one line for the run once every process has ended, so which process ends first cannot make it two.
+    Any other process prints it."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not (folder and WORLD.active):
+        print(f"error: {message}", file=sys.stderr)
+        return
+    from strop.core.io import atomic_write_text
+
+    atomic_write_text(Path(folder) / str(WORLD.local_rank), f"error: {message}\n")
 
 
 def peer_failed(e: BaseException) -> bool:
