@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -237,3 +241,85 @@ def test_compare_page_shows_strop_compare_for_the_chosen_runs(ui):
     finally:
         b.switch_to.default_content()
     shot(b, "compare")
+
+
+@contextmanager
+def listener():
+    """A loopback HTTP server recording the paths it is asked for: where a planted script would call."""
+    hits: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            self.send_response(204)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+PLANTED = """<!doctype html><html><head><title>planted</title></head><body><h1 id="planted">planted</h1>
+<script>
+document.title = "ran";
+document.body.append(Object.assign(document.createElement("p"), {id: "ran"}));
+try { parent.document.title = "ran"; } catch (e) {}
+new Image().src = "LISTENER/image";
+fetch("LISTENER/fetch", {mode: "no-cors"});
+fetch("/api/start", {method: "POST", headers: {"Content-Type": "application/json"},
+  body: JSON.stringify({base: "CONFIG", values: {name: "planted-ran"}})});
+</script>
+<img id="last" src="LISTENER/img" onerror="document.title = 'ran'" alt="x">
+</body></html>"""
+
+
+def test_a_planted_reports_script_does_not_run(ui):
+    """A report.html copied into the runs folder with a script that would retitle the page and the
+    dashboard, call a loopback listener and start a job with the dashboard's cookie: none of it happens,
+    in the run page's frame or opened on its own; strop's own report still shows its embedded plots."""
+    from selenium.webdriver.common.by import By
+
+    b = ui.browser
+    with listener() as (address, hits):
+        run = plant(ui.root, "planted", CURVE)
+        (run / "report.html").write_text(
+            PLANTED.replace("LISTENER", address).replace("CONFIG", str(ui.config))
+        )
+        b.get(ui.url + "/run/planted")
+        frame = wait(b, lambda: b.find_elements(By.ID, "report"), "the report's frame")[0]
+        b.switch_to.frame(frame)
+        try:
+            # the image after the script is parsed: the script had its turn (had it been allowed)
+            wait(b, lambda: b.find_elements(By.ID, "last"), "the planted report shown")
+            assert b.find_element(By.ID, "planted").text == "planted"
+            title = b.find_element(By.TAG_NAME, "title").get_attribute("textContent")  # the frame's
+            assert not b.find_elements(By.ID, "ran") and title == "planted"
+        finally:
+            b.switch_to.default_content()
+        assert b.title == "strop · planted"
+        b.get(ui.url + "/report/planted")  # on its own, outside the dashboard's sandboxed frame
+        wait(b, lambda: b.find_elements(By.ID, "last"), "the planted report opened on its own")
+        assert not b.find_elements(By.ID, "ran") and b.title == "planted"
+        time.sleep(1.0)  # time for a request it might have sent
+        b.get(address + "/control")  # the listener hears this browser: its silence above means something
+        wait(b, lambda: hits, "the control request")
+        assert hits == ["/control"]
+    assert ui.jobs.get("planted-ran") is None and not (ui.root / "planted-ran").exists()
+    b.get(ui.url + "/run/tuned")  # strop's own report, sandboxed too, still shows its plots
+    b.switch_to.frame(wait(b, lambda: b.find_elements(By.ID, "report"), "the report's frame")[0])
+    try:
+        images = wait(b, lambda: b.find_elements(By.TAG_NAME, "img"), "the report's plots")
+        assert all(img.get_property("naturalWidth") > 0 for img in images)
+        assert "Training" in b.find_element(By.TAG_NAME, "body").text
+    finally:
+        b.switch_to.default_content()

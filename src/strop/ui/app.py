@@ -2,7 +2,10 @@
 
 Pages: `/` runs, `/run/RUN` a run, `/compare?run=A&run=B`, `/start`, `/try/RUN`. JSON: `/api/...`.
 Everything sits behind guard.py's token check, which also routes `/serve/RUN/v1/...` to the run's own
-`strop serve` app (playground.py), the endpoint the chat page streams from.
+`strop serve` app (playground.py), the endpoint the chat page streams from, and adds headers.py's
+security headers to every response. A file from a run folder is served under `RUN_FILE_POLICY`
+(sandboxed: no script of its own runs). A user's mistake (an empty or unknown run id, a body that is not
+the JSON object a route expects, a bad query parameter) is a 4xx with `{"error": "error: ..."}`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from urllib.parse import urlencode
 
 import jinja2
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
@@ -25,6 +29,7 @@ from strop.report.collect import dig, read_run
 from strop.report.compare import write_comparison
 from strop.ui import form, runs
 from strop.ui.guard import Guard
+from strop.ui.headers import RUN_FILE
 from strop.ui.jobs import STATE, Jobs
 from strop.ui.playground import Playground, kind
 
@@ -65,6 +70,12 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
     async def user_error(request: Request, e: StropError):
         return JSONResponse({"error": f"error: {e}"}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, e: RequestValidationError):
+        where = [".".join(map(str, err["loc"][1:])) or str(err["loc"][0]) for err in e.errors()]
+        message = "; ".join(f"{w}: {err['msg']}" for w, err in zip(where, e.errors(), strict=True))
+        return JSONResponse({"error": f"error: {message}"}, status_code=400)
+
     @app.exception_handler(StarletteHTTPException)
     async def not_found(request: Request, e: StarletteHTTPException):
         if request.url.path.startswith("/api/"):
@@ -89,7 +100,7 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
     def folder_or_job(rid: str) -> Path | None:
         """The run's folder, or None for a job of ours whose folder is not there (yet, or ever)."""
         job = jobs.get(rid)
-        if job is not None and not (root / rid).is_dir():
+        if job is not None and not (root / rid / "config.yaml").is_file():
             return None
         return run_dir(rid)
 
@@ -132,7 +143,7 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         path = run_dir(rid) / "report.html"
         if not path.is_file():
             raise StarletteHTTPException(404, f"{rid}: no report yet (it is written when the run ends)")
-        return FileResponse(path, media_type="text/html")
+        return FileResponse(path, media_type="text/html", headers=RUN_FILE)
 
     @app.post("/api/stop/{rid:path}")
     async def stop(rid: str):
@@ -166,13 +177,11 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         )
 
     async def submission(request: Request) -> tuple[str, dict[str, str]]:
-        try:
-            body = await request.json()
-            base, values = body["base"], body.get("values") or {}
-            if not isinstance(base, str) or not isinstance(values, dict):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise StropError('expected a JSON body {"base": CONFIG, "values": {KEY: TEXT}}') from None
+        shape = '{"base": CONFIG, "values": {KEY: TEXT}}'
+        body = await _json_object(request, shape)
+        base, values = body.get("base"), body.get("values") or {}
+        if not isinstance(base, str) or not isinstance(values, dict):
+            raise StropError(f"expected a JSON body {shape}")
         return base, {str(k): str(v) for k, v in values.items()}
 
     @app.post("/api/check")
@@ -205,7 +214,7 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         dirs = [run_dir(r) for r in chosen]
         digest = hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:16]
         paths = await asyncio.to_thread(write_comparison, dirs, root / STATE / "compare" / digest)
-        return FileResponse(paths["html"], media_type="text/html")
+        return FileResponse(paths["html"], media_type="text/html", headers=RUN_FILE)
 
     @app.get("/try/{rid:path}", response_class=HTMLResponse)
     async def try_page(rid: str):
@@ -217,29 +226,51 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
 
     @app.post("/api/predict/{rid:path}")
     async def predict(rid: str, request: Request):
-        body = await request.json()
+        body = await _json_object(request, '{"text": TEXT, "pair": TEXT or null}')
+        text, pair = _text_field(body, "text"), body.get("pair") or None
+        if not text.strip():
+            raise StropError("text: give a text to label")
+        if pair is not None and not isinstance(pair, str):
+            raise StropError(f"pair: expected a text or null, got {type(pair).__name__}")
         how, clf = await asyncio.to_thread(playground.load, run_dir(rid))
         if how != "predict":
             raise StropError(f"{rid}: not a classification run")
-        text, pair = str(body.get("text") or ""), body.get("pair") or None
-        if not text.strip():
-            raise StropError("text: give a text to label")
         return (await asyncio.to_thread(clf.predict, [(text, pair)]))[0]
 
     @app.post("/api/score/{rid:path}")
     async def score(rid: str, request: Request):
-        body = await request.json()
+        body = await _json_object(request, '{"prompt": TEXT, "response": TEXT}')
+        prompt, reply = _text_field(body, "prompt"), _text_field(body, "response")
+        if not prompt.strip() or not reply.strip():
+            raise StropError("prompt, response: give both a prompt and a reply to score")
         how, rm = await asyncio.to_thread(playground.load, run_dir(rid))
         if how != "score":
             raise StropError(f"{rid}: not a reward run")
-        prompt, reply = str(body.get("prompt") or ""), str(body.get("response") or "")
-        if not prompt.strip() or not reply.strip():
-            raise StropError("prompt, response: give both a prompt and a reply to score")
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
         return {"reward": (await asyncio.to_thread(rm.score, [turns]))[0]}
 
     guarded = Guard(app, token, cookie, root, playground)
     return guarded, jobs, playground
+
+
+async def _json_object(request: Request, shape: str) -> dict:
+    """The request's body as a JSON object; a StropError (400) showing `shape` for anything else."""
+    try:
+        body = await request.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    if not isinstance(body, dict):
+        raise StropError(f"expected a JSON body {shape}")
+    return body
+
+
+def _text_field(body: dict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise StropError(f"{key}: expected a text, got {type(value).__name__}")
+    return value
 
 
 def _labels(cfg: dict) -> tuple[str, str, str]:

@@ -4,6 +4,7 @@ OpenAI-compatible app.
 Every request carries the token: `?token=` once (answered with a cookie and a redirect that drops it
 from the address bar), then the cookie, or an `X-Strop-Token` header; anything else gets 401. The
 cookie is HttpOnly and SameSite=Strict, so another site's page cannot make the browser send it.
+Every response, the 401s and redirects included, leaves with headers.py's security headers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from strop.core.errors import StropError
 from strop.ui import runs
+from strop.ui.headers import secured
 from strop.ui.playground import Playground
 
 
@@ -34,6 +36,7 @@ class Guard:
             return
         if scope["type"] != "http":
             return  # no websockets here
+        send = secured(send)
         query = parse_qs(scope.get("query_string", b"").decode())
         given = (query.get("token") or [""])[0]
         if given and self._good(given):

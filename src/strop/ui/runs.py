@@ -56,9 +56,13 @@ def run_id(root: Path, run_dir: Path) -> str:
 
 
 def resolve(root: Path, rid: str) -> Path:
-    """The run folder of a run id from a URL; never a folder outside `root`."""
+    """The run folder of a run id from a URL: a folder strictly inside `root` holding a config.yaml (what
+    `find_runs` lists); never `root` itself (an empty id) or a folder outside it."""
+    if not rid.strip("/"):
+        raise StropError(f"no run id given: expected a run folder under {root}")
     path = (root / rid).resolve()
-    if ".." in Path(rid).parts or not path.is_relative_to(root.resolve()) or not path.is_dir():
+    inside = path.is_relative_to(root.resolve()) and path != root.resolve()
+    if ".." in Path(rid).parts or not inside or not (path / "config.yaml").is_file():
         raise StropError(f"no run {rid!r} under {root}")
     return path
 
