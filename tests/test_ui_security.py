@@ -72,8 +72,15 @@ def test_every_response_carries_a_strict_policy_and_run_files_are_sandboxed(root
         answers = {path: call(ui.url + path) for path in pages + other}
         answers["401"] = call(ui.url + "/", token=None)
         answers["redirect"] = call(f"{ui.url}/?token={TOKEN}", token=None)
+        elsewhere = call(f"{ui.url}//example.com/x?token={TOKEN}", token=None)[1]["location"]
+        (root / "linked").mkdir()
+        (root / "linked" / "config.yaml").write_text("name: linked\n")
+        (root / "linked" / "report.html").symlink_to(root / "planted" / "config.yaml")
+        linked = call(ui.url + "/report/linked")
         files = {path: call(ui.url + path) for path in ("/report/tuned", "/report/planted")}
         files["/compare/view"] = call(ui.url + "/compare/view?run=tuned&run=planted")
+    assert elsewhere == "/example.com/x"  # the token's redirect stays on the dashboard
+    assert linked[0] == 404 and "a link" in linked[2]  # a report.html linking elsewhere is not shown
     assert answers["401"][0] == 401 and answers["redirect"][0] == 303 and answers["/run/nope"][0] == 404
     for what, (_, headers, _) in answers.items():
         assert headers["x-content-type-options"] == "nosniff", what

@@ -143,6 +143,8 @@ def build_app(root: Path, token: str, cookie: str, device: str = "auto") -> tupl
         path = run_dir(rid) / "report.html"
         if not path.is_file():
             raise StarletteHTTPException(404, f"{rid}: no report yet (it is written when the run ends)")
+        if path.is_symlink():  # strop writes a file; a link could show any file this user can read
+            raise StarletteHTTPException(404, f"{rid}: report.html is a link, not a report strop wrote")
         return FileResponse(path, media_type="text/html", headers=RUN_FILE)
 
     @app.post("/api/stop/{rid:path}")

@@ -41,7 +41,8 @@ class Guard:
         given = (query.get("token") or [""])[0]
         if given and self._good(given):
             rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
-            target = scope["path"] + (f"?{rest}" if rest else "")
+            path = "/" + scope["path"].lstrip("/")  # `//host/...` would send the browser to another host
+            target = path + (f"?{rest}" if rest else "")
             response = RedirectResponse(target, status_code=303)
             response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict")
             await response(scope, receive, send)
