@@ -67,6 +67,8 @@ def test_every_command_help_exits_0_and_names_its_options(command, capsys):
     assert rc == 0 and not err
     assert out.startswith("usage: strop " + " ".join(command))
     for action in parser._actions:
+        if action.help == argparse.SUPPRESS:  # an old name kept working (data prepare --overwrite)
+            continue
         for option in action.option_strings:
             assert option in out
         if not action.option_strings and action.metavar:

@@ -133,7 +133,7 @@ def test_data_prepare_from_the_command_line(tmp_path, capsys):
     assert manifest["counts"]["train"] + manifest["counts"]["validation"] + manifest["counts"]["test"] == 60
     assert manifest["label_counts"]["train"] == {"neg": 10, "pos": 20}  # stratified: 1:2 kept
     assert main(["data", "prepare", str(src), "--out", str(out)]) == 2  # no silent overwrite
-    assert "overwrite" in capsys.readouterr().err
+    assert "--force" in capsys.readouterr().err
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "x"), "--split", "0.5,0.5"]) == 2
 
 

@@ -311,20 +311,20 @@ def test_manifest_hashes_match_the_written_files(tmp_path):
     ]
 
 
-def test_refuses_to_overwrite_unless_asked(tmp_path):
+def test_refuses_to_overwrite_unless_forced(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "first"}, {"text": "second"}])
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty; choose a new folder"):
+    with pytest.raises(DataError, match="not empty; pass --force to replace it"):
         prepare([str(src)], out, PrepareOptions(split=(1, 0, 0)))
     assert (out / "notes.txt").read_text() == "mine"
-    prepare([str(src)], out, PrepareOptions(split=(1, 0, 0)), overwrite=True)
+    prepare([str(src)], out, PrepareOptions(split=(1, 0, 0)), force=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.jsonl"]
     (tmp_path / "data").mkdir()
     inside = write_jsonl(tmp_path / "data" / "in.jsonl", [{"text": "x"}])
-    with pytest.raises(DataError, match="inside"):
-        prepare([str(inside)], tmp_path / "data", PrepareOptions(), overwrite=True)
+    with pytest.raises(DataError, match="holds the input"):
+        prepare([str(inside)], tmp_path / "data", PrepareOptions(), force=True)
     assert inside.exists()
 
 

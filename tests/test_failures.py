@@ -287,9 +287,12 @@ def test_merge_never_replaces_another_runs_model(project, tmp_path, capsys):
     assert_user_error(rc, err, "the model of a strop run", "choose a new folder")
     assert (other.model_dir / "adapter_model.safetensors").read_bytes() == adapter
     out = tmp_path / "merged"
-    for _ in range(2):  # an earlier merge's own output is replaced
-        rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
-        assert rc == 0, err
+    rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
+    assert_user_error(rc, err, "exists and is not empty; pass --force")  # an earlier merge: only if asked
+    rc, _, err = run_cli(["merge", str(first.run_dir), str(out), "--force"], capsys)
+    assert rc == 0, err
 
 
 def _stopped_when_called(monkeypatch, module, name: str, signum: int, cfg: dict):

@@ -3,6 +3,8 @@ must name every command, so a new command is held to the rule from its first day
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,34 @@ import yaml
 
 from conftest import ALPACA_ROWS, assert_user_error, run_cli, tiny_config, write_jsonl
 from test_cli import _commands
+
+
+def _index(folder: Path, damaged: bool) -> str:
+    """A one-chunk strop index written by hand (no encoder needed); `damaged`: its embeddings cut short."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    doc = {"digest": "0", "source": "a.txt", "chunks": 1}
+    meta = {"format": 1, "model": "x", "chunk_size": 8, "chunk_overlap": 0, "documents": {"a": doc}}
+    (folder / "index.json").write_text(json.dumps(meta))
+    chunk = {"doc_id": "a", "number": 0, "start": 0, "end": 1, "text": "a", "tokens": 1}
+    (folder / "chunks.jsonl").write_text(json.dumps(chunk) + "\n")
+    save_file({"embeddings": torch.ones(1, 4)}, folder / "embeddings.safetensors")
+    if damaged:
+        data = (folder / "embeddings.safetensors").read_bytes()
+        (folder / "embeddings.safetensors").write_bytes(data[: len(data) // 2])
+    return str(folder)
+
+
+def _truncated_model(model: Path | None, tmp: Path) -> str:
+    """A copy of `model` whose weights file is cut short, as a copy or download that stopped leaves it."""
+    out = tmp / "truncated-model"
+    if model is not None and not out.exists():
+        shutil.copytree(model, out)
+        weights = out / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(out)
 
 
 def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[str]]]:
@@ -30,7 +60,33 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
     (tmp / "loop.jsonl").unlink(missing_ok=True)
     (tmp / "loop.jsonl").symlink_to(tmp / "loop.jsonl")
     missing, run, file = str(tmp / "missing"), str(tmp / "not-a-run"), str(tmp / "file")
+    damaged, index = _index(tmp / "damaged-index", damaged=True), _index(tmp / "index", damaged=False)
+    (tmp / "empty.jsonl").write_text("")
+    (tmp / "Modelfile").write_text("FROM ./other.gguf\n")  # another export's, kept
     return [
+        ("rag query damaged index", ["rag", "query", damaged, "what?"]),
+        ("rag eval damaged index", ["rag", "eval", damaged, str(tmp / "rows.jsonl")]),
+        ("rag index update of a damaged index", ["rag", "index", str(tmp / "rows.jsonl"), "--out", damaged]),
+        ("rag eval no questions", ["rag", "eval", index, str(tmp / "empty.jsonl")]),
+        (
+            "export truncated weights",
+            ["export", _truncated_model(model, tmp), "--out", str(tmp / "t" / "t.gguf")],
+        ),
+        ("generate --out exists", ["generate", tiny_model, "--prompt", "hi", "--out", file]),
+        (
+            "rag raft --out is its input",
+            [
+                "rag",
+                "raft",
+                str(tmp / "rows.jsonl"),
+                "--index",
+                index,
+                "--out",
+                str(tmp / "rows.jsonl"),
+                "--force",
+            ],
+        ),
+        ("export over a Modelfile", ["export", tiny_model, "--out", str(tmp / "m.gguf")]),
         ("train not UTF-8", ["train", str(tmp / "latin1.yaml")]),
         ("train nested too deep", ["train", str(tmp / "deep.yaml")]),
         ("train resume and config", ["train", tiny, "--resume", run]),

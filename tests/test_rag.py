@@ -448,6 +448,7 @@ def test_raft_rows_have_the_oracle_in_the_asked_fraction_and_distractors_from_el
         assert prompt.endswith(f"Question: Which number is lucky in village {doc_id[1:]}?")
     rc, again, _ = run_cli(argv + ["--mode", "bm25", "--out", str(tmp_path / "again.jsonl")], capsys)
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()  # the seed fixes every choice
+    argv.append("--force")  # the refusals below are the ones they name, not raft.jsonl existing
     rc, _, err = run_cli(argv + ["--oracle-fraction", "1.5"], capsys)
     assert_user_error(rc, err, "--oracle-fraction")
     qa.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")

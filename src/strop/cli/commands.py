@@ -191,12 +191,13 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
-def _check_out(out: str | None, folder: bool = False, option: str = "--out") -> None:
-    """A bad output path fails before the work whose result it would hold."""
+def _check_out(out: str | None, force: bool, inputs: list, folder: bool = False) -> None:
+    """A bad output path fails before the work whose result it would hold; so does one that exists
+    (unless `force`) or that is one of `inputs` (always)."""
     if out:
-        from strop.core.io import check_output
+        from strop.core.io import check_fresh_output
 
-        check_output(out, option, folder)
+        check_fresh_output(out, "--out", folder, force, inputs)
 
 
 def _emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
@@ -213,7 +214,7 @@ def _emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
 
 
 def _predict(args) -> int:
-    _check_out(args.out)
+    _check_out(args.out, args.force, [args.file])
     import json
     from pathlib import Path
 
@@ -232,7 +233,7 @@ def _predict(args) -> int:
 
 
 def _score(args) -> int:
-    _check_out(args.out)
+    _check_out(args.out, args.force, [args.file])
     import json
 
     from strop.api import RewardModel
@@ -254,7 +255,7 @@ def _explain(args) -> int:
 
 
 def _generate(args) -> int:
-    _check_out(args.out)
+    _check_out(args.out, args.force, [args.file])
     import json
 
     from strop.api import LanguageModel
@@ -318,7 +319,7 @@ def _eval(args) -> int:
     from strop.cli.rag import retriever_for
 
     out = Path(args.out) if args.out else default_eval_dir(args.target, args.data)
-    _check_out(str(out), folder=True)
+    _check_out(str(out), args.force, [args.data], folder=True)
     retriever = retriever_for(args)
     s = evaluate_model_on_file(
         args.target,
@@ -372,17 +373,18 @@ def _compare(args) -> int:
     for run in runs:
         if not (run / "config.yaml").is_file():
             raise StropError(f"{run}: not a strop run directory (no config.yaml)")
-    _check_out(args.out, folder=True)
+    _check_out(args.out, args.force, [], folder=True)
     paths = write_comparison(runs, Path(args.out))
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
 
 
 def _merge(args) -> int:
+    from strop.core.io import check_output
     from strop.export.merge import merge
 
-    _check_out(args.out_dir, folder=True, option="OUT_DIR")
-    out = merge(args.run_dir, args.out_dir)
+    check_output(args.out_dir, "OUT_DIR", folder=True)  # merge refuses a folder that is not empty
+    out = merge(args.run_dir, args.out_dir, args.force)
     print(f"merged model written to {out}")
     return 0
 
@@ -390,11 +392,7 @@ def _merge(args) -> int:
 def _export(args) -> int:
     from strop.export.ship import export, report
 
-    if args.format == "hf":
-        _check_out(args.out, folder=True)
-    else:
-        _check_out(args.out)
-    print(report(export(args.target, args.format, args.quant, args.out)))
+    print(report(export(args.target, args.format, args.quant, args.out, args.force)))
     return 0
 
 

@@ -71,8 +71,8 @@ def _data_prepare(args) -> int:
         group_by=args.group_by,
         seed=args.seed,
     )
-    _check_out(args.out, folder=True)
-    manifest = prepare(args.inputs, Path(args.out), options, fmt=args.format, overwrite=args.overwrite)
+    _check_out(args.out, args.force, args.inputs, folder=True)
+    manifest = prepare(args.inputs, Path(args.out), options, fmt=args.format, force=args.force)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     removed = ", ".join(f"{k} {v}" for k, v in manifest["removed_counts"].items()) or "nothing"
     print(f"wrote {args.out}: {counts}; removed: {removed}")

@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="a single prompt")
     src.add_argument("--file", help="prompts file (.jsonl or .txt)")
     g.add_argument("--out", help="output JSONL (default: print to stdout)")
+    rag.force_arg(g)
     g.add_argument("--batch-size", type=_positive_int, default=8)
     _sampling_args(g, temperature=0.0, max_new_tokens=128)
     _quantize_arg(g)
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("target", metavar="RUN_DIR")
     pr.add_argument("--file", required=True)
     pr.add_argument("--out", help="output JSONL (default: print to stdout)")
+    rag.force_arg(pr)
     pr.add_argument("--batch-size", type=_positive_int, default=32)
     pr.set_defaults(func="predict")
 
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("target", metavar="RUN_DIR")
     sc.add_argument("--file", required=True)
     sc.add_argument("--out", help="output JSONL (default: print to stdout)")
+    rag.force_arg(sc)
     sc.set_defaults(func="score")
 
     ex = sub.add_parser(
@@ -246,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("run_dir", metavar="RUN_DIR")
     m.add_argument("out_dir", metavar="OUT_DIR")
+    rag.force_arg(m, "replace OUT_DIR if it is not empty (never a run's own model folder)")
     m.set_defaults(func="merge")
 
     x = sub.add_parser(
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF tensor type (K-quants need llama-cpp-python; default: q8_0)",
     )
     x.add_argument("--out", help="the .gguf file (default: NAME-QUANT.gguf here) or, for hf, the folder")
+    rag.force_arg(
+        x, "replace --out if it exists: the GGUF, the Modelfile and the README beside it (or the hf folder)"
+    )
     x.set_defaults(func="export")
 
     sv = sub.add_parser(
@@ -313,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per example for the loss")
     e.add_argument("--out", help="output folder (default: RUN_DIR/eval-DATA or ./eval-DATA)")
+    rag.force_arg(e, "write into --out even when it is not empty (its files of the same names are replaced)")
     _sampling_args(e, temperature=0.0, max_new_tokens=256)
     _quantize_arg(e)
     rag.retrieval_args(e)
@@ -333,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--out", default="compare", help="output folder (default: ./compare)")
+    rag.force_arg(cmp, "write into --out even when it is not empty (its compare files are replaced)")
     cmp.set_defaults(func="compare")
 
     d = sub.add_parser("data", help="check or prepare training data before it costs a run")
@@ -365,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes OUT/train.jsonl, validation.jsonl, test.jsonl and manifest.json (what was removed and why).",
     )
     dp.add_argument("inputs", nargs="+", metavar="FILE")
-    dp.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or new)")
+    dp.add_argument("--out", required=True, metavar="DIR", help="output folder (empty or new, or --force)")
     dp.add_argument(
         "--split", default="0.8,0.1,0.1", help="train,validation,test fractions (default 0.8,0.1,0.1)"
     )
@@ -379,9 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--no-normalize", action="store_true", help="keep text exactly as it is")
     dp.add_argument("--format", default="auto", choices=FORMATS, help="data format (default: detected)")
     dp.add_argument("--seed", type=int, default=0)
-    dp.add_argument(
-        "--overwrite", action="store_true", help="replace the files of an earlier prepare in --out"
-    )
+    rag.force_arg(dp, "replace --out if it is not empty (no input may be inside it)")
+    dp.add_argument("--overwrite", dest="force", action="store_true", help=argparse.SUPPRESS)  # its old name
     dp.set_defaults(func="data_prepare")
 
     rag.add_parser(sub, _positive_int)

@@ -1,4 +1,6 @@
-"""`strop rag index | query | remove`: build, search and edit a retrieval index."""
+"""`strop rag index | query | remove | raft | eval | compare`: build, search, edit and score a retrieval
+index. `index` and `remove` change an index in place under its lock (a second update waits for the
+first); `raft` and `compare` refuse an output that exists unless --force, and never write over an input."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ def add_parser(sub, positive_int) -> None:
         help="index documents (text, Markdown, HTML, JSONL/JSON/CSV/Parquet rows) for retrieval",
         description="Chunk documents by tokens (whole paragraphs where they fit, overlapping), embed the "
         "chunks and write INDEX (safetensors + JSON). Given an existing INDEX, new documents are added, "
-        "changed ones re-chunked and unchanged ones kept: only new chunk texts are embedded.",
+        "changed ones re-chunked and unchanged ones kept: only new chunk texts are embedded. Updates of "
+        "one INDEX at once run one after the other (the lock is the file .INDEX.lock beside it).",
     )
     ix.add_argument("docs", nargs="+", metavar="DOCS", help="files or folders of documents")
     ix.add_argument("--out", required=True, metavar="INDEX", help="the index folder (created or updated)")
@@ -60,6 +63,7 @@ def add_parser(sub, positive_int) -> None:
     rf.add_argument("rows", metavar="ROWS", help="JSONL/CSV with question, answer and document fields")
     rf.add_argument("--index", required=True, metavar="INDEX", help="where distractors are retrieved from")
     rf.add_argument("--out", required=True, metavar="OUT.jsonl")
+    force_arg(rf)
     rf.add_argument(
         "--oracle-fraction", type=float, default=0.8, help="rows that see their oracle (default 0.8)"
     )
@@ -104,6 +108,7 @@ def add_parser(sub, positive_int) -> None:
     cp.add_argument("--tuned", metavar="RUN_DIR", help="a run fine-tuned on the questions' domain")
     cp.add_argument("--raft", metavar="RUN_DIR", help="a run trained on `strop rag raft` rows")
     cp.add_argument("--out", default="rag-compare", metavar="DIR", help="default ./rag-compare")
+    force_arg(cp, "write into --out even when it is not empty (its compare files are replaced)")
     cp.add_argument("--top-k", type=positive_int, default=4)
     _mode_arg(cp, "--mode")
     cp.add_argument(
@@ -127,6 +132,11 @@ def add_parser(sub, positive_int) -> None:
     rm.add_argument("index", metavar="INDEX")
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
     rm.set_defaults(func="rag_remove")
+
+
+def force_arg(p, help: str = "replace --out if it exists (an input is never replaced)") -> None:
+    """--force, the one name for "replace what is there" on every command that writes a file."""
+    p.add_argument("--force", action="store_true", help=help)
 
 
 def _mode_arg(p, flag: str) -> None:
@@ -163,11 +173,24 @@ def _rag_index(args) -> int:
 
     from strop.core.io import check_output
     from strop.rag import index as ix
-    from strop.rag.documents import read_documents
-    from strop.rag.embed import Embedder
 
     out = Path(args.out).expanduser()
     check_output(out, "--out", folder=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # where the lock and the index go
+    with ix.locked(out):  # from reading the index to writing it: a second update waits
+        changes, index = _update_index(args, out)
+    print(
+        f"{args.out}: {len(index.documents)} documents, {len(index.chunks)} chunks ({changes.summary()}) "
+        f"in {changes.seconds:.1f} s"
+    )
+    return 0
+
+
+def _update_index(args, out):
+    from strop.rag import index as ix
+    from strop.rag.documents import read_documents
+    from strop.rag.embed import Embedder
+
     if (
         out.is_dir() and not (out / "index.json").exists() and any(out.iterdir())
     ):  # never replace others' files
@@ -199,11 +222,7 @@ def _rag_index(args) -> int:
     index = existing or ix.Index(model, size, overlap)
     changes = ix.update(index, docs, embedder, sync=args.sync, progress=not args.no_progress)
     ix.save(index, out)
-    print(
-        f"{args.out}: {len(index.documents)} documents, {len(index.chunks)} chunks ({changes.summary()}) "
-        f"in {changes.seconds:.1f} s"
-    )
-    return 0
+    return changes, index
 
 
 def _rag_query(args) -> int:
@@ -237,12 +256,12 @@ def _rag_query(args) -> int:
 def _rag_raft(args) -> int:
     from pathlib import Path
 
-    from strop.core.io import atomic_write_text, check_output
+    from strop.core.io import atomic_write_text, check_fresh_output
     from strop.data.read import read_rows
     from strop.rag.raft import raft_rows
     from strop.rag.search import Retriever
 
-    check_output(args.out, "--out", folder=False)
+    check_fresh_output(args.out, "--out", False, args.force, [args.rows])
     retriever = Retriever(args.index)
     rows = read_rows(args.rows)
     built = raft_rows(
@@ -274,7 +293,10 @@ def _rag_eval(args) -> int:
     if bad or not modes:
         raise StropError(f"--modes: {bad[0] if bad else args.modes!r} is not one of {', '.join(MODES)}")
     retriever = Retriever(args.index, approximate=args.approximate)
-    result = evaluate_retrieval(retriever, read_rows(args.questions), ks, modes)
+    rows = read_rows(args.questions)
+    if not rows:
+        raise StropError(f"{args.questions}: no question rows (an empty file?)")
+    result = evaluate_retrieval(retriever, rows, ks, modes)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -292,14 +314,14 @@ def _rag_eval(args) -> int:
 def _rag_compare(args) -> int:
     from pathlib import Path
 
-    from strop.core.io import atomic_write_text, check_output
+    from strop.core.io import atomic_write_text, check_fresh_output
     from strop.data.read import read_rows
     from strop.rag.search import Retriever
     from strop.recipes.rag_compare import arms, compare
     from strop.report.rag import compare_markdown
 
     out = Path(args.out)
-    check_output(out, "--out", folder=True)
+    check_fresh_output(out, "--out", True, args.force, [args.questions])
     retriever = Retriever(args.index, approximate=args.approximate)
     rows = read_rows(args.questions, limit=args.limit)
     arm_list = arms(args.base, args.tuned, args.raft)
@@ -330,10 +352,11 @@ def _rag_compare(args) -> int:
 def _rag_remove(args) -> int:
     from strop.rag import index as ix
 
-    index = ix.load(args.index)
-    before = len(index.chunks)
-    ix.remove(index, list(dict.fromkeys(args.ids)))
-    ix.save(index, args.index)
+    with ix.locked(args.index):
+        index = ix.load(args.index)
+        before = len(index.chunks)
+        ix.remove(index, list(dict.fromkeys(args.ids)))
+        ix.save(index, args.index)
     print(
         f"{args.index}: removed {len(set(args.ids))} documents ({before - len(index.chunks)} chunks); "
         f"{len(index.documents)} documents left"

@@ -120,26 +120,26 @@ def prepare(
     options: PrepareOptions,
     fields: dict[str, str] | None = None,
     fmt: str = "auto",
-    overwrite: bool = False,
+    force: bool = False,
 ) -> dict:
     """Clean, dedup and split the rows of `paths` into `out_dir`/{train,validation,test}.jsonl plus
-    manifest.json (written atomically, all or nothing); returns the manifest. Malformed rows are left
+    manifest.json (written atomically, all or nothing; a folder that is not empty is replaced only with
+    `force`, and never when an input is inside it); returns the manifest. Malformed rows are left
     out and listed; a whole file that cannot be read or whose format cannot be told is an error."""
     o, fields, out_dir = options, fields or {}, Path(out_dir)
-    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite):
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir()) and not force):
         raise DataError(
-            f"{out_dir}: "
-            + ("is a file" if out_dir.is_file() else "is a folder that is not empty")
-            + "; choose a new folder, or replace an earlier prepare's files with --overwrite "
-            "(overwrite=True from Python)"
+            f"--out: {out_dir} "
+            + ("is a file; choose a new folder" if out_dir.is_file() else "exists and is not empty")
+            + "; pass --force to replace it (force=True from Python)"
         )
     inputs: list[dict] = []
     kept: list[_Kept] = []
     removed: list[tuple[str, str, str]] = []  # (where, id, why)
     for path in paths:
         for file, rows, unread in _files(path):
-            if overwrite and out_dir.resolve() in Path(file).resolve().parents:
-                raise DataError(f"{file}: an input is inside {out_dir}, which overwrite would delete")
+            if force and out_dir.resolve() in Path(file).resolve().parents:
+                raise DataError(f"--out: {out_dir} holds the input {file}; choose another folder")
             removed += [(r.where, r.where, f"malformed: {_why(r)}") for r in unread]
             file_fmt = _clean(rows, fmt, fields, o, kept, removed) if rows else None
             sha = hashlib.sha256(Path(file).read_bytes()).hexdigest() if Path(file).is_file() else None

@@ -1,4 +1,6 @@
-"""Fold a LoRA adapter into its base model and write a plain transformers model folder."""
+"""Fold a LoRA adapter into its base model and write a plain transformers model folder (atomically). A
+folder that is not empty is replaced only with `force`, and never when it is the run itself or a strop
+run's own model."""
 
 from __future__ import annotations
 
@@ -12,7 +14,20 @@ from strop.core.io import atomic_dir
 from strop.models.load import load_model, load_tokenizer, read_run_model
 
 
-def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
+def merge(
+    run_or_model_dir: str | Path, out_dir: str | Path, force: bool = False, option: str = "OUT_DIR"
+) -> Path:
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise StropError(f"{option}: {out_dir} is a file; choose a new folder for the merged model")
+    earlier = read_run_model(out) if out.is_dir() else None
+    if earlier and not earlier.get("merged_from"):
+        raise StropError(
+            f"{option}: {out_dir}: folder exists and is the model of a strop run; choose a new folder for "
+            "the merged model"
+        )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise StropError(f"{option}: {out_dir} exists and is not empty; pass --force to replace it")
     run = read_run_model(Path(run_or_model_dir))
     if run is None:
         raise StropError(f"{run_or_model_dir}: not a strop run or model folder (no model/strop_model.json)")
@@ -21,17 +36,9 @@ def merge(run_or_model_dir: str | Path, out_dir: str | Path) -> Path:
             f"{run_or_model_dir}: method {run['method']!r} already saved a full model in "
             f"{run['dir']}; there is no adapter to merge"
         )
-    out = Path(out_dir).expanduser().resolve()
     if out == Path(run["dir"]).resolve() or out in Path(run["dir"]).resolve().parents:
-        raise StropError(f"{out_dir}: the merged model must go to a new folder, not into the run itself")
-    if out.exists() and not out.is_dir():
-        raise StropError(f"{out_dir}: is a file; choose a new folder for the merged model")
-    earlier = read_run_model(out) if out.is_dir() else None
-    if out.is_dir() and any(out.iterdir()) and not (earlier and earlier.get("merged_from")):
-        what = "the model of a strop run" if earlier else "not empty"
         raise StropError(
-            f"{out_dir}: folder exists and is {what}; choose a new folder for the merged model (only an "
-            "earlier `strop merge` output is replaced)"
+            f"{option}: {out_dir}: the merged model must go to a new folder, not into the run itself"
         )
     merged = load_model(run["dir"], torch.device("cpu"), torch.float32, adapter="merge")
     tok = load_tokenizer(run["dir"])

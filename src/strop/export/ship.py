@@ -4,6 +4,10 @@ TGI load; the same as `strop merge`).
 
 LoRA runs are merged first. The tokenizer and chat template are the ones the run trained with, and
 the stop tokens are its end-of-turn ids, so the exported model stops where the tuned one does.
+
+Nothing is replaced unless asked: an existing GGUF, Modelfile or README beside it (or a folder that is not
+empty, for hf) is refused before any work unless `force`, and the input itself always is. Every file is
+written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from strop.core.errors import StropError
+from strop.core.io import check_fresh_output, check_output
 from strop.export.gguf_file import QUANTS, check_architecture, summarize, write_gguf
 from strop.export.gguf_vocab import describe
 from strop.export.merge import merge
@@ -36,10 +41,11 @@ class Exported:
     template_translated: bool = True
 
 
-def export(target: str, fmt: str, quant: str, out: str | None) -> Exported:
+def export(target: str, fmt: str, quant: str, out: str | None, force: bool = False) -> Exported:
     if fmt == "hf":
         folder = Path(out or f"{Path(target).name}-hf")
-        return Exported(merge(target, folder), {}, [folder])
+        check_output(folder, "--out", folder=True)
+        return Exported(merge(target, folder, force, option="--out"), {}, [folder])
     if fmt != "gguf":
         raise StropError(f"--format: expected gguf or hf, got {fmt!r}")
     if quant not in (*QUANTS, *K_QUANTS):
@@ -52,6 +58,8 @@ def export(target: str, fmt: str, quant: str, out: str | None) -> Exported:
         raise StropError(f"--out: {path} must end in .gguf")
     if path.is_dir():
         raise StropError(f"--out: {path} is a folder; give the file to write")
+    for written in (path, path.with_name("Modelfile"), path.with_name(f"{path.stem}.README.md")):
+        check_fresh_output(written, "--out", False, force, [target])
     from strop.models.inference import load_for_inference
 
     loaded = load_for_inference(target, device="cpu", dtype="float32")
@@ -79,9 +87,12 @@ def export(target: str, fmt: str, quant: str, out: str | None) -> Exported:
 
 def _write(path: Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 

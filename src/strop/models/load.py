@@ -154,9 +154,13 @@ def _read_json(path: Path) -> dict:
 def from_pretrained(auto_class, source: str, trust_remote_code: bool = False, **kwargs):
     """`auto_class.from_pretrained` on safetensors only, after `check_model_folder`; transformers' own
     refusals (custom code on the hub, a folder without weights) become one-line errors."""
+    from safetensors import SafetensorError
+
     check_model_folder(source, trust_remote_code)
     try:
         return auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except SafetensorError as e:  # a weights file cut short (a copy or download that stopped) or not one
+        raise StropError(f"model.name: {source}: a weights file is damaged ({e}); copy it again") from None
     except (OSError, ValueError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and e.errno is not None:
@@ -216,11 +220,17 @@ def architecture_source(name: str, causal_lm: bool = True) -> str:
 def load_adapter(base, adapter_dir: str, trainable: bool = False):
     """A PEFT adapter over `base` (peft's own loader; saved in peft's format)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     check_adapter_folder(Path(adapter_dir))
     with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+        try:
+            return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+        except SafetensorError as e:
+            raise StropError(
+                f"{adapter_dir}/adapter_model.safetensors is damaged ({e}); copy the run again"
+            ) from None
 
 
 def load_model(

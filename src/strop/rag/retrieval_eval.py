@@ -44,6 +44,8 @@ def gold_of(row: Row) -> set[str]:
 
 def evaluate_retrieval(retriever: Retriever, rows: list[Row], ks: list[int], modes: list[Mode]) -> dict:
     """{mode: {metric: mean}} plus the number of questions scored for each kind of metric."""
+    if not rows:
+        raise DataError("no question rows to score retrieval on (an empty file?)")
     questions = [question_of(r) for r in rows]
     golds = [gold_of(r) for r in rows]
     answers = [answer_of(r) for r in rows]
