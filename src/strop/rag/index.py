@@ -184,7 +184,7 @@ def save(index: Index, folder: str | Path) -> None:
         }
         (tmp / "index.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
-    atomic_dir(Path(folder).expanduser(), fill)
+    atomic_dir(Path(folder).expanduser().absolute(), fill)  # "." has no name to put a sibling beside
 
 
 def update(
