@@ -62,3 +62,20 @@ def test_load_gives_a_classifier_for_a_classification_run(tiny_bert, tmp_path, c
     assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4) for p in predictions)
     with pytest.raises(strop.api.StropError, match="use predict or score"):
         strop.evaluate(result.run_dir, tmp_path / "x.jsonl")
+
+
+def test_merge_refuses_a_folder_with_files_unless_forced(tiny_llama, tmp_path):
+    from strop.core.errors import StropError
+
+    write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS)
+    result = strop.train(
+        tiny_config(tiny_llama, tmp_path / "train.jsonl", tmp_path / "runs"), show_progress=False
+    )
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    lm = strop.load(result.run_dir)
+    with pytest.raises(StropError, match=r"out_dir: .*not empty; pass --force"):
+        lm.merge(out)
+    assert (out / "notes.txt").read_text() == "keep me" and not (out / "config.json").exists()
+    assert (lm.merge(out, force=True) / "config.json").is_file()

@@ -116,11 +116,12 @@ class LanguageModel:
         with torch.no_grad():
             return evaluate_one(self.model, self.template, examples, ev, max_length, out, progress)
 
-    def merge(self, out_dir: str | Path) -> Path:
-        """An adapter run as one plain transformers folder (what vLLM, TGI or `transformers` load)."""
+    def merge(self, out_dir: str | Path, force: bool = False) -> Path:
+        """An adapter run as one plain transformers folder (what vLLM, TGI or `transformers` load). A
+        folder that is not empty is refused unless `force` (then its files are replaced)."""
         from strop.export.merge import merge
 
-        return merge(self.target, out_dir)
+        return merge(self.target, out_dir, force=force, option="out_dir")
 
 
 class Classifier:
