@@ -154,6 +154,7 @@ def test_force_replaces_generate_and_eval_outputs(tiny_llama, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA_ROWS[:2])
     ev = tmp_path / "ev"
     _existing(ev, folder=True)
+    (ev / "sources.jsonl").write_text('{"stale": "passages of an earlier --rag eval"}\n')
     argv = [
         "eval",
         str(tiny_llama),
@@ -168,6 +169,7 @@ def test_force_replaces_generate_and_eval_outputs(tiny_llama, tmp_path, capsys):
     rc, _, err = run_cli(argv, capsys)
     assert rc == 0, err
     assert (ev / "summary.json").is_file() and (ev / "notes.txt").is_file()  # written into, not emptied
+    assert not (ev / "sources.jsonl").exists()  # this eval had no --rag: no stale passages stay
 
 
 def test_export_force_replaces_the_gguf_and_its_companions(tiny_llama, tmp_path, capsys):

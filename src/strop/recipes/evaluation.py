@@ -140,6 +140,8 @@ def evaluate_model_on_file(
 
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
         atomic_write_text(out_dir / "sources.jsonl", lines)
+    else:  # an earlier `--rag` eval's passages (replaced with --force) would describe other prompts
+        (out_dir / "sources.jsonl").unlink(missing_ok=True)
     return summary
 
 
