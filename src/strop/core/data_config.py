@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 
 from strop.core.section import Section
 
+MAX_ROW_BYTES = 8 << 20  # far above real rows (a whole novel is ~1 MB), far below what hurts a machine
+
 
 class DatasetSource(Section):
     path: str = Field(description="JSONL/JSON/CSV/Parquet file, a folder of them, or a HF dataset name")
@@ -88,6 +90,11 @@ class DataConfig(Section):
     )
     system_prompt: str | None = None
     max_length: int = Field(512, ge=8)
+    max_row_bytes: int = Field(
+        MAX_ROW_BYTES,
+        ge=1024,
+        description="largest row read (a JSONL line, in bytes); a larger one is rejected by file:line",
+    )
     train_on_prompt: bool = False
     cache_dir: str | None = Field(None, description="tokenized-data cache; default ~/.cache/strop/tokenized")
     skip_bad_rows: bool = Field(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
-from strop.core.data_config import AugmentConfig
+from strop.core.data_config import MAX_ROW_BYTES, AugmentConfig
 from strop.core.errors import DataError
 from strop.data.augment import AugmentOptions, augment, is_copy, original_id
 from strop.data.duplicates import find_duplicates
@@ -228,7 +228,7 @@ def split_records(cfg: DataConfig, data: Datasets) -> dict[str, list[Record]]:
     val_ids = set(data.validation.example_ids) if data.validation is not None else set()
 
     def read(src: DatasetSource) -> list[Record]:
-        return read_records(src, [] if cfg.skip_bad_rows else None)
+        return read_records(src, [] if cfg.skip_bad_rows else None, cfg.max_row_bytes)
 
     train_records = [r for s in cfg.train for r in read(s)]
     pool = [r for s in cfg.validation for r in read(s)] if cfg.validation else train_records
@@ -333,16 +333,26 @@ def length_summary(train: TokenizedSet, val: TokenizedSet | None, max_length: in
     return {"length_histogram": hist, "length_percentiles": pct}
 
 
-def read_records(src: DatasetSource, rejected: list[Rejected] | None = None) -> list[Record]:
+def read_records(
+    src: DatasetSource, rejected: list[Rejected] | None = None, max_row_bytes: int = MAX_ROW_BYTES
+) -> list[Record]:
     """A source's rows as records (no tokenization), e.g. for generation-based evaluation. Malformed
-    rows are an error, or are appended to `rejected` and left out when it is given."""
-    return to_records(source_rows(src, rejected), src.format, src.fields, src.path, rejected)[0]
+    rows (and rows over `max_row_bytes`) are an error, or are appended to `rejected` and left out when
+    it is given."""
+    rows = source_rows(src, rejected, max_row_bytes)
+    return to_records(rows, src.format, src.fields, src.path, rejected)[0]
 
 
-def source_rows(src: DatasetSource, rejected: list[Rejected] | None = None) -> list:
+def source_rows(
+    src: DatasetSource, rejected: list[Rejected] | None = None, max_row_bytes: int = MAX_ROW_BYTES
+) -> list:
     """The rows a source selects: `skip` rows left out, then at most `limit`."""
     rows = read_rows(
-        src.path, split=src.split, limit=src.limit + src.skip if src.limit else None, rejected=rejected
+        src.path,
+        split=src.split,
+        limit=src.limit + src.skip if src.limit else None,
+        rejected=rejected,
+        max_row_bytes=max_row_bytes,
     )
     if src.skip and len(rows) <= src.skip:
         raise DataError(f"{src.path}: skip {src.skip} leaves no rows (the source has {len(rows)})")
@@ -436,6 +446,7 @@ def _cache_file(
         "max_length": cfg.max_length,
         "train_on_prompt": cfg.train_on_prompt,
         "skip_bad_rows": cfg.skip_bad_rows,
+        "max_row_bytes": cfg.max_row_bytes,
         "augment": [aug.model_dump(), augment_seed] if aug else None,
     }
     return Path(cfg.cache_dir or default_cache_dir()) / cache_key(key_parts, files)
@@ -446,7 +457,7 @@ def _read_source(
 ) -> tuple[list[Record], dict]:
     """A source's records (with augmented copies when `aug` asks) and the stats of reading them."""
     rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
-    rows = source_rows(src, rejected)
+    rows = source_rows(src, rejected, cfg.max_row_bytes)
     unparsed = len(rejected or [])
     records, fmt = to_records(rows, src.format, src.fields, src.path, rejected)
     how = "given" if src.format != "auto" else "detected"

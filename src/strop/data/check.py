@@ -46,7 +46,7 @@ def check_data(
     report: dict = {"sources": [], "errors": [], "warnings": [], "notes": []}
     for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
         for src in sources:
-            report["sources"].append(_check_source(src, split, report))
+            report["sources"].append(_check_source(src, split, report, cfg.max_row_bytes))
     if report["errors"] and not any(s.get("valid") for s in report["sources"] if s["split"] == "train"):
         return CheckResult(report)  # nothing readable to tokenize
 
@@ -86,11 +86,11 @@ def check_data(
     return CheckResult(report, data.train)
 
 
-def _check_source(src, split: str, report: dict) -> dict:
+def _check_source(src, split: str, report: dict, max_row_bytes: int) -> dict:
     entry = {"split": split, "path": src.path, "rows": 0, "valid": 0, "rejected": 0, "rejected_rows": []}
     rejected: list[Rejected] = []
     # a missing file or an undetectable format is no finding about rows: it ends the check (exit 2)
-    rows = source_rows(src, rejected)
+    rows = source_rows(src, rejected, max_row_bytes)
     unparsed = len(rejected)
     records, fmt = to_records(rows, src.format, src.fields, src.path, rejected) if rows else ([], "?")
     entry.update(

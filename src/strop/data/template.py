@@ -130,12 +130,17 @@ class ChatTemplate:
         messages: tuple[dict, ...] | list[dict],
         train_on_prompt: bool = False,
         last_turn_only: bool = False,
+        max_tokens: int | None = None,
     ) -> Encoded:
         """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss, or
         only the final one with `last_turn_only` (a preference pair's reply; earlier turns are its prompt).
 
         Renders growing prefixes and takes the text each assistant turn adds, so the template decides
         the format and this function only cuts it into trained and untrained pieces.
+
+        `max_tokens`: the caller keeps at most that many tokens, so tokenizing stops soon after: a longer
+        conversation comes back with more than `max_tokens` (not all) tokens, and its first `max_tokens`
+        equal those of the full encoding; time and memory grow with `max_tokens`, not with the text.
         """
         messages = list(messages)
         pieces: list[tuple[str, bool, bool]] = []  # (text, is an assistant turn, carries loss)
@@ -164,12 +169,17 @@ class ChatTemplate:
         ids: list[int] = []
         trained: list[bool] = []
         for text, is_response, carries in pieces:
-            piece = self._tokenize(text)
+            if max_tokens is None:
+                piece, whole = self._tokenize(text), True
+            else:  # one token more than kept: enough to tell the conversation is longer
+                piece, whole = tokenize_head(self.tokenizer, text, max_tokens + 1 - len(ids))
             stops = piece and piece[-1] in self.stop_ids or self._ends_turn(piece)
-            if is_response and not stops and self.tokenizer.eos_token_id is not None:
+            if whole and is_response and not stops and self.tokenizer.eos_token_id is not None:
                 piece.append(self.tokenizer.eos_token_id)  # a tuned model must learn to stop
             ids += piece
             trained += [carries or train_on_prompt] * len(piece)
+            if max_tokens is not None and len(ids) > max_tokens:
+                break  # the rest lies past the cut
         return Encoded(ids, trained)
 
     def _ends_turn(self, piece: list[int]) -> bool:
@@ -182,7 +192,7 @@ class ChatTemplate:
         return False
 
     def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        return list(_ids(self.tokenizer, text)["input_ids"]) if text else []
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -197,12 +207,92 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 def encode_text(tokenizer, text: str, max_length: int) -> list[list[int]]:
     """Plain text for continued pre-training: tokens + EOS, cut into windows of `max_length`."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = tokenize_long(tokenizer, text)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return [
         ids[i : i + max_length] for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1
     ]
+
+
+HEAD_MARGIN = 32  # tokens beyond those kept: appending text can change the last few tokens of a prefix
+CHARS_PER_TOKEN = 8  # a first guess of a prefix long enough; doubled until it is
+
+
+def _ids(tokenizer, text: str, **kwargs) -> dict:
+    return tokenizer(text, add_special_tokens=False, **kwargs)
+
+
+def tokenize_head(tokenizer, text: str, n: int) -> tuple[list[int], bool]:
+    """The first `n` tokens of `text`, and whether they are all of its tokens, in time and memory that
+    grow with `n` rather than with the text (a 50 MB row tokenized whole takes gigabytes).
+
+    Tokenizes growing prefixes (doubling) until two in a row each yield more than n + HEAD_MARGIN
+    tokens and agree on the first n: a merge reaches only a few tokens back across a cut, so these are
+    the first n tokens of the whole text. A text too short for that is tokenized whole.
+    """
+    cut, head = CHARS_PER_TOKEN * (n + HEAD_MARGIN), None
+    while cut < len(text):
+        ids = list(_ids(tokenizer, text[:cut])["input_ids"])
+        if len(ids) > n + HEAD_MARGIN:
+            if head is not None and ids[:n] == head:
+                return head, False
+            head = ids[:n]
+        cut *= 2
+    ids = list(_ids(tokenizer, text)["input_ids"]) if text else []
+    return ids[:n], len(ids) <= n
+
+
+CHUNK_CHARS = 1 << 16  # characters per tokenizer call on long plain text
+SEAM = 16  # tokens either side of a seam on which two overlapping chunks must agree
+
+
+def tokenize_long(tokenizer, text: str, chunk: int = CHUNK_CHARS) -> list[int]:
+    """All tokens of `text`, equal to tokenizing it whole, in chunks of `chunk` characters so that the
+    tokenizer's working memory stays bounded (its per-token bookkeeping is hundreds of bytes).
+
+    Chunks overlap by a quarter. Two neighbours are joined at a token boundary inside the overlap where
+    both have the same SEAM tokens on either side: the left chunk saw all the text before the seam and
+    the right one all the text after it, so both sides are tokenized in their full context. Should no
+    such boundary exist, the chunks are doubled (at worst the text is tokenized whole); a tokenizer
+    without offsets (a slow one) tokenizes it whole.
+    """
+    if len(text) <= chunk or not getattr(tokenizer, "is_fast", False):
+        return list(_ids(tokenizer, text)["input_ids"]) if text else []
+    out: list[int] = []
+    left, a0, skip = _ids(tokenizer, text[:chunk], return_offsets_mapping=True), 0, 0
+    while True:
+        b0 = a0 + chunk - chunk // 4
+        right = _ids(tokenizer, text[b0 : b0 + chunk], return_offsets_mapping=True)
+        seam = _seam(left, a0, right, b0, lo=b0 + chunk // 16, hi=a0 + chunk - chunk // 16)
+        if seam is None:
+            return tokenize_long(tokenizer, text, chunk * 2)
+        i, j = seam
+        out += left["input_ids"][skip:i]
+        if b0 + chunk >= len(text):
+            return out + list(right["input_ids"][j:])
+        left, a0, skip = right, b0, j
+
+
+def _seam(left: dict, a0: int, right: dict, b0: int, lo: int, hi: int) -> tuple[int, int] | None:
+    """Indexes (i in left, j in right) of one token that starts at a text position in [lo, hi) in both
+    chunks, with the same SEAM tokens before and after it in both; None if there is none."""
+    ids_l, ids_r = left["input_ids"], right["input_ids"]
+    starts = _starts(right["offset_mapping"], b0)
+    for pos, i in _starts(left["offset_mapping"], a0).items():
+        j = starts.get(pos)
+        if j is None or not lo <= pos < hi or min(i, j) < SEAM:
+            continue
+        if i + SEAM <= len(ids_l) and j + SEAM <= len(ids_r):
+            if ids_l[i - SEAM : i + SEAM] == ids_r[j - SEAM : j + SEAM]:
+                return i, j
+    return None
+
+
+def _starts(offsets: list[tuple[int, int]], base: int) -> dict[int, int]:
+    """Text position -> index of the token starting there (the bytes of one character share offsets:
+    only the first counts)."""
+    return {base + s: k for k, (s, _) in enumerate(offsets) if k and s != offsets[k - 1][0]}
 
 
 def run_templates(cfg: RunConfig, tokenizer) -> tuple[str, ChatTemplate, dict[str, ChatTemplate]]:

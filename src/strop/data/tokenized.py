@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -16,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
 
 from strop.core.errors import DataError
 from strop.core.io import atomic_dir, cache_root
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate, encode_text
+
+log = logging.getLogger("strop.data")
 
 CACHE_VERSION = "2"  # 2: stats name truncated/dropped examples and rejected rows
 
@@ -101,6 +105,7 @@ class TokenizedSet:
 
 # Below this many records one process is quicker than starting workers.
 PARALLEL_MIN_RECORDS = 2000
+CHUNK_RECORDS = 2048  # records per worker task: the bar moves and each result is a small pickle
 
 
 def tokenize_records(
@@ -109,17 +114,26 @@ def tokenize_records(
     max_length: int,
     train_on_prompt: bool,
     workers: int | None = None,
+    progress: bool | None = None,
 ) -> TokenizedSet:
     """Encode, truncate to `max_length`, and drop examples whose response was cut away entirely.
 
     Large inputs are split into contiguous chunks tokenized by `workers` processes (default: one per
-    CPU); chunks are concatenated in order, so the result equals the serial one exactly.
+    CPU); chunks are concatenated in order, so the result equals the serial one exactly. A conversation
+    is tokenized only as far as `max_length` needs (`ChatTemplate.encode(max_tokens=...)`), so time and
+    memory grow with the tokens kept, whatever the size of a row.
+
+    `progress`: a bar on stderr; None shows it on a terminal unless strop logs below INFO (`-q`).
     """
     workers = workers or os.cpu_count() or 1
     fork = "fork" in multiprocessing.get_all_start_methods()  # a compiled template does not pickle
-    if fork and workers > 1 and len(records) >= PARALLEL_MIN_RECORDS:
-        size = -(-len(records) // (workers * 4))  # a few chunks per worker evens out long and short rows
+    disable = (None if log.isEnabledFor(logging.INFO) else True) if progress is None else not progress
+    with tqdm(total=len(records), desc="tokenize", unit="ex", disable=disable, leave=False) as bar:
+        if not (fork and workers > 1 and len(records) >= PARALLEL_MIN_RECORDS):
+            return _tokenize_serial(records, template, max_length, train_on_prompt, bar)
+        size = min(CHUNK_RECORDS, -(-len(records) // (workers * 4)))  # several chunks per worker
         chunks = [records[i : i + size] for i in range(0, len(records), size)]
+        parts = []
         # forked workers inherit the template and tokenizer (initargs are not pickled under fork)
         with ProcessPoolExecutor(
             workers,
@@ -127,8 +141,10 @@ def tokenize_records(
             initializer=_worker_init,
             initargs=(template, max_length, train_on_prompt),
         ) as pool:
-            return TokenizedSet.concat(list(pool.map(_tokenize_chunk, chunks)))
-    return _tokenize_serial(records, template, max_length, train_on_prompt)
+            for part in pool.map(_tokenize_chunk, chunks):
+                parts.append(part)
+                bar.update(part.stats["examples_in"])
+        return TokenizedSet.concat(parts)
 
 
 _worker_args: tuple = ()
@@ -144,7 +160,7 @@ def _tokenize_chunk(records: list[Record]) -> TokenizedSet:
 
 
 def _tokenize_serial(
-    records: list[Record], template: ChatTemplate, max_length: int, train_on_prompt: bool
+    records: list[Record], template: ChatTemplate, max_length: int, train_on_prompt: bool, bar=None
 ) -> TokenizedSet:
     out = TokenizedSet(
         [],
@@ -158,7 +174,9 @@ def _tokenize_serial(
             "dropped_ids": [],
         },
     )
-    for rec in records:
+    for k, rec in enumerate(records, start=1):
+        if bar is not None and k % 256 == 0:
+            bar.update(256)
         if rec.text is not None:
             for j, window in enumerate(encode_text(template.tokenizer, rec.text, max_length)):
                 out.ids.append(np.asarray(window, dtype=np.int32))
@@ -167,7 +185,8 @@ def _tokenize_serial(
             continue
         assert rec.messages is not None  # a record has text or messages
         try:
-            enc = template.encode(rec.messages, train_on_prompt=train_on_prompt)
+            # tokens past max_length + 1 are never computed: a 50 MB turn costs what a long one does
+            enc = template.encode(rec.messages, train_on_prompt=train_on_prompt, max_tokens=max_length)
         except DataError as e:
             raise DataError(f"{rec.where or rec.id}: {e}") from None
         ids, trained = enc.ids, enc.trained
