@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.core.io import unreadable_file
 from strop.data.build import check_leakage, read_records
@@ -41,7 +42,7 @@ class LabelledData:
 def build_labelled(cfg: DataConfig, tokenizer, labels: list[str] | None, seed: int) -> LabelledData:
     """Read, split (stratified by label when no validation file is given), check leakage, tokenize."""
     splits = {
-        split: [r for src in sources for r in _read(src, cfg.skip_bad_rows)]
+        split: [r for src in sources for r in _read(src, cfg.skip_bad_rows, cfg.max_row_bytes)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
@@ -153,7 +154,7 @@ def label_of(r: Record) -> str:
     return r.label
 
 
-def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
+def _read(src: DatasetSource, skip_bad_rows: bool, max_row_bytes: int = MAX_ROW_BYTES) -> list[Record]:
     if src.format == "auto":
         src = src.model_copy(update={"format": "labelled"})
     if src.format != "labelled":
@@ -161,7 +162,7 @@ def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
             f"{src.path}: format {src.format}: classification reads labelled rows (text, label); "
             "map your columns with fields: {text: ..., label: ...}"
         )
-    return read_records(src, [] if skip_bad_rows else None)  # honour data.skip_bad_rows as SFT does
+    return read_records(src, [] if skip_bad_rows else None, max_row_bytes)  # as SFT does
 
 
 def _guard_leakage(cfg: DataConfig, splits: dict[str, list[Record]]) -> dict:

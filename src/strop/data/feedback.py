@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.data.build import read_records
 from strop.data.formats import Record
@@ -105,11 +106,11 @@ def encode_feedback(records: list[Record], template: ChatTemplate, max_length: i
     return out
 
 
-def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
+def _read(src: DatasetSource, skip_bad_rows: bool, max_row_bytes: int = MAX_ROW_BYTES) -> list[Record]:
     """Feedback rows; preference pairs are split into a good and a bad row (TRL's
     unpair_preference_dataset), ids `ID#0` and `ID#1`, so a held-out split keeps the two together."""
     out = []
-    for r in read_records(src, [] if skip_bad_rows else None):
+    for r in read_records(src, [] if skip_bad_rows else None, max_row_bytes):
         if r.rejected is not None:
             assert r.messages is not None  # preference rows are conversations
             bad = (*r.messages[:-1], {"role": "assistant", "content": r.rejected})

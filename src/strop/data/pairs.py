@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.data.build import check_leakage, held_out, read_records
 from strop.data.formats import Record
@@ -66,11 +67,11 @@ def read_splits(
     cfg: DataConfig, seed: int, read, unit: str = "pair(s)"
 ) -> tuple[dict[str, list[Record]], dict]:
     """(splits, leakage report): the train, validation and test records of a preference-like data config (`read(source,
-    skip_bad_rows)` reads one source): validation held out of train when none is given; validation rows
+    skip_bad_rows, max_row_bytes)` reads one source): validation held out of train when none is given; validation rows
     that copy training rows dropped (or refused when given), test rows that do so refused, unless
     data.allow_leakage."""
     splits = {
-        split: [r for src in sources for r in read(src, cfg.skip_bad_rows)]
+        split: [r for src in sources for r in read(src, cfg.skip_bad_rows, cfg.max_row_bytes)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
@@ -164,10 +165,10 @@ def fit_reply(prompt_len: int, reply_len: int, max_length: int) -> tuple[int, in
     return keep_prompt, min(reply_len, max_length - keep_prompt)
 
 
-def _read(src: DatasetSource, skip_bad_rows: bool) -> list[Record]:
+def _read(src: DatasetSource, skip_bad_rows: bool, max_row_bytes: int = MAX_ROW_BYTES) -> list[Record]:
     if src.format == "auto":
         src = src.model_copy(update={"format": "preference"})
-    records = read_records(src, [] if skip_bad_rows else None)  # honour data.skip_bad_rows as SFT does
+    records = read_records(src, [] if skip_bad_rows else None, max_row_bytes)  # as SFT does
     bad = next((r for r in records if r.rejected is None), None)
     if bad is not None:
         raise DataError(

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
 from strop.data.formats import alpaca_user_turn, check_fields, hh_turns
@@ -53,9 +54,11 @@ def prompt_messages(data: dict, where: str) -> list[dict]:
     return msgs
 
 
-def read_prompts(src: DatasetSource, template: ChatTemplate, max_prompt: int) -> tuple[list[Prompt], int]:
+def read_prompts(
+    src: DatasetSource, template: ChatTemplate, max_prompt: int, max_row_bytes: int = MAX_ROW_BYTES
+) -> tuple[list[Prompt], int]:
     """(prompts, how many were left out for being longer than `max_prompt` tokens)."""
-    out, too_long, rows = [], 0, source_rows(src)
+    out, too_long, rows = [], 0, source_rows(src, None, max_row_bytes)
     if rows:
         check_fields(src.path, rows[0].data, src.fields)
     for row in rows:
@@ -88,7 +91,7 @@ def prompt_splits(
     for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
         splits[split] = []
         for src in sources:
-            got, n = read_prompts(src, template, max_prompt)
+            got, n = read_prompts(src, template, max_prompt, cfg.max_row_bytes)
             splits[split] += got
             dropped += n
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from strop.core.config import DataConfig, DatasetSource
+from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.data.build import held_out, source_rows
 from strop.data.formats import check_fields, hh_turns
@@ -37,12 +38,12 @@ class RatingData:
 
 
 def read_rated(
-    src: DatasetSource, field: str, rejected: list[Rejected] | None = None
+    src: DatasetSource, field: str, rejected: list[Rejected] | None = None, max_row_bytes: int = MAX_ROW_BYTES
 ) -> list[tuple[str, list[dict], float]]:
     """(id, conversation ending with the rated reply, rating) per row. A malformed row is an error naming
     file:line and the field, or, when `rejected` is given (data.skip_bad_rows), is appended there and
     left out."""
-    out, rows = [], source_rows(src, rejected)
+    out, rows = [], source_rows(src, rejected, max_row_bytes)
     if rows:
         check_fields(src.path, rows[0].data, src.fields)
     for row in rows:
@@ -113,7 +114,7 @@ def encode_rated(
 def build_ratings(cfg: DataConfig, template: ChatTemplate, seed: int, field: str) -> RatingData:
     rejected: list[Rejected] | None = [] if cfg.skip_bad_rows else None
     splits = {
-        split: [x for src in sources for x in read_rated(src, field, rejected)]
+        split: [x for src in sources for x in read_rated(src, field, rejected, cfg.max_row_bytes)]
         for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test))
     }
     if not cfg.validation and cfg.val_fraction > 0 and len(splits["train"]) >= 2:
