@@ -179,6 +179,22 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("tune unknown space key", ["tune", tiny, "--space", "optim.nope=[1,2]"]),
         ("tune empty range", ["tune", tiny, "--space", "optim.lr={low: 1e-2, high: 1e-4}"]),
         (
+            "tune float bound, integer field",
+            ["tune", tiny, "--space", "train.max_steps={low: 1, high: 1e12}"],
+        ),
+        (
+            "tune bound past the ceiling",
+            ["tune", tiny, "--space", "train.max_steps={low: 1, high: 100000000000}"],
+        ),
+        (
+            "tune range for a bool",
+            ["tune", tiny, "--space", "train.gradient_checkpointing={low: 0, high: 1}"],
+        ),
+        (
+            "tune grid too large",
+            ["tune", tiny, "--space", "train.max_steps={low: 1, high: 5000}", "--sampler", "grid"],
+        ),
+        (
             "tune storage under a file",
             ["tune", tiny, "--space", "optim.lr=[0.1]", "--storage", f"sqlite:///{file}/x.db"],
         ),
