@@ -18,48 +18,16 @@ import numpy as np
 import torch
 
 from strop.core.errors import StropError
+from strop.export import gguf_arch
 from strop.export.gguf_vocab import Vocab
 
 QUANTS = ("f16", "q8_0", "q4_0")
-ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}  # model_type -> gguf.MODEL_ARCH name
 
 
 def check_architecture(config) -> str:
-    """The GGUF architecture of a transformers config, or a refusal naming it."""
-    kind = getattr(config, "model_type", None)
-    if kind not in ARCHS:
-        raise StropError(
-            f"export: GGUF export supports {', '.join(sorted(ARCHS))} models; this one is {kind!r} "
-            "(use --format hf for a transformers folder)"
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise StropError(f"export: rope scaling {rope.get('rope_type')!r} is not written to GGUF yet")
-    return kind
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's Llama rotates interleaved pairs; transformers rotates halves (convert_hf_to_gguf.py)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _metadata(writer, config, kind: str) -> None:
-    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim * heads != config.hidden_size:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    """The model type of a transformers config GGUF export can write, or a refusal naming it."""
+    gguf_arch.check(config)
+    return config.model_type
 
 
 def _vocab(writer, vocab: Vocab, chat_template: str) -> None:
@@ -101,14 +69,14 @@ def write_gguf(model, vocab: Vocab, chat_template: str, path: Path, quant: str, 
     """Write `model` (a merged transformers causal LM) to `path` (atomically); returns tensor -> type."""
     import gguf
 
-    kind = check_architecture(model.config)
-    arch = getattr(gguf.MODEL_ARCH, ARCHS[kind])
     cfg = model.config
+    family = gguf_arch.check(cfg)
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
-    _metadata(writer, cfg, kind)
+    gguf_arch.write_metadata(writer, cfg, family)
     writer.add_file_type(
         {
             "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -118,17 +86,18 @@ def write_gguf(model, vocab: Vocab, chat_template: str, path: Path, quant: str, 
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _vocab(writer, vocab, chat_template)
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     types: dict[str, str] = {}
+    freqs = gguf_arch.rope_freqs(cfg)
+    if freqs is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", freqs)
+        types["rope_freqs.weight"] = "f32"
     for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings and not family.output_always:
             continue  # llama.cpp reads the output projection from token_embd when output is absent
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise StropError(f"export: no GGUF name for tensor {hf_name} of a {kind} model")
-        w = tensor.detach().to(torch.float32).cpu().numpy()
-        if kind == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _permute(w, heads if "q_proj" in hf_name else kv)
+            raise StropError(f"export: no GGUF name for tensor {hf_name} of a {cfg.model_type} model")
+        w = gguf_arch.transform(hf_name, tensor.detach().to(torch.float32).cpu().numpy(), cfg, family)
         data, qtype = _encode(gguf_name, w, quant)
         writer.add_tensor(gguf_name, data, raw_dtype=qtype)
         types[gguf_name] = qtype.name.lower()

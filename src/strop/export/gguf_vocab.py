@@ -60,6 +60,12 @@ def describe(tokenizer, vocab_size: int, stop_ids: set[int]) -> Vocab:
     """The tokenizer as GGUF metadata, padded to the model's `vocab_size` with unused tokens."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        raise StropError(
+            "export: the tokenizer is SentencePiece-style (byte-fallback BPE with '▁' for spaces, as Gemma, "
+            "Phi-3 and Mistral v0.1-v0.3 use); llama.cpp reads it as its 'llama' vocabulary with scores, "
+            "which strop does not write yet"
+        )
     if model.get("type") != "BPE" or state.get("normalizer") not in (None, {}):
         raise StropError(
             f"export: GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style); "
