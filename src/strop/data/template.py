@@ -7,6 +7,7 @@ model sees at inference exactly the format it was trained on.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -17,6 +18,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from strop.core.errors import ConfigError, DataError
+
+log = logging.getLogger("strop")
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -68,6 +71,7 @@ def resolve_template(name: str, tokenizer) -> tuple[str, str]:
 class Encoded:
     ids: list[int]
     trained: list[bool]  # True where the token is a response token that carries loss
+    context_turns: int = 0  # assistant turns the template re-renders later, kept as untrained context
 
 
 if TYPE_CHECKING:
@@ -91,6 +95,8 @@ class ChatTemplate:
         self.system_prompt = system_prompt
         self._template = _compile(source)
         self.stop_ids = stop_token_ids(tokenizer)
+        self._stop_texts = [t for t in tokenizer.convert_ids_to_tokens(sorted(self.stop_ids)) if t]
+        self._warned = False
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         messages = list(messages)
@@ -110,20 +116,17 @@ class ChatTemplate:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation ready for the assistant's next reply (inference).
 
-        Earlier assistant turns are tokenized exactly as `encode` does for training (including an EOS
-        it appends when the template emits no end-of-turn), so the history matches what was trained.
+        Cut and tokenized exactly as `encode` cuts a training conversation (earlier replies with the EOS
+        it appends when the template emits no end-of-turn), so the ids before reply k at inference are
+        the ids training put before it.
         """
         messages = list(messages)
         prompt = self.render(messages, add_generation_prompt=True)
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is not None:
-            done = self.render(messages[: last + 1], add_generation_prompt=False)
-            try:
-                if prompt.startswith(done):
-                    return self.encode(messages[: last + 1]).ids + self._tokenize(prompt[len(done) :])
-            except DataError:
-                pass  # a template that can't be trained on (not incremental) still renders for chat
-        return self._tokenize(prompt)
+        try:
+            pieces, _ = self._cut(messages, prompt)
+        except DataError:  # a template that can't be trained on (not incremental) still renders for chat
+            return self._tokenize(prompt)
+        return self._tokens(pieces, False, None).ids
 
     def encode(
         self,
@@ -135,37 +138,96 @@ class ChatTemplate:
         """Tokens of the whole conversation; every assistant turn (with its end-of-turn) carries loss, or
         only the final one with `last_turn_only` (a preference pair's reply; earlier turns are its prompt).
 
-        Renders growing prefixes and takes the text each assistant turn adds, so the template decides
-        the format and this function only cuts it into trained and untrained pieces.
+        The template decides the format; this function only cuts its rendering of the conversation into
+        trained and untrained pieces. Reply k is the text the template adds after the generation prompt
+        of the turns before it, up to and including its end-of-turn marker (and the whitespace closing
+        it): exactly what the model writes at inference. Two kinds of template render a reply otherwise
+        once the conversation goes on, and both are honoured:
+
+        - text after the last turn only (Phi-3's closing EOS): not part of any reply, never trained;
+        - an earlier reply rendered differently (Qwen 3 drops the reasoning of replies before the last
+          user turn): the model never writes that form, so that turn is context, not trained (counted
+          in `Encoded.context_turns` and logged once); replies after the last user turn keep their
+          `<think>` block and are trained with it, and the prompt of each reply is what inference sees.
 
         `max_tokens`: the caller keeps at most that many tokens, so tokenizing stops soon after: a longer
         conversation comes back with more than `max_tokens` (not all) tokens, and its first `max_tokens`
         equal those of the full encoding; time and memory grow with `max_tokens`, not with the text.
         """
         messages = list(messages)
-        pieces: list[tuple[str, bool, bool]] = []  # (text, is an assistant turn, carries loss)
-        done = ""
+        pieces, context = self._cut(
+            messages, self.render(messages, add_generation_prompt=False), last_turn_only
+        )
+        if context and not self._warned:
+            self._warned = True
+            log.warning(
+                "the chat template renders %d earlier assistant turn(s) differently once the conversation goes "
+                "on (e.g. without their reasoning), so they are context, not trained: only replies rendered as "
+                "the model writes them carry loss",
+                context,
+            )
+        enc = self._tokens(pieces, train_on_prompt, max_tokens)
+        enc.context_turns = context
+        return enc
+
+    def _cut(
+        self, messages: list[dict], full: str, last_turn_only: bool = False
+    ) -> tuple[list[tuple[str, bool, bool]], int]:
+        """`full` (a rendering of `messages`) cut into (text, is a reply, carries loss) pieces, and the
+        number of assistant turns left in the context because `full` renders them otherwise."""
+        pieces: list[tuple[str, bool, bool]] = []
+        done, context = 0, 0
         last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             before = self.render(messages[:k], add_generation_prompt=True)
             after = self.render(messages[: k + 1], add_generation_prompt=False)
-            if not (before.startswith(done) and after.startswith(before)):
+            if not (after.startswith(before) and full.startswith(before) and len(before) >= done):
                 raise DataError(
                     "the chat template does not render this conversation as growing prefixes (does it start with an "
                     "assistant turn, or skip a role?); if your conversations are fine, "
                     "choose data.template: chatml or alpaca"
                 )
+            reply = self._reply(after[len(before) :])
+            self._check_generation_prompt(messages[:k], before, reply, m.get("content"))
+            if not full.startswith(reply, len(before)):
+                context += 1  # the final rendering shows this turn otherwise than the model writes it
+                continue
             pieces += [
-                (before[len(done) :], False, False),
-                (after[len(before) :], True, k == last or not last_turn_only),
+                (full[done : len(before)], False, False),
+                (reply, True, k == last or not last_turn_only),
             ]
-            done = after
-        full = self.render(messages, add_generation_prompt=False)
-        if full[len(done) :]:
-            pieces.append((full[len(done) :], False, False))
+            done = len(before) + len(reply)
+        if full[done:]:
+            pieces.append((full[done:], False, False))
+        return pieces, context
 
+    def _reply(self, turn: str) -> str:
+        """The part of an assistant turn's text the model writes: up to its first end-of-turn marker and
+        the whitespace after it (the rest, e.g. an EOS a template puts after the last turn, is not)."""
+        ends = [at + len(s) for s in self._stop_texts if (at := turn.find(s)) >= 0]
+        if not ends:
+            return turn
+        end = min(ends)
+        return turn[: end + len(turn[end:]) - len(turn[end:].lstrip())]
+
+    def _check_generation_prompt(self, prior: list[dict], before: str, reply: str, content) -> None:
+        """Refuse a template that renders no generation prompt while a reply starts with more than its
+        content: that text (the role header) would carry loss, and chat would not prompt a reply."""
+        if not isinstance(content, str) or not content.strip():
+            return
+        head = reply[: max(reply.find(content.strip()), 0)]
+        if head.strip() and before == self.render(prior, add_generation_prompt=False):
+            raise DataError(
+                f"data.template: the chat template renders no generation prompt (add_generation_prompt), so the "
+                f"reply's header {head!r} would carry loss and chat would not ask for a reply; use a template "
+                "with an add_generation_prompt block"
+            )
+
+    def _tokens(
+        self, pieces: list[tuple[str, bool, bool]], train_on_prompt: bool, max_tokens: int | None
+    ) -> Encoded:
         ids: list[int] = []
         trained: list[bool] = []
         for text, is_response, carries in pieces:
