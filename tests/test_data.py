@@ -209,9 +209,8 @@ def test_collate_pads_right_and_masks_labels():
 def test_collate_of_real_examples_labels_only_the_response(tokenizer, template):
     conv = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Arr!"}]
     enc = template.encode(conv)
-    ts = TokenizedSet([np.asarray(enc.ids, np.int32)] * 2, [np.asarray(enc.trained)] * 2, ["x", "y"])
-    ts.ids[1] = ts.ids[1][:-1]
-    ts.trained[1] = ts.trained[1][:-1]
+    ids, trained = np.asarray(enc.ids, np.int32), np.asarray(enc.trained)
+    ts = TokenizedSet([ids, ids[:-1]], [trained, trained[:-1]], ["x", "y"])
     batch = collate(ts, [0, 1], tokenizer.pad_token_id)
     labels = batch["labels"][0]
     assert tokenizer.decode(labels[labels != IGNORE].tolist()) == "Arr!<|im_end|>\n"

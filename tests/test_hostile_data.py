@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALPACA_ROWS, assert_user_error, build_tokenizer, run_cli, write_jsonl
+from conftest import ALPACA_ROWS, assert_user_error, build_tokenizer, run_cli, tiny_config, write_jsonl
 from strop.core.config import DataConfig
 from strop.core.errors import DataError
 from strop.data.build import build_datasets
@@ -255,3 +255,146 @@ def test_a_50mb_row_let_in_is_tokenized_only_as_far_as_max_length(huge_row_file,
     assert rc == 0, err
     assert json.loads(out)["tokens"]["train"]["response_cut_away_ids"] == [f"{huge_row_file}:4"]
     assert gb < 1.5 and seconds < 20, (gb, seconds)
+
+
+# ---------------------------------------------------------------- a million rows: streamed, bounded
+
+
+def _short_rows(n: int, start: int = 0) -> list[dict]:
+    rng = random.Random(start)
+    words = ["the", "sea", "ship", "tide", "fog", "pilot", "boat", "dawn", "ledger", "banks"]
+    return [
+        {
+            "instruction": f"Q{i}: " + " ".join(rng.choices(words, k=4)),
+            "output": " ".join(rng.choices(words, k=5)),
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def _reference_examples(path: Path, template: ChatTemplate, max_length: int) -> list[tuple]:
+    """The examples computed the straightforward way: every row, every record, tokenized whole."""
+    from strop.data.formats import to_records
+
+    rejected: list[Rejected] = []
+    records, _ = to_records(read_rows(str(path), rejected=rejected), "auto", {}, str(path), rejected)
+    out = []
+    for rec in records:
+        assert rec.messages is not None
+        enc = template.encode(rec.messages)
+        ids, trained = enc.ids[:max_length], enc.trained[:max_length]
+        if any(trained[1:]):
+            out.append((rec.id, ids, trained))
+    return out
+
+
+def test_streamed_build_gives_exactly_the_straightforward_examples(tmp_path, monkeypatch):
+    """Over more rows than a chunk (bad rows, truncated and cut-away ones among them), the streamed
+    build holds the examples that reading everything and tokenizing each record whole gives, in order,
+    with the same held-out split as the original held_out (a dict of id lists, shuffled keys)."""
+    import strop.data.tokenized as tokenized_mod
+    from strop.data.augment import original_id
+    from strop.data.build import held_out
+
+    monkeypatch.setattr(tokenized_mod, "CHUNK_RECORDS", 256)  # many chunks, few rows
+    rows = _short_rows(700)
+    rows[5]["output"] = "word " * 80  # truncated
+    rows[9]["instruction"] = "word " * 80  # response cut away: dropped
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with open(path, "a") as f:
+        f.write('{"instruction": "broken"\n')
+    template = ChatTemplate(build_tokenizer(), CHATML)
+    cfg = DataConfig(train=[str(path)], val_fraction=0.0, max_length=64, skip_bad_rows=True)
+    built = build_datasets(cfg, template, 0, progress=False)
+    want = _reference_examples(path, template, 64)
+    got = [
+        (e, x.tolist(), m.tolist())
+        for e, x, m in zip(built.train.example_ids, built.train.ids, built.train.trained, strict=True)
+    ]
+    assert got == want
+    stats = built.summary["sources"][0]
+    assert stats["rows"] == 701 and stats["rejected_rows"] == 1 and stats["dropped_no_response"] == 1
+    assert stats["truncated"] == 2  # the cut-away row was truncated too
+
+    def old_held_out(example_ids, fraction, seed):
+        groups: dict[str, list[int]] = {}
+        for i, eid in enumerate(example_ids):
+            groups.setdefault(original_id(eid), []).append(i)
+        keys = list(groups)
+        random.Random(seed).shuffle(keys)
+        target = max(1, round(len(example_ids) * fraction))
+        picked: list[int] = []
+        for k in keys:
+            if len(picked) >= target or len(picked) + len(groups[k]) >= len(example_ids):
+                break
+            picked += groups[k]
+        return sorted(picked)
+
+    ids = [f"d{i // 3}" + (f"#{i % 3}" if i % 3 else "") for i in range(300)] + [
+        f"d{i}~aug1" for i in range(50)
+    ]
+    for seed in range(3):
+        assert held_out(ids, 0.2, seed) == old_held_out(ids, 0.2, seed)
+    split = build_datasets(cfg.model_copy(update={"val_fraction": 0.2}), template, 0, progress=False)
+    val = set(old_held_out([e for e, *_ in want], 0.2, 0))
+    assert split.validation is not None
+    assert split.validation.example_ids == [e for i, (e, *_) in enumerate(want) if i in val]
+
+
+def test_tokenizing_more_rows_grows_memory_by_about_the_tokens_only(tmp_path, monkeypatch):
+    """Peak traced memory of building 4N rows minus N rows, per extra row, stays near the tokens' own
+    bytes (int32 ids + bool mask + the example id), not the KBs per row that holding every row and
+    record as Python objects cost (~2.5 KB per short row before streaming)."""
+    import tracemalloc
+
+    import strop.data.tokenized as tokenized_mod
+
+    monkeypatch.setattr(tokenized_mod.os, "cpu_count", lambda: 1)  # one process: all memory is traced
+    monkeypatch.setattr(tokenized_mod, "CHUNK_RECORDS", 100)  # the records alive at once: a constant
+    template = ChatTemplate(build_tokenizer(), CHATML)
+
+    def peak(n: int) -> tuple[int, int]:
+        path = write_jsonl(tmp_path / f"rows{n}.jsonl", _short_rows(n))
+        cfg = DataConfig(
+            train=[str(path)], val_fraction=0.1, max_length=64, cache_dir=str(tmp_path / "cache")
+        )
+        tracemalloc.start()
+        built = build_datasets(cfg, template, 0, progress=False)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top, int(built.summary["train_tokens"])
+
+    (small, _), (large, tokens) = peak(1000), peak(4000)
+    per_row = (large - small) / 3000
+    token_bytes = 5 * tokens / 4000  # int32 id + bool mask per token
+    # the tokens twice (chunks, then joined), an id string and a few pointers per example
+    assert per_row < 2 * token_bytes + 600, (per_row, token_bytes)
+
+
+def test_no_progress_and_quiet_silence_the_tokenize_bar(tiny_llama, tmp_path, capsys, monkeypatch):
+    """`strop train --no-progress` and `strop -q train` never draw the tokenize bar; a plain run may
+    (on a terminal)."""
+    import yaml
+
+    import strop.data.tokenized as tokenized_mod
+
+    bars: list = []
+    real = tokenized_mod.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append(kwargs.get("disable"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenized_mod, "tqdm", recording)
+    data = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS)
+    for flags, disabled in (([], None), (["--no-progress"], True), (["-q"], True)):
+        out = tmp_path / f"run{len(bars)}"
+        cfg = tiny_config(tiny_llama, data, out, train={"batch_size": 4, "max_steps": 1, "seed": 0})
+        cfg["data"].pop("cache_dir")  # tokenize every time
+        path = tmp_path / f"cfg{len(bars)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        before = len(bars)
+        argv = ["-q", "train", str(path)] if flags == ["-q"] else ["train", str(path), *flags]
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 0, err
+        assert bars[before:] and set(bars[before:]) == {disabled}, (flags, bars[before:])

@@ -11,13 +11,22 @@ files, responses cut away) are `errors`; the rest are `warnings`.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from strop.core.config import DataConfig
-from strop.data.build import LEAK_CHECK_MAX_EXAMPLES, build_datasets, source_rows, split_records
-from strop.data.duplicates import Duplicates, find_duplicates
+from strop.core.config import DataConfig, DatasetSource
+from strop.core.errors import DataError
+from strop.data.build import (
+    LEAK_CHECK_MAX_EXAMPLES,
+    Datasets,
+    SourceWatch,
+    build_datasets,
+    source_rows,
+    split_records,
+    watched_records,
+)
+from strop.data.duplicates import Duplicates, find_duplicates, record_text
 from strop.data.formats import Record, to_records
 from strop.data.read import Rejected
 from strop.data.template import ChatTemplate
@@ -38,27 +47,84 @@ class CheckResult:
         return self.report["errors"]
 
 
+@dataclass
+class _Seen:
+    """What the check keeps of each record of a split as it streams past: its id and label, and its
+    text for the duplicate search only while all splits together are few enough to search
+    (`LEAK_CHECK_MAX_EXAMPLES`); past that, no text is held."""
+
+    ids: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    texts: list[str] | None = field(default_factory=list)
+
+
 def check_data(
     cfg: DataConfig, template: ChatTemplate, seed: int, length_findings: bool = True
 ) -> CheckResult:
     """`length_findings: False`: the caller checks lengths (preference pairs are cut differently), so
-    rows are tokenized here uncut, for duplicates, leakage and label balance only."""
-    report: dict = {"sources": [], "errors": [], "warnings": [], "notes": []}
-    for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
-        for src in sources:
-            report["sources"].append(_check_source(src, split, report, cfg.max_row_bytes))
-    if report["errors"] and not any(s.get("valid") for s in report["sources"] if s["split"] == "train"):
-        return CheckResult(report)  # nothing readable to tokenize
+    rows are tokenized here uncut, for duplicates, leakage and label balance only.
 
+    Each source is read once, as training reads it (rows -> records -> tokens in chunks); what the
+    findings need of a record (id, label, text while duplicates are searched) is kept as it passes."""
+    report: dict = {"sources": [], "errors": [], "warnings": [], "notes": []}
     lenient = cfg.model_copy(update={"skip_bad_rows": True, "allow_leakage": True})
     if not length_findings:
         lenient = lenient.model_copy(update={"max_length": UNCUT})
-    data = build_datasets(lenient, template, seed)
-    splits = split_records(lenient, data)
+    seen = {"train": _Seen(), "validation": _Seen(), "test": _Seen()}
+    watches: dict[int, SourceWatch] = {}
+
+    def watch(src: DatasetSource, split: str) -> SourceWatch:
+        kept = seen[split]
+
+        def record(rec: Record) -> None:
+            kept.ids.append(rec.id)
+            kept.labels.append(rec.label)
+            if sum(len(k.ids) for k in seen.values()) > LEAK_CHECK_MAX_EXAMPLES:
+                for k in seen.values():
+                    k.texts = None
+            elif kept.texts is not None:
+                kept.texts.append(record_text(rec))
+
+        watches[id(src)] = SourceWatch(record)
+        return watches[id(src)]
+
+    try:
+        data = build_datasets(lenient, template, seed, watch=watch)
+    except DataError:
+        # a source without rows or usable records: report every source, as read on its own
+        for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
+            for src in sources:
+                report["sources"].append(_check_source(src, split, report, cfg.max_row_bytes))
+        if report["errors"] and not any(s.get("valid") for s in report["sources"] if s["split"] == "train"):
+            return CheckResult(report)  # nothing readable to tokenize
+        raise
+    test_parts = [
+        tokenize_records(
+            watched_records(src, lenient, watch(src, "test")),
+            template,
+            lenient.max_length,
+            cfg.train_on_prompt,
+        )
+        for src in cfg.test
+    ]
+    for split, sources in (("train", cfg.train), ("validation", cfg.validation), ("test", cfg.test)):
+        for src in sources:
+            report["sources"].append(_source_entry(src, split, watches[id(src)], report))
+
+    wanted = {"train": set(data.train.example_ids)}
+    wanted["validation"] = set(data.validation.example_ids) if data.validation is not None else set()
+    pools = {"train": seen["train"], "validation": seen["validation" if cfg.validation else "train"]}
+    picked = {
+        split: [i for i, e in enumerate(pools[split].ids) if e in wanted[split]]
+        for split in ("train", "validation")
+    }
+    picked["test"] = list(range(len(seen["test"].ids)))
+    pools["test"] = seen["test"]
+    del wanted
     sets = {"train": data.train, "validation": data.validation}
-    if splits["test"]:
-        sets["test"] = tokenize_records(splits["test"], template, lenient.max_length, cfg.train_on_prompt)
-    report["splits"] = {k: len(v) for k, v in splits.items()}
+    if cfg.test:
+        sets["test"] = TokenizedSet.concat(test_parts)
+    report["splits"] = {k: len(v) for k, v in picked.items()}
     report["validation_from"] = "files" if cfg.validation else f"val_fraction {cfg.val_fraction}"
     if data.summary.get("mixture"):
         report["mixture"] = data.summary["mixture"]
@@ -78,12 +144,48 @@ def check_data(
                 f"{split}: {t['truncated']} example(s) are longer than max_length {cfg.max_length} and "
                 f"would be truncated, e.g. {', '.join(t['truncated_ids'][:3])}"
             )
-    _label_balance(splits, report)
-    if sum(map(len, splits.values())) > LEAK_CHECK_MAX_EXAMPLES:
+    _label_balance({k: [pools[k].labels[i] for i in v] for k, v in picked.items()}, report)
+    if sum(map(len, picked.values())) > LEAK_CHECK_MAX_EXAMPLES:
         report["notes"].append(f"duplicates not checked: over {LEAK_CHECK_MAX_EXAMPLES} examples")
     else:
+        splits = _split_texts(pools, picked, lenient, data)
         _duplicates(find_duplicates(splits), splits, cfg, report)
     return CheckResult(report, data.train)
+
+
+def _split_texts(
+    pools: dict[str, _Seen], picked: dict[str, list[int]], cfg: DataConfig, data: Datasets
+) -> dict[str, list[Record]]:
+    """The splits as records carrying the text duplicates are judged by. Texts were let go when more
+    records were read than are searched (many dropped as cut away): then the sources are read again."""
+    texts = {k: pools[k].texts for k in picked}
+    if any(t is None for t in texts.values()):
+        return split_records(cfg, data)
+    return {k: [Record(pools[k].ids[i], text=texts[k][i]) for i in v] for k, v in picked.items()}  # type: ignore[index]
+
+
+def _source_entry(src: DatasetSource, split: str, watch: SourceWatch, report: dict) -> dict:
+    """A source's rows, usable records, format, rejected rows and labels, as its reader counted them."""
+    reader = watch.reader
+    assert reader is not None  # every source is read through its watch
+    rejected = reader.rejected or []
+    entry = {
+        "split": split,
+        "path": src.path,
+        "rows": reader.rows + reader.unparsed,
+        "valid": reader.valid,
+        "rejected": len(rejected),
+        "rejected_rows": [{"where": r.where, "field": r.field, "reason": r.reason} for r in rejected],
+        "format": reader.format,
+        "format_detected": src.format == "auto",
+    }
+    if rejected:
+        report["errors"].append(f"{src.path}: {len(rejected)} malformed row(s), e.g. {rejected[0]}")
+    if not reader.valid:
+        report["errors"].append(f"{src.path}: no usable rows")
+    if reader.labels:
+        entry["labels"] = dict(reader.labels.most_common())
+    return entry
 
 
 def _check_source(src, split: str, report: dict, max_row_bytes: int) -> dict:
@@ -135,9 +237,10 @@ def _token_stats(ts: TokenizedSet, max_length: int, own_drops: bool) -> dict:
     }
 
 
-def _label_balance(splits: dict[str, list[Record]], report: dict) -> None:
+def _label_balance(splits: dict[str, list[str | None]], report: dict) -> None:
+    """`splits`: the label (or None) of each record of each split."""
     for split, records in splits.items():
-        labels = Counter(r.label for r in records if r.label is not None)
+        labels = Counter(label for label in records if label is not None)
         if not labels:
             continue
         report.setdefault("labels", {})[split] = dict(labels.most_common())

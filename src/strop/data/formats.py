@@ -9,9 +9,11 @@ names can be mapped; the format is the one most of the first rows show.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from strop.core.errors import DataError
@@ -92,26 +94,49 @@ def to_records(
     Malformed rows stop the conversion with an error listing them (file:line, field, reason), unless
     `rejected` is given: then they are appended there and left out.
     """
-    if not rows:
+    records, fmt = stream_records(rows, fmt, fields, source, rejected)
+    return list(records), fmt
+
+
+def stream_records(
+    rows: Iterable[Row],
+    fmt: str,
+    fields: dict[str, str],
+    source: str,
+    rejected: list[Rejected] | None = None,
+) -> tuple[Iterator[Record], str]:
+    """`to_records` as a stream: the first `DETECT_ROWS` rows are read now (to detect the format), the
+    rest as the records are taken. Malformed rows are gathered and reported when the stream ends, as
+    `to_records` reports them: one error listing them, or appended to `rejected` (after the rows the
+    reader rejected)."""
+    stream = iter(rows)
+    head = list(itertools.islice(stream, DETECT_ROWS))
+    if not head:
         raise DataError(f"{source}: no rows")
-    check_fields(source, rows[0].data, fields)
-    mapped = [_rename(r.data, fields) for r in rows]
+    check_fields(source, head[0].data, fields)
     if fmt == "auto":
-        votes = Counter(f for f in map(detect_format, mapped[:DETECT_ROWS]) if f is not None)
+        votes = Counter(f for f in (detect_format(_rename(r.data, fields)) for r in head) if f is not None)
         if not votes:
             raise DataError(
-                f"{rows[0].where}: cannot detect the data format from fields {sorted(map(str, rows[0].data))}; "
+                f"{head[0].where}: cannot detect the data format from fields {sorted(map(str, head[0].data))}; "
                 "expected one of: instruction+output (alpaca), messages, conversations (sharegpt), "
                 "prompt+chosen+rejected (preference), prompt+completion+label (feedback), prompt+completion, "
                 "question+answer, text+label "
                 "(labelled), text. Set data.train[].format and data.train[].fields to map yours."
             )
         fmt = votes.most_common(1)[0][0]
+    return _convert(itertools.chain(head, stream), fmt, fields, source, rejected), fmt
+
+
+def _convert(
+    rows: Iterator[Row], fmt: str, fields: dict[str, str], source: str, rejected: list[Rejected] | None
+) -> Iterator[Record]:
     convert = _CONVERTERS[fmt]
-    records, errors = [], []
-    for row, data in zip(rows, mapped, strict=True):
+    errors = []
+    for row in rows:
+        data = _rename(row.data, fields)
         try:
-            records.append(replace(convert(data, _row_id(data, row)), where=row.where))
+            yield replace(convert(data, _row_id(data, row)), where=row.where)
         except _RowError as e:
             errors.append(Rejected(row.where, fields.get(e.field, e.field), e.reason))
     if errors and rejected is None:
@@ -124,7 +149,6 @@ def to_records(
         )
     if rejected is not None:
         rejected += errors
-    return records, fmt
 
 
 class _RowError(Exception):

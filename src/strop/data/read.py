@@ -56,6 +56,38 @@ def read_rows(
     than `max_row_bytes` stops the read with an error naming its line, unless `rejected` is given: then
     it is appended there and skipped.
     """
+    return list(iter_rows(path, split, limit, rejected, max_row_bytes))
+
+
+def iter_rows(
+    path: str,
+    split: str = "train",
+    limit: int | None = None,
+    rejected: list[Rejected] | None = None,
+    max_row_bytes: int = MAX_ROW_BYTES,
+) -> Iterator[Row]:
+    """`read_rows` as a stream: one row in memory at a time (a JSON file is parsed whole). A missing
+    file is an error before the first row."""
+    files = _files(path)
+    if files is None:
+        yield from _read_hub(path, split, limit, max_row_bytes, rejected)
+        return
+    n = 0
+    for f in files:
+        for row in _read_file(f, max_row_bytes):
+            if isinstance(row, Rejected):
+                if rejected is None:
+                    raise DataError(str(row))
+                rejected.append(row)
+                continue
+            yield row
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def _files(path: str) -> list[Path] | None:
+    """The data files at `path`; None when it names a Hugging Face dataset."""
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
@@ -74,19 +106,8 @@ def read_rows(
             f"data file not found: {p}" if why in (None, "not found") else f"data file {p}: {why}"
         )
     else:
-        return _read_hub(path, split, limit, max_row_bytes, rejected)
-    rows: list[Row] = []
-    for f in files:
-        for row in _read_file(f, max_row_bytes):
-            if isinstance(row, Rejected):
-                if rejected is None:
-                    raise DataError(str(row))
-                rejected.append(row)
-                continue
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                return rows
-    return rows
+        return None
+    return files
 
 
 def _read_file(f: Path, max_row_bytes: int) -> Iterator[Row | Rejected]:
@@ -224,7 +245,7 @@ def _read_json(f: Path) -> Iterator[Row | Rejected]:
 
 def _read_hub(
     name: str, split: str, limit: int | None, max_row_bytes: int, rejected: list[Rejected] | None
-) -> list[Row]:
+) -> Iterator[Row]:
     try:
         import datasets
     except ImportError:
@@ -236,9 +257,9 @@ def _read_hub(
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - any hub failure is a user-facing data error
         raise DataError(f"could not load Hugging Face dataset {name!r} (split {split!r}): {e}") from None
-    rows: list[Row] = []
+    n = 0
     for i in range(len(ds)):
-        if limit is not None and len(rows) >= limit:
+        if limit is not None and n >= limit:
             break
         row = sized(Row(dict(ds[i]), f"{name}[{split}]:row {i + 1}"), max_row_bytes)
         if isinstance(row, Rejected):
@@ -246,5 +267,5 @@ def _read_hub(
                 raise DataError(str(row))
             rejected.append(row)
         else:
-            rows.append(row)
-    return rows
+            n += 1
+            yield row

@@ -7,13 +7,18 @@ rule, so a change to any of them re-tokenizes and nothing stale is ever reused.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
+import operator
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -29,12 +34,87 @@ log = logging.getLogger("strop.data")
 CACHE_VERSION = "2"  # 2: stats name truncated/dropped examples and rejected rows
 
 
+TAKE_BLOCK = 256  # rows gathered at once by Ragged.take: bounds its int64 index arrays
+
+
+class Ragged(Sequence[np.ndarray]):
+    """Rows of different lengths in one flat array: row i is `flat[offsets[i]:offsets[i + 1]]`, a view.
+
+    A million short examples cost their tokens plus 8 bytes each, not two numpy objects (~110 bytes
+    each) per example as a list of arrays would.
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets  # (total,), (n + 1,) int64 starting at 0
+
+    @staticmethod
+    def from_rows(rows: Iterable, dtype) -> Ragged:
+        if isinstance(rows, Ragged):
+            return rows if rows.flat.dtype == dtype else Ragged(rows.flat.astype(dtype), rows.offsets)
+        arrays = [np.asarray(r, dtype=dtype) for r in rows]
+        offsets = np.zeros(len(arrays) + 1, np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        return Ragged(np.concatenate(arrays) if arrays else np.zeros(0, dtype), offsets)
+
+    @staticmethod
+    def concat(parts: Sequence[Ragged], dtype) -> Ragged:
+        if not parts:
+            return Ragged(np.zeros(0, dtype), np.zeros(1, np.int64))
+        starts = np.cumsum([0] + [len(p.flat) for p in parts[:-1]])
+        offsets = np.concatenate(
+            [np.zeros(1, np.int64)] + [p.offsets[1:] + s for p, s in zip(parts, starts, strict=True)]
+        )
+        return Ragged(np.concatenate([p.flat for p in parts]).astype(dtype, copy=False), offsets)
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Ragged:
+        """The rows at `index`, in that order (repeats allowed), as a new Ragged."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        starts, lengths = self.offsets[index], self.lengths()[index]
+        offsets = np.zeros(len(index) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        out = np.empty(int(offsets[-1]), self.flat.dtype)
+        for lo in range(0, len(index), TAKE_BLOCK):  # int64 positions for a block of rows at a time
+            hi = min(lo + TAKE_BLOCK, len(index))
+            # position j of the output reads flat[starts[row] + (j - offsets[row])]
+            shift = np.repeat(starts[lo:hi] - offsets[lo:hi], lengths[lo:hi])
+            out[offsets[lo] : offsets[hi]] = self.flat[shift + np.arange(offsets[lo], offsets[hi])]
+        return Ragged(out, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        i %= n
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        bounds = self.offsets.tolist()
+        return (self.flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+
+
 @dataclass
 class TokenizedSet:
-    """Examples as int32 token arrays and bool loss masks, plus per-example ids and drop counts."""
+    """Examples as int32 token arrays and bool loss masks, plus per-example ids and drop counts.
 
-    ids: list[np.ndarray]
-    trained: list[np.ndarray]
+    `ids` and `trained` may be given as any sequences of rows; they are held as `Ragged` (one flat
+    array each), so `ts.ids[i]` is a view and the set costs its tokens, not an object per example.
+    """
+
+    ids: Sequence[np.ndarray]
+    trained: Sequence[np.ndarray]
     example_ids: list[str]
     stats: dict = field(default_factory=dict)
     targets: list[int] | None = None  # classification: the class index of each example
@@ -46,13 +126,31 @@ class TokenizedSet:
     ratings: np.ndarray | None = None  # (n,) float32 scores of each reply (reward models on ratings)
     margins: np.ndarray | None = None  # (n,) float32 preference margins of pairs (reward models)
 
+    def __post_init__(self) -> None:
+        self.ids = Ragged.from_rows(self.ids, np.int32)
+        self.trained = Ragged.from_rows(self.trained, np.bool_)
+
+    @property
+    def ragged_ids(self) -> Ragged:
+        assert isinstance(self.ids, Ragged)  # __post_init__ made it one
+        return self.ids
+
+    @property
+    def ragged_trained(self) -> Ragged:
+        assert isinstance(self.trained, Ragged)  # __post_init__ made it one
+        return self.trained
+
+    def lengths(self) -> np.ndarray:
+        """(n,) int64 tokens per example."""
+        return self.ragged_ids.lengths()
+
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, index: list[int]) -> TokenizedSet:
+    def subset(self, index: Sequence[int] | np.ndarray) -> TokenizedSet:
         return TokenizedSet(
-            [self.ids[i] for i in index],
-            [self.trained[i] for i in index],
+            self.ragged_ids.take(index),
+            self.ragged_trained.take(index),
             [self.example_ids[i] for i in index],
             dict(self.stats),
             None if self.targets is None else [self.targets[i] for i in index],
@@ -66,7 +164,11 @@ class TokenizedSet:
     @staticmethod
     def concat(parts: list[TokenizedSet]) -> TokenizedSet:
         out = TokenizedSet(
-            [], [], [], {}, [] if parts and all(p.targets is not None for p in parts) else None
+            Ragged.concat([p.ragged_ids for p in parts], np.int32),
+            Ragged.concat([p.ragged_trained for p in parts], np.bool_),
+            [],
+            {},
+            [] if parts and all(p.targets is not None for p in parts) else None,
         )
         if parts and all(p.rejected is not None for p in parts):
             out.rejected = TokenizedSet.concat([p.rejected for p in parts if p.rejected is not None])
@@ -84,8 +186,6 @@ class TokenizedSet:
             if out.targets is not None:
                 assert p.targets is not None  # out has targets only when every part has them
                 out.targets += p.targets
-            out.ids += p.ids
-            out.trained += p.trained
             out.example_ids += p.example_ids
             for k, v in p.stats.items():
                 if type(v) is int or isinstance(v, list):  # counts add, lists of ids join; bools do not
@@ -100,16 +200,19 @@ class TokenizedSet:
         return out
 
     def label_tokens(self) -> int:
-        return int(sum(m[1:].sum() for m in self.trained))
+        """Trained tokens after each example's first (the first token is never predicted)."""
+        m = self.ragged_trained
+        firsts = m.offsets[:-1][m.lengths() > 0]
+        return int(m.flat.sum() - m.flat[firsts].sum())
 
 
 # Below this many records one process is quicker than starting workers.
 PARALLEL_MIN_RECORDS = 2000
-CHUNK_RECORDS = 2048  # records per worker task: the bar moves and each result is a small pickle
+CHUNK_RECORDS = 2048  # records per chunk (and worker task): bounds what is alive besides the tokens
 
 
 def tokenize_records(
-    records: list[Record],
+    records: Iterable[Record],
     template: ChatTemplate,
     max_length: int,
     train_on_prompt: bool,
@@ -118,22 +221,39 @@ def tokenize_records(
 ) -> TokenizedSet:
     """Encode, truncate to `max_length`, and drop examples whose response was cut away entirely.
 
-    Large inputs are split into contiguous chunks tokenized by `workers` processes (default: one per
-    CPU); chunks are concatenated in order, so the result equals the serial one exactly. A conversation
-    is tokenized only as far as `max_length` needs (`ChatTemplate.encode(max_tokens=...)`), so time and
-    memory grow with the tokens kept, whatever the size of a row.
+    `records` may be a stream (e.g. `strop.data.build.stream_records`): they are taken
+    `CHUNK_RECORDS` at a time, each chunk's tokens kept as flat int32/bool arrays and the chunk's
+    records let go, so memory holds the tokens and ids, never all records. Large inputs are tokenized
+    by `workers` processes (default: one per CPU), a few chunks in flight; chunks are joined in
+    order, so the result equals the serial one exactly. A conversation is tokenized only as far as
+    `max_length` needs (`ChatTemplate.encode(max_tokens=...)`), so time and memory grow with the
+    tokens kept, whatever the size of a row.
 
     `progress`: a bar on stderr; None shows it on a terminal unless strop logs below INFO (`-q`).
     """
     workers = workers or os.cpu_count() or 1
+    total = len(records) if isinstance(records, Sized) else None
+    stream = iter(records)
     fork = "fork" in multiprocessing.get_all_start_methods()  # a compiled template does not pickle
+    # enough records to be worth the workers? (a list or a stream: the first ones say)
+    head = list(itertools.islice(stream, PARALLEL_MIN_RECORDS)) if fork and workers > 1 else []
+    parallel = len(head) >= PARALLEL_MIN_RECORDS
+    size = CHUNK_RECORDS
+    if parallel and total is not None:
+        size = min(CHUNK_RECORDS, -(-total // (workers * 4)))  # several chunks per worker
+    chunks = _chunks(itertools.chain(head, stream), size)
     disable = (None if log.isEnabledFor(logging.INFO) else True) if progress is None else not progress
-    with tqdm(total=len(records), desc="tokenize", unit="ex", disable=disable, leave=False) as bar:
-        if not (fork and workers > 1 and len(records) >= PARALLEL_MIN_RECORDS):
-            return _tokenize_serial(records, template, max_length, train_on_prompt, bar)
-        size = min(CHUNK_RECORDS, -(-len(records) // (workers * 4)))  # several chunks per worker
-        chunks = [records[i : i + size] for i in range(0, len(records), size)]
-        parts = []
+    parts: list[TokenizedSet] = []
+    with tqdm(total=total, desc="tokenize", unit="ex", disable=disable, leave=False) as bar:
+        if not parallel:
+            for chunk in chunks:
+                parts.append(_tokenize_serial(chunk, template, max_length, train_on_prompt, bar))
+                bar.update(len(chunk) % 256)
+            return (
+                TokenizedSet.concat(parts)
+                if parts
+                else _tokenize_serial([], template, max_length, train_on_prompt)
+            )
         # forked workers inherit the template and tokenizer (initargs are not pickled under fork)
         with ProcessPoolExecutor(
             workers,
@@ -141,10 +261,33 @@ def tokenize_records(
             initializer=_worker_init,
             initargs=(template, max_length, train_on_prompt),
         ) as pool:
-            for part in pool.map(_tokenize_chunk, chunks):
+            pending: deque[tuple[Future, list[Record]]] = deque()
+
+            def finish() -> None:
+                future, chunk = pending.popleft()
+                part = _shared_ids(future.result(), chunk)
                 parts.append(part)
                 bar.update(part.stats["examples_in"])
+
+            for chunk in chunks:
+                pending.append((pool.submit(_tokenize_chunk, chunk), chunk))
+                if len(pending) >= 2 * workers:  # read ahead no further: records wait in memory
+                    finish()
+            while pending:
+                finish()
         return TokenizedSet.concat(parts)
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
+
+
+def _shared_ids(part: TokenizedSet, chunk: list[Record]) -> TokenizedSet:
+    """A worker's example ids replaced by the records' own strings (one copy of each id, not two)."""
+    own = {r.id: r.id for r in chunk}
+    part.example_ids = [own.get(e, e) for e in part.example_ids]
+    return part
 
 
 _worker_args: tuple = ()
@@ -162,26 +305,24 @@ def _tokenize_chunk(records: list[Record]) -> TokenizedSet:
 def _tokenize_serial(
     records: list[Record], template: ChatTemplate, max_length: int, train_on_prompt: bool, bar=None
 ) -> TokenizedSet:
-    out = TokenizedSet(
-        [],
-        [],
-        [],
-        {
-            "examples_in": len(records),
-            "truncated": 0,
-            "dropped_no_response": 0,
-            "truncated_ids": [],
-            "dropped_ids": [],
-        },
-    )
+    ids: list[np.ndarray] = []
+    trained: list[np.ndarray] = []
+    example_ids: list[str] = []
+    stats: dict = {
+        "examples_in": len(records),
+        "truncated": 0,
+        "dropped_no_response": 0,
+        "truncated_ids": [],
+        "dropped_ids": [],
+    }
     for k, rec in enumerate(records, start=1):
         if bar is not None and k % 256 == 0:
             bar.update(256)
         if rec.text is not None:
             for j, window in enumerate(encode_text(template.tokenizer, rec.text, max_length)):
-                out.ids.append(np.asarray(window, dtype=np.int32))
-                out.trained.append(np.ones(len(window), dtype=bool))
-                out.example_ids.append(rec.id if j == 0 else f"{rec.id}#{j}")
+                ids.append(np.asarray(window, dtype=np.int32))
+                trained.append(np.ones(len(window), dtype=bool))
+                example_ids.append(rec.id if j == 0 else f"{rec.id}#{j}")
             continue
         assert rec.messages is not None  # a record has text or messages
         try:
@@ -189,20 +330,20 @@ def _tokenize_serial(
             enc = template.encode(rec.messages, train_on_prompt=train_on_prompt, max_tokens=max_length)
         except DataError as e:
             raise DataError(f"{rec.where or rec.id}: {e}") from None
-        ids, trained = enc.ids, enc.trained
-        if len(ids) > max_length:
-            out.stats["truncated"] += 1
-            out.stats["truncated_ids"].append(rec.id)
-            ids, trained = ids[:max_length], trained[:max_length]
+        row, mask = enc.ids, enc.trained
+        if len(row) > max_length:
+            stats["truncated"] += 1
+            stats["truncated_ids"].append(rec.id)
+            row, mask = row[:max_length], mask[:max_length]
         # the first token is never predicted, so a loss needs a trained token after position 0
-        if not any(trained[1:]):
-            out.stats["dropped_no_response"] += 1
-            out.stats["dropped_ids"].append(rec.id)
+        if not any(mask[1:]):
+            stats["dropped_no_response"] += 1
+            stats["dropped_ids"].append(rec.id)
             continue
-        out.ids.append(np.asarray(ids, dtype=np.int32))
-        out.trained.append(np.asarray(trained, dtype=bool))
-        out.example_ids.append(rec.id)
-    return out
+        ids.append(np.asarray(row, dtype=np.int32))
+        trained.append(np.asarray(mask, dtype=bool))
+        example_ids.append(rec.id)
+    return TokenizedSet(ids, trained, example_ids, stats)  # one flat array each: the chunk's tokens
 
 
 def cache_key(parts: dict, files: list[Path]) -> str:
@@ -226,9 +367,9 @@ def default_cache_dir() -> Path:
 
 
 def save_cached(path: Path, ts: TokenizedSet) -> None:
-    lengths = np.asarray([len(x) for x in ts.ids], dtype=np.int64)
-    flat_ids = np.concatenate(ts.ids) if ts.ids else np.zeros(0, np.int32)
-    flat_mask = np.concatenate(ts.trained).astype(np.uint8) if ts.trained else np.zeros(0, np.uint8)
+    lengths = ts.lengths()
+    flat_ids = ts.ragged_ids.flat
+    flat_mask = ts.ragged_trained.flat.astype(np.uint8)
 
     def fill(tmp: Path) -> None:
         save_file(
@@ -244,7 +385,8 @@ def load_cached(path: Path) -> TokenizedSet | None:
         return None
     arrays = load_file(str(path / "tokens.safetensors"))
     meta = json.loads((path / "meta.json").read_text())
-    bounds = np.cumsum(arrays["lengths"])[:-1]
-    ids = np.split(arrays["ids"], bounds) if len(arrays["lengths"]) else []
-    trained = np.split(arrays["trained"].astype(bool), bounds) if len(arrays["lengths"]) else []
-    return TokenizedSet(list(ids), list(trained), meta["example_ids"], meta["stats"])
+    offsets = np.zeros(len(arrays["lengths"]) + 1, np.int64)
+    np.cumsum(arrays["lengths"], out=offsets[1:])
+    ids = Ragged(arrays["ids"].astype(np.int32, copy=False), offsets)
+    trained = Ragged(arrays["trained"].astype(bool), offsets)
+    return TokenizedSet(ids, trained, meta["example_ids"], meta["stats"])
