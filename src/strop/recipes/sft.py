@@ -69,7 +69,7 @@ class SFTTask(Task):
         cfg, tokenizer = run.cfg, run.tokenizer
         check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
         self.template_name, self.template, own = run_templates(cfg, tokenizer)
-        data = build_datasets(cfg.data, self.template, cfg.train.seed, own)
+        data = build_datasets(cfg.data, self.template, cfg.train.seed, own, progress=run.show_progress)
         if self.earlier:
             before = [_stage_data(e, tokenizer) for e in self.earlier]
             if self.replay:
