@@ -563,3 +563,132 @@ def save(family: Family, folder: Path) -> Path:
         build_model(family, tok).save_pretrained(folder)
         tok.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------ Qwen 3 MoE
+
+# Qwen/Qwen3-30B-A3B: Qwen 3's tokenizer and template over a sparse mixture-of-experts MLP (in
+# transformers 5 the experts are fused 3-D parameters, not nn.Linear layers). Kept out of FAMILIES,
+# whose template tests are written for the dense families' names; the matrix beyond templates walks
+# CAUSAL_FAMILIES.
+QWEN3_MOE = Family(
+    "qwen3_moe",
+    "qwen3_moe",
+    dict(
+        head_dim=8,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=True,
+    ),
+    QWEN3,
+    ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"),
+    plain=("<think>", "</think>"),
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    end_of_turn="<|im_end|>",
+)
+CAUSAL_FAMILIES = {**FAMILIES, QWEN3_MOE.name: QWEN3_MOE}
+
+
+# ------------------------------------------------------------------ encoders (classification, reward)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An encoder family: its model type, config arguments, and its tokenizer's kind and specials."""
+
+    name: str
+    model_type: str
+    config: dict = field(default_factory=dict)
+    kind: str = "wordpiece"  # wordpiece ([CLS] a [SEP]) | bpe (byte-level, <s> a </s>)
+    cls: str = "[CLS]"
+    sep: str = "[SEP]"
+    pad: str = "[PAD]"
+    unk: str = "[UNK]"
+    mask: str = "[MASK]"
+
+
+ENCODERS = {
+    e.name: e
+    for e in [
+        Encoder("bert", "bert"),
+        Encoder(
+            "roberta", "roberta", kind="bpe", cls="<s>", sep="</s>", pad="<pad>", unk="<unk>", mask="<mask>"
+        ),
+        Encoder("deberta-v2", "deberta-v2", dict(relative_attention=True, pos_att_type=["p2c", "c2p"])),
+        Encoder(
+            "modernbert", "modernbert", dict(global_attn_every_n_layers=2, local_attention=16), kind="bpe"
+        ),
+    ]
+}
+
+
+def build_encoder_tokenizer(encoder: Encoder):
+    """A WordPiece (BERT, DeBERTa-v2) or byte-level BPE (RoBERTa, ModernBERT) tokenizer trained on a few
+    lines, wrapping each text as the family does: CLS text SEP (pairs: CLS a SEP b SEP)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [encoder.pad, encoder.unk, encoder.cls, encoder.sep, encoder.mask]
+    if encoder.kind == "wordpiece":
+        tk = Tokenizer(models.WordPiece(unk_token=encoder.unk))
+        tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tk.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    else:
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+    tk.train_from_iterator(CORPUS, trainer)
+    cls, sep = (encoder.cls, tk.token_to_id(encoder.cls)), (encoder.sep, tk.token_to_id(encoder.sep))
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{cls[0]} $A {sep[0]}",
+        pair=f"{cls[0]} $A {sep[0]} $B:1 {sep[0]}:1",
+        special_tokens=[cls, sep],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        cls_token=encoder.cls,
+        sep_token=encoder.sep,
+        pad_token=encoder.pad,
+        unk_token=encoder.unk,
+        mask_token=encoder.mask,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_encoder(encoder: Encoder, tokenizer, seed: int = 0):
+    """A tiny random bare encoder (AutoModel, no task head) of the family, dropout off."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    sizes = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+    if encoder.model_type == "modernbert":
+        ids.update(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+        drop = dict(attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0)
+    else:
+        drop = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = AutoConfig.for_model(
+        encoder.model_type, vocab_size=len(tokenizer), **sizes, **ids, **drop, **encoder.config
+    )
+    torch.manual_seed(seed)
+    return AutoModel.from_config(config, dtype=torch.float32)
+
+
+def save_encoder(encoder: Encoder, folder: Path) -> Path:
+    """The encoder's tiny model and tokenizer as a Hugging Face folder."""
+    if not (folder / "config.json").exists():
+        tok = build_encoder_tokenizer(encoder)
+        build_encoder(encoder, tok).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder

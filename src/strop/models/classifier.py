@@ -172,9 +172,13 @@ def load_backbone(name: str, device: torch.device, dtype: torch.dtype, trust_rem
     adapter merged)."""
     if strop_run(name) is not None:
         return load_model(name, device, dtype, trust_remote_code).base_model
+    return _bare_model(resolve_source(name, causal_lm=False), device, dtype, trust_remote_code)
+
+
+def _bare_model(source: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """transformers' AutoModel of a folder: the bare transformer of any architecture, encoders included."""
     from transformers import AutoModel
 
-    source = resolve_source(name, causal_lm=False)
     model = from_pretrained(AutoModel, source, trust_remote_code, dtype=dtype, use_safetensors=True)
     return model.to(device)
 
@@ -189,8 +193,10 @@ def load_classifier(
     if not meta_file.is_file():
         raise StropError(f"{model_dir}: not a strop classifier (no {CLASSIFIER_FILE})")
     meta = json.loads(meta_file.read_text())
-    if (model_dir / "config.json").is_file():  # the full backbone was saved
-        backbone = load_backbone(str(model_dir), device, dtype)
+    if (model_dir / "config.json").is_file():  # the full backbone was saved, as a bare AutoModel
+        # (not through load_backbone: the folder is a strop run's, which it would read as a causal LM,
+        # and an encoder such as DeBERTa-v2 or ModernBERT has no causal-LM class)
+        backbone = _bare_model(str(model_dir), device, dtype)
     else:
         backbone = load_backbone(base, device, dtype)
         if meta.get("keep_layers"):

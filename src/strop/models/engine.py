@@ -75,6 +75,9 @@ class Engine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.mixed = hasattr(model, "peft_config")  # a PeftModel: rows may name their adapter
+        # peft's LoRA on parameters (MoE experts: target_parameters, which all-linear includes) runs
+        # one adapter at a time; it refuses the per-row `adapter_names` of a mixed batch
+        self.expert_adapters = any(type(m).__name__ == "ParamWrapper" for m in model.modules())
         self.cache_arg = _cache_argument(model)
         self.waiting: deque[Request] = deque()
         self._admitting: list[Request] = []
@@ -183,7 +186,15 @@ class Engine:
         extra = {}
         if self.mixed and any(a is not None for a in adapters):  # else: the adapter(s) active as loaded
             active = self.model.active_adapter
-            extra = {"adapter_names": [active if a is None else a for a in adapters]}
+            names = [active if a is None else a for a in adapters]
+            if set(names) != {active}:  # every row on the active adapter needs no per-row routing
+                if self.expert_adapters:
+                    raise ValueError(
+                        f"{self.model.config.model_type}: its LoRA adapters reach expert parameters (a "
+                        "mixture of experts), which peft cannot mix in one batch; serve one adapter per "
+                        "server (no --adapter beside a run)"
+                    )
+                extra = {"adapter_names": names}
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

@@ -94,6 +94,13 @@ def apply_lora(
     try:
         return get_peft_model(model, config)
     except ValueError as e:
+        if "lora_dropout" in str(e):  # peft's LoRA on parameters (MoE experts, in all-linear) has none
+            kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise ConfigError(
+                f"method.lora.dropout: {dropout} on {kind}: LoRA on its expert parameters (a mixture of "
+                "experts, which all-linear includes) takes no dropout; set method.lora.dropout: 0, or "
+                "list target_modules without the experts"
+            ) from None
         raise ConfigError(f"method.lora.target_modules: {e}") from None
 
 
