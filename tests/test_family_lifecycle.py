@@ -192,3 +192,28 @@ def test_lora_dropout_on_moe_experts_is_refused_by_name(data, tmp_path, tmp_path
     rc, _, err = run_cli(["train", str(path)], capsys)
     assert_user_error(rc, err, "method.lora.dropout", "qwen3_moe")
     assert not (tmp_path / "out" / "run" / "checkpoints").exists()
+
+
+def test_mixing_adapters_on_moe_experts_is_refused_by_name(data, tmp_path, tmp_path_factory):
+    """peft runs LoRA on expert parameters one adapter at a time: a batch whose rows ask for the base
+    and for the run's adapter fails with the model type named; one adapter for every row decodes."""
+    from strop.models.engine import BASE, Engine, Request
+    from strop.models.load import load_model, load_tokenizer
+    from strop.recipes import skeleton
+    from strop.recipes.sft import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(skeleton, "write_run_report", lambda run_dir: None)
+        folder = family_folder("qwen3_moe", tmp_path_factory)
+        run = train(lora_config(folder, data, tmp_path / "out", 1), show_progress=False)
+    model = load_model(str(run.run_dir), torch.device("cpu"), torch.float32, adapter="keep").eval()
+    tok = load_tokenizer(str(run.model_dir))
+    prompt = tok("What is 7 times 8?")["input_ids"]
+    engine = Engine(model, tok, {tok.eos_token_id})
+    mixed = [Request(prompt, max_new_tokens=2, adapter=a) for a in (BASE, "default")]
+    with pytest.raises(ValueError, match="qwen3_moe: its LoRA adapters reach expert parameters"):
+        engine.run(mixed)
+    assert all(r.error is not None for r in mixed)  # each request carries the error (a server's 500)
+    alone = [Request(prompt, max_new_tokens=2, adapter="default"), Request(prompt, max_new_tokens=2)]
+    engine.run(alone)
+    assert all(r.error is None and len(r.tokens) >= 1 for r in alone)
