@@ -217,3 +217,20 @@ def test_mixing_adapters_on_moe_experts_is_refused_by_name(data, tmp_path, tmp_p
     alone = [Request(prompt, max_new_tokens=2, adapter="default"), Request(prompt, max_new_tokens=2)]
     engine.run(alone)
     assert all(r.error is None and len(r.tokens) >= 1 for r in alone)
+
+
+def test_serving_two_adapters_on_moe_experts_is_refused_before_listening(data, tmp_path, tmp_path_factory):
+    """`strop serve RUN --adapter other=RUN2` on an MoE base would fail every mixed batch: refused at start."""
+    from strop.core.errors import ConfigError
+    from strop.recipes import skeleton
+    from strop.recipes.sft import train
+    from strop.serve.variants import load_variants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(skeleton, "write_run_report", lambda run_dir: None)
+        folder = family_folder("qwen3_moe", tmp_path_factory)
+        run = train(lora_config(folder, data, tmp_path / "out", 1), show_progress=False)
+    with pytest.raises(ConfigError, match=r"--adapter: qwen3_moe: .*one adapter per server"):
+        load_variants(str(run.run_dir), {"other": str(run.run_dir)}, "cpu")
+    _, variants = load_variants(str(run.run_dir), {}, "cpu")  # the run alone is served
+    assert len(variants) == 1

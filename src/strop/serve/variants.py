@@ -65,6 +65,13 @@ def load_variants(target: str, adapters: dict[str, str], device: str) -> tuple[L
             model = PeftModel.from_pretrained(model, run["dir"], adapter_name=adapter_name)
         template = ChatTemplate(tok, run["template"], run.get("system_prompt"))
         variants[adapter_name] = Variant(adapter_name, adapter_name, template, f"{run_dir} (LoRA on {base})")
+    if adapters and any(type(m).__name__ == "ParamWrapper" for m in model.modules()):
+        # peft's LoRA on parameters (MoE experts) runs one adapter at a time: rows of different
+        # variants could never share a batch, so the server is refused before it listens
+        raise ConfigError(
+            f"--adapter: {model.config.model_type}: its LoRA adapters reach expert parameters (a mixture "
+            "of experts), which peft cannot mix in one batch; serve one adapter per server"
+        )
     model.eval()
     loaded.model = model
     return loaded, variants
