@@ -372,29 +372,43 @@ def test_tokenizing_more_rows_grows_memory_by_about_the_tokens_only(tmp_path, mo
 
 
 def test_no_progress_and_quiet_silence_the_tokenize_bar(tiny_llama, tmp_path, capsys, monkeypatch):
-    """`strop train --no-progress` and `strop -q train` never draw the tokenize bar; a plain run may
-    (on a terminal)."""
+    """`strop train --no-progress` and `strop -q train` never draw the tokenize bar; a plain run leaves
+    it to the terminal (progress None: shown on a terminal at INFO)."""
     import yaml
 
+    import strop.data.build as build_mod
     import strop.data.tokenized as tokenized_mod
 
-    bars: list = []
-    real = tokenized_mod.tqdm
+    asked: list = []  # the `progress` each tokenization was given
+    bars: list = []  # whether its bar was disabled
+    real_tokenize, real_tqdm = build_mod.tokenize_records, tokenized_mod.tqdm
 
-    def recording(*args, **kwargs):
+    def tokenize(*args, **kwargs):
+        asked.append(kwargs.get("progress"))
+        return real_tokenize(*args, **kwargs)
+
+    def tqdm(*args, **kwargs):
         bars.append(kwargs.get("disable"))
-        return real(*args, **kwargs)
+        return real_tqdm(*args, **kwargs)
 
-    monkeypatch.setattr(tokenized_mod, "tqdm", recording)
-    data = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS)
-    for flags, disabled in (([], None), (["--no-progress"], True), (["-q"], True)):
-        out = tmp_path / f"run{len(bars)}"
-        cfg = tiny_config(tiny_llama, data, out, train={"batch_size": 4, "max_steps": 1, "seed": 0})
-        cfg["data"].pop("cache_dir")  # tokenize every time
-        path = tmp_path / f"cfg{len(bars)}.yaml"
+    monkeypatch.setattr(build_mod, "tokenize_records", tokenize)
+    monkeypatch.setattr(tokenized_mod, "tqdm", tqdm)
+    for i, (argv, progress, disabled) in enumerate(
+        (
+            (["train"], None, None),
+            (["train", "--no-progress"], False, True),
+            (["-q", "train"], None, True),
+        )
+    ):
+        data = write_jsonl(tmp_path / f"train{i}.jsonl", ALPACA_ROWS)  # its own cache entry: tokenized
+        cfg = tiny_config(
+            tiny_llama, data, tmp_path / f"run{i}", train={"batch_size": 4, "max_steps": 1, "seed": 0}
+        )
+        path = tmp_path / f"cfg{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        before = len(bars)
-        argv = ["-q", "train", str(path)] if flags == ["-q"] else ["train", str(path), *flags]
-        rc, _, err = run_cli(argv, capsys)
+        asked.clear(), bars.clear()
+        rc, _, err = run_cli([*argv, str(path)], capsys)
         assert rc == 0, err
-        assert bars[before:] and set(bars[before:]) == {disabled}, (flags, bars[before:])
+        assert asked and set(asked) == {progress}, (argv, asked)
+        if disabled:
+            assert bars and set(bars) == {True}, (argv, bars)
