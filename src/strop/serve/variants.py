@@ -68,8 +68,9 @@ def load_variants(target: str, adapters: dict[str, str], device: str) -> tuple[L
     if adapters and any(type(m).__name__ == "ParamWrapper" for m in model.modules()):
         # peft's LoRA on parameters (MoE experts) runs one adapter at a time: rows of different
         # variants could never share a batch, so the server is refused before it listens
+        kind = getattr(getattr(model, "config", None), "model_type", "this model")
         raise ConfigError(
-            f"--adapter: {model.config.model_type}: its LoRA adapters reach expert parameters (a mixture "
+            f"--adapter: {kind}: its LoRA adapters reach expert parameters (a mixture "
             "of experts), which peft cannot mix in one batch; serve one adapter per server"
         )
     model.eval()
