@@ -246,9 +246,10 @@ def test_gemma3_multimodal_is_refused_by_name():
         check(Gemma3Config())
 
 
-def test_a_sentencepiece_style_tokenizer_is_refused_by_name():
+def test_a_sentencepiece_style_tokenizer_llama_cpp_cannot_read_is_refused_by_name():
     """Gemma, Phi-3 and Mistral v0.1-v0.3 ship byte-fallback BPE tokenizers that llama.cpp reads as its
-    scored 'llama' vocabulary; until strop writes one, the export says so instead of writing GPT-2 BPE."""
+    scored 'llama' vocabulary (tests/test_gguf_vocab_spm.py); one without all 256 byte tokens is refused
+    instead of written as GPT-2 BPE."""
     from tokenizers import Tokenizer, models, normalizers
     from transformers import PreTrainedTokenizerFast
 

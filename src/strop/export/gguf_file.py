@@ -31,11 +31,15 @@ def check_architecture(config) -> str:
 
 
 def _vocab(writer, vocab: Vocab, chat_template: str) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     add = {
         "bos": writer.add_bos_token_id,
         "eos": writer.add_eos_token_id,
