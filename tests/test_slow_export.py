@@ -35,7 +35,7 @@ def test_llama_cpp_runs_the_exported_quickstart_model_as_strop_does(quickstart_o
 
     agree = {}
     for quant in ("f16", "q8_0"):
-        out = tmp_path / f"pirate-{quant}.gguf"
+        out = tmp_path / quant / f"pirate-{quant}.gguf"  # a folder each: each export writes its own Modelfile
         rc, stdout, err = run_cli(["-q", "export", str(run_dir), "--quant", quant, "--out", str(out)], capsys)
         assert rc == 0, err
         llm = Llama(model_path=str(out), n_ctx=1024, n_threads=2, verbose=False)
@@ -56,7 +56,8 @@ def test_llama_cpp_runs_the_exported_quickstart_model_as_strop_does(quickstart_o
             agree[quant] = (same, stopped)
         finally:
             llm.close()
-    modelfile = (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / "q8_0" / "Modelfile").read_text()
+    assert "FROM ./pirate-q8_0.gguf" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant" in modelfile
     with capsys.disabled():
         print(
