@@ -67,7 +67,8 @@ def test_no_validation_when_fraction_is_zero(tmp_path, template):
 def test_validation_files_copying_training_rows_are_refused_unless_allowed(tmp_path, template):
     """Given validation files are not pruned behind the user's back: the run refuses to start, naming
     the copies, unless data.allow_leakage says to go on."""
-    from strop.data.build import guard_leakage, split_records
+    from strop.data.build import split_records
+    from strop.data.leakage import guard_leakage
 
     f = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS[:10])
     new = {"instruction": "What is 9 times 9?", "output": "Arr! 81, matey."}

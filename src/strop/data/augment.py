@@ -38,7 +38,7 @@ PARAPHRASES = (
     "Your task is below.\n\n{x}",
 )
 
-REPEATED = "~rep"  # a mixture's repeat of an example (strop.data.build.mix)
+REPEATED = "~rep"  # a mixture's repeat of an example (strop.data.mixture.mix)
 _SUFFIX = re.compile(rf"(?:{AUGMENTED}\d+|{REPEATED}\d+|#\d+)+$")
 _COPY = re.compile(rf"(?:{AUGMENTED}|{REPEATED})\d+(?:#\d+)?$")
 

@@ -17,8 +17,8 @@ from strop.core.config import DataConfig, DatasetSource
 from strop.core.data_config import MAX_ROW_BYTES, AugmentConfig
 from strop.core.errors import DataError
 from strop.data.augment import AugmentOptions, augment, is_copy, original_id
-from strop.data.duplicates import find_duplicates
 from strop.data.formats import Record, stream_records, to_records
+from strop.data.mixture import mix
 from strop.data.read import SUFFIXES, Rejected, Row, iter_rows
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import (
@@ -114,58 +114,6 @@ def build_datasets(
     return Datasets(train, val, summary, groups)
 
 
-def mix(
-    parts: list[TokenizedSet], ratios: list[float], names: list[str], cfg: DataConfig, seed: int
-) -> tuple[list[TokenizedSet], dict]:
-    """Sample each source to its share of the mixture; returns the sampled parts and what was realized.
-
-    Without replacement the mixture is as large as the ratios allow with no example repeated (the
-    source that runs out first sets the size), or `mixture.examples` if smaller. With replacement it
-    has `mixture.examples` examples (default: all sources' examples together); a source short of its
-    share is repeated, each repeat with its own id (`id~repK`) so splits and reports can tell copies.
-    """
-    mixture = cfg.mixture
-    assert mixture is not None  # build_datasets mixes only when data.mixture is given
-    sizes, total_ratio = [len(p) for p in parts], sum(ratios)
-    shares = [r / total_ratio for r in ratios]
-    if mixture.replacement:
-        n = mixture.examples or sum(sizes)
-    else:
-        n = int(min(size / share for size, share in zip(sizes, shares, strict=True)))
-        if mixture.examples:
-            if mixture.examples > n:
-                raise DataError(
-                    f"data.mixture.examples: {mixture.examples} examples at these ratios need repeats "
-                    f"(without them at most {n}); set data.mixture.replacement: true or ask for fewer"
-                )
-            n = mixture.examples
-    counts = _largest_remainder([share * n for share in shares])
-    rng = np.random.default_rng([seed, 7])
-    out, realized = [], {}
-    for part, count, name, share in zip(parts, counts, names, shares, strict=True):
-        if count <= len(part) or not mixture.replacement:
-            picked = sorted(rng.choice(len(part), size=count, replace=False).tolist())
-            sub = part.subset(picked)
-        else:  # every example once, the rest drawn with replacement
-            extra = rng.choice(len(part), size=count - len(part), replace=True).tolist()
-            sub = part.subset(list(range(len(part))) + extra)
-            seen: dict[str, int] = {}
-            for i in range(len(part), len(sub)):
-                eid = sub.example_ids[i]
-                seen[eid] = seen.get(eid, 0) + 1
-                sub.example_ids[i] = f"{eid}~rep{seen[eid]}"
-        out.append(sub)
-        realized[name] = {"available": len(part), "used": count, "target_share": round(share, 4)}
-    for v in realized.values():
-        v["share"] = round(v["used"] / max(1, n), 4)
-    log.info(
-        "data: mixture of %d examples: %s",
-        n,
-        ", ".join(f"{k} {v['used']} ({v['share']:.0%})" for k, v in realized.items()),
-    )
-    return out, realized
-
-
 def add_replay(
     data: Datasets, earlier: list[TokenizedSet], names: list[str], fraction: float, seed: int
 ) -> Datasets:
@@ -219,17 +167,6 @@ def _ratio(src: DatasetSource) -> float:
     return src.ratio
 
 
-def _largest_remainder(quotas: list[float]) -> list[int]:
-    counts = [int(q) for q in quotas]
-    by_remainder = sorted(range(len(quotas)), key=lambda i: counts[i] - quotas[i])
-    for i in by_remainder[: round(sum(quotas)) - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-LEAK_CHECK_MAX_EXAMPLES = 50_000  # MinHash over more takes minutes in Python: left to a data check
-
-
 def split_records(cfg: DataConfig, data: Datasets) -> dict[str, list[Record]]:
     """The records behind each split (train and validation as built, test as given), read once for
     the checks and the evaluation that need text rather than tokens."""
@@ -246,86 +183,6 @@ def split_records(cfg: DataConfig, data: Datasets) -> dict[str, list[Record]]:
         "validation": [r for r in pool if r.id in val_ids],
         "test": [r for s in cfg.test for r in read(s)],
     }
-
-
-def guard_leakage(cfg: DataConfig, data: Datasets, splits: dict[str, list[Record]]) -> dict:
-    """Check for leakage, then act on it. Copies in a validation split strop held out itself are taken
-    out of it (duplicates inside the training file put them there). Copies in validation or test files
-    the user gave stop the run, unless `data.allow_leakage` says to go on (the report then warns)."""
-    out = check_leakage(splits)
-    if not out.get("checked"):
-        return out
-    found = {k: out[k].pop("ids") for k in ("train_validation", "train_test") if k in out}
-    if found.get("train_validation") and not cfg.validation:
-        drop = set(found.pop("train_validation"))
-        assert data.validation is not None  # its copies were found in it
-        keep = [i for i, e in enumerate(data.validation.example_ids) if e not in drop]
-        data.validation = data.validation.subset(keep) if keep else None
-        data.validation_groups = None if not keep else _regroup(data.validation_groups, keep)
-        splits["validation"] = [r for r in splits["validation"] if r.id not in drop]
-        out["train_validation"]["removed_from_validation"] = len(drop)
-        data.summary["validation_examples"] = len(keep)
-        log.info("data: took %d held-out example(s) that copy training ones out of validation", len(drop))
-    leaked = {k: v for k, v in found.items() if v}
-    if leaked and not cfg.allow_leakage:
-        lines = [
-            f"{len(ids)} {k.split('_')[1]} example(s) copy training examples, e.g. "
-            + ", ".join(f"{a} ~ {b} ({kind})" for a, b, kind in out[k]["pairs"][:5])
-            for k, ids in leaked.items()
-        ]
-        raise DataError(
-            "leakage between training and evaluation data:\n  "
-            + "\n  ".join(lines)
-            + "\nScores on copies of training examples measure memory, not skill. Remove them "
-            "(`strop data prepare` deduplicates before splitting; `strop data check` lists every pair), "
-            "or set data.allow_leakage: true to train anyway."
-        )
-    return out
-
-
-def _regroup(groups: dict[str, list[int]] | None, keep: list[int]) -> dict[str, list[int]] | None:
-    if groups is None:
-        return None
-    new_index = {old: new for new, old in enumerate(keep)}
-    regrouped = {k: [new_index[i] for i in v if i in new_index] for k, v in groups.items()}
-    return {k: v for k, v in regrouped.items() if v}
-
-
-def check_leakage(splits: dict[str, list[Record]]) -> dict:
-    """Exact and near duplicates between the training examples and the validation and test sets:
-    logged as warnings with example ids and returned for the data summary."""
-    if not splits["validation"] and not splits["test"]:
-        return {"checked": False}
-    total = sum(map(len, splits.values()))
-    if total > LEAK_CHECK_MAX_EXAMPLES:
-        log.info(
-            "data: %d examples: near-duplicate leakage check skipped (over %d)",
-            total,
-            LEAK_CHECK_MAX_EXAMPLES,
-        )
-        return {"checked": False}
-    dups = find_duplicates(splits)
-    out: dict = {"checked": True}
-    for other in ("validation", "test"):
-        if not splits[other]:
-            continue
-        pairs = dups.leaks("train", other)
-        out[f"train_{other}"] = {
-            "exact": sum(kind == "exact" for *_, kind in pairs),
-            "near": sum(kind == "near" for *_, kind in pairs),
-            "pairs": [[b.id, a.id, kind] for a, b, kind in pairs[:20]],
-            "ids": sorted({b.id for _, b, _ in pairs}),
-        }
-        if pairs:
-            shown = ", ".join(f"{b.id} ~ {a.id} ({kind})" for a, b, kind in pairs[:5])
-            log.warning(
-                "data: leakage: %d %s example(s) duplicate or nearly duplicate training examples: %s%s",
-                len({b for _, b, _ in pairs}),
-                other,
-                shown,
-                " ..." if len(pairs) > 5 else "",
-            )
-    return out
 
 
 def length_summary(train: TokenizedSet, val: TokenizedSet | None, max_length: int) -> dict:

@@ -18,7 +18,6 @@ import numpy as np
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.errors import DataError
 from strop.data.build import (
-    LEAK_CHECK_MAX_EXAMPLES,
     Datasets,
     SourceWatch,
     build_datasets,
@@ -28,6 +27,7 @@ from strop.data.build import (
 )
 from strop.data.duplicates import Duplicates, find_duplicates, record_text
 from strop.data.formats import Record, to_records
+from strop.data.leakage import LEAK_CHECK_MAX_EXAMPLES
 from strop.data.read import Rejected
 from strop.data.template import ChatTemplate
 from strop.data.tokenized import TokenizedSet, tokenize_records

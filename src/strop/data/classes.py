@@ -21,8 +21,9 @@ from strop.core.config import DataConfig, DatasetSource
 from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
 from strop.core.io import unreadable_file
-from strop.data.build import check_leakage, read_records
+from strop.data.build import read_records
 from strop.data.formats import Record
+from strop.data.leakage import check_leakage
 from strop.data.prepare import split_stratified
 from strop.data.read import read_rows
 from strop.data.tokenized import TokenizedSet

@@ -17,8 +17,9 @@ import numpy as np
 from strop.core.config import DataConfig, DatasetSource
 from strop.core.data_config import MAX_ROW_BYTES
 from strop.core.errors import DataError
-from strop.data.build import check_leakage, held_out, read_records
+from strop.data.build import held_out, read_records
 from strop.data.formats import Record
+from strop.data.leakage import check_leakage
 from strop.data.template import ChatTemplate, Encoded
 from strop.data.tokenized import TokenizedSet
 

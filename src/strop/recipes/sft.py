@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config
 from strop.core.errors import ConfigError, StropError
-from strop.data.build import add_replay, build_datasets, guard_leakage, split_records
+from strop.data.build import add_replay, build_datasets, split_records
 from strop.data.curriculum import difficulty_by_length
+from strop.data.leakage import guard_leakage
 from strop.data.template import run_templates
 from strop.data.tokenized import TokenizedSet
 from strop.export.save import export_model
