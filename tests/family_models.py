@@ -632,11 +632,15 @@ def build_encoder_tokenizer(encoder: Encoder):
 
     specials = [encoder.pad, encoder.unk, encoder.cls, encoder.sep, encoder.mask]
     if encoder.kind == "wordpiece":
-        tk = Tokenizer(models.WordPiece(unk_token=encoder.unk))
-        tk.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+        # the vocabulary by hand, not WordPieceTrainer: its ties fall differently from run to run
+        normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        words = sorted(
+            {w for line in CORPUS for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))}
+        )
+        chars = sorted({c for w in words for c in w})
+        pieces = specials + chars + [f"##{c}" for c in chars] + [w for w in words if len(w) > 1]
+        tk = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token=encoder.unk))
+        tk.normalizer, tk.pre_tokenizer, tk.decoder = normalizer, splitter, decoders.WordPiece()
     else:
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -644,7 +648,7 @@ def build_encoder_tokenizer(encoder: Encoder):
         trainer = trainers.BpeTrainer(
             vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
-    tk.train_from_iterator(CORPUS, trainer)
+        tk.train_from_iterator(CORPUS, trainer)
     cls, sep = (encoder.cls, tk.token_to_id(encoder.cls)), (encoder.sep, tk.token_to_id(encoder.sep))
     tk.post_processor = processors.TemplateProcessing(
         single=f"{cls[0]} $A {sep[0]}",

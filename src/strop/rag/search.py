@@ -111,7 +111,9 @@ class Retriever:
             self._ann = HNSW(
                 ndim=vectors.shape[1], metric="ip", dtype="f32", connectivity=16, expansion_search=64
             )
-            self._ann.add(np.arange(len(vectors)), vectors)
+            # one thread: usearch's concurrent inserts build a worse graph (measured: 1.2% of top-1
+            # misses on 500 random 16-d vectors vs 0 of 2000 single-threaded) that differs run to run
+            self._ann.add(np.arange(len(vectors)), vectors, threads=1)
         return self._ann
 
     def _fused(self, query: str, depth: int) -> tuple[list[int], list[float]]:
