@@ -332,6 +332,6 @@ def test_ctrl_c_while_starting_is_an_interrupt_not_a_traceback(monkeypatch, caps
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_quiet_libraries", interrupted)
+    monkeypatch.setattr(cli, "quiet_libraries", interrupted)
     rc, _, err = run_cli(["configs"], capsys)
     assert rc == 130 and "interrupted" in err and "Traceback" not in err

@@ -6,7 +6,6 @@ User errors print one clear line (no traceback) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import signal
@@ -18,6 +17,7 @@ from strop.cli import rag, ui
 from strop.core import distributed, signals
 from strop.core.data_config import DatasetSource
 from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
+from strop.core.logs import quiet_libraries, setup_logging
 
 CONFIGS = resources.files("strop.recipes") / "configs"
 FORMATS = get_args(DatasetSource.model_fields["format"].annotation)
@@ -29,11 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # quoted when a stopped run says how to start it again
     world = distributed.WORLD
-    level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level if world.main else logging.ERROR, format="%(message)s")  # one voice
+    setup_logging(args.quiet)
     try:
         signals.follow_parent()
-        _quiet_libraries()  # imports transformers: Ctrl-C here is an interrupt like any other
+        quiet_libraries()  # imports transformers: Ctrl-C here is an interrupt like any other
         from strop.cli import commands
 
         return getattr(commands, f"_{args.func}")(args) or 0
@@ -57,22 +56,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         distributed.say_error(describe_os_error(os_error))
         return 2
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (weight-loading bars, deprecation notices) hides strop's own progress."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("transformers", "peft", "httpx", "huggingface_hub", "absl", "gguf"):  # absl: rouge_score
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
