@@ -3,7 +3,7 @@
 Every value that reaches the engine is one it can decode: numbers are finite (NaN and Infinity are
 refused), temperature is 0 (greedy) or in (0, 2] (any positive value samples stably, see
 models/engine._draw: a tiny one is greedy in effect), top_p in (0, 1], a seed is a signed 64-bit
-integer (what torch and OpenAI accept), a prompt list is not empty. The app checks the server's caps.
+integer (what torch and OpenAI accept), a prompt list is not empty. validation.py checks the server's caps.
 """
 
 from __future__ import annotations
