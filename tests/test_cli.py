@@ -45,6 +45,71 @@ def _commands() -> list[tuple[str, ...]]:
     return out
 
 
+def _leaves(parser=None, path=()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command that runs something: (its words, its parser)."""
+    out = []
+    for name, sub in _subparsers(parser or build_parser()).items():
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            out += _leaves(sub, (*path, name))
+        else:
+            out.append(((*path, name), sub))
+    return out
+
+
+def test_every_command_names_its_handler_in_the_module_that_declares_it():
+    """No dispatch by string: each command's parser carries its handler, a function of the command
+    group's own module (not main, which only builds the parser and handles errors)."""
+    for words, parser in _leaves():
+        handler = parser.get_default("handler")
+        assert callable(handler), words
+        assert handler.__module__.startswith("strop.cli.") and handler.__module__ != "strop.cli.main", words
+        assert parser.get_default("func") is None, words
+
+
+def test_cli_modules_import_each_other_without_a_circle():
+    """The cli modules import each other only downwards (main -> command groups -> options, configs)."""
+    import ast
+
+    import strop.cli
+
+    folder = Path(strop.cli.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]  # module level only
+        names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {
+            f"strop.cli.{a.name}"
+            for n in top
+            if isinstance(n, ast.ImportFrom) and n.module == "strop.cli"
+            for a in n.names
+        }
+        graph[path.stem] = {n.split(".")[2] for n in names if n.startswith("strop.cli.")}
+    assert all("main" not in deps for deps in graph.values())
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(
+            d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ())
+        )
+
+    circles = [m for m in graph if reaches(m, m, set())]
+    assert not circles, f"import circle through {circles}"
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    """torch and transformers are imported inside handlers, so `strop --help` stays fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from strop.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_top_level_help_lists_every_command(capsys):
     rc, out, _ = run_cli(["--help"], capsys)
     assert rc == 0

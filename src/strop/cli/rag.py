@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 
+from strop.cli.options import device_arg, force_arg, mode_arg, positive_int
 from strop.core.errors import StropError
 
 DEFAULT_MODEL = "minilm-l6"
 
 
-def add_parser(sub, positive_int) -> None:
+def register(sub) -> None:
     r = sub.add_parser("rag", help="retrieval: index documents, query the index, edit it")
     rsub = r.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
 
@@ -38,20 +39,20 @@ def add_parser(sub, positive_int) -> None:
     ix.add_argument("--rebuild", action="store_true", help="start the index afresh (other model or chunking)")
     ix.add_argument("--batch-size", type=positive_int, default=32, help="chunks embedded at once")
     ix.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ix.set_defaults(func="rag_index")
+    ix.set_defaults(handler=_rag_index)
 
     q = rsub.add_parser("query", help="print the chunks of INDEX that best match TEXT")
     q.add_argument("index", metavar="INDEX")
     q.add_argument("text", metavar="TEXT")
     q.add_argument("--top-k", type=positive_int, default=4, help="hits to print (default 4)")
-    _mode_arg(q, "--mode")
+    mode_arg(q, "--mode")
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
     q.add_argument(
         "--approximate",
         action="store_true",
         help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
     )
-    q.set_defaults(func="rag_query")
+    q.set_defaults(handler=_rag_query)
 
     rf = rsub.add_parser(
         "raft",
@@ -69,9 +70,9 @@ def add_parser(sub, positive_int) -> None:
     )
     rf.add_argument("--distractors", type=int, default=3, help="distractor passages per row (default 3)")
     rf.add_argument("--document-field", help="the oracle document's field (default: document, context, ...)")
-    _mode_arg(rf, "--mode")
+    mode_arg(rf, "--mode")
     rf.add_argument("--seed", type=int, default=0)
-    rf.set_defaults(func="rag_raft")
+    rf.set_defaults(handler=_rag_raft)
 
     ev = rsub.add_parser(
         "eval",
@@ -90,7 +91,7 @@ def add_parser(sub, positive_int) -> None:
         action="store_true",
         help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
     )
-    ev.set_defaults(func="rag_eval")
+    ev.set_defaults(handler=_rag_eval)
 
     cp = rsub.add_parser(
         "compare",
@@ -110,7 +111,7 @@ def add_parser(sub, positive_int) -> None:
     cp.add_argument("--out", default="rag-compare", metavar="DIR", help="default ./rag-compare")
     force_arg(cp, "write into --out even when it is not empty (its compare files are replaced)")
     cp.add_argument("--top-k", type=positive_int, default=4)
-    _mode_arg(cp, "--mode")
+    mode_arg(cp, "--mode")
     cp.add_argument(
         "--approximate",
         action="store_true",
@@ -125,47 +126,13 @@ def add_parser(sub, positive_int) -> None:
     cp.add_argument("--limit", type=positive_int, help="the first N questions only")
     cp.add_argument("--max-new-tokens", type=positive_int, default=128)
     cp.add_argument("--batch-size", type=positive_int, default=8)
-    cp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    cp.set_defaults(func="rag_compare")
+    device_arg(cp)
+    cp.set_defaults(handler=_rag_compare)
 
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
     rm.add_argument("index", metavar="INDEX")
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
-    rm.set_defaults(func="rag_remove")
-
-
-def force_arg(p, help: str = "replace --out if it exists (an input is never replaced)") -> None:
-    """--force, the one name for "replace what is there" on every command that writes a file."""
-    p.add_argument("--force", action="store_true", help=help)
-
-
-def _mode_arg(p, flag: str) -> None:
-    p.add_argument(
-        flag, choices=["hybrid", "dense", "bm25"], default="hybrid", help="retrieval (default hybrid)"
-    )
-
-
-def retrieval_args(p) -> None:
-    """--rag for the commands that answer prompts: each prompt is answered with passages from INDEX."""
-    p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
-    p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
-    _mode_arg(p, "--rag-mode")
-    p.add_argument(
-        "--rag-approximate",
-        action="store_true",
-        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
-    )
-
-
-def retriever_for(args):
-    """The --rag index loaded (before any model, so a wrong path fails first), or None."""
-    if not getattr(args, "rag", None):
-        return None
-    if args.top_k < 1:
-        raise StropError(f"--top-k: must be at least 1, got {args.top_k}")
-    from strop.rag.search import Retriever
-
-    return Retriever(args.rag, approximate=args.rag_approximate)
+    rm.set_defaults(handler=_rag_remove)
 
 
 def _rag_index(args) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from strop.cli.options import device_arg
 
-def add_parser(sub) -> None:
+
+def register(sub) -> None:
     u = sub.add_parser(
         "ui",
         help="a local web dashboard: runs, live curves, compare, start/stop/resume runs, chat with a run",
@@ -17,10 +19,8 @@ def add_parser(sub) -> None:
     u.add_argument(
         "--allow-remote", action="store_true", help="allow a --host beyond loopback (the token still applies)"
     )
-    u.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where tried runs are loaded"
-    )
-    u.set_defaults(func="ui")
+    device_arg(u, "where tried runs are loaded")
+    u.set_defaults(handler=_ui)
 
 
 def _ui(args) -> int:

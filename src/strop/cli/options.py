@@ -1,0 +1,159 @@
+"""The options several commands share, their value types, and what they turn into.
+
+An option means one thing under one name on every command (README, "One vocabulary"); the helpers
+here are how a command declares one, so the name, the type check and the help are written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import get_args
+
+from strop.core.data_config import DatasetSource
+from strop.core.errors import StropError
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DATA_FORMATS = get_args(DatasetSource.model_fields["format"].annotation)
+
+
+# ------------------------------------------------------------------------------------- value types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------- shared options
+
+
+def overrides_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key with a YAML value, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
+
+
+def device_arg(p, help: str | None = None) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help=help)
+
+
+def sampling_args(p: argparse.ArgumentParser, temperature_default: float, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    p.add_argument("--temperature", type=temperature, default=temperature_default, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=0.9 if temperature_default else 1.0, help="in (0, 1]")
+    device_arg(p)
+
+
+def data_format_arg(p) -> None:
+    """The format of the rows a command reads (export's --format is the format it writes)."""
+    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format (default: detected)")
+
+
+def quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8 weights for the linear layers (CPU; see the README for its speed and perplexity here)",
+    )
+
+
+def force_arg(p, help: str = "replace --out if it exists (an input is never replaced)") -> None:
+    """--force, the one name for "replace what is there" on every command that writes a file."""
+    p.add_argument("--force", action="store_true", help=help)
+
+
+def mode_arg(p, flag: str) -> None:
+    p.add_argument(
+        flag, choices=["hybrid", "dense", "bm25"], default="hybrid", help="retrieval (default hybrid)"
+    )
+
+
+def retrieval_args(p) -> None:
+    """--rag for the commands that answer prompts: each prompt is answered with passages from INDEX."""
+    p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
+    p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
+    mode_arg(p, "--rag-mode")
+    p.add_argument(
+        "--rag-approximate",
+        action="store_true",
+        help="dense hits from an HNSW graph (usearch) instead of exact search: for large indexes",
+    )
+
+
+def retriever_for(args):
+    """The --rag index loaded (before any model, so a wrong path fails first), or None."""
+    if not getattr(args, "rag", None):
+        return None
+    if args.top_k < 1:
+        raise StropError(f"--top-k: must be at least 1, got {args.top_k}")
+    from strop.rag.search import Retriever
+
+    return Retriever(args.rag, approximate=args.rag_approximate)
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def check_out(out: str | None, force: bool, inputs: list, folder: bool = False) -> None:
+    """A bad output path fails before the work whose result it would hold; so does one that exists
+    (unless `force`) or that is one of `inputs` (always)."""
+    if out:
+        from strop.core.io import check_fresh_output
+
+        check_fresh_output(out, "--out", folder, force, inputs)
+
+
+def emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
+    """JSON lines to a file (atomically, with a count on stderr) or to stdout."""
+    if out:
+        from pathlib import Path
+
+        from strop.core.io import atomic_write_text
+
+        atomic_write_text(Path(out), "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} {what} to {out}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
