@@ -97,7 +97,9 @@ def test_packed_losses_and_gradients_equal_padded(family):
         torch.testing.assert_close(per_example[i], want[i].detach(), atol=1e-5, rtol=0, msg=f"example {i}")
     grads = dict(ref.named_parameters())
     for name, p in packed.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-5, msg=name)
+        want_grad = grads[name].grad  # fp32 sums over ~200 tokens: error relative to the tensor's scale
+        scale = max(1.0, float(want_grad.abs().max()))
+        torch.testing.assert_close(p.grad, want_grad, atol=1e-5 * scale, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt_oss"])

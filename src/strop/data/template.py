@@ -146,9 +146,10 @@ class ChatTemplate:
 
         - text after the last turn only (Phi-3's closing EOS): not part of any reply, never trained;
         - an earlier reply rendered differently (Qwen 3 drops the reasoning of replies before the last
-          user turn): the model never writes that form, so that turn is context, not trained (counted
-          in `Encoded.context_turns` and logged once); replies after the last user turn keep their
-          `<think>` block and are trained with it, and the prompt of each reply is what inference sees.
+          user turn), or after a prompt rendered differently (Mistral v0.3 puts the system message into
+          the last user turn only): the model never writes that reply after that prompt, so that turn is
+          context, not trained (counted in `Encoded.context_turns` and logged once); replies after the
+          last user turn are trained as written, and the prompt of each reply is what inference sees.
 
         `max_tokens`: the caller keeps at most that many tokens, so tokenizing stops soon after: a longer
         conversation comes back with more than `max_tokens` (not all) tokens, and its first `max_tokens`
@@ -161,9 +162,10 @@ class ChatTemplate:
         if context and not self._warned:
             self._warned = True
             log.warning(
-                "the chat template renders %d earlier assistant turn(s) differently once the conversation goes "
-                "on (e.g. without their reasoning), so they are context, not trained: only replies rendered as "
-                "the model writes them carry loss",
+                "the chat template renders %d earlier assistant turn(s) or their prompts differently once the "
+                "conversation goes on (e.g. without their reasoning, or with the system message moved to a later "
+                "turn), so they are context, not trained: only replies rendered as inference prompts and the "
+                "model writes them carry loss",
                 context,
             )
         enc = self._tokens(pieces, train_on_prompt, max_tokens)
@@ -181,27 +183,49 @@ class ChatTemplate:
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:k], add_generation_prompt=True)
-            after = self.render(messages[: k + 1], add_generation_prompt=False)
-            if not (after.startswith(before) and full.startswith(before) and len(before) >= done):
-                raise DataError(
-                    "the chat template does not render this conversation as growing prefixes (does it start with an "
-                    "assistant turn, or skip a role?); if your conversations are fine, "
-                    "choose data.template: chatml or alpaca"
-                )
-            reply = self._reply(after[len(before) :])
-            self._check_generation_prompt(messages[:k], before, reply, m.get("content"))
-            if not full.startswith(reply, len(before)):
-                context += 1  # the final rendering shows this turn otherwise than the model writes it
-                continue
+            before, reply = self._turn(messages[:k], m)
+            if not (full.startswith(before) and full.startswith(reply, len(before))):
+                if k == len(messages) - 1 and full == self._render_without_system(messages):
+                    # the template shows the system message only while prompting (Mistral v0.3 puts it
+                    # into the last user turn, so a conversation ending in a reply renders without it):
+                    # train the last reply after the prompt inference gives it; earlier ones are context
+                    context += len(pieces) // 2
+                    pieces, full, done = [], before + reply, 0
+                else:
+                    context += 1  # the final rendering shows this turn or its prompt otherwise than inference
+                    continue
+            if len(before) < done:
+                raise _not_incremental()
             pieces += [
                 (full[done : len(before)], False, False),
                 (reply, True, k == last or not last_turn_only),
             ]
             done = len(before) + len(reply)
+        if context and not any(is_reply for _, is_reply, _ in pieces):
+            raise _not_incremental()  # no reply is rendered as inference would prompt it
         if full[done:]:
             pieces.append((full[done:], False, False))
         return pieces, context
+
+    def _turn(self, prior: list[dict], message: dict) -> tuple[str, str]:
+        """The prompt inference renders before `message` (an assistant turn) and the reply the model
+        writes there. A template that shows the system message only while prompting renders the reply
+        after the same conversation without it."""
+        before = self.render(prior, add_generation_prompt=True)
+        after = self.render([*prior, message], add_generation_prompt=False)
+        if not after.startswith(before) and prior and prior[0]["role"] == "system":
+            shown = self.render(prior[1:], add_generation_prompt=True)
+            after = after if not after.startswith(shown) else before + after[len(shown) :]
+        if not after.startswith(before):
+            raise _not_incremental()
+        reply = self._reply(after[len(before) :])
+        self._check_generation_prompt(prior, before, reply, message.get("content"))
+        return before, reply
+
+    def _render_without_system(self, messages: list[dict]) -> str | None:
+        if not messages or messages[0]["role"] != "system":
+            return None
+        return self.render(messages[1:], add_generation_prompt=False)
 
     def _reply(self, turn: str) -> str:
         """The part of an assistant turn's text the model writes: up to its first end-of-turn marker and
@@ -255,6 +279,13 @@ class ChatTemplate:
 
     def _tokenize(self, text: str) -> list[int]:
         return list(_ids(self.tokenizer, text)["input_ids"]) if text else []
+
+
+def _not_incremental() -> DataError:
+    return DataError(
+        "the chat template does not render this conversation as growing prefixes (does it start with an "
+        "assistant turn, or skip a role?); if your conversations are fine, choose data.template: chatml or alpaca"
+    )
 
 
 def stop_token_ids(tokenizer) -> set[int]:
