@@ -658,7 +658,7 @@ def build_model(family: Family, tokenizer, seed: int = 0):
     elif family.model_type == "gpt_neox":
         sizes.pop("num_key_value_heads")
     config = AutoConfig.for_model(
-        family.model_type, vocab_size=len(tokenizer), **sizes, **ids, **family.config
+        family.model_type, vocab_size=len(tokenizer), **{**sizes, **ids, **family.config}
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

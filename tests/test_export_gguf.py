@@ -180,7 +180,7 @@ def test_export_of_a_lora_run_carries_its_merged_weights_and_template(tiny_llama
 
     run = train_tiny(tmp_path, tiny_llama, CUSTOM)
     out = tmp_path / "ship" / "pirate.gguf"
-    rc, stdout, err = run_cli(["-q", "export", str(run.run_dir), "--quant", "f16", "--out", str(out)], capsys)
+    rc, stdout, err = run_cli(["-q", "export", str(run.run_dir), "--quantize", "f16", "--out", str(out)], capsys)
     assert rc == 0, err
     assert f"wrote {out}" in stdout and "tensors: f16:" in stdout
     assert {p.name for p in out.parent.iterdir()} == {"pirate.gguf", "Modelfile", "pirate.README.md"}
@@ -189,7 +189,7 @@ def test_export_of_a_lora_run_carries_its_merged_weights_and_template(tiny_llama
     assert max_logit_diff(merged, back, build_tokenizer()) < TOLERANCE["f16"]
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["tokenizer.chat_template"].contents() == CUSTOM
-    assert 'eq .Role "user" }}[user] {{ .Content }}<|im_end|>' in (out.parent / "Modelfile").read_text()
+    assert '(eq $prev "assistant") (eq .Role "user") }}<|im_end|>\n[user] ' in (out.parent / "Modelfile").read_text()
 
 
 def test_export_refuses_what_it_cannot_write_by_name(tiny_gpt2, tmp_path, capsys, monkeypatch):
@@ -204,7 +204,7 @@ def test_export_refuses_what_it_cannot_write_by_name(tiny_gpt2, tmp_path, capsys
     assert rc == 2 and "must end in .gguf" in err
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     rc, _, err = run_cli(
-        ["export", str(tiny_gpt2), "--quant", "q4_k_m", "--out", str(tmp_path / "k.gguf")], capsys
+        ["export", str(tiny_gpt2), "--quantize", "q4_k_m", "--out", str(tmp_path / "k.gguf")], capsys
     )
     assert rc == 2 and "needs llama-cpp-python" in err
 
@@ -223,7 +223,7 @@ def test_llama_cpp_computes_the_same_logits_and_tokens(tiny_llama, tmp_path, cap
     from strop.models.inference import load_for_inference
 
     out = tmp_path / "m.gguf"
-    assert run_cli(["-q", "export", str(tiny_llama), "--quant", "f16", "--out", str(out)], capsys)[0] == 0
+    assert run_cli(["-q", "export", str(tiny_llama), "--quantize", "f16", "--out", str(out)], capsys)[0] == 0
     loaded = load_for_inference(str(tiny_llama), device="cpu")
     llm = Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False)
     try:

@@ -145,7 +145,8 @@ def describe(tokenizer, vocab_size: int, stop_ids: set[int]) -> Vocab:
     model = state.get("model", {})
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         return _sentencepiece(tokenizer, vocab_size, stop_ids, state)
-    if model.get("type") != "BPE" or state.get("normalizer") not in (None, {}):
+    # NFC (Qwen 2/2.5/3): llama.cpp does not normalize, so text already in NFC, as most is, tokenizes alike
+    if model.get("type") != "BPE" or state.get("normalizer") not in (None, {}, {"type": "NFC"}):
         raise StropError(
             f"export: GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style); "
             f"this one is {model.get('type')} with normalizer {state.get('normalizer')}"

@@ -1,137 +1,126 @@
 """An Ollama Modelfile for an exported GGUF: the run's chat template translated to Ollama's Go template,
 `PARAMETER stop` for every end-of-turn string, and the system prompt.
 
-Jinja cannot be translated to Go in general, so the template is *measured* instead: each role's text
-around its content and the generation prompt are read off renders of probe conversations, and the
-translation is used only if those pieces re-render the probes exactly as the Jinja template does.
-Two shapes are measured: every message in its own wrap (ChatML, Alpaca), and a head written once (a
-BOS) with the system message folded into the first user turn (Gemma, whose template has no system role).
+Jinja cannot be translated to Go in general, so the template is *measured* instead. A prompt (a
+conversation ending in a user turn, then the generation prompt) is read as the messages' contents
+joined by text that depends only on the roles around it:
+
+    head[first role] c0 joint[r0 → r1] c1 ... joint[r(n-1) → rn] cn tail
+
+Renders of probe conversations with marked contents give each piece; the translation is used only if
+the pieces agree across probes and re-render longer conversations exactly as the Jinja template does.
+This covers a BOS written once, a default system block inserted when there is none (Llama 3.1's dates,
+Qwen 2.5's), a system message folded into the first user turn (Gemma) and history rendered otherwise
+than the last reply (Qwen 3). A template with no place for a system message (it raises, or moves it into
+the last user turn as Mistral v0.3 does) is measured without one, and the Go template drops system
+messages; the Modelfile says so.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from strop.data.template import ChatTemplate
 
-MARK = "\ue000CONTENT\ue001"  # private-use characters no template emits
 ROLES = ("system", "user", "assistant")
+MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters no template emits
 
 
 @dataclass
 class Pieces:
-    wrap: dict[str, tuple[str, str]]  # role -> (text before content, text after content)
-    generation: str  # what add_generation_prompt appends
-    default_system: str | None  # a system prompt the template inserts when a conversation has none
-    head: str = ""  # written once before the first message (e.g. BOS)
-    fold: str | None = None  # the system message goes into the first user turn, followed by this text
+    head: dict[str, str]  # first message's role -> text before its content
+    joint: dict[tuple[str, str], str]  # (role, next role) -> text between their contents
+    tail: str  # after the last (user) message: its closing text and the generation prompt
+    system: bool  # the template has a place for a system message (else the Go template drops them)
 
 
-def _probe(template: ChatTemplate) -> list[list[dict]]:
-    m = [{"role": r, "content": f"{MARK}{r}{MARK}"} for r in ROLES]
-    user2 = {"role": "user", "content": f"{MARK}u2{MARK}"}
-    return [m, [*m, user2], m[1:], [*m[1:], user2]]
+def _turns(n: int, system: bool) -> list[str]:
+    roles = ["user", *(["assistant", "user"] * n)]
+    return ["system", *roles] if system else roles
+
+
+PROBES = [(n, s) for s in (False, True) for n in (0, 1, 2)]  # what the pieces are read from
+CHECKS = [(3, False), (3, True)]  # what they must re-render
+
+
+def _conversation(roles: list[str]) -> list[dict]:
+    return [{"role": r, "content": f"\ue000{i}\ue001"} for i, r in enumerate(roles)]
+
+
+def _split(text: str, n: int) -> list[str] | None:
+    """The text between the n marked contents, in order, or None when they are not all there in order."""
+    parts, at = [], 0
+    for i, m in enumerate(MARK.finditer(text)):
+        if int(m.group(1)) != i:
+            return None
+        parts.append(text[at : m.start()])
+        at = m.end()
+    return [*parts, text[at:]] if len(parts) == n else None
 
 
 def measure(template: ChatTemplate) -> Pieces | None:
-    """The template as per-role pieces, or None when it is not that regular (then no TEMPLATE is written)."""
+    """The template as role-keyed pieces, or None when it is not that regular (then no TEMPLATE is written)."""
     bare = ChatTemplate(template.tokenizer, template.source, None, generates=False)
-    for shape in (_wrapped, _headed):
-        try:
-            pieces = shape(bare)
-        except Exception:  # noqa: BLE001 - a template that cannot be probed simply gets no translation
-            continue
-        system = template.system_prompt or pieces.default_system
-        if all(
-            render(pieces, conversation, system) == bare_with_system(bare, conversation, system)
-            for conversation in _probe(template)
+    for system in (True, False):
+        pieces = _read(bare, system)
+        if pieces is not None and all(
+            render(pieces, _conversation(_turns(n, s))) == _prompt(bare, _conversation(_turns(n, s)))
+            for n, s in CHECKS
+            if system or not s
         ):
             return pieces
     return None
 
 
-def _mark(role: str) -> str:
-    return f"{MARK}{role}{MARK}"
+def _prompt(bare: ChatTemplate, conversation: list[dict]) -> str | None:
+    try:
+        return bare.render(conversation, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that refuses a probe has no translation for it
+        return None
 
 
-def _headed(bare: ChatTemplate) -> Pieces:
-    """A head written once, then user and assistant wraps; the system message either in its own wrap or
-    folded into the first user turn. Raises ValueError when renders do not have that shape."""
-    u, a, u2, s = (
-        {"role": role, "content": _mark(name)}
-        for role, name in (("user", "user"), ("assistant", "assistant"), ("user", "u2"), ("system", "system"))
-    )
-    r1, r2, r3 = (bare.render(c, add_generation_prompt=False) for c in ([u], [u, a], [u, a, u2]))
-    if not (r2.startswith(r1) and r3.startswith(r2)):
-        raise ValueError("renders do not grow")
-    user_before, user_after = r3[len(r2) :].split(_mark("u2"))
-    assistant_before, assistant_after = r2[len(r1) :].split(_mark("assistant"))
-    user = (user_before, user_after)
-    first, after = r1.split(_mark("user"))
-    if after != user[1] or not first.endswith(user[0]):
-        raise ValueError("the first user turn is wrapped differently")
-    head = first[: len(first) - len(user[0])]
-    generation = bare.render([u, a, u2], True)[len(r3) :]
-    rest = bare.render([s, u], False)
-    if not rest.startswith(head):
-        raise ValueError("the system message comes before the head")
-    rest, turn = rest[len(head) :], r1[len(head) :]
-    wrap = {"user": user, "assistant": (assistant_before, assistant_after)}
-    fold = None
-    if rest.startswith(user[0] + _mark("system")) and rest.endswith(_mark("user") + user[1]):
-        fold = rest[len(user[0] + _mark("system")) : len(rest) - len(_mark("user") + user[1])]
-        wrap["system"] = ("", "")
-    elif rest.endswith(turn):
-        before, after = rest[: len(rest) - len(turn)].split(_mark("system"))
-        wrap["system"] = (before, after)
-    else:
-        raise ValueError("the system message is neither wrapped nor folded into the first turn")
-    return Pieces(wrap, generation, None, head, fold)
+def _read(bare: ChatTemplate, system: bool) -> Pieces | None:
+    head: dict[str, str] = {}
+    joint: dict[tuple[str, str], str] = {}
+    tails: set[str] = set()
+    for n, s in PROBES:
+        if s and not system:
+            continue
+        roles = _turns(n, s)
+        text = _prompt(bare, _conversation(roles))
+        parts = None if text is None else _split(text, len(roles))
+        if parts is None:
+            return None
+        if head.setdefault(roles[0], parts[0]) != parts[0]:
+            return None
+        for a, b, piece in zip(roles[:-1], roles[1:], parts[1:-1], strict=True):
+            if joint.setdefault((a, b), piece) != piece:
+                return None
+        tails.add(parts[-1])
+    return Pieces(head, joint, tails.pop(), system) if len(tails) == 1 else None
 
 
-def _wrapped(bare: ChatTemplate) -> Pieces:
-    """Every message in its own wrap; a default system prompt when the template inserts one."""
-    wrap: dict[str, tuple[str, str]] = {}
-    done = ""
-    full = [{"role": r, "content": f"{MARK}{r}{MARK}"} for r in ROLES]
-    for k, role in enumerate(ROLES):
-        text = bare.render(full[: k + 1], add_generation_prompt=False)
-        piece = text[len(done) :]
-        before, _, rest = piece.partition(f"{MARK}{role}{MARK}")
-        wrap[role] = (before, rest)
-        done = text
-    generation = bare.render(full[:2], True)[len(bare.render(full[:2], False)) :]
-    no_system = bare.render(full[1:2], False)
-    expected = wrap["user"][0] + f"{MARK}user{MARK}" + wrap["user"][1]
-    default = None
-    if no_system != expected and no_system.endswith(expected):
-        head = no_system[: -len(expected)]
-        pre, post = wrap["system"]
-        if head.startswith(pre) and head.endswith(post):
-            default = head[len(pre) : len(head) - len(post)]
-    return Pieces(wrap, generation, default)
+def with_system(conversation: list[dict], system: str | None) -> list[dict]:
+    """What Ollama renders: its SYSTEM prepended as a system message when the request has none."""
+    if system and conversation[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *conversation]
+    return conversation
 
 
 def bare_with_system(bare: ChatTemplate, conversation: list[dict], system: str | None) -> str:
-    if system and conversation[0]["role"] != "system":
-        conversation = [{"role": "system", "content": system}, *conversation]
-    return bare.render(conversation, add_generation_prompt=True)
+    return bare.render(with_system(conversation, system), add_generation_prompt=True)
 
 
-def render(pieces: Pieces, conversation: list[dict], system: str | None) -> str:
-    """What the Go template produces (Ollama prepends SYSTEM as a system message when there is none)."""
-    if system and conversation[0]["role"] != "system":
-        conversation = [{"role": "system", "content": system}, *conversation]
-    out, folded, fold = pieces.head, None, pieces.fold
-    for m in conversation:
-        content = m["content"]
-        if fold is not None and m["role"] == "system":
-            folded = content
-            continue
-        if fold is not None and folded is not None and m["role"] == "user":
-            content, folded = folded + fold + content, None
-        out += pieces.wrap[m["role"]][0] + content + pieces.wrap[m["role"]][1]
-    return out + pieces.generation
+def render(pieces: Pieces, conversation: list[dict], system: str | None = None) -> str:
+    """What the Go template produces for a conversation ending in a user turn (Python's mirror of it)."""
+    messages = [m for m in with_system(conversation, system) if pieces.system or m["role"] != "system"]
+    out, prev = "", None
+    for m in messages:
+        role = m["role"]
+        out += (pieces.head[role] if prev is None else pieces.joint[(prev, role)]) + m["content"]
+        prev = role
+    return out + pieces.tail
 
 
 def _go(text: str) -> str:
@@ -140,22 +129,21 @@ def _go(text: str) -> str:
 
 
 def go_template(pieces: Pieces) -> str:
-    def content(role: str) -> str:
-        if pieces.fold is not None and role == "user":  # the held system message, then this turn
-            return f'{{{{ if $system }}}}{{{{ $system }}}}{_go(pieces.fold)}{{{{ $system = "" }}}}{{{{ end }}}}{{{{ .Content }}}}'
-        return "{{ .Content }}"
-
-    branches = "".join(
-        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-        + (
-            "{{ $system = .Content }}"
-            if pieces.fold is not None and role == "system"
-            else f"{_go(pieces.wrap[role][0])}{content(role)}{_go(pieces.wrap[role][1])}"
-        )
-        for i, role in enumerate(ROLES)
+    """The pieces as an Ollama (Go text/template) TEMPLATE. No trim markers (`{{-`): literal pieces may
+    begin or end in whitespace that must stay."""
+    branches = [(f'and (eq $prev "") (eq .Role "{r}")', text) for r, text in pieces.head.items()]
+    branches += [(f'and (eq $prev "{a}") (eq .Role "{b}")', text) for (a, b), text in pieces.joint.items()]
+    body = "".join(
+        f"{{{{ {'if' if i == 0 else 'else if'} {cond} }}}}{_go(text)}"
+        for i, (cond, text) in enumerate(branches)
     )
-    start = '{{- $system := "" }}' if pieces.fold is not None else ""
-    return f"{start}{_go(pieces.head)}{{{{- range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go(pieces.generation)}"
+    skip = "" if pieces.system else '{{ if ne .Role "system" }}'
+    close = "" if pieces.system else "{{ end }}"
+    return (
+        '{{ $prev := "" }}{{ range .Messages }}'
+        f"{skip}{body}{{{{ end }}}}{{{{ .Content }}}}{{{{ $prev = .Role }}}}{close}"
+        f'{{{{ end }}}}{{{{ if eq $prev "user" }}}}{_go(pieces.tail)}{{{{ end }}}}'
+    )
 
 
 def _quote(text: str) -> str:
@@ -166,15 +154,19 @@ def modelfile(gguf_name: str, template: ChatTemplate, stop_strings: list[str]) -
     """The Modelfile text, and whether the chat template could be translated."""
     pieces = measure(template)
     lines = [f"FROM ./{gguf_name}", ""]
+    system = template.system_prompt
     if pieces is not None:
+        if not pieces.system:
+            lines.append(
+                "# The chat template has no place for a system message: system messages are dropped."
+            )
+            system = None
         lines += [f"TEMPLATE {_quote(go_template(pieces))}", ""]
-        system = template.system_prompt or pieces.default_system
     else:
         lines += [
             "# The run's chat template could not be translated to Ollama's; Ollama reads the GGUF's.",
             "",
         ]
-        system = template.system_prompt
     if system:
         lines += [f"SYSTEM {_quote(system)}", ""]
     lines += [f'PARAMETER stop "{s}"' for s in stop_strings]
