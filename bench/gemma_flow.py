@@ -2,7 +2,7 @@
 convert, once), a LoRA run in Gemma's turn format with base vs tuned on held-out rows, GGUF export,
 llama.cpp's replies, and `strop serve`'s replies. tests/test_slow_gemma.py is the same flow cut to CI size.
 
-    python bench/gemma_flow.py [--steps 24] [--batch 4] [--examples 8] [--quant q8_0] [--out DIR]
+    python bench/gemma_flow.py [--steps 24] [--batch 4] [--examples 8] [--quantize q8_0] [--out DIR]
 
 Prints one JSON object: seconds per part, held-out loss and in-voice rate (base, tuned), the replies,
 and whether each reply stopped at <end_of_turn> on its own.
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--examples", type=int, default=8)
-    ap.add_argument("--quant", default="q8_0", choices=["f16", "q8_0", "q4_0"])
+    ap.add_argument("--quantize", default="q8_0", choices=["f16", "q8_0", "q4_0"])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -67,9 +67,9 @@ def main() -> None:
     times["train"] = max(s.get("elapsed_s", 0.0) for s in steps)
     summary = json.loads((result.run_dir / "eval" / "summary.json").read_text())
 
-    gguf = out / f"gemma-pirate-{args.quant}.gguf"
+    gguf = out / f"gemma-pirate-{args.quantize}.gguf"
     t0 = time.time()
-    assert cli(["-q", "export", str(result.run_dir), "--quant", args.quant, "--out", str(gguf)]) == 0
+    assert cli(["-q", "export", str(result.run_dir), "--quantize", args.quantize, "--out", str(gguf)]) == 0
     times["export"] = time.time() - t0
 
     from llama_cpp import Llama

@@ -82,7 +82,7 @@ def run(name: str, work: Path, args) -> dict:
             "rag",
             "index",
             str(d / "docs.jsonl"),
-            "--out",
+            "--index",
             str(index),
             "--chunk-size",
             str(args.chunk_size),
@@ -90,7 +90,7 @@ def run(name: str, work: Path, args) -> dict:
             str(args.chunk_size // 8),
         )
         timings["index"] = time.time() - t
-    strop("rag", "eval", str(index), str(questions), "--k", f"1,{args.top_k},10")
+    strop("rag", "eval", "--index", str(index), str(questions), "--k", f"1,{args.top_k},10")
     if not (d / "raft.jsonl").is_file():
         strop(
             "rag",

@@ -381,7 +381,7 @@ def test_shipped_config_loads(path):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["eval", "m", "--data", "d.jsonl", "--format", "nosuch"], "invalid choice: 'nosuch'"),
+        (["eval", "m", "--data", "d.jsonl", "--data-format", "nosuch"], "invalid choice: 'nosuch'"),
         (["generate", "m", "--prompt", "hi", "--temperature", "nan"], "must be a number >= 0"),
         (["generate", "m", "--prompt", "hi", "--top-p", "7"], "must be in (0, 1]"),
     ],

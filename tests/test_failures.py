@@ -283,15 +283,15 @@ def test_merge_never_replaces_another_runs_model(project, tmp_path, capsys):
     first = strop.train(str(project()), show_progress=False)
     other = strop.train(str(project()), ["name=other"], show_progress=False)
     adapter = (other.model_dir / "adapter_model.safetensors").read_bytes()
-    rc, _, err = run_cli(["merge", str(first.run_dir), str(other.model_dir)], capsys)
+    rc, _, err = run_cli(["merge", str(first.run_dir), "--out", str(other.model_dir)], capsys)
     assert_user_error(rc, err, "the model of a strop run", "choose a new folder")
     assert (other.model_dir / "adapter_model.safetensors").read_bytes() == adapter
     out = tmp_path / "merged"
-    rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
+    rc, _, err = run_cli(["merge", str(first.run_dir), "--out", str(out)], capsys)
     assert rc == 0, err
-    rc, _, err = run_cli(["merge", str(first.run_dir), str(out)], capsys)
+    rc, _, err = run_cli(["merge", str(first.run_dir), "--out", str(out)], capsys)
     assert_user_error(rc, err, "exists and is not empty; pass --force")  # an earlier merge: only if asked
-    rc, _, err = run_cli(["merge", str(first.run_dir), str(out), "--force"], capsys)
+    rc, _, err = run_cli(["merge", str(first.run_dir), "--out", str(out), "--force"], capsys)
     assert rc == 0, err
 
 

@@ -53,7 +53,7 @@ def test_merge_gives_a_plain_model_with_the_adapters_logits(tiny_model, alpaca_f
 
     run = train_run(tiny_model, alpaca_file, tmp_path / "runs")
     out = tmp_path / "merged"
-    assert main(["-q", "merge", str(run.run_dir), str(out)]) == 0
+    assert main(["-q", "merge", str(run.run_dir), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
 
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
@@ -81,14 +81,14 @@ def test_merge_of_a_full_run_is_a_clear_error(tiny_model, alpaca_file, tmp_path,
     )
     with pytest.raises(StropError, match="no adapter to merge"):
         merge(run.run_dir, tmp_path / "merged")
-    assert main(["-q", "merge", str(run.run_dir), str(tmp_path / "merged")]) == 2
+    assert main(["-q", "merge", str(run.run_dir), "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'full'" in err and "Traceback" not in err
     assert not (tmp_path / "merged").exists()
 
 
 def test_merge_of_a_folder_that_is_not_a_run(tmp_path, tiny_llama, capsys):
-    assert main(["-q", "merge", str(tiny_llama), str(tmp_path / "merged")]) == 2
+    assert main(["-q", "merge", str(tiny_llama), "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err
     assert "not a strop run" in err and str(tiny_llama) in err and "Traceback" not in err
 
@@ -284,7 +284,7 @@ def test_lora_on_a_gguf_model_trains_and_merges(tiny_gguf, alpaca_file, tmp_path
     monkeypatch.setenv("STROP_CACHE", str(tmp_path / "cache"))
     run = train_run(tiny_gguf, alpaca_file, tmp_path / "runs", train={"max_steps": 2})
     assert json.loads((run.model_dir / "strop_model.json").read_text())["base_model"] == str(tiny_gguf)
-    assert main(["-q", "merge", str(run.run_dir), str(tmp_path / "merged")]) == 0
+    assert main(["-q", "merge", str(run.run_dir), "--out", str(tmp_path / "merged")]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.model_type == "llama"
 
 

@@ -22,7 +22,7 @@ WRITERS = {  # every command that writes a file the user names (or a default one
     "score": "--out",
     "eval": "--out",
     "compare": "--out",
-    "merge": "OUT_DIR",
+    "merge": "--out",
     "export": "--out",
     "data prepare": "--out",
     "rag raft": "--out",
@@ -74,7 +74,7 @@ def _refusals(tmp: Path) -> list[tuple[str, list[str], Path, bool]]:
         ("score", ["score", run, "--file", rows, "--out", str(tmp / "s.jsonl")], tmp / "s.jsonl", False),
         ("eval", ["eval", missing, "--data", rows, "--out", str(tmp / "ev")], tmp / "ev", True),
         ("compare", ["compare", str(tmp / "r1"), str(tmp / "r2"), "--out", str(tmp / "c")], tmp / "c", True),
-        ("merge", ["merge", missing, str(tmp / "m")], tmp / "m", True),
+        ("merge", ["merge", missing, "--out", str(tmp / "m")], tmp / "m", True),
         ("export", ["export", missing, "--out", str(tmp / "x.gguf")], tmp / "x.gguf", False),
         ("export Modelfile", ["export", missing, "--out", str(tmp / "y.gguf")], tmp / "Modelfile", False),
         ("export README", ["export", missing, "--out", str(tmp / "z.gguf")], tmp / "z.README.md", False),
@@ -175,7 +175,7 @@ def test_force_replaces_generate_and_eval_outputs(tiny_llama, tmp_path, capsys):
 def test_export_force_replaces_the_gguf_and_its_companions(tiny_llama, tmp_path, capsys):
     out = tmp_path / "x.gguf"
     planted = {p: _existing(p, False) for p in (out, tmp_path / "Modelfile", tmp_path / "x.README.md")}
-    argv = ["export", str(tiny_llama), "--quant", "f16", "--out", str(out)]
+    argv = ["export", str(tiny_llama), "--quantize", "f16", "--out", str(out)]
     rc, _, err = run_cli(argv, capsys)
     assert_user_error(rc, err, f"--out: {out} exists; pass --force to replace it")
     assert {p: p.read_bytes() for p in planted} == planted

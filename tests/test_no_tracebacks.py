@@ -64,10 +64,13 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
     (tmp / "empty.jsonl").write_text("")
     (tmp / "Modelfile").write_text("FROM ./other.gguf\n")  # another export's, kept
     return [
-        ("rag query damaged index", ["rag", "query", damaged, "what?"]),
-        ("rag eval damaged index", ["rag", "eval", damaged, str(tmp / "rows.jsonl")]),
-        ("rag index update of a damaged index", ["rag", "index", str(tmp / "rows.jsonl"), "--out", damaged]),
-        ("rag eval no questions", ["rag", "eval", index, str(tmp / "empty.jsonl")]),
+        ("rag query damaged index", ["rag", "query", "--index", damaged, "what?"]),
+        ("rag eval damaged index", ["rag", "eval", "--index", damaged, str(tmp / "rows.jsonl")]),
+        (
+            "rag index update of a damaged index",
+            ["rag", "index", str(tmp / "rows.jsonl"), "--index", damaged],
+        ),
+        ("rag eval no questions", ["rag", "eval", "--index", index, str(tmp / "empty.jsonl")]),
         (
             "export truncated weights",
             ["export", _truncated_model(model, tmp), "--out", str(tmp / "t" / "t.gguf")],
@@ -102,7 +105,7 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ),
         ("generate --out in /proc", ["generate", tiny_model, "--prompt", "hi", "--out", "/proc/x.jsonl"]),
         ("eval --out under a file", ["eval", tiny_model, "--data", str(data), "--out", file + "/x"]),
-        ("merge into a file", ["merge", run, file]),
+        ("merge into a file", ["merge", run, "--out", file]),
         ("compare --out under a file", ["compare", run, "--out", file + "/x"]),
         ("data prepare --out under a file", ["data", "prepare", str(data), "--out", file + "/x"]),
         ("data check a device", ["data", "check", "/dev/zero"]),
@@ -123,7 +126,7 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("predict not a run", ["predict", run, "--file", file]),
         ("score not a run", ["score", run, "--file", file]),
         ("explain not a run", ["explain", run, "--text", "hi"]),
-        ("merge not a run", ["merge", run, str(tmp / "merged")]),
+        ("merge not a run", ["merge", run, "--out", str(tmp / "merged")]),
         ("eval missing model", ["eval", missing, "--data", file]),
         ("report not a run", ["report", missing]),
         ("compare not runs", ["compare", missing, run]),
@@ -139,22 +142,25 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("serve missing model", ["serve", missing, "--port", "0"]),
         ("serve adapter without a name", ["serve", tiny_model, "--adapter", "novalue", "--port", "0"]),
         ("serve adapter not a run", ["serve", tiny_model, "--adapter", f"x={run}", "--port", "0"]),
-        ("rag index missing documents", ["rag", "index", missing, "--out", str(tmp / "idx")]),
-        ("rag index malformed rows", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp / "idx")]),
-        ("rag index out is a file", ["rag", "index", str(tmp / "rows.jsonl"), "--out", file]),
-        ("rag index out holds other files", ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp)]),
+        ("rag index missing documents", ["rag", "index", missing, "--index", str(tmp / "idx")]),
+        ("rag index malformed rows", ["rag", "index", str(tmp / "rows.jsonl"), "--index", str(tmp / "idx")]),
+        ("rag index --index is a file", ["rag", "index", str(tmp / "rows.jsonl"), "--index", file]),
+        (
+            "rag index --index holds other files",
+            ["rag", "index", str(tmp / "rows.jsonl"), "--index", str(tmp)],
+        ),
         (
             "rag index --rebuild over other files",
-            ["rag", "index", str(tmp / "rows.jsonl"), "--out", str(tmp), "--rebuild"],
+            ["rag", "index", str(tmp / "rows.jsonl"), "--index", str(tmp), "--rebuild"],
         ),
-        ("rag query not an index", ["rag", "query", str(tmp / "not-a-run"), "what?"]),
-        ("rag remove not an index", ["rag", "remove", str(tmp / "not-a-run"), "doc"]),
+        ("rag query not an index", ["rag", "query", "--index", str(tmp / "not-a-run"), "what?"]),
+        ("rag remove not an index", ["rag", "remove", "--index", str(tmp / "not-a-run"), "doc"]),
         (
             "rag raft not an index",
             ["rag", "raft", str(tmp / "rows.jsonl"), "--index", run, "--out", str(tmp / "raft.jsonl")],
         ),
-        ("rag eval not an index", ["rag", "eval", run, str(tmp / "rows.jsonl")]),
-        ("rag eval bad cut-offs", ["rag", "eval", run, str(tmp / "rows.jsonl"), "--k", "3,x"]),
+        ("rag eval not an index", ["rag", "eval", "--index", run, str(tmp / "rows.jsonl")]),
+        ("rag eval bad cut-offs", ["rag", "eval", "--index", run, str(tmp / "rows.jsonl"), "--k", "3,x"]),
         (
             "rag compare not an index",
             [

@@ -177,7 +177,7 @@ def build_index(tmp_path, encoder, capsys, docs: dict[str, str]) -> str:
     rows = tmp_path / "docs.jsonl"
     rows.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
     index = str(tmp_path / "idx")
-    argv = ["rag", "index", str(rows), "--out", index, "--model", str(encoder), "--no-progress"]
+    argv = ["rag", "index", str(rows), "--index", index, "--model", str(encoder), "--no-progress"]
     rc, _, err = run_cli(argv, capsys)
     assert rc == 0, err
     return index
@@ -256,12 +256,12 @@ def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
     (docs / "a.txt").write_text("Aardvarks eat ants at night.")
     (docs / "b.md").write_text("Beavers build dams in rivers.")
     out = str(tmp_path / "idx")
-    argv = ["rag", "index", str(docs), "--out", out, "--model", str(tiny_bert), "--chunk-size", "32"]
+    argv = ["rag", "index", str(docs), "--index", out, "--model", str(tiny_bert), "--chunk-size", "32"]
     rc, stdout, err = run_cli(argv + ["--no-progress"], capsys)
     assert rc == 0, err
     assert "2 documents, 2 chunks (2 added" in stdout
     rc, stdout, err = run_cli(
-        ["rag", "query", out, "beavers dams", "--json", "--top-k", "1", "--mode", "bm25"], capsys
+        ["rag", "query", "--index", out, "beavers dams", "--json", "--top-k", "1", "--mode", "bm25"], capsys
     )
     assert rc == 0, err
     hit = json.loads(stdout)
@@ -274,15 +274,15 @@ def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
     rc, stdout, err = run_cli(argv[:5] + ["--no-progress"], capsys)  # model and chunking from the index
     assert rc == 0, err
     assert "1 updated, 1 unchanged" in stdout and "1 chunks embedded, 1 reused" in stdout
-    rc, stdout, err = run_cli(["rag", "remove", out, f"{docs}/b.md"], capsys)
+    rc, stdout, err = run_cli(["rag", "remove", "--index", out, f"{docs}/b.md"], capsys)
     assert rc == 0, err
-    rc, stdout, err = run_cli(["rag", "query", out, "beavers dams", "--mode", "bm25"], capsys)
+    rc, stdout, err = run_cli(["rag", "query", "--index", out, "beavers dams", "--mode", "bm25"], capsys)
     assert rc == 0 and "no hits" in stdout
     rc, _, err = run_cli(argv[:5] + ["--chunk-size", "16"], capsys)
     assert_user_error(rc, err, "--chunk-size 16", "was built with 32", "--rebuild")
     fresh = tmp_path / "idx2"
     rc, _, err = run_cli(
-        ["rag", "index", str(docs), "--out", str(fresh), "--model", str(tiny_bert), "--chunk-size", "400"],
+        ["rag", "index", str(docs), "--index", str(fresh), "--model", str(tiny_bert), "--chunk-size", "400"],
         capsys,
     )
     assert_user_error(rc, err, "--chunk-size 400", "reads 256 tokens; use at most 254")
@@ -290,7 +290,7 @@ def test_cli_indexes_queries_updates_and_removes(tiny_bert, tmp_path, capsys):
     (docs / "b.md").unlink()  # b is removed already; index a alone with --sync, then a new c.md
     (docs / "c.md").write_text("Cranes nest in marshes.")
     rc, stdout, err = run_cli(
-        ["rag", "index", str(docs / "c.md"), "--out", out, "--sync", "--no-progress"], capsys
+        ["rag", "index", str(docs / "c.md"), "--index", out, "--sync", "--no-progress"], capsys
     )
     assert rc == 0, err
     assert "1 documents, 1 chunks (1 added, 0 updated, 0 unchanged, 1 removed" in stdout
@@ -496,7 +496,7 @@ def test_rag_eval_scores_each_mode(tiny_bert, tmp_path, capsys):
         + "\n"
     )
     rc, out, err = run_cli(
-        ["rag", "eval", index, str(qs), "--k", "1,3", "--modes", "bm25,dense", "--json"], capsys
+        ["rag", "eval", "--index", index, str(qs), "--k", "1,3", "--modes", "bm25,dense", "--json"], capsys
     )
     assert rc == 0, err
     result = json.loads(out)
@@ -505,11 +505,11 @@ def test_rag_eval_scores_each_mode(tiny_bert, tmp_path, capsys):
     assert bm25["recall@1"] == bm25["mrr"] == bm25["ndcg@3"] == 1.0
     assert bm25["context_recall@1"] == 1.0  # "mars", "red" are in the top passage
     assert set(result["modes"]["dense"]) == set(bm25)
-    rc, out, err = run_cli(["rag", "eval", index, str(qs), "--modes", "bm25"], capsys)
+    rc, out, err = run_cli(["rag", "eval", "--index", index, str(qs), "--modes", "bm25"], capsys)
     assert rc == 0 and "| bm25 | 1.000 |" in out
-    rc, _, err = run_cli(["rag", "eval", index, str(qs), "--k", "0"], capsys)
+    rc, _, err = run_cli(["rag", "eval", "--index", index, str(qs), "--k", "0"], capsys)
     assert_user_error(rc, err, "--k")
-    rc, _, err = run_cli(["rag", "eval", index, str(qs), "--modes", "fuzzy"], capsys)
+    rc, _, err = run_cli(["rag", "eval", "--index", index, str(qs), "--modes", "fuzzy"], capsys)
     assert_user_error(rc, err, "--modes", "'fuzzy'")
 
 

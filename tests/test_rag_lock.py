@@ -38,7 +38,7 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
 
 def test_two_processes_updating_one_index_at_once_both_land(tiny_bert, tmp_path, capsys):
     index = tmp_path / "idx"
-    first = ["rag", "index", _rows(tmp_path / "base.jsonl", ["base"]), "--out", str(index)]
+    first = ["rag", "index", _rows(tmp_path / "base.jsonl", ["base"]), "--index", str(index)]
     rc, _, err = run_cli([*first, "--model", str(tiny_bert), "--no-progress"], capsys)
     assert rc == 0, err
     sets = {name: [f"{name}{k}" for k in range(20)] for name in ("a", "b")}
@@ -51,7 +51,7 @@ def test_two_processes_updating_one_index_at_once_both_land(tiny_bert, tmp_path,
                 "rag",
                 "index",
                 _rows(tmp_path / f"{name}.jsonl", ids),
-                "--out",
+                "--index",
                 str(index),
                 "--no-progress",
             ]

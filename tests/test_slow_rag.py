@@ -57,12 +57,14 @@ def test_embeddings_equal_sentence_transformers():
 def test_dense_retrieval_finds_passages_by_meaning(tmp_path, capsys):
     rows = tmp_path / "passages.jsonl"
     rows.write_text("".join(json.dumps({"id": f"p{i}", "text": p}) + "\n" for i, (p, _) in enumerate(PAIRS)))
-    rc, _, err = run_cli(["rag", "index", str(rows), "--out", str(tmp_path / "idx"), "--no-progress"], capsys)
+    rc, _, err = run_cli(
+        ["rag", "index", str(rows), "--index", str(tmp_path / "idx"), "--no-progress"], capsys
+    )
     assert rc == 0, err
     found = []
     for i, (_, question) in enumerate(PAIRS):
         rc, out, err = run_cli(
-            ["rag", "query", str(tmp_path / "idx"), question, "--mode", "dense", "--json"], capsys
+            ["rag", "query", "--index", str(tmp_path / "idx"), question, "--mode", "dense", "--json"], capsys
         )
         assert rc == 0, err
         found.append([json.loads(line)["doc_id"] for line in out.splitlines()].index(f"p{i}") + 1)

@@ -26,7 +26,7 @@ from strop.core.errors import StropError
 Conversation = list[dict[str, str]]
 
 
-def load(target: str | Path, device: str = "cpu") -> LanguageModel | Classifier | RewardModel:
+def load(target: str | Path, device: str = "auto") -> LanguageModel | Classifier | RewardModel:
     """A finished strop run (its task decides the kind), a transformers folder, a GGUF file, a catalogue
     name or a hub id (language models)."""
     from strop.models.load import read_run_model
@@ -41,9 +41,9 @@ def load(target: str | Path, device: str = "cpu") -> LanguageModel | Classifier 
     return LanguageModel(str(target), device)
 
 
-def evaluate(target: str | Path, data: str | Path, **options: Any) -> dict:
+def evaluate(target: str | Path, data: str | Path, device: str = "auto", **options: Any) -> dict:
     """`load(target).evaluate(data, ...)`: a language model's scores on a file (see LanguageModel)."""
-    model = load(target, options.pop("device", "cpu"))
+    model = load(target, device)
     if not isinstance(model, LanguageModel):
         raise StropError(f"{target}: evaluate scores generated replies; use predict or score for this run")
     return model.evaluate(data, **options)
@@ -62,7 +62,7 @@ def check_data(config: Any, overrides: list[str] | None = None) -> dict:
 class LanguageModel:
     """A causal LM with the chat template its run trained with (or the model's own)."""
 
-    def __init__(self, target: str, device: str = "cpu", quantize: str | None = None):
+    def __init__(self, target: str, device: str = "auto", quantize: str | None = None):
         """`quantize="int8"`: int8 linear layers on CPU (faster; see the README for the cost)."""
         from strop.models.inference import load_for_inference
 
@@ -127,7 +127,7 @@ class LanguageModel:
 class Classifier:
     """A strop classification run: labels and probabilities per text (or text pair)."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
         import torch
 
         from strop.core.device import resolve_device
@@ -145,7 +145,7 @@ class Classifier:
         self.tokenizer = load_tokenizer(run["dir"])
         self.labels: list[str] = list(self.model.labels)
 
-    def predict(self, texts: list[str] | list[tuple[str, str | None]], batch_size: int = 16) -> list[dict]:
+    def predict(self, texts: list[str] | list[tuple[str, str | None]], batch_size: int = 32) -> list[dict]:
         """{label, probabilities} per text; a (text, text_pair) tuple for pair tasks."""
         from strop.recipes.classify import predict_texts
 
@@ -169,7 +169,7 @@ class Classifier:
 class RewardModel:
     """A strop reward run: a scalar score per conversation (the reply as its last turn)."""
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, device: str = "auto"):
         from strop.core.device import resolve_device
         from strop.methods.reward import RewardScorer
 

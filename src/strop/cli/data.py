@@ -123,7 +123,7 @@ def _data_prepare(args) -> int:
         seed=args.seed,
     )
     check_out(args.out, args.force, args.inputs, folder=True)
-    manifest = prepare(args.inputs, Path(args.out), options, fmt=args.format, force=args.force)
+    manifest = prepare(args.inputs, Path(args.out), options, fmt=args.data_format, force=args.force)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     removed = ", ".join(f"{k} {v}" for k, v in manifest["removed_counts"].items()) or "nothing"
     print(f"wrote {args.out}: {counts}; removed: {removed}")

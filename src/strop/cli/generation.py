@@ -193,7 +193,7 @@ def _eval(args) -> int:
         ev,
         out,
         args.max_length,
-        args.format,
+        args.data_format,
         args.device,
         True,
         args.quantize,

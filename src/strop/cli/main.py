@@ -23,7 +23,11 @@ GROUPS = (training, generation, predict, export, serve, reports, data, rag, ui, 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except StropError as e:  # an old spelling (options.renamed): `error: --quant was renamed --quantize`
+        distributed.say_error(str(e))
+        return 2
     args.argv = argv  # quoted when a stopped run says how to start it again
     world = distributed.WORLD
     setup_logging(args.quiet)
@@ -53,8 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as the project's other errors are said: the usage, then one line that
+    starts with `error:` (argparse's own is `strop CMD: error: ...`). Subparsers are of this class too."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="strop",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

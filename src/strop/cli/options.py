@@ -89,7 +89,10 @@ def sampling_args(p: argparse.ArgumentParser, temperature_default: float, max_ne
 
 def data_format_arg(p) -> None:
     """The format of the rows a command reads (export's --format is the format it writes)."""
-    p.add_argument("--format", default="auto", choices=DATA_FORMATS, help="data format (default: detected)")
+    p.add_argument(
+        "--data-format", default="auto", choices=DATA_FORMATS, help="data format (default: detected)"
+    )
+    renamed(p, "--format", "--data-format")
 
 
 def quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -98,6 +101,7 @@ def quantize_arg(p: argparse.ArgumentParser) -> None:
         choices=["int8"],
         help="int8 weights for the linear layers (CPU; see the README for its speed and perplexity here)",
     )
+    renamed(p, "--quant", "--quantize")
 
 
 def force_arg(p, help: str = "replace --out if it exists (an input is never replaced)") -> None:
@@ -114,7 +118,7 @@ def mode_arg(p, flag: str) -> None:
 def retrieval_args(p) -> None:
     """--rag for the commands that answer prompts: each prompt is answered with passages from INDEX."""
     p.add_argument("--rag", metavar="INDEX", help="answer with passages retrieved from this index")
-    p.add_argument("--top-k", type=int, default=4, help="passages per prompt with --rag (default 4)")
+    p.add_argument("--top-k", type=positive_int, default=4, help="passages per prompt with --rag (default 4)")
     mode_arg(p, "--rag-mode")
     p.add_argument(
         "--rag-approximate",
@@ -127,11 +131,37 @@ def retriever_for(args):
     """The --rag index loaded (before any model, so a wrong path fails first), or None."""
     if not getattr(args, "rag", None):
         return None
-    if args.top_k < 1:
-        raise StropError(f"--top-k: must be at least 1, got {args.top_k}")
     from strop.rag.search import Retriever
 
     return Retriever(args.rag, approximate=args.rag_approximate)
+
+
+# ------------------------------------------------------------------------------------- old names
+
+
+class RenamedOption(StropError):
+    """An old spelling of an option: one `error:` line naming the new one (exit status 2)."""
+
+
+class _Renamed(argparse.Action):
+    def __init__(self, option_strings, dest, new: str, hint: str = "", **kwargs):
+        kwargs.update(nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.new, self.hint = new, hint
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = option_string or self.metavar
+        raise RenamedOption(f"{old} was renamed {self.new}" + (f": {self.hint}" if self.hint else ""))
+
+
+def renamed(p, old: str, new: str, hint: str = "") -> None:
+    """`old` (an option, or the metavar of a positional argument that became an option) fails with
+    `error: OLD was renamed NEW[: hint]`. Hidden from --help; an exact old option name also keeps
+    argparse from reading it as an abbreviation of the new one (--quant of --quantize)."""
+    if old.startswith("-"):
+        p.add_argument(old, action=_Renamed, new=new, hint=hint)
+    else:  # a positional argument: a hidden extra one, only seen when the old form gives one too many
+        p.add_argument(f"renamed_{old.lower()}", metavar=old, action=_Renamed, new=new, hint=hint)
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from strop.cli.options import device_arg, force_arg, mode_arg, positive_int
+from strop.cli.options import device_arg, force_arg, mode_arg, positive_int, renamed
 from strop.core.errors import StropError
 
 DEFAULT_MODEL = "minilm-l6"
@@ -25,7 +25,8 @@ def register(sub) -> None:
         "one INDEX at once run one after the other (the lock is the file .INDEX.lock beside it).",
     )
     ix.add_argument("docs", nargs="+", metavar="DOCS", help="files or folders of documents")
-    ix.add_argument("--out", required=True, metavar="INDEX", help="the index folder (created or updated)")
+    index_arg(ix, "the index folder (created or updated)")
+    renamed(ix, "--out", "--index", "strop rag index DOCS... --index INDEX")
     ix.add_argument(
         "--model", help=f"embedding encoder (default {DEFAULT_MODEL}; an existing index keeps its own)"
     )
@@ -42,8 +43,9 @@ def register(sub) -> None:
     ix.set_defaults(handler=_rag_index)
 
     q = rsub.add_parser("query", help="print the chunks of INDEX that best match TEXT")
-    q.add_argument("index", metavar="INDEX")
+    index_arg(q)
     q.add_argument("text", metavar="TEXT")
+    renamed(q, "INDEX", "--index", "strop rag query --index INDEX TEXT")
     q.add_argument("--top-k", type=positive_int, default=4, help="hits to print (default 4)")
     mode_arg(q, "--mode")
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
@@ -62,7 +64,7 @@ def register(sub) -> None:
         "from INDEX, for the rest K distractors only; passages shuffled. Train on OUT like any chat data.",
     )
     rf.add_argument("rows", metavar="ROWS", help="JSONL/CSV with question, answer and document fields")
-    rf.add_argument("--index", required=True, metavar="INDEX", help="where distractors are retrieved from")
+    index_arg(rf, "where distractors are retrieved from")
     rf.add_argument("--out", required=True, metavar="OUT.jsonl")
     force_arg(rf)
     rf.add_argument(
@@ -81,8 +83,9 @@ def register(sub) -> None:
         "optionally the reference answer), retrieve from INDEX in each mode and average recall@k, MRR "
         "and nDCG@k, and context recall and precision at the smallest k against the reference answer.",
     )
-    ev.add_argument("index", metavar="INDEX")
+    index_arg(ev)
     ev.add_argument("questions", metavar="QUESTIONS", help="JSONL/CSV rows of questions")
+    renamed(ev, "INDEX", "--index", "strop rag eval --index INDEX QUESTIONS")
     ev.add_argument("--k", default="1,3,5,10", help="cut-offs, comma-separated (default 1,3,5,10)")
     ev.add_argument("--modes", default="hybrid,dense,bm25", help="modes to compare (default all three)")
     ev.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -102,7 +105,7 @@ def register(sub) -> None:
         "OUT/compare.json, OUT/compare.md and OUT/answers.jsonl.",
     )
     cp.add_argument("questions", metavar="QUESTIONS", help="JSONL/CSV rows: question, answer[, doc_id]")
-    cp.add_argument("--index", required=True, metavar="INDEX")
+    index_arg(cp)
     cp.add_argument(
         "--base", required=True, metavar="MODEL", help="the base model (catalogue name, folder, hub id)"
     )
@@ -130,9 +133,14 @@ def register(sub) -> None:
     cp.set_defaults(handler=_rag_compare)
 
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
-    rm.add_argument("index", metavar="INDEX")
+    index_arg(rm)
     rm.add_argument("ids", nargs="+", metavar="DOC_ID")
     rm.set_defaults(handler=_rag_remove)
+
+
+def index_arg(p, help: str = "the index folder (`strop rag index` builds it)") -> None:
+    """--index INDEX, the one name for the retrieval index (--rag INDEX turns retrieval on elsewhere)."""
+    p.add_argument("--index", required=True, metavar="INDEX", help=help)
 
 
 def _rag_index(args) -> int:
@@ -141,13 +149,13 @@ def _rag_index(args) -> int:
     from strop.core.io import check_output
     from strop.rag import index as ix
 
-    out = Path(args.out).expanduser()
-    check_output(out, "--out", folder=True)
+    out = Path(args.index).expanduser()
+    check_output(out, "--index", folder=True)
     out.parent.mkdir(parents=True, exist_ok=True)  # where the lock and the index go
     with ix.locked(out):  # from reading the index to writing it: a second update waits
         changes, index = _update_index(args, out)
     print(
-        f"{args.out}: {len(index.documents)} documents, {len(index.chunks)} chunks ({changes.summary()}) "
+        f"{args.index}: {len(index.documents)} documents, {len(index.chunks)} chunks ({changes.summary()}) "
         f"in {changes.seconds:.1f} s"
     )
     return 0
@@ -161,7 +169,9 @@ def _update_index(args, out):
     if (
         out.is_dir() and not (out / "index.json").exists() and any(out.iterdir())
     ):  # never replace others' files
-        raise StropError(f"--out {args.out}: folder is not empty and holds no strop index; give a new folder")
+        raise StropError(
+            f"--index {args.index}: folder is not empty and holds no strop index; give a new folder"
+        )
     existing = None if args.rebuild or not (out / "index.json").exists() else ix.load(out)
     model = args.model or (existing.model if existing else DEFAULT_MODEL)
     size = args.chunk_size or (existing.size if existing else 200)
@@ -178,7 +188,7 @@ def _update_index(args, out):
         ):
             if given != kept:
                 raise StropError(
-                    f"{option} {given}: {args.out} was built with {kept}; give the same or --rebuild"
+                    f"{option} {given}: {args.index} was built with {kept}; give the same or --rebuild"
                 )
     docs = read_documents(args.docs, args.text_field, args.id_field)
     embedder = Embedder(model, batch_size=args.batch_size)

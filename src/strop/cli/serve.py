@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from strop.cli.options import device_arg, port, positive_int, quantize_arg, retrieval_args, retriever_for
+from strop.cli.options import (
+    device_arg,
+    port,
+    positive_int,
+    quantize_arg,
+    renamed,
+    retrieval_args,
+    retriever_for,
+)
 from strop.core.errors import ConfigError
 
 
@@ -28,7 +36,13 @@ def register(sub) -> None:
     sv.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $STROP_API_KEY)")
     sv.add_argument("--max-batch", type=positive_int, default=16, help="choices decoded together")
     sv.add_argument("--queue", type=positive_int, default=64, help="choices waiting or decoding before 429")
-    sv.add_argument("--max-tokens", type=positive_int, default=2048, help="cap on a request's max_tokens")
+    sv.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=2048,
+        help="cap on a request's max_tokens (default 2048)",
+    )
+    renamed(sv, "--max-tokens", "--max-new-tokens")
     sv.add_argument("--max-n", type=positive_int, default=8, help="cap on a request's n")
     sv.add_argument("--max-prompt-tokens", type=positive_int, help="default: the model's context length")
     device_arg(sv)
@@ -50,7 +64,7 @@ def _serve(args) -> int:
             raise ConfigError(f"--adapter {item}: the name {name!r} is given twice")
         adapters[name] = run
     limits = Limits(
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_new_tokens,
         n=args.max_n,
         prompt_tokens=args.max_prompt_tokens,
         queue=args.queue,

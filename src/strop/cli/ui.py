@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strop.cli.options import device_arg
+from strop.cli.options import device_arg, port
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
     )
     u.add_argument("--runs", default="runs", metavar="DIR", help="the runs folder (default: ./runs)")
     u.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    u.add_argument("--port", type=int, default=7860, help="default: 7860 (0: any free port)")
+    u.add_argument("--port", type=port, default=7860, help="default: 7860 (0: any free port)")
     u.add_argument(
         "--allow-remote", action="store_true", help="allow a --host beyond loopback (the token still applies)"
     )
