@@ -22,10 +22,10 @@ from typing import overload
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
 from strop.core.errors import DataError
 from strop.core.io import atomic_dir, cache_root
+from strop.core.progress import tqdm
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate, encode_text
 

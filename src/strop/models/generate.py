@@ -31,7 +31,7 @@ def generate(
     ends at an end-of-turn token, after `max_new_tokens`, or just before the first of the `stop`
     strings. With a seed, conversation i samples from its own generator seeded `seed + i`.
     """
-    from tqdm.auto import tqdm
+    from strop.core.progress import tqdm
 
     requests = [
         Request(

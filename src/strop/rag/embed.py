@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from strop.core.device import set_threads
+from strop.core.progress import tqdm
 
 log = logging.getLogger("strop.rag")
 

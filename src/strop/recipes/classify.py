@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config
 from strop.core.device import autocast
 from strop.core.errors import ConfigError
 from strop.core.io import atomic_write_json, atomic_write_text
+from strop.core.progress import tqdm
 from strop.data.batches import collate
 from strop.data.classes import build_labelled, class_weights, encode, texts_of
 from strop.data.tokenized import TokenizedSet

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tqdm.auto import tqdm
 
 from strop.core import distributed
 from strop.core.config import RunConfig
 from strop.core.device import autocast
 from strop.core.io import atomic_write_json, atomic_write_text
+from strop.core.progress import tqdm
 from strop.data.batches import collate
 from strop.data.pairs import PairData, build_pairs, encode_pairs
 from strop.data.ratings import RatingData, build_ratings

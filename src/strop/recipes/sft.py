@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config
 from strop.core.errors import ConfigError, StropError
+from strop.core.progress import tqdm
 from strop.data.build import add_replay, build_datasets, split_records
 from strop.data.curriculum import difficulty_by_length
 from strop.data.leakage import guard_leakage

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from strop.core import distributed, signals
 from strop.core.errors import Interrupted, StropError, TrainingStopped
 from strop.core.metrics import MetricsSink
+from strop.core.progress import tqdm
 from strop.training import sharding
 from strop.training.checkpoint import (
     checkpoint_dir,

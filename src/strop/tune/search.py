@@ -22,12 +22,12 @@ from contextlib import contextmanager
 
 import optuna
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
 from strop.core.config import RunConfig, load_config, to_yaml
 from strop.core.device import usable_cores
 from strop.core.errors import ConfigError, Interrupted, StropError
 from strop.core.io import atomic_write_text
+from strop.core.progress import tqdm
 from strop.core.search_config import SearchConfig, default_direction
 from strop.eval.suite import metric_names
 from strop.tune import study as studies
