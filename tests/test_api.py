@@ -79,3 +79,42 @@ def test_merge_refuses_a_folder_with_files_unless_forced(tiny_llama, tmp_path):
         lm.merge(out)
     assert (out / "notes.txt").read_text() == "keep me" and not (out / "config.json").exists()
     assert (lm.merge(out, force=True) / "config.json").is_file()
+
+
+def test_evaluate_is_what_strop_eval_runs(tiny_llama, tmp_path, capsys):
+    """One evaluation path: `strop eval`, `strop.evaluate` and `LanguageModel.evaluate` write the same
+    predictions and scores with the same defaults (every example, greedy, 256 new tokens)."""
+    rows = [{"question": r["instruction"], "answer": r["output"]} for r in ALPACA_ROWS[:3]]
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    options = ["--metric", "contains", "--max-new-tokens", "4", "--device", "cpu"]
+    rc, _, err = run_cli(
+        ["eval", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "cli"), *options], capsys
+    )
+    assert rc == 0, err
+    api = strop.evaluate(
+        tiny_llama, data, tmp_path / "api", device="cpu", metrics=["contains"], max_new_tokens=4
+    )
+    lm = strop.load(tiny_llama, device="cpu")
+    method = lm.evaluate(data, tmp_path / "method", metrics=["contains"], max_new_tokens=4)
+    cli = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert cli["examples"] == api["examples"] == method["examples"] == 3
+    assert cli["metrics"] == api["metrics"] == method["metrics"] and cli["loss"] == pytest.approx(api["loss"])
+    predictions = {d: (tmp_path / d / "predictions.jsonl").read_text() for d in ("cli", "api", "method")}
+    assert predictions["cli"] == predictions["api"] == predictions["method"]
+
+
+def test_evaluate_refuses_an_output_folder_with_files_unless_forced(tiny_llama, tmp_path):
+    from strop.core.errors import StropError
+
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Name a colour.", "answer": "Blue."}])
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    lm = strop.load(tiny_llama, device="cpu")
+    with pytest.raises(StropError, match=r"out_dir: .*pass --force"):
+        lm.evaluate(data, out, max_new_tokens=2)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert lm.evaluate(data, out, max_new_tokens=2, force=True)["examples"] == 1
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "summary.json").is_file()
+    with pytest.raises(StropError, match="top_k: must be at least 1"):
+        lm.evaluate(data, tmp_path / "other", top_k=0)

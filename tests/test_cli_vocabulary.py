@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 from strop.cli.options import DATA_FORMATS, DEVICES, _Renamed, positive_int
 from test_cli import _leaves
 
@@ -180,6 +180,27 @@ def test_the_python_api_has_the_cli_defaults():
     assert _api_default(api.Classifier.predict, "batch_size") == _cli_default("predict", "batch_size")
     assert _api_default(api.Classifier.explain, "steps") == _cli_default("explain", "steps")
     assert _api_default(api.LanguageModel, "quantize") == _cli_default("generate", "quantize") is None
+    for name in ("max_new_tokens", "temperature", "top_p"):  # chat samples; generate is greedy
+        assert _api_default(api.LanguageModel.stream, name) == _cli_default("chat", name), name
+
+
+def test_evaluate_has_strop_evals_defaults(tmp_path):
+    from strop import api
+    from strop.core.config import EvalConfig
+
+    plan = api._eval_plan  # the options of strop.evaluate and LanguageModel.evaluate
+    same = {"data_format": "data_format", "max_length": "max_length", "force": "force", "rag": "rag"}
+    same |= {"top_k": "top_k", "rag_mode": "rag_mode", "rag_approximate": "rag_approximate"}
+    for api_name, dest in same.items():
+        assert _api_default(plan, api_name) == _cli_default("eval", dest), api_name
+    fields = EvalConfig.model_fields
+    for name in ("max_new_tokens", "temperature", "top_p", "batch_size"):
+        assert fields[name].default == _cli_default("eval", name), name
+    assert fields["stop"].default_factory() == _cli_default("eval", "stop") == []
+    assert fields["metrics"].default_factory() == _cli_default("eval", "metric") == []
+    assert _cli_default("eval", "limit") is None  # every example, in the API too (EvalConfig's is 64)
+    rows = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(70)])
+    assert len(plan("m", rows, tmp_path / "ev").file.examples) == 70
 
 
 def test_the_readme_vocabulary_table_is_what_the_parsers_take():

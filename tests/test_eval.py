@@ -290,12 +290,12 @@ def test_a_bad_metric_fails_before_training(tiny_llama, alpaca_file, tmp_path, m
 
 
 def test_strop_eval_checks_data_and_metrics_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    import strop.recipes.evaluation as evaluation
+    import strop.models.inference as inference
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(evaluation, "load_for_inference", no_loading)
+    monkeypatch.setattr(inference, "load_for_inference", no_loading)
     assert main(["eval", "some-model", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])

@@ -5,7 +5,7 @@ can do, and the CLI's inference commands are thin wrappers over it.
     lm = strop.load("runs/my-run")                 # a finished run, a model folder, a catalogue name
     lm.generate(["Write a haiku about the sea."])  # -> ["..."]
     lm.chat([{"role": "user", "content": "Hi"}])   # -> "..."
-    lm.evaluate("test.jsonl", metrics=["rouge_l"]) # base-free scores of this model on a file
+    lm.evaluate("test.jsonl", metrics=["rouge_l"]) # base-free scores of this model on a file (`strop eval`)
     lm.merge("merged/")                            # adapter runs: a plain transformers folder
 
     clf = strop.load("runs/sentiment")             # classification runs
@@ -18,6 +18,8 @@ can do, and the CLI's inference commands are thin wrappers over it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,25 @@ def load(target: str | Path, device: str = "auto") -> LanguageModel | Classifier
     return LanguageModel(str(target), device)
 
 
-def evaluate(target: str | Path, data: str | Path, device: str = "auto", **options: Any) -> dict:
-    """`load(target).evaluate(data, ...)`: a language model's scores on a file (see LanguageModel)."""
-    model = load(target, device)
-    if not isinstance(model, LanguageModel):
+def evaluate(
+    target: str | Path,
+    data: str | Path,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    quantize: str | None = None,
+    **options: Any,
+) -> dict:
+    """`load(target, device).evaluate(data, ...)` (options as `LanguageModel.evaluate`), in the order
+    that wastes no loading time: the run's task, the --rag index, the metrics and the data are checked
+    before the model loads. What `strop eval` runs."""
+    from strop.models.load import read_run_model
+
+    path = Path(target)
+    run = read_run_model(path) if path.is_dir() else None
+    if (run or {}).get("task", "sft") in ("classification", "reward"):
         raise StropError(f"{target}: evaluate scores generated replies; use predict or score for this run")
-    return model.evaluate(data, **options)
+    plan = _eval_plan(str(target), data, out_dir, **options)
+    return LanguageModel(str(target), device, quantize)._evaluate(plan)
 
 
 def check_data(config: Any, overrides: list[str] | None = None) -> dict:
@@ -92,29 +107,38 @@ class LanguageModel:
         """The reply to one conversation (options as `generate`)."""
         return self.generate([messages], **options)[0]
 
-    def evaluate(
-        self,
-        data: str | Path,
-        out_dir: str | Path | None = None,
-        max_length: int = 1024,
-        data_format: str = "auto",
-        progress: bool = False,
-        **eval_options: Any,
-    ) -> dict:
+    def stream(
+        self, messages: Conversation, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9
+    ) -> Iterator[str]:
+        """The reply to one conversation, piece by piece as it is generated (what `strop chat` prints;
+        its sampling defaults are chat's)."""
+        from strop.models.generate import stream
+
+        return stream(self.model, self.template, messages, max_new_tokens, temperature, top_p)
+
+    @property
+    def description(self) -> str:
+        """What was loaded, in words (the model, its adapter, its template)."""
+        return self.loaded.description
+
+    def evaluate(self, data: str | Path, out_dir: str | Path | None = None, **options: Any) -> dict:
         """Scores on a file of conversations ending in a reference reply: loss and perplexity of the
-        references, and generation metrics (`metrics=[...]`, `extract=...`, any eval config key).
-        Writes summary.json and predictions.jsonl to `out_dir` (default: eval-FILE beside the run)."""
-        import torch
+        references, and generation metrics. Writes summary.json and predictions.jsonl to `out_dir`
+        (default: eval-FILE beside the run), which must be new or empty unless `force=True`.
 
-        from strop.core.config import EvalConfig
-        from strop.eval.suite import evaluate_one
-        from strop.recipes.evaluation import file_examples
+        Options, with `strop eval`'s defaults: `data_format` ("auto"), `max_length` (1024 tokens per
+        example for the loss), `progress` (False), `force` (False); `rag=INDEX` answers each prompt with
+        passages from INDEX (`top_k` 4, `rag_mode` "hybrid", `rag_approximate` False; sources.jsonl
+        lists them); any eval config key (`metrics=[...]`, `extract=...`, `max_new_tokens`, `stop`,
+        ...), every example unless `max_examples`."""
+        return self._evaluate(_eval_plan(self.target, data, out_dir, **options))
 
-        ev = EvalConfig(**eval_options)
-        examples = file_examples(str(data), ev, data_format)
-        out = Path(out_dir) if out_dir else default_eval_dir(self.target, data)
-        with torch.no_grad():
-            return evaluate_one(self.model, self.template, examples, ev, max_length, out, progress)
+    def _evaluate(self, plan: _EvalPlan) -> dict:
+        from strop.recipes.evaluation import evaluate_on_file
+
+        return evaluate_on_file(
+            self.model, self.template, plan.file, plan.out, plan.max_length, plan.progress
+        )
 
     def merge(self, out_dir: str | Path, force: bool = False) -> Path:
         """An adapter run as one plain transformers folder (what vLLM, TGI or `transformers` load). A
@@ -198,6 +222,54 @@ class RewardModel:
                 raise StropError(f"{row.where}: expected 'messages' or 'prompt' and 'response'")
         out = self.score(conversations, batch_size)
         return [{**row.data, "reward": round(r, 6)} for row, r in zip(rows, out, strict=True)]
+
+
+@dataclass
+class _EvalPlan:
+    file: Any  # recipes.evaluation.FileExamples
+    out: Path
+    max_length: int
+    progress: bool
+
+
+def _eval_plan(
+    target: str,
+    data: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    data_format: str = "auto",
+    max_length: int = 1024,
+    progress: bool = False,
+    force: bool = False,
+    rag: str | Path | None = None,
+    top_k: int = 4,
+    rag_mode: str = "hybrid",
+    rag_approximate: bool = False,
+    **eval_options: Any,
+) -> _EvalPlan:
+    """`evaluate`'s options checked and its file read, all before a model is needed: the output folder
+    (new or empty unless `force`, never one holding `data`), the index, the eval settings, the rows."""
+    from strop.core.config import EvalConfig
+    from strop.core.errors import ConfigError
+    from strop.core.io import check_fresh_output
+    from strop.recipes.evaluation import file_examples
+
+    out = Path(out_dir) if out_dir else default_eval_dir(target, data)
+    check_fresh_output(out, "out_dir", True, force, [data])
+    if top_k < 1:
+        raise ConfigError(f"top_k: must be at least 1, got {top_k}")
+    retriever = None
+    if rag is not None:
+        from strop.rag.search import Retriever
+
+        retriever = Retriever(str(rag), approximate=rag_approximate)
+    try:
+        ev = EvalConfig(**{"max_examples": None, **eval_options})
+    except ValueError as e:
+        raise ConfigError(f"evaluate: {e}") from None
+    return _EvalPlan(
+        file_examples(data, ev, data_format, retriever, top_k, rag_mode), out, max_length, progress
+    )
 
 
 def default_eval_dir(target: str, data: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """`strop chat | generate | eval`: a language model (a run, a model folder, a catalogue name, a GGUF
-file or a hub id) answering prompts, optionally from a retrieval index (--rag)."""
+file or a hub id) answering prompts, optionally from a retrieval index (--rag). Each is a thin layer
+over `strop.api.LanguageModel` (eval: `strop.api.evaluate`, the one evaluation path)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from strop.cli.options import (
     retriever_for,
     sampling_args,
 )
-from strop.core.errors import StropError
 
 
 def register(sub) -> None:
@@ -80,16 +80,15 @@ def register(sub) -> None:
 
 
 def _chat(args) -> int:
-    from strop.models.generate import stream
-    from strop.models.inference import load_for_inference
+    from strop.api import LanguageModel
     from strop.rag.prompt import augment
 
     retriever = retriever_for(args)
-    loaded = load_for_inference(args.target, device=args.device, quantize=args.quantize)
+    lm = LanguageModel(args.target, device=args.device, quantize=args.quantize)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     with_index = f", answering from {args.rag}" if retriever else ""
-    print(f"chatting with {loaded.description}{with_index}. /reset clears, /exit quits.")
+    print(f"chatting with {lm.description}{with_index}. /reset clears, /exit quits.")
     while True:
         try:
             text = input("you> ").strip()
@@ -107,9 +106,7 @@ def _chat(args) -> int:
         hits = retriever.search(text, args.top_k, args.rag_mode) if retriever else []
         print("bot> ", end="", flush=True)
         reply = ""
-        for piece in stream(
-            loaded.model,
-            loaded.template,
+        for piece in lm.stream(
             augment(system + history, hits),  # the passages go into this turn only, not the history
             args.max_new_tokens,
             args.temperature,
@@ -167,39 +164,32 @@ def _retrieve(retriever, messages: list[dict], args) -> list:
 def _eval(args) -> int:
     from pathlib import Path
 
-    from strop.api import default_eval_dir
-    from strop.core.config import EvalConfig
-    from strop.recipes.evaluation import evaluate_model_on_file
+    from strop.api import default_eval_dir, evaluate
 
-    try:
-        ev = EvalConfig(
-            max_examples=args.limit,
-            metrics=args.metric,
-            extract=args.extract,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            stop=args.stop,
-            batch_size=args.batch_size,
-        )
-    except ValueError as e:
-        raise StropError(f"strop eval: {e}") from None
     out = Path(args.out) if args.out else default_eval_dir(args.target, args.data)
-    check_out(str(out), args.force, [args.data], folder=True)
-    retriever = retriever_for(args)
-    s = evaluate_model_on_file(
+    check_out(str(out), args.force, [args.data], folder=True)  # named as the option, before any work
+    s = evaluate(
         args.target,
         args.data,
-        ev,
         out,
-        args.max_length,
-        args.data_format,
-        args.device,
-        True,
-        args.quantize,
-        retriever,
-        args.top_k,
-        args.rag_mode,
+        device=args.device,
+        quantize=args.quantize,
+        data_format=args.data_format,
+        max_length=args.max_length,
+        progress=True,
+        force=args.force,
+        rag=args.rag,
+        top_k=args.top_k,
+        rag_mode=args.rag_mode,
+        rag_approximate=args.rag_approximate,
+        max_examples=args.limit,
+        metrics=args.metric,
+        extract=args.extract,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=args.stop,
+        batch_size=args.batch_size,
     )
     scores = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
     loss = f"loss {s['loss']:.4f}, ppl {s['ppl']:.2f}, " if s["loss"] is not None else ""
@@ -207,6 +197,6 @@ def _eval(args) -> int:
         f"{s['examples']} examples in {s['seconds']:.0f} s ({s['examples_per_s']:.2f} examples/s): {loss}{scores}"
     )
     print(f"wrote {out / 'summary.json'} and {out / 'predictions.jsonl'}")
-    if retriever is not None:
+    if args.rag:
         print(f"passages of each prompt: {out / 'sources.jsonl'}")
     return 0

@@ -1,4 +1,4 @@
-"""Evaluation recipes: base vs tuned at the end of a run, and `strop eval` for any model.
+"""Evaluation recipes: base vs tuned at the end of a run, and one model on a file (`strop eval`, the API).
 
 The end-of-run evaluation scores data.test when the config has one, else the validation split
 (which the report then flags: it was not trained on, but it chose the checkpoint that was kept).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +19,10 @@ from strop.core.errors import DataError
 from strop.data.build import read_records
 from strop.data.formats import Record
 from strop.data.template import ChatTemplate
-from strop.eval.examples import eval_examples
+from strop.eval.examples import EvalExample, eval_examples
 from strop.eval.extract import get_extractor
 from strop.eval.metrics import build_metrics
 from strop.eval.suite import adapter_disabled, evaluate_one, metric_names, run_suite
-from strop.models.inference import load_for_inference
 from strop.models.load import load_model
 
 log = logging.getLogger("strop.eval")
@@ -109,44 +109,27 @@ def _base_model(cfg: RunConfig, model):
     return fresh
 
 
-def evaluate_model_on_file(
-    target: str,
-    data: str,
+@dataclass
+class FileExamples:
+    """The examples of one evaluation file, checked, each prompt carrying its passages when a retriever
+    gave them (`sources`: one {id, question, sources} row per example; None without retrieval)."""
+
+    examples: list[EvalExample]
+    config: EvalConfig
+    sources: list[dict] | None = None
+
+
+def file_examples(
+    data: str | Path,
     ev: EvalConfig,
-    out_dir: Path,
-    max_length: int = 1024,
     fmt: str = "auto",
-    device: str = "auto",
-    progress: bool = True,
-    quantize: str | None = None,
     retriever=None,
     top_k: int = 4,
     rag_mode: str = "hybrid",
-) -> dict:
-    """`strop eval TARGET --data FILE`: one model (a run, a model folder or a catalogue name).
-    Metrics and data are checked before the model loads, so a typo costs no loading time. With a
-    `retriever` (`--rag`), each prompt carries its passages and OUT/sources.jsonl lists them."""
-    examples = file_examples(data, ev, fmt)
-    found: list[dict] = []
-    if retriever is not None:
-        from strop.rag.prompt import augment_examples
-
-        examples, found = augment_examples(examples, retriever, top_k, rag_mode)
-    loaded = load_for_inference(target, device, quantize=quantize)
-    with torch.no_grad():
-        summary = evaluate_one(loaded.model, loaded.template, examples, ev, max_length, out_dir, progress)
-    if retriever is not None:
-        from strop.core.io import atomic_write_text
-
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
-        atomic_write_text(out_dir / "sources.jsonl", lines)
-    else:  # an earlier `--rag` eval's passages (replaced with --force) would describe other prompts
-        (out_dir / "sources.jsonl").unlink(missing_ok=True)
-    return summary
-
-
-def file_examples(data: str, ev: EvalConfig, fmt: str = "auto") -> list:
-    """The conversations of a file that end in a reference reply, after checking the eval settings."""
+) -> FileExamples:
+    """The conversations of a file that end in a reference reply, after checking the eval settings
+    (metrics, extractor: custom metrics are imported here). Cheap next to loading a model, so callers
+    read the file first and a typo costs no loading time."""
     check_eval_config(ev)
     records = read_records(DatasetSource(path=str(data), format=fmt))
     examples = eval_examples(records, ev.max_examples)
@@ -154,4 +137,27 @@ def file_examples(data: str, ev: EvalConfig, fmt: str = "auto") -> list:
         raise DataError(
             f"{data}: no conversations ending in a reply to score (need a prompt and a reference)"
         )
-    return examples
+    if retriever is None:
+        return FileExamples(examples, ev)
+    from strop.rag.prompt import augment_examples
+
+    examples, found = augment_examples(examples, retriever, top_k, rag_mode)
+    return FileExamples(examples, ev, found)
+
+
+def evaluate_on_file(
+    model, template: ChatTemplate, file: FileExamples, out_dir: Path, max_length: int = 1024, progress=True
+) -> dict:
+    """The one way a model is scored on a file (`strop eval`, `strop.evaluate`, `LanguageModel.evaluate`):
+    loss and perplexity of the references, generation metrics; writes summary.json and predictions.jsonl
+    to `out_dir`, and sources.jsonl (each prompt's passages) when the examples carry them."""
+    with torch.no_grad():
+        summary = evaluate_one(model, template, file.examples, file.config, max_length, out_dir, progress)
+    if file.sources is not None:
+        from strop.core.io import atomic_write_text
+
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in file.sources)
+        atomic_write_text(out_dir / "sources.jsonl", lines)
+    else:  # an earlier `--rag` eval's passages (replaced with --force) would describe other prompts
+        (out_dir / "sources.jsonl").unlink(missing_ok=True)
+    return summary
