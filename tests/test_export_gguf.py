@@ -180,7 +180,9 @@ def test_export_of_a_lora_run_carries_its_merged_weights_and_template(tiny_llama
 
     run = train_tiny(tmp_path, tiny_llama, CUSTOM)
     out = tmp_path / "ship" / "pirate.gguf"
-    rc, stdout, err = run_cli(["-q", "export", str(run.run_dir), "--quantize", "f16", "--out", str(out)], capsys)
+    rc, stdout, err = run_cli(
+        ["-q", "export", str(run.run_dir), "--quantize", "f16", "--out", str(out)], capsys
+    )
     assert rc == 0, err
     assert f"wrote {out}" in stdout and "tensors: f16:" in stdout
     assert {p.name for p in out.parent.iterdir()} == {"pirate.gguf", "Modelfile", "pirate.README.md"}
@@ -189,7 +191,10 @@ def test_export_of_a_lora_run_carries_its_merged_weights_and_template(tiny_llama
     assert max_logit_diff(merged, back, build_tokenizer()) < TOLERANCE["f16"]
     fields = gguf.GGUFReader(str(out)).fields
     assert fields["tokenizer.chat_template"].contents() == CUSTOM
-    assert '(eq $prev "assistant") (eq .Role "user") }}<|im_end|>\n[user] ' in (out.parent / "Modelfile").read_text()
+    assert (
+        '(eq $prev "assistant") (eq .Role "user") }}<|im_end|>\n[user] '
+        in (out.parent / "Modelfile").read_text()
+    )
 
 
 def test_export_refuses_what_it_cannot_write_by_name(tiny_gpt2, tmp_path, capsys, monkeypatch):

@@ -36,7 +36,9 @@ def test_llama_cpp_runs_the_exported_quickstart_model_as_strop_does(quickstart_o
     agree = {}
     for quant in ("f16", "q8_0"):
         out = tmp_path / quant / f"pirate-{quant}.gguf"  # a folder each: each export writes its own Modelfile
-        rc, stdout, err = run_cli(["-q", "export", str(run_dir), "--quantize", quant, "--out", str(out)], capsys)
+        rc, stdout, err = run_cli(
+            ["-q", "export", str(run_dir), "--quantize", quant, "--out", str(out)], capsys
+        )
         assert rc == 0, err
         llm = Llama(model_path=str(out), n_ctx=1024, n_threads=2, verbose=False)
         try:

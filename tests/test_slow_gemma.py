@@ -101,7 +101,9 @@ def test_llama_cpp_answers_the_exported_run_in_its_turn_format(gemma_run, tmp_pa
     _, result = gemma_run
     out = tmp_path / "gemma-pirate-f16.gguf"
     t0 = time.time()
-    rc, _, err = run_cli(["-q", "export", str(result.run_dir), "--quantize", "f16", "--out", str(out)], capsys)
+    rc, _, err = run_cli(
+        ["-q", "export", str(result.run_dir), "--quantize", "f16", "--out", str(out)], capsys
+    )
     TIMES["export f16 GGUF (merge, vocabulary, tensors)"] = time.time() - t0
     assert rc == 0, err
     template = load_for_inference(str(result.run_dir), device="cpu").template

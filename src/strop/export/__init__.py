@@ -1,1 +1,3 @@
-"""Export: merge adapters into the base model (later: GGUF, quantization)."""
+"""Export: merge adapters into the base model (merge.py), write GGUF files for llama.cpp and Ollama with
+their vocabulary, architecture metadata and Modelfile (gguf_*.py, ollama.py), or a merged transformers
+folder (save.py); ship.py is `strop export`."""

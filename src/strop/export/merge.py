@@ -15,7 +15,7 @@ from strop.models.load import load_model, load_tokenizer, read_run_model
 
 
 def merge(
-    run_or_model_dir: str | Path, out_dir: str | Path, force: bool = False, option: str = "OUT_DIR"
+    run_or_model_dir: str | Path, out_dir: str | Path, force: bool = False, option: str = "--out"
 ) -> Path:
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():

@@ -49,7 +49,7 @@ def export(target: str, fmt: str, quant: str, out: str | None, force: bool = Fal
     if fmt != "gguf":
         raise StropError(f"--format: expected gguf or hf, got {fmt!r}")
     if quant not in (*QUANTS, *K_QUANTS):
-        raise StropError(f"--quant: expected one of {', '.join((*QUANTS, *K_QUANTS))}, got {quant!r}")
+        raise StropError(f"--quantize: expected one of {', '.join((*QUANTS, *K_QUANTS))}, got {quant!r}")
     if quant in K_QUANTS:
         _llama_cpp_quantizer()  # refuse before the work
     name = Path(target).name.removesuffix(".gguf") or "model"
@@ -101,7 +101,7 @@ def _llama_cpp_quantizer():
         import llama_cpp
     except ImportError:
         raise StropError(
-            f"--quant: {', '.join(K_QUANTS)} are made by llama.cpp's quantizer, which needs llama-cpp-python "
+            f"--quantize: {', '.join(K_QUANTS)} are made by llama.cpp's quantizer, which needs llama-cpp-python "
             "(pip install llama-cpp-python); f16, q8_0 and q4_0 need nothing more"
         ) from None
     return llama_cpp

@@ -54,7 +54,7 @@ def run_quickstart(overrides: list[str] | None = None, show_progress: bool = Tru
     print(
         f"run directory: {result.run_dir}\n  its report:    {result.report}\n"
         f"  chat with it:  strop chat {result.run_dir}\n"
-        f"  merge it:      strop merge {result.run_dir} merged-model"
+        f"  merge it:      strop merge {result.run_dir} --out merged-model"
     )
     return {"base": base, "tuned": tuned, "prompts": prompts, "result": result, "seconds": time.time() - t0}
 
