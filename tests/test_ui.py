@@ -264,8 +264,10 @@ def test_a_run_started_stopped_and_resumed_from_the_dashboard(tmp_path, tiny_lla
         assert 0 < step < 400
         assert request(ui.url + "/api/resume/web", {})[0] == 200
         finished = _wait(ui, "web", lambda r: r["status"] == "finished")
-        assert finished["steps"] == 400
-        assert "--resume" in finished["log"]
+        assert finished["steps"] == 400 and finished["error"] is None, finished
+        resumed = ui.jobs.get("web")  # the run's job now: the resume, run to its end
+        assert resumed.command[1:3] == ["train", "--resume"] and resumed.returncode == 0, resumed
+        assert read_state(list_checkpoints(root / "web")[-1])["step"] == 400
         records = [json.loads(line) for line in (root / "web" / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in records if "loss" in r]
         assert steps == list(range(1, 401))  # resumed where it stopped: no step twice, none missing
