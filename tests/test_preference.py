@@ -18,7 +18,7 @@ from strop.data.batches import IGNORE, collate
 from strop.data.pairs import build_pairs, encode_pairs
 from strop.data.template import ChatTemplate, resolve_template
 from strop.eval.significance import binomial_two_sided, mcnemar
-from strop.methods import dpo
+from strop.methods import dpo, logprobs
 from strop.methods.preference import sequence_logps
 from strop.models.load import load_model
 from strop.recipes.run import train
@@ -102,7 +102,7 @@ def read_pairs(path):
 
 
 def test_chunked_reply_logps_equal_full_logits(tiny_llama, template, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(dpo, "CHUNK", 5)
+    monkeypatch.setattr(logprobs, "CHUNK", 5)
     path = write_jsonl(tmp_path / "p.jsonl", pairs(4))
     ts = build_pairs(DataConfig(train=[str(path)], val_fraction=0.0, max_length=64), template, seed=0).train
     b = collate(ts, [0, 1, 2], tokenizer.pad_token_id)

@@ -11,13 +11,15 @@ and the output vocabulary (the recipe checks).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from strop.methods import sft
 from strop.methods.lm_loss import hidden_and_head, linear_cross_entropy
+from strop.methods.logprobs import head_chunks
 from strop.methods.objective import Loss, RowObjective
 
 CHUNK = 256  # label positions whose (chunk, V) logits exist at once, for student and teacher alike
@@ -64,16 +66,17 @@ def lm_loss(
     backbone, head = student
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
     hard = linear_cross_entropy(hidden, head.weight, targets[keep])
-    soft = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.size(0), CHUNK):
-        if teacher_parts is None:
-            t_chunk = t_logits[i : i + CHUNK]
-        else:
-            t_chunk = t_hidden[i : i + CHUNK] @ teacher_parts[1].weight.T  # (chunk, V)
-        # recomputed in backward, so only one chunk's (chunk, V) student logits are ever held
-        soft = soft + checkpoint(
-            _soft_chunk, hidden[i : i + CHUNK], head.weight, t_chunk, temperature, use_reentrant=False
-        )
+    if teacher_parts is None:
+        teacher_rows: torch.Tensor | Callable = t_logits  # (N, V)
+    else:
+        t_head = teacher_parts[1].weight
+
+        def teacher_rows(s: slice) -> torch.Tensor:  # one chunk's teacher logits, (chunk, V)
+            return t_hidden[s] @ t_head.T
+
+    # only one chunk's (chunk, V) student logits are ever held; they are recomputed in backward
+    pieces = head_chunks(_soft_chunk, hidden, head.weight, teacher_rows, args=(temperature,), chunk=CHUNK)
+    soft = sum(pieces, hidden.new_zeros((), dtype=torch.float32))
     return alpha * soft + (1 - alpha) * hard, int(keep.sum())
 
 
@@ -88,12 +91,10 @@ def _cached_loss(model, inputs, targets, keep, batch, temperature: float, alpha:
     hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
     hard = linear_cross_entropy(hidden, head.weight, targets[keep])
     t_logits, t_ids = batch["teacher_logits"], batch["teacher_ids"]  # (N, k) each
-    soft = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.size(0), CHUNK):
-        sl = slice(i, i + CHUNK)
-        soft = soft + checkpoint(
-            _cached_chunk, hidden[sl], head.weight, t_logits[sl], t_ids[sl], temperature, use_reentrant=False
-        )
+    pieces = head_chunks(
+        _cached_chunk, hidden, head.weight, t_logits, t_ids, args=(temperature,), chunk=CHUNK
+    )
+    soft = sum(pieces, hidden.new_zeros((), dtype=torch.float32))
     return alpha * soft + (1 - alpha) * hard, int(keep.sum())
 
 

@@ -6,47 +6,29 @@ https://arxiv.org/abs/2305.18290); reference-free variants have their own files 
 and config picks one by name (pair_losses.py).
 
 Batches hold the chosen rows then the rejected rows (data/batches.py), so one forward pass scores both.
-Log-probs come from the label positions only, with the LM head applied in chunks that are recomputed in
-backward, so (tokens x vocabulary) logits are never held for the whole batch.
+Log-probs come from the label positions only (methods/logprobs.py: the LM head in chunks recomputed in
+backward, so (tokens x vocabulary) logits are never held for the whole batch).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from strop.data.batches import IGNORE, collate_pairs
 from strop.data.packing import MODEL_KEYS, collate_packed_pairs, pair_lengths
-from strop.methods.lm_loss import hidden_and_head
+from strop.methods.logprobs import label_logps
 from strop.methods.objective import Loss
-from strop.methods.preference import dpo_loss, token_logps
-
-CHUNK = 512  # label positions whose (chunk, V) logits exist at once
+from strop.methods.preference import dpo_loss
 
 
 def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log-probs of each sequence's label tokens, float32: (B,) for padded rows, (2 x pairs,)
     for packed pairs, whose `sequence_ids` say which sequence each token belongs to."""
-    labels = batch["labels"]
-    keep = labels[:, 1:] != IGNORE  # (B, T-1)
+    keep = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
     owner, inputs, n = _sequences(batch, keep)
-    parts = hidden_and_head(model)
-    if parts is None:
-        logits = model(**inputs).logits  # (B, T, V)
-        token = token_logps(logits, labels, labels != IGNORE)[keep]  # (N,)
-    else:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
-        targets = labels[:, 1:][keep]  # (N,)
-        pieces = [
-            checkpoint(
-                _picked_logps, hidden[i : i + CHUNK], head.weight, targets[i : i + CHUNK], use_reentrant=False
-            )
-            for i in range(0, hidden.size(0), CHUNK)
-        ]
-        token = torch.cat(pieces) if pieces else hidden.new_zeros(0)  # (N,)
-    return torch.zeros(n, device=token.device).index_add(0, owner, token.float())
+    token, _ = label_logps(model, inputs, batch["labels"])  # (N,)
+    return torch.zeros(n, device=token.device).index_add(0, owner, token)
 
 
 def _sequences(batch: dict, keep: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
@@ -56,11 +38,6 @@ def _sequences(batch: dict, keep: torch.Tensor) -> tuple[torch.Tensor, dict, int
         return batch["sequence_ids"][:, 1:][keep], inputs, 2 * int(batch["pairs"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     return keep.nonzero()[:, 0], inputs, keep.size(0)
-
-
-def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (chunk, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def reply_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
