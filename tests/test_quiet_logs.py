@@ -86,8 +86,10 @@ def test_a_piped_run_logs_a_line_per_tenth_and_no_library_chatter(tmp_path, tiny
     assert all(shown), log  # every progress line has the count, the rate and an ETA (the last: the time)
     steps = [int(m.group(1)) for m in shown if m]
     assert set(range(STEPS // 10, STEPS + 1, STEPS // 10)) <= set(steps), log  # each tenth, in order
-    assert len(steps) <= 12 and steps == sorted(steps), log  # not one per step (a slow tenth: + 30 s)
     assert shown[-1] and shown[-1].group(3).endswith("in all"), log
+    minutes, seconds = shown[-1].group(3).split()[0].split(":")[-2:]
+    took = 60 * int(minutes) + int(seconds)  # on a busy machine a tenth can take over 30 s: a line more
+    assert len(steps) <= 10 + took // 30 and steps == sorted(steps), log  # never one per step
     assert any(line.startswith("loaded ") for line in lines), log  # strop's own info lines stay
     assert not [line for line in lines if any(t in line for t in THIRD_PARTY)], log
     assert not [line for line in lines if re.match(r"^\[?[IWE]\d{4} ", line)], log  # glog-style lines
