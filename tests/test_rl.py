@@ -17,8 +17,9 @@ from strop.data.batches import IGNORE
 from strop.data.prompts import read_prompts
 from strop.data.template import ChatTemplate, resolve_template
 from strop.eval import rewards
+from strop.methods import logprobs
 from strop.methods.ppo_losses import grpo_advantages
-from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
+from strop.methods.rl import GRPO, PPO, ValueHead, response_logps
 from strop.models.load import load_model
 from strop.recipes.run import train
 from strop.training.rl_loop import _rows
@@ -175,11 +176,12 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
     """The loop's policy for a loss gone NaN, as in fit: skip the update, count, warn, and stop after
     train.max_bad_steps steps in a row with nothing but non-finite updates."""
     from strop.core.errors import TrainingStopped
+    from strop.methods import rl
     from strop.training import rl_loop
 
     steps, bad = [], set()
-    real_sample, objective = rl_loop.sample, f"{task}_loss"
-    real_loss = getattr(rl_loop, objective)
+    real_sample, objective = rl_loop.sample, {"ppo": rl.PPO, "grpo": rl.GRPO}[task]
+    real_loss = objective.token_mean
 
     def sample(*args, **kwargs):
         steps.append(1)
@@ -190,7 +192,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
         return (value * float("nan"), metrics) if len(steps) in bad else (value, metrics)
 
     monkeypatch.setattr(rl_loop, "sample", sample)
-    monkeypatch.setattr(rl_loop, objective, loss)
+    monkeypatch.setattr(objective, "token_mean", loss)
     cfg = rl_config(tiny_llama, tmp_path, task, steps=4)
     bad.add(2)
     result = train({**cfg, "name": "once"}, show_progress=False)
@@ -207,7 +209,8 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
         train({**cfg, "name": "always"}, show_progress=False)
 
 
-def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer):
+def test_response_logps_and_values_match_full_logits(tiny_model, template, tokenizer, monkeypatch):
+    monkeypatch.setattr(logprobs, "CHUNK", 2)  # the four reply tokens in two chunks of the LM head
     model = load_model(str(tiny_model), torch.device("cpu"), torch.float32)
     prompts = [
         template.prompt_ids([{"role": "user", "content": t}]) for t in ("Hi there.", "Tell me a story")
@@ -250,10 +253,11 @@ def test_micro_batches_give_the_same_gradient(tiny_llama, template, tokenizer, m
     else:
         batch["advantages"] = grpo_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2]), 2)
 
-    def objective(b):
-        if method == "ppo":
-            return ppo_loss(model, head, b, 1.0, 0.2, 0.2, 0.5)[0]
-        return grpo_loss(model, b, 1.0, 0.2, 0.1)[0]
+    loss = PPO(head, 1.0, 0.2, 0.2, 0.5) if method == "ppo" else GRPO(1.0, 0.2, 0.1)
+
+    def objective(b):  # the mean over the reply tokens of b
+        out = loss.loss(model, b)
+        return out.total / out.count
 
     params = [p for p in model.parameters()] + list(head.parameters())
     whole = torch.autograd.grad(objective(batch), params, allow_unused=True)

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from strop.data.batches import IGNORE
-from strop.methods.lm_loss import hidden_and_head
+from strop.methods.logprobs import label_logps
+from strop.methods.objective import Loss
 from strop.methods.ppo_losses import k3_kl, ppo_policy_loss, ppo_value_loss
-
-CHUNK = 512  # reply positions whose (chunk, V) logits exist at once
 
 
 class ValueHead(nn.Module):
@@ -43,75 +40,68 @@ def response_logps(
     """(log-probs, values) of each reply token, (B, T) laid out as `response_mask`; values None
     without a value head. The value at a token is that of the state the token was sampled from."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    labels = batch["labels"]
-    keep = labels[:, 1:] != IGNORE  # (B, T-1): positions that predict a reply token
-    targets = labels[:, 1:][keep]  # (N,)
-    parts = hidden_and_head(model)
-    if parts is None:
-        out = model(**inputs, output_hidden_states=value_head is not None)
-        logits = out.logits[:, :-1][keep].float() / temperature  # (N, V)
-        token = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-        hidden = out.hidden_states[-1][:, :-1][keep] if value_head is not None else None
-    else:
-        backbone, head = parts
-        hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1][keep]  # (N, d)
-        pieces = [
-            checkpoint(
-                _picked_logps,
-                hidden[i : i + CHUNK],
-                head.weight,
-                targets[i : i + CHUNK],
-                temperature,
-                use_reentrant=False,
-            )
-            for i in range(0, hidden.size(0), CHUNK)
-        ]
-        token = torch.cat(pieces) if pieces else hidden.new_zeros(0)
+    token, hidden = label_logps(model, inputs, batch["labels"], temperature, value_head is not None)
     mask = batch["response_mask"]  # (B, T_reply): each row's first n positions, n = its reply length
-    logps = torch.zeros(mask.shape, device=token.device, dtype=torch.float32).masked_scatter(
-        mask, token.float()
-    )
+    logps = torch.zeros(mask.shape, device=token.device, dtype=torch.float32).masked_scatter(mask, token)
     values = None
     if value_head is not None:
-        assert hidden is not None  # computed above whenever there is a value head
+        assert hidden is not None  # label_logps gives the hidden states when asked
         # detached: the critic's early, large errors must not move the policy they share a body with
         values = torch.zeros_like(logps).masked_scatter(mask, value_head(hidden.detach()).float())
     return logps, values
 
 
-def _picked_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logits = (hidden @ weight.T).float() / temperature  # (chunk, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+class RolloutObjective:
+    """A loss over rollout batches (training/rollout.py) whose unit is the reply token: `loss` gives the
+    sum over the micro-batch's reply tokens of `token_mean`'s loss, their count and sums of its
+    statistics, so the optimizer step (training/step.py) makes it the masked mean over a whole
+    mini-batch however it is split. Subclasses set `token_mean`; `kl_coef` is the rollout loop's (an
+    adaptive KL moves it between steps)."""
+
+    def __init__(self, temperature: float, clip: float, kl_coef: float):
+        self.temperature, self.clip, self.kl_coef = temperature, clip, kl_coef
+
+    def token_mean(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the loss's masked mean over the batch's reply tokens, masked means of the statistics)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict) -> Loss:
+        mean, metrics = self.token_mean(model, batch)
+        n = int(batch["response_mask"].sum())
+        return Loss(mean * n, n, {k: v * n for k, v in metrics.items()})
 
 
-def ppo_loss(
-    model: nn.Module,
-    value_head: ValueHead,
-    batch: dict,
-    temperature: float,
-    clip: float,
-    value_clip: float,
-    vf_coef: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate + vf_coef x clipped value loss, masked means over the batch's reply tokens."""
-    logps, values = response_logps(model, batch, temperature, value_head)
-    assert values is not None  # there is a value head
-    mask = batch["response_mask"]
-    pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip)
-    vf, vf_metrics = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
-    return pg + vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), **metrics, **vf_metrics}
+class PPO(RolloutObjective):
+    """Clipped surrogate + vf_coef x clipped value loss, over per-token advantages and returns (GAE of
+    the KL-penalised rewards: the rollout loop's preparation) and the rollout's values."""
+
+    def __init__(
+        self, value_head: ValueHead, temperature: float, clip: float, value_clip: float, vf_coef: float
+    ):
+        super().__init__(temperature, clip, 0.0)
+        self.value_head, self.value_clip, self.vf_coef = value_head, value_clip, vf_coef
+
+    def token_mean(self, model, batch):
+        logps, values = response_logps(model, batch, self.temperature, self.value_head)
+        assert values is not None  # there is a value head
+        mask = batch["response_mask"]
+        pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.clip)
+        vf, vf_metrics = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, self.value_clip)
+        return pg + self.vf_coef * vf, {"pg_loss": pg.item(), "vf_loss": vf.item(), **metrics, **vf_metrics}
 
 
-def grpo_loss(
-    model: nn.Module, batch: dict, temperature: float, clip: float, kl_coef: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+class GRPO(RolloutObjective):
     """Clipped surrogate with one group-relative advantage per reply, + kl_coef x k3 KL to the reference.
 
     Averaged over all reply tokens of the batch (DAPO's token-level mean, Yu et al. 2025,
     https://arxiv.org/abs/2503.14476), not per reply first as DeepSeekMath wrote it: long replies are
     not down-weighted per token."""
-    logps, _ = response_logps(model, batch, temperature)
-    mask = batch["response_mask"]
-    pg, metrics = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"][:, None], mask, clip)
-    kl = k3_kl(logps, batch["ref_logps"], mask)
-    return pg + kl_coef * kl, {"pg_loss": pg.item(), "kl_loss": kl.item(), **metrics}
+
+    def token_mean(self, model, batch):
+        logps, _ = response_logps(model, batch, self.temperature)
+        mask = batch["response_mask"]
+        pg, metrics = ppo_policy_loss(
+            logps, batch["old_logps"], batch["advantages"][:, None], mask, self.clip
+        )
+        kl = k3_kl(logps, batch["ref_logps"], mask)
+        return pg + self.kl_coef * kl, {"pg_loss": pg.item(), "kl_loss": kl.item(), **metrics}

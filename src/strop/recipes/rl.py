@@ -94,6 +94,7 @@ class RLTask(Task):
                 run.run_dir,
                 run.device,
                 run.show_progress,
+                run.amp,
             )
         return result
 

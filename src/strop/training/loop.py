@@ -1,9 +1,10 @@
 """`fit`: the one training loop. accumulate -> clip -> step -> schedule -> log -> eval -> checkpoint.
 
 Every method goes through it as an objective (methods/objective.py): its `loss` gives a micro-batch's
-loss sum, its own count of units (label tokens, examples, pairs) and sums of statistics. The loop
-back-propagates the sums and divides the gradients by the count of the whole optimizer step, so
-accumulation never changes the result; the statistics are logged as means over the same count.
+loss sum, its own count of units (label tokens, examples, pairs) and sums of statistics. The optimizer
+step (training/step.py, shared with the rollout loop) back-propagates the sums and divides the
+gradients by the count of the whole step, so accumulation never changes the result; the statistics are
+logged as means over the same count.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,9 @@ from strop.data.packing import PackedPlan
 from strop.data.tokenized import TokenizedSet
 from strop.methods.objective import Objective
 from strop.training import sharding
-from strop.training.checkpoint import restore_rng, rng_snapshot
 from strop.training.loop_state import LoopState
 from strop.training.optim import build_optimizer, lr_factor, set_lr
+from strop.training.step import optimizer_step
 
 log = logging.getLogger("strop.train")
 
@@ -182,17 +182,20 @@ def fit(
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
         micro = [batches(step * train.grad_accum + i) for i in range(train.grad_accum)]
-        loss, n_labels, stats, n_real = accumulate(
-            model, objective, micro, run, device, autocast_dtype, train, batches.filler if sharded else None
+        done = optimizer_step(
+            run,
+            model,
+            objective,
+            micro,
+            device,
+            optim.grad_clip,
+            autocast_dtype,
+            train.release_memory,
+            batches.filler if sharded else None,
         )
-        params = [p for p in model.parameters() if p.grad is not None]
-        max_norm = optim.grad_clip or float("inf")
-        if sharded:
-            grad_norm = sharding.clip_gradients(params, max_norm)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss, n_labels, grad_norm = done.loss, done.count, done.grad_norm
         run.state["step"] = step + 1
-        run.step_or_skip(loss, grad_norm, train.max_bad_steps)
+        run.count_skipped(0 if done.taken else 1, 1, train.max_bad_steps)
 
         now = time.perf_counter()
         record = {
@@ -202,9 +205,9 @@ def fit(
             "lr": lr,
             "grad_norm": grad_norm,
             "label_tokens": n_labels,
-            "tokens_per_s": n_real / max(now - t_last, 1e-9),
+            "tokens_per_s": done.real_tokens / max(now - t_last, 1e-9),
             "elapsed_s": now - t_start,  # wall time of this fit() call, evaluation and saving included
-            **{name: v / n_labels for name, v in stats.items()},
+            **{name: v / n_labels for name, v in done.stats.items()},
         }
         last = step + 1 == n_steps
         run.log(record, write=(step + 1) % train.log_every == 0 or last)
@@ -231,64 +234,6 @@ def fit(
         st["skipped_steps"],
         stop_early,
     )
-
-
-def accumulate(
-    model: nn.Module,
-    objective: Objective,
-    micro: list[tuple[dict, int] | None],
-    run: LoopState,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    train: TrainConfig,
-    filler: Callable[[], dict] | None = None,
-) -> tuple[float, int, dict[str, float], int]:
-    """One optimizer step's gradients: each micro-batch's loss sum back-propagated, then the gradients
-    (summed over the processes, when there are several) divided by the step's count over all of them,
-    so they are those of the mean over every unit of the step, however it was split. Returns (mean loss,
-    count, stat sums, real tokens), totals of all processes. A stop signal (on any process) abandons the
-    step: its gradients are dropped and its RNG draws undone before the checkpoint. `filler` (sharded
-    runs): the batch a process runs with weight 0 for an empty share, to join every block's collectives."""
-    stats: dict[str, float] = {}
-    loss_sum, count, n_real, at_start = 0.0, 0, 0, rng_snapshot()
-    for picked in micro:
-        if distributed.any_true(bool(signals.requested()), device):
-            run.optimizer.zero_grad(set_to_none=True)
-            restore_rng(at_start)
-            run.stop_on_signal()
-        empty = picked is None  # this process's share of the micro-batch is empty
-        if empty:
-            if filler is None:
-                continue
-            picked = filler(), 0
-        batch, real = picked  # type: ignore[misc]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast(device, autocast_dtype):
-            out = objective.loss(model, batch)
-        if empty:  # a filler: its collectives, none of its gradient
-            (out.total * 0.0).backward()
-            continue
-        for name, v in out.stats.items():
-            stats[name] = stats.get(name, 0.0) + v
-        out.total.backward()
-        loss_sum += float(out.total.detach())
-        count += out.count
-        n_real += real
-        if device.type == "cpu" and train.release_memory:
-            release_free_memory()  # resident memory drops back to what is live between micro-batches
-    if distributed.WORLD.active:  # sharded blocks summed theirs in backward (reduce-scatter)
-        whole = [p for p in model.parameters() if p.requires_grad and not sharding.is_sharded(p)]
-        distributed.sum_gradients(whole, device)
-        names = run.stat_names = sorted(stats) or run.stat_names  # an empty share has no stats of its own
-        totals = distributed.sum_floats(
-            [loss_sum, count, n_real, *(stats.get(k, 0.0) for k in names)], device
-        )
-        loss_sum, count, n_real = totals[0], int(totals[1]), int(totals[2])
-        stats = dict(zip(names, totals[3:], strict=True))
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.div_(count or math.nan)
-    return (loss_sum / count if count else math.nan), count, stats, n_real
 
 
 def _split(train: TrainConfig, world: World, dealt: bool) -> dict:

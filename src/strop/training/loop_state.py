@@ -5,7 +5,6 @@ bar, saving, stopping on a signal or on too many non-finite steps, and keeping t
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 
@@ -100,24 +99,27 @@ class LoopState:
             self.sink.log(record)
         self.final.update(record)
 
-    def step_or_skip(self, loss: float, grad_norm: float, max_bad_steps: int) -> None:
-        """The optimizer steps on a finite loss and gradient; otherwise the step is skipped, counted and
-        warned about, and `max_bad_steps` skipped in a row stop the run with a checkpoint."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.state["bad_streak"] = 0
-            self.optimizer.step()
-        else:
-            self.state["bad_streak"] = self.state.get("bad_streak", 0) + 1
-            self.state["skipped_steps"] += 1
+    def count_skipped(self, skipped: int, updates: int, max_bad_steps: int) -> None:
+        """Book the step just counted in `state["step"]`: `skipped` of its `updates` optimizer updates
+        (one in `fit`; update_epochs x mini-batches in the rollout loop) had a non-finite loss or
+        gradient and were skipped (training/step.py). A step with any counts in `skipped_steps` and is
+        warned about; `max_bad_steps` steps in a row whose every update was skipped stop the run with a
+        checkpoint."""
+        state = self.state
+        if skipped:
+            state["skipped_steps"] += 1
             log.warning(
-                "step %d: loss %s / grad norm %s is not finite; step skipped", self.step, loss, grad_norm
+                "step %d: %d of %d updates had a non-finite loss or gradient; skipped",
+                self.step,
+                skipped,
+                updates,
             )
-            if self.state["bad_streak"] >= max_bad_steps:
-                self.stop_diverged(
-                    f"{self.state['bad_streak']} consecutive steps had a non-finite loss; stopped at step "
-                    f"{self.step}."
-                )
-        self.optimizer.zero_grad(set_to_none=True)
+        state["bad_streak"] = state.get("bad_streak", 0) + 1 if skipped == updates else 0
+        if state["bad_streak"] >= max_bad_steps:
+            what = "a non-finite loss" if updates == 1 else "only non-finite updates"
+            self.stop_diverged(
+                f"{state['bad_streak']} consecutive steps had {what}; stopped at step {self.step}."
+            )
 
     def check_learned(self) -> None:
         """A run whose every step was skipped as non-finite learned nothing and is not a success."""

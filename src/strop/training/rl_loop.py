@@ -34,12 +34,13 @@ from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_order
 from strop.data.template import ChatTemplate
 from strop.methods.ppo_losses import AdaptiveKLController, gae, grpo_advantages, kl_penalty_rewards, whiten
-from strop.methods.rl import ValueHead, grpo_loss, ppo_loss, response_logps
+from strop.methods.rl import GRPO, PPO, RolloutObjective, ValueHead, response_logps
 from strop.training.checkpoint import restore_rng, rng_snapshot
 from strop.training.loop import FitResult
 from strop.training.loop_state import LoopState
 from strop.training.optim import build_optimizer, lr_factor, set_lr
 from strop.training.rollout import Reward, evaluate_reward, sample
+from strop.training.step import optimizer_step
 
 log = logging.getLogger("strop.train")
 
@@ -61,6 +62,7 @@ def fit_rl(
     run_dir: Path,
     device: torch.device,
     show_progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[FitResult, dict]:
     """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
     evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
@@ -98,14 +100,18 @@ def fit_rl(
         batch, kl_seq, objective = _prepare(
             policy, value_head, reference if use_reference else None, s, scores, rl, train, state, device
         )
-        sums, updates, skipped, grad_norm = _update(modules, optimizer, objective, batch, rl, train, optim)
+        sums, updates, skipped, grad_norm = _update(
+            run, policy, objective, batch, rl, train, optim, autocast_dtype
+        )
         scores, unfinished, kl_seq, lengths = (
             _whole(t, device) for t in (scores, unfinished.float(), kl_seq, torch.tensor(s.lengths))
         )
-        _count_skipped(run, step + 1, skipped, updates, int((~torch.isfinite(scores)).sum()), train)
+        if bad := int((~torch.isfinite(scores)).sum()):
+            log.warning("step %d: the reward was NaN or infinite for %d replies", step + 1, bad)
         if kl_ctl is not None:
             state["kl_coef"] = kl_ctl.update(float(kl_seq.mean()), len(scores))
         state["step"] = step + 1
+        run.count_skipped(skipped, updates, train.max_bad_steps)
         record = _record(
             step + 1,
             scores,
@@ -241,7 +247,7 @@ def _prepare(policy, value_head, reference, s, scores, rl: RLConfig, train: Trai
     batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
     if value_head is None:
         batch["advantages"] = grpo_advantages(scores, rl.group_size)
-        return batch, kl_seq, lambda b: grpo_loss(policy, b, rl.temperature, rl.clip, state["kl_coef"])
+        return batch, kl_seq, GRPO(rl.temperature, rl.clip, state["kl_coef"])
     assert old_values is not None  # response_logps gives values with a value head
     rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
     advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
@@ -250,20 +256,26 @@ def _prepare(policy, value_head, reference, s, scores, rl: RLConfig, train: Trai
     elif mask.sum() > 1:
         advantages = whiten(advantages, mask)
     batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
-    return (
-        batch,
-        kl_seq,
-        lambda b: ppo_loss(policy, value_head, b, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef),
-    )
+    return batch, kl_seq, PPO(value_head, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef)
 
 
-def _update(modules, optimizer, objective, batch: dict, rl: RLConfig, train: TrainConfig, optim: OptimConfig):
-    """`update_epochs` passes of clipped updates over shuffled mini-batches, each accumulated over
-    micro-batches of `train.batch_size` rows as a masked mean over its tokens. A non-finite update is
-    skipped (as `fit` skips a step). Returns (metric sums, updates, skipped, last grad norm)."""
+def _update(
+    run: LoopState,
+    policy: nn.Module,
+    objective: RolloutObjective,
+    batch: dict,
+    rl: RLConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    autocast_dtype: torch.dtype | None,
+):
+    """`update_epochs` passes over shuffled mini-batches of the rollout, each one optimizer step
+    (training/step.py) over micro-batches of `train.batch_size` rows: the mean over the mini-batch's
+    units of every process. Returns (sums over updates of their mean loss and statistics, updates,
+    skipped updates, last grad norm)."""
     mask = batch["response_mask"]
-    world = distributed.WORLD
     device = mask.device
+    world = distributed.WORLD
     sums: dict[str, float] = {}
     updates, skipped, grad_norm = 0, 0, 0.0
     local = mask.size(0)
@@ -275,54 +287,28 @@ def _update(modules, optimizer, objective, batch: dict, rl: RLConfig, train: Tra
         for start in range(0, size, mini):
             rows = order[start : start + mini]
             rows = rows[(rows >= offset) & (rows < offset + local)] - offset  # this process's rows of it
-            n_tokens = distributed.sum_floats([float(mask[rows].sum())], device)[0]
-            finite = True
-            for m in range(0, len(rows), train.batch_size):
-                sub = rows[m : m + train.batch_size]
-                weight = float(mask[sub].sum()) / n_tokens  # the masked mean over the whole mini-batch
-                loss, metrics = objective(_rows(batch, sub))
-                (loss * weight).backward()
-                finite = finite and math.isfinite(loss.item())
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v * weight
-            finite = not distributed.any_true(not finite, device)
-            if world.active:
-                distributed.sum_gradients([p for p in modules.parameters() if p.requires_grad], device)
-            params = [p for p in modules.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
-            if finite and math.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
+            micro: list[tuple[dict, int] | None] = [
+                (_rows(batch, sub), int(mask[sub].sum()))
+                for sub in (rows[m : m + train.batch_size] for m in range(0, len(rows), train.batch_size))
+            ]
+            done = optimizer_step(
+                run,
+                policy,
+                objective,
+                micro or [None],  # an empty share still joins the sums over processes
+                device,
+                optim.grad_clip,
+                autocast_dtype,
+                train.release_memory,
+                filler=lambda: _rows(batch, torch.arange(1)),
+                interruptible=False,  # a stop signal waits for the step's end: a rollout is not split
+            )
+            for k, v in {"loss": done.loss * done.count, **done.stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / max(done.count, 1)
+            skipped += not done.taken
+            grad_norm = done.grad_norm
             updates += 1
-    names = sorted(sums)  # every process ran rows of its own in some mini-batch, so all have every name
-    return (
-        dict(zip(names, distributed.sum_floats([sums[k] for k in names], device), strict=True)),
-        updates,
-        skipped,
-        grad_norm,
-    )
-
-
-def _count_skipped(
-    run: LoopState, step: int, skipped: int, updates: int, bad_rewards: int, train: TrainConfig
-):
-    """Book a step's skipped updates: a step with any counts as skipped, and one whose every update was
-    skipped extends the streak that stops the run at `train.max_bad_steps`."""
-    state = run.state
-    if bad_rewards:
-        log.warning("step %d: the reward was NaN or infinite for %d replies", step, bad_rewards)
-    if skipped:
-        state["skipped_steps"] += 1
-        log.warning(
-            "step %d: %d of %d updates had a non-finite loss or gradient; skipped", step, skipped, updates
-        )
-    state["bad_streak"] = state["bad_streak"] + 1 if skipped == updates else 0
-    if state["bad_streak"] >= train.max_bad_steps:
-        run.stop_diverged(
-            f"{state['bad_streak']} consecutive steps had only non-finite updates; stopped at step {step}."
-        )
+    return sums, updates, skipped, grad_norm
 
 
 def _check_split(rl: RLConfig, train: TrainConfig) -> None:
