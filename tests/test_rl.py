@@ -19,7 +19,8 @@ from strop.data.template import ChatTemplate, resolve_template
 from strop.eval import rewards
 from strop.methods import logprobs
 from strop.methods.ppo_losses import grpo_advantages
-from strop.methods.rl import GRPO, PPO, ValueHead, response_logps
+from strop.methods.rl import PPO, ValueHead, response_logps
+from strop.methods.rl_losses import DAPO
 from strop.models.load import load_model
 from strop.recipes.run import train
 from strop.training.rl_loop import _rows
@@ -176,23 +177,23 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
     """The loop's policy for a loss gone NaN, as in fit: skip the update, count, warn, and stop after
     train.max_bad_steps steps in a row with nothing but non-finite updates."""
     from strop.core.errors import TrainingStopped
-    from strop.methods import rl
+    from strop.methods import rl, rl_losses
     from strop.training import rl_loop
 
     steps, bad = [], set()
-    real_sample, objective = rl_loop.sample, {"ppo": rl.PPO, "grpo": rl.GRPO}[task]
-    real_loss = objective.token_mean
+    real_sample, objective = rl_loop.sample, {"ppo": rl.PPO, "grpo": rl_losses.DAPO}[task]
+    real_loss = objective.loss
 
     def sample(*args, **kwargs):
         steps.append(1)
         return real_sample(*args, **kwargs)
 
     def loss(*args, **kwargs):
-        value, metrics = real_loss(*args, **kwargs)
-        return (value * float("nan"), metrics) if len(steps) in bad else (value, metrics)
+        out = real_loss(*args, **kwargs)
+        return out._replace(total=out.total * float("nan")) if len(steps) in bad else out
 
     monkeypatch.setattr(rl_loop, "sample", sample)
-    monkeypatch.setattr(objective, "token_mean", loss)
+    monkeypatch.setattr(objective, "loss", loss)
     cfg = rl_config(tiny_llama, tmp_path, task, steps=4)
     bad.add(2)
     result = train({**cfg, "name": "once"}, show_progress=False)
@@ -253,7 +254,10 @@ def test_micro_batches_give_the_same_gradient(tiny_llama, template, tokenizer, m
     else:
         batch["advantages"] = grpo_advantages(torch.tensor([1.0, 0.0, 0.5, 0.2]), 2)
 
-    loss = PPO(head, 1.0, 0.2, 0.2, 0.5) if method == "ppo" else GRPO(1.0, 0.2, 0.1)
+    if method == "ppo":
+        loss = PPO(head, 1.0, 0.2, 0.2, 0.5, kl_coef=0.1, gamma=1.0, lam=0.95)
+    else:  # the token-level mean: micro-batches weigh by their reply tokens
+        loss = DAPO(1.0, 0.2, 0.28, kl_coef=0.1, group_size=2, max_new_tokens=8)
 
     def objective(b):  # the mean over the reply tokens of b
         out = loss.loss(model, b)
@@ -416,3 +420,23 @@ def test_a_policy_that_diverges_is_stopped(tiny_llama, tmp_path):
         TrainingStopped, match="2 consecutive steps had only non-finite updates; stopped at step 3"
     ):
         train(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "gspo", "cispo", "rloo", "dapo"])
+def test_every_rl_loss_trains_through_the_rollout_loop(loss, tiny_llama, tmp_path):
+    """Each `rl.loss` runs the skeleton's rollout loop and logs what the report reads (reward, KL, reply
+    length) and its clip fraction; DAPO with dynamic sampling logs the share of replies it kept."""
+    extra = {"clip_high": 5.0} if loss == "cispo" else {}
+    if loss == "dapo":
+        extra = {"clip_high": 0.28, "dynamic_sampling": True, "overlong_buffer": 1}
+    cfg = rl_config(
+        tiny_llama, tmp_path, "grpo", steps=2, loss=loss, prompts_per_step=2, update_epochs=1, **extra
+    )
+    result = train(cfg, show_progress=False)
+    steps = [r for r in metrics(result.run_dir) if "reward" in r]
+    assert len(steps) == 2
+    assert all("kl" in r and "reply_tokens" in r for r in steps)
+    if loss == "dapo":
+        assert all(0.0 <= r["kept"] <= 1.0 for r in steps)
+        steps = [r for r in steps if r["kept"] > 0]
+    assert all(math.isfinite(r["loss"]) and "clipfrac" in r for r in steps)

@@ -1,10 +1,11 @@
-"""The `rl` section of a run config: reinforcement learning from a reward (task: ppo or grpo)."""
+"""The `rl` section of a run config: reinforcement learning from a reward (task: ppo or grpo), with the
+settings each group-relative loss (`rl.loss`) reads."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from strop.core.section import Section
 
@@ -49,7 +50,29 @@ class RLConfig(Section):
         None, gt=0.0, description="ppo: adapt kl_coef toward this KL per reply (Ziegler et al. 2019)"
     )
     kl_horizon: int = Field(10000, ge=1, description="ppo: replies over which the adaptive KL adjusts")
-    clip: float = Field(0.2, gt=0.0, description="policy ratio clipping")
+    loss: Literal["grpo", "dapo", "dr_grpo", "gspo", "cispo", "rloo"] = Field(
+        "dapo",
+        description="grpo: the group-relative loss (methods/rl_losses.py): dapo (token-level mean, "
+        "asymmetric clip; TRL's default), grpo (mean per reply, then over replies), dr_grpo (no std "
+        "scaling, constant normaliser), gspo (sequence-level ratio), cispo (truncated detached weight), "
+        "rloo (leave-one-out baseline, KL in the reward)",
+    )
+    clip: float = Field(0.2, gt=0.0, description="policy ratio clipping: the range [1 - clip, 1 + clip]")
+    clip_high: float | None = Field(
+        None,
+        gt=0.0,
+        description="grpo: the upper clip, [1 - clip, 1 + clip_high] (DAPO's 0.28; default clip); cispo: "
+        "the importance weight's truncation (required; the paper suggests 5.0)",
+    )
+    dynamic_sampling: bool = Field(
+        False, description="dapo: leave out of the update the groups whose rewards are all equal"
+    )
+    overlong_buffer: int = Field(
+        0,
+        ge=0,
+        description="dapo: soft overlong penalty: 0 up to max_new_tokens - overlong_buffer reply tokens, "
+        "then down linearly to -1 at max_new_tokens; 0 turns it off",
+    )
     value_clip: float = Field(0.2, gt=0.0, description="ppo: value clipping")
     vf_coef: float = Field(0.1, ge=0.0, description="ppo: weight of the value loss")
     gamma: float = Field(1.0, gt=0.0, le=1.0, description="ppo: discount")
@@ -57,3 +80,44 @@ class RLConfig(Section):
     eval_prompts: int = Field(
         32, ge=1, description="held-out prompts whose greedy replies are scored for val_reward"
     )
+
+    @model_validator(mode="after")
+    def _loss_settings(self) -> RLConfig:
+        for key, losses in LOSS_SETTINGS.items():
+            if self.loss not in losses and getattr(self, key) != type(self).model_fields[key].default:
+                names = [n for n in LOSSES if n in losses]
+                raise ValueError(
+                    f"{key}: rl.loss {self.loss} does not use it (only {', '.join(names)}); remove it"
+                )
+        if self.loss == "cispo" and self.clip_high is None:
+            raise ValueError(
+                "clip_high: rl.loss cispo truncates its importance weights at clip_high; set it (the "
+                "MiniMax-M1 and ScaleRL papers use 4 to 5)"
+            )
+        if self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer: {self.overlong_buffer} is longer than max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+LOSSES = ("grpo", "dapo", "dr_grpo", "gspo", "cispo", "rloo")
+# which losses (rl.loss) read which of these settings; a value other than the default for a loss that
+# does not is refused by name (tests/test_rl_losses.py walks the table)
+LOSS_SETTINGS: dict[str, frozenset[str]] = {
+    "clip": frozenset(LOSSES) - {"cispo"},  # CISPO has no lower clip: its weight is only truncated
+    "clip_high": frozenset(LOSSES),
+    "dynamic_sampling": frozenset({"dapo"}),
+    "overlong_buffer": frozenset({"dapo"}),
+}
+GRPO_ONLY = ("loss", "clip_high", "dynamic_sampling", "overlong_buffer")
+
+
+def unused_by_ppo(rl: RLConfig) -> list[str]:
+    """One message per group-relative setting given to a ppo run, which would ignore it (the run refuses
+    them at its start: the task is not known to this section)."""
+    return [
+        f"rl.{key}: task ppo does not use it (only grpo uses it); remove it"
+        for key in GRPO_ONLY
+        if getattr(rl, key) != RLConfig.model_fields[key].default
+    ]

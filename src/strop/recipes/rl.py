@@ -1,7 +1,9 @@
 """Reinforcement learning from a reward (`task: ppo | grpo`): the policy (LoRA or any trainable set)
 samples replies to the training prompts, a reward scores them (a strop reward run, a built-in, or a
-Python function), and `training/rl_loop.fit_rl` moves the policy toward higher reward with a KL penalty
-to the starting model. With LoRA the reference is the same model with its adapter disabled (no second
+Python function), and the rollout loop (`training/rl_loop.fit_rl`, which the run skeleton chooses for an
+objective that needs rollouts) moves the policy toward higher reward with a KL penalty to the starting
+model. task ppo trains methods/rl.PPO with a value head; task grpo the group-relative loss `rl.loss`
+names (methods/rl_losses.py). With LoRA the reference is the same model with its adapter disabled (no second
 copy in memory); other methods keep a frozen copy.
 
 Run directory (as recipes/sft.py), plus eval/summary.json: mean reward of greedy replies to the test
@@ -18,18 +20,18 @@ from pathlib import Path
 import torch
 
 from strop.core.config import RunConfig
-from strop.core.device import autocast
+from strop.core.errors import ConfigError
 from strop.core.io import atomic_write_json, atomic_write_text
-from strop.core.rl_config import RLConfig
+from strop.core.rl_config import RLConfig, unused_by_ppo
 from strop.data.prompts import Prompt, prompt_splits
 from strop.data.template import run_templates
 from strop.eval.rewards import call_reward, reward_function
 from strop.export.save import export_model
 from strop.methods.reward import RewardScorer
-from strop.methods.rl import ValueHead, response_logps
+from strop.methods.rl import RolloutObjective, ValueHead, response_logps
+from strop.methods.rl_losses import objective_class, rl_objective
 from strop.models.load import strop_run
 from strop.recipes.skeleton import Run, Task
-from strop.training.rl_loop import fit_rl
 from strop.training.rollout import Reward, evaluate_reward
 
 log = logging.getLogger("strop")
@@ -41,12 +43,21 @@ def _rl(cfg: RunConfig) -> RLConfig:
 
 
 class RLTask(Task):
-    """PPO or GRPO: the loop is training/rl_loop.fit_rl (rollouts, rewards, KL to the start)."""
+    """PPO or a group-relative loss over rollouts: training and validation sets are prompts; the
+    objective declares the rollouts, the reference and the value head it needs."""
+
+    value_head: ValueHead | None = None  # PPO's critic, made with the model (the run folder's room check)
+    frozen: torch.nn.Module | None = None  # the starting model, when not the model with its adapter off
+    evals: dict  # the held-out reward evaluations the rollout loop writes: {"start", "end" | "latest"}
 
     def data(self, run: Run) -> dict:
         cfg, rl = run.cfg, _rl(run.cfg)
+        if cfg.task == "ppo" and (unused := unused_by_ppo(rl)):
+            raise ConfigError("; ".join(unused))
         self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
         self.splits, summary = prompt_splits(cfg.data, self.template, rl.max_new_tokens, cfg.train.seed)
+        self.train_set, self.validation = self.splits["train"], self.splits["validation"]
+        self.evals = {}
         summary["template"] = self.template_name
         self.reward = build_reward(rl.reward, rl.reward_args, run.device)
         log.info(
@@ -62,41 +73,31 @@ class RLTask(Task):
 
     def build(self, run: Run):
         model = super().build(run)
-        ppo = run.cfg.task == "ppo"
-        # torch's stubs type an nn.Module's attributes Tensor | Module; this is transformers' config
-        self.value_head = ValueHead(model.config.hidden_size).to(run.device) if ppo else None  # type: ignore[union-attr, arg-type]
+        if "value_head" in objective_class(run.cfg.task, _rl(run.cfg)).needs:
+            # torch's stubs type an nn.Module's attributes Tensor | Module; this is transformers' config
+            self.value_head = ValueHead(model.config.hidden_size).to(run.device)  # type: ignore[union-attr, arg-type]
         return model
 
     def saved(self, model):
         return torch.nn.ModuleList([model, *([self.value_head] if self.value_head else [])])
 
-    def objective(self, run: Run, model):
-        """The reference is the starting policy: a fresh LoRA adapter switched off, else a frozen copy
-        (also for a continued adapter, whose start is the earlier run's adapter, not the bare base)."""
+    def objective(self, run: Run, model) -> RolloutObjective:
+        """The objective `task` and `rl.loss` name. Its reference is the starting policy: a fresh LoRA
+        adapter switched off, else a frozen copy (also for a continued adapter, whose start is the
+        earlier run's adapter, not the bare base)."""
         fresh_lora = run.cfg.method.name == "lora" and run.cfg.model.adapter != "continue"
-        self.frozen = None if fresh_lora else copy.deepcopy(model).eval().requires_grad_(False)
-        return _reference(model, self.frozen, _rl(run.cfg).temperature)
+        if not fresh_lora:  # also the starting model the evaluation compares with
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        return rl_objective(run.cfg.task, _rl(run.cfg), self.value_head)
 
-    def fit(self, run: Run, model, objective):
-        cfg = run.cfg
-        with autocast(run.device, run.amp):  # the precision policy: rollouts, scoring and updates alike
-            result, self.evals = fit_rl(
-                model,
-                self.value_head,
-                objective,
-                self.reward,
-                self.splits["train"],
-                self.splits["validation"],
-                self.template,
-                _rl(cfg),
-                cfg.train,
-                cfg.optim,
-                run.run_dir,
-                run.device,
-                run.show_progress,
-                run.amp,
-            )
-        return result
+    def fit_options(self, run: Run, model) -> dict:
+        return {
+            "reference": _reference(model, self.frozen, _rl(run.cfg).temperature),
+            "reward": self.reward,
+            "template": self.template,
+            "rl": _rl(run.cfg),
+            "evaluations": self.evals,
+        }
 
     def export(self, run: Run, model) -> Path:
         return export_model(

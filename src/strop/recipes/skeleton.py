@@ -3,7 +3,8 @@
     start (config, rerun refusal, threads, device, dtype) -> tokenizer -> task.data -> seed ->
     task.build (load -> keep_layers -> method -> gradient checkpointing -> precision, models/build.py)
     -> open the run folder (config.yaml, data_summary.json) -> parameter log -> task.objective ->
-    task.fit (the loop: accumulation, clipping, keep-best, checkpoints, signals) -> task.export ->
+    task.fit (the loop the objective needs: `fit`, or the rollout loop for one that declares rollouts;
+    accumulation, clipping, keep-best, checkpoints, signals) -> task.export ->
     result.json -> task.evaluate -> report
 
 A task (recipes/sft.py, classify.py, preference.py, feedback.py, rl.py) supplies only its data, its
@@ -21,11 +22,13 @@ import torch
 from strop.core import distributed
 from strop.core.config import RunConfig
 from strop.methods.objective import Objective
+from strop.methods.rl import RolloutObjective
 from strop.models.build import build_causal_lm
 from strop.models.load import load_tokenizer, tokenizer_source
 from strop.recipes.lifecycle import TrainResult, log_parameters, save_result, start_run, write_run_report
 from strop.recipes.run_folder import open_run_folder
 from strop.training.loop import FitResult, fit
+from strop.training.rl_loop import fit_rl
 from strop.training.sharding import gather_into, model_is_sharded
 
 
@@ -70,12 +73,30 @@ class Task:
         """What a checkpoint holds, for the run folder's room check (RL adds its value head)."""
         return model
 
-    def objective(self, run: Run, model: torch.nn.Module) -> Objective:
+    def objective(self, run: Run, model: torch.nn.Module) -> Objective | RolloutObjective:
         """Called once the run folder exists: the place for work kept in it (reference log-probs)."""
         raise NotImplementedError
 
-    def fit(self, run: Run, model: torch.nn.Module, objective: Objective) -> FitResult:
+    def fit(self, run: Run, model: torch.nn.Module, objective: Objective | RolloutObjective) -> FitResult:
+        """The loop the objective's `needs` call for: the rollout loop for one that learns from replies
+        sampled as it trains (`self.train_set`, `self.validation`: prompts), else `fit`."""
         cfg = run.cfg
+        if "rollouts" in objective.needs:
+            assert isinstance(objective, RolloutObjective)  # what declares rollouts (methods/rl.py)
+            return fit_rl(
+                model,
+                objective,
+                self.train_set,
+                self.validation,
+                cfg.train,
+                cfg.optim,
+                run.run_dir,
+                run.device,
+                run.show_progress,
+                autocast_dtype=run.amp,
+                **self.fit_options(run, model),
+            )
+        assert not isinstance(objective, RolloutObjective)
         return fit(
             model,
             objective,
@@ -92,7 +113,8 @@ class Task:
         )
 
     def fit_options(self, run: Run, model: torch.nn.Module) -> dict:
-        """Further arguments of `training.loop.fit` (SFT: curriculum, validation groups, monitors)."""
+        """Further arguments of the loop: `training.loop.fit` (SFT: curriculum, validation groups,
+        monitors), or `training.rl_loop.fit_rl` (RL: the reward, the reference, the template)."""
         return {}
 
     def export(self, run: Run, model: torch.nn.Module):

@@ -114,7 +114,8 @@ class LoopState:
                 skipped,
                 updates,
             )
-        state["bad_streak"] = state.get("bad_streak", 0) + 1 if skipped == updates else 0
+        # a step with no update at all (dynamic sampling left nothing to learn from) is not a bad one
+        state["bad_streak"] = state.get("bad_streak", 0) + 1 if updates and skipped == updates else 0
         if state["bad_streak"] >= max_bad_steps:
             what = "a non-finite loss" if updates == 1 else "only non-finite updates"
             self.stop_diverged(

@@ -1,11 +1,13 @@
-"""`fit_rl`: the rollout loop beside `fit`, for PPO and GRPO. Per step:
-sample replies -> score them -> old, reference (and value) estimates -> advantages -> `update_epochs`
-passes of clipped updates in mini-batches -> adaptive KL -> log -> evaluate -> checkpoint.
+"""`fit_rl`: the rollout loop beside `fit`, for objectives that need rollouts (methods/rl.py PPO,
+methods/rl_losses.py GRPO and its variants); the run skeleton chooses it from the objective's `needs`.
+Per step: sample replies -> score them -> old, reference (and value) estimates -> the objective's
+`prepare` (advantages) -> `update_epochs` passes of optimizer steps (training/step.py) over
+mini-batches -> adaptive KL -> log -> evaluate -> checkpoint.
 As `fit` keeps the weights of the best validation loss, this keeps those of the best held-out greedy
 reward (`val_reward`, every `train.eval_every` steps and at the end).
 
-It shares the optimizer, schedule, checkpoints (resume included) and metrics sink with `fit`; the
-objectives are methods/rl.py's. One step is one rollout of `prompts_per_step x group_size` replies.
+It shares the optimizer step, optimizer, schedule, checkpoints (resume included) and metrics sink with
+`fit`. One step is one rollout of `prompts_per_step x group_size` replies.
 
 Reply i of step t is drawn from its own generator, seeded by (seed, t, i), so a rollout does not depend
 on how its replies are batched or spread. Under N processes (core/distributed.py) each samples and
@@ -29,12 +31,13 @@ from torch import nn
 
 from strop.core import distributed, signals
 from strop.core.config import OptimConfig, TrainConfig
+from strop.core.device import autocast
 from strop.core.errors import ConfigError
 from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_order
 from strop.data.template import ChatTemplate
-from strop.methods.ppo_losses import AdaptiveKLController, gae, grpo_advantages, kl_penalty_rewards, whiten
-from strop.methods.rl import GRPO, PPO, RolloutObjective, ValueHead, response_logps
+from strop.methods.ppo_losses import AdaptiveKLController
+from strop.methods.rl import RolloutObjective, response_logps
 from strop.training.checkpoint import restore_rng, rng_snapshot
 from strop.training.loop import FitResult
 from strop.training.loop_state import LoopState
@@ -47,41 +50,85 @@ log = logging.getLogger("strop.train")
 Reference = Callable[[dict], torch.Tensor]  # batch -> the reference's reply log-probs (B, T_reply)
 
 
-@signals.deferring
 def fit_rl(
     policy: nn.Module,
-    value_head: ValueHead | None,
-    reference: Reference,
-    reward: Reward,
+    objective: RolloutObjective,
     prompts: list[Prompt],
     val_prompts: list[Prompt],
-    template: ChatTemplate,
-    rl: RLConfig,
     train: TrainConfig,
     optim: OptimConfig,
     run_dir: Path,
     device: torch.device,
     show_progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[FitResult, dict]:
-    """PPO when a value head is given, else GRPO. Returns the loop's result and the held-out reward
-    evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
+    *,
+    reference: Reference,
+    reward: Reward,
+    template: ChatTemplate,
+    rl: RLConfig,
+    evaluations: dict,
+) -> FitResult:
+    """Train `policy` (and the objective's value head, when it has one) on rollouts to `prompts`, under
+    the precision policy's autocast throughout (rollouts, scoring and updates). `reference`: the
+    starting model's reply log-probs, read when the objective needs them. `evaluations` receives the
+    held-out reward evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
+    with autocast(device, autocast_dtype):
+        return _fit_rl(
+            policy,
+            objective,
+            prompts,
+            val_prompts,
+            train,
+            optim,
+            run_dir,
+            device,
+            show_progress,
+            autocast_dtype,
+            reference,
+            reward,
+            template,
+            rl,
+            evaluations,
+        )
+
+
+@signals.deferring
+def _fit_rl(
+    policy: nn.Module,
+    objective: RolloutObjective,
+    prompts: list[Prompt],
+    val_prompts: list[Prompt],
+    train: TrainConfig,
+    optim: OptimConfig,
+    run_dir: Path,
+    device: torch.device,
+    show_progress: bool,
+    autocast_dtype: torch.dtype | None,
+    reference: Reference,
+    reward: Reward,
+    template: ChatTemplate,
+    rl: RLConfig,
+    evaluations: dict,
+) -> FitResult:
     policy.eval()  # no dropout in any pass: rollout, old and reference log-probs and updates agree
     _check_split(rl, train)
     n_steps = train.max_steps or max(1, math.ceil(train.epochs * len(prompts) / rl.prompts_per_step))
+    value_head = objective.value_head  # PPO's critic, trained beside the policy
     modules = nn.ModuleDict({"policy": policy, **({"value_head": value_head} if value_head else {})})
     optimizer = build_optimizer(
         modules, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum
     )
     counters = {"total_steps": n_steps, "kl_coef": rl.kl_coef, "best_val_reward": None, "bad_streak": 0}
-    desc = "ppo" if value_head else "grpo"
-    run = LoopState(run_dir, modules, optimizer, counters, train.seed, train.keep_last, desc, show_progress)
+    run = LoopState(
+        run_dir, modules, optimizer, counters, train.seed, train.keep_last, objective.name, show_progress
+    )
     state = run.state
     kl_ctl = AdaptiveKLController(state["kl_coef"], rl.target_kl, rl.kl_horizon) if rl.target_kl else None
-    # with no KL penalty (and none to adapt) the reference pass is skipped and no KL is logged, as TRL
-    # does for beta 0: the reference log-probs then stand in as the old ones, and every KL term is 0
-    use_reference = state["kl_coef"] > 0 or kl_ctl is not None
+    # with no KL penalty (and none to adapt) the objective does not need the reference: its pass is
+    # skipped and no KL is logged, as TRL does for beta 0; the old log-probs stand in for it
+    use_reference = "reference" in objective.needs
     held = RewardEvaluation(policy, template, val_prompts[: rl.eval_prompts], reward, rl, train)
+    held.evals = evaluations
     if held.prompts and run.step == 0:
         held.score(run, 0, "start")
 
@@ -97,8 +144,9 @@ def fit_rl(
         if signals.requested():  # abandon the step before any update: its rollout is drawn again
             restore_rng(at_start)
             run.stop_on_signal()
-        batch, kl_seq, objective = _prepare(
-            policy, value_head, reference if use_reference else None, s, scores, rl, train, state, device
+        objective.kl_coef = state["kl_coef"]
+        batch, kl_seq = _prepare(
+            policy, objective, reference if use_reference else None, s, scores, train, device
         )
         sums, updates, skipped, grad_norm = _update(
             run, policy, objective, batch, rl, train, optim, autocast_dtype
@@ -129,6 +177,8 @@ def fit_rl(
             "replies_per_s": len(scores) / max(time.perf_counter() - t0, 1e-9),
             "elapsed_s": time.perf_counter() - t_start,
         }
+        if "keep" in batch:  # dynamic sampling: the share of replies whose group was not left out
+            record["kept"] = float(_whole(batch["keep"].float(), device).mean())
         run.log(record)
         kl = record.get("kl", 0.0)
         run.bar.set_postfix(
@@ -144,9 +194,7 @@ def fit_rl(
             run.save()
     run.close()
     held.keep_best(run)
-    return FitResult(
-        state["step"], run.final, state["best_step"], None, state["skipped_steps"], False
-    ), held.evals
+    return FitResult(state["step"], run.final, state["best_step"], None, state["skipped_steps"], False)
 
 
 def _record(
@@ -162,7 +210,7 @@ def _record(
         "reply_tokens": float(lengths.float().mean()),
         "cut_off": float(unfinished.float().mean()),
         **({"skipped_updates": skipped} if skipped else {}),
-        **{k: v / updates for k, v in sums.items() if kl_seq is not None or k != "kl_loss"},
+        **{k: v / max(updates, 1) for k, v in sums.items() if kl_seq is not None or k != "kl_loss"},
     }
 
 
@@ -231,32 +279,27 @@ def _rollout(policy, template, prompts, reward: Reward, step: int, rl: RLConfig,
     return s, scores - rl.missing_eos_penalty * unfinished.float(), unfinished
 
 
-def _prepare(policy, value_head, reference, s, scores, rl: RLConfig, train: TrainConfig, state: dict, device):
-    """The rollout as an update batch: old (and reference) log-probs, advantages (PPO: KL-penalised
-    rewards through GAE; GRPO: group-relative), the sampled KL per reply, and the objective."""
+def _prepare(policy, objective: RolloutObjective, reference, s, scores, train: TrainConfig, device):
+    """The rollout as an update batch: old (and reference) log-probs, the value estimates of a value
+    head, and what the objective prepares from the rewards (advantages, ...); and the sampled KL per
+    reply (B,) to the reference (0 without one)."""
     batch = {k: v.to(device) for k, v in s.batch.items()}
     mask = batch["response_mask"]
     with torch.no_grad():
         old_logps, old_values = _in_chunks(
-            lambda b: response_logps(policy, b, rl.temperature, value_head), batch, train.batch_size
+            lambda b: response_logps(policy, b, objective.temperature, objective.value_head),
+            batch,
+            train.batch_size,
         )
         ref_logps = old_logps
         if reference is not None:
             ref_logps = _in_chunks(lambda b: (reference(b), None), batch, train.batch_size)[0]
     kl_seq = (old_logps - ref_logps).masked_fill(~mask, 0.0).sum(1)  # (B,) sampled KL per reply
     batch |= {"old_logps": old_logps, "ref_logps": ref_logps}
-    if value_head is None:
-        batch["advantages"] = grpo_advantages(scores, rl.group_size)
-        return batch, kl_seq, GRPO(rl.temperature, rl.clip, state["kl_coef"])
-    assert old_values is not None  # response_logps gives values with a value head
-    rewards = kl_penalty_rewards(scores, old_logps, ref_logps, mask, state["kl_coef"])
-    advantages, returns = gae(rewards, old_values, mask, rl.gamma, rl.lam)
-    if distributed.WORLD.active:
-        advantages = _whiten_whole(advantages, mask, device)
-    elif mask.sum() > 1:
-        advantages = whiten(advantages, mask)
-    batch |= {"advantages": advantages, "returns": returns, "old_values": old_values}
-    return batch, kl_seq, PPO(value_head, rl.temperature, rl.clip, rl.value_clip, rl.vf_coef)
+    if old_values is not None:
+        batch["old_values"] = old_values
+    lengths = torch.tensor(s.lengths, device=device)
+    return batch | objective.prepare(batch, scores, kl_seq, lengths), kl_seq
 
 
 def _update(
@@ -303,6 +346,8 @@ def _update(
                 filler=lambda: _rows(batch, torch.arange(1)),
                 interruptible=False,  # a stop signal waits for the step's end: a rollout is not split
             )
+            if done.count == 0:  # every reply of the mini-batch was left out (dynamic sampling)
+                continue
             for k, v in {"loss": done.loss * done.count, **done.stats}.items():
                 sums[k] = sums.get(k, 0.0) + v / max(done.count, 1)
             skipped += not done.taken
@@ -342,17 +387,6 @@ def _whole(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     full = [0.0] * (n * world.size)
     full[world.rank * n : (world.rank + 1) * n] = t.double().tolist()
     return torch.tensor(distributed.sum_floats(full, device), dtype=t.dtype, device=t.device)
-
-
-def _whiten_whole(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """methods.ppo_losses.whiten over the valid positions of every process's rows."""
-    n, total = distributed.sum_floats([float(mask.sum()), float(x[mask].double().sum())], device)
-    if n <= 1:
-        return x
-    mean = total / n
-    sq = distributed.sum_floats([float(((x[mask].double() - mean) ** 2).sum())], device)[0]
-    var = sq / (n - 1)
-    return ((x - mean) * (var + 1e-8) ** -0.5).masked_fill(~mask, 0.0)
 
 
 def _prompt_at(prompts: list[Prompt], k: int, seed: int) -> Prompt:
