@@ -287,11 +287,16 @@ def test_a_signal_stops_every_process_with_a_checkpoint(tiny_llama, tmp_path):
     assert 2 <= state["step"] < 400 and state["processes"] == 2
 
 
-@pytest.mark.parametrize("task", ["grpo", "ppo"])
-def test_ppo_and_grpo_two_processes_equal_one(task, tiny_llama, tmp_path):
+@pytest.mark.parametrize(
+    ("task", "loss"), [("grpo", "dapo"), ("ppo", None), ("grpo", "grpo"), ("grpo", "rloo")]
+)
+def test_ppo_and_grpo_two_processes_equal_one(task, loss, tiny_llama, tmp_path):
+    """Every objective's unit sums over the processes: reply tokens (ppo, dapo) and replies (grpo, rloo,
+    whose leave-one-out baseline stays inside each process's whole groups)."""
     from test_rl import rl_config
 
-    cfg = rl_config(tiny_llama, tmp_path, task=task, steps=3, mini_batch=4, prompts_per_step=4)
+    extra = {"loss": loss} if loss else {}
+    cfg = rl_config(tiny_llama, tmp_path, task=task, steps=3, mini_batch=4, prompts_per_step=4, **extra)
     cfg["train"] |= {"batch_size": 2, "eval_every": 3}
     run(cfg, tmp_path, "one")
     two = run(cfg, tmp_path, "two", "--nproc", "2")
