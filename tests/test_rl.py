@@ -440,3 +440,26 @@ def test_every_rl_loss_trains_through_the_rollout_loop(loss, tiny_llama, tmp_pat
         assert all(0.0 <= r["kept"] <= 1.0 for r in steps)
         steps = [r for r in steps if r["kept"] > 0]
     assert all(math.isfinite(r["loss"]) and "clipfrac" in r for r in steps)
+
+
+def test_a_weighted_sum_of_rewards_is_declared_in_the_config(tiny_llama, tmp_path):
+    """rl.add_rewards: the run's reward is rl.reward + sum of weight x each further reward, each with its
+    own arguments; here gsm8k's exact match (the GSM8K extractor) + 0.5 x contains 'answer' - 0.1 x
+    length off 3 words."""
+    from strop.data.prompts import Prompt
+    from strop.recipes.rl import run_reward
+
+    cfg = rl_config(tiny_llama, tmp_path, "grpo", reward="gsm8k")
+    cfg["rl"]["add_rewards"] = [
+        {"reward": "contains", "weight": 0.5, "args": {"word": "answer"}},
+        {"reward": "length", "weight": 0.1, "args": {"target": 3}},
+    ]
+    rl = load_config(cfg).rl
+    reward = run_reward(rl, torch.device("cpu"))
+    prompts = [Prompt(str(i), ({"role": "user", "content": "q"},), {"answer": "#### 72"}) for i in range(3)]
+    got = reward(prompts, ["The answer is 72", "72", "the answer is 70"])
+    # lengths 4, 1, 4 words: length rewards -1/3, -2/3, -1/3
+    assert got == pytest.approx([1 + 0.5 - 0.1 / 3, 1 - 0.2 / 3, 0.5 - 0.1 / 3])
+    cfg["rl"]["add_rewards"][0]["weight"] = "heavy"
+    with pytest.raises(ConfigError, match="rl.add_rewards.0.weight"):
+        load_config(cfg)

@@ -10,6 +10,17 @@ from pydantic import Field, model_validator
 from strop.core.section import Section
 
 
+class RewardTerm(Section):
+    """One further reward of a weighted sum (`rl.add_rewards`)."""
+
+    reward: str = Field(
+        description="a built-in reward (length, contains, avoid, exact_match, gsm8k) or a Python function "
+        "module:function or path/file.py:function, as rl.reward"
+    )
+    weight: float = Field(1.0, description="its weight in the sum")
+    args: dict[str, Any] = Field(default_factory=dict, description="its keyword arguments, as rl.reward_args")
+
+
 class RLConfig(Section):
     """The policy samples replies to the training prompts, a reward scores them, and the policy moves
     toward higher reward while a KL penalty keeps it near the starting model."""
@@ -21,6 +32,11 @@ class RLConfig(Section):
     )
     reward_args: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for the reward function (e.g. target: 20)"
+    )
+    add_rewards: list[RewardTerm] = Field(
+        default_factory=list,
+        description="further rewards added to rl.reward, each times its weight (e.g. a format reward "
+        "beside gsm8k's exact match, or a length penalty): the run's reward is their weighted sum",
     )
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per rollout (one rollout per step)")
     group_size: int = Field(

@@ -59,7 +59,7 @@ class RLTask(Task):
         self.train_set, self.validation = self.splits["train"], self.splits["validation"]
         self.evals = {}
         summary["template"] = self.template_name
-        self.reward = build_reward(rl.reward, rl.reward_args, run.device)
+        self.reward = run_reward(rl, run.device)
         log.info(
             "%s: %d train / %d validation / %d test prompts (%d too long); reward %s",
             cfg.task,
@@ -127,6 +127,27 @@ def build_reward(spec: str, args: dict, device: torch.device) -> Reward:
     return lambda prompts, replies: call_reward(
         fn, [p.messages[-1]["content"] for p in prompts], replies, [p.columns for p in prompts]
     )
+
+
+def run_reward(rl: RLConfig, device: torch.device) -> Reward:
+    """The run's reward: rl.reward, plus weight x each of rl.add_rewards."""
+    return weighted_sum(
+        [(1.0, build_reward(rl.reward, rl.reward_args, device))]
+        + [(t.weight, build_reward(t.reward, t.args, device)) for t in rl.add_rewards]
+    )
+
+
+def weighted_sum(terms: list[tuple[float, Reward]]) -> Reward:
+    """(prompts, replies) -> the sum over `terms` of weight x that reward's scores; the one reward when
+    there is one term of weight 1."""
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+
+    def reward(prompts, replies):
+        parts = [(w, fn(prompts, replies)) for w, fn in terms]
+        return [sum(w * scores[i] for w, scores in parts) for i in range(len(replies))]
+
+    return reward
 
 
 def _reference(model, frozen, temperature: float):
