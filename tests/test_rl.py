@@ -343,6 +343,9 @@ def test_rl_config_mistakes_are_named(tiny_llama, tmp_path):
         load_config({**cfg, "task": "sft"})
     with pytest.raises(ConfigError, match="method.name: head"):
         load_config({**cfg, "method": {"name": "head"}})
+    # the group-relative settings: refused by a ppo run before it loads a model
+    with pytest.raises(ConfigError, match="rl.loss: task ppo does not use it"):
+        train({**cfg, "rl": {**cfg["rl"], "loss": "rloo"}}, show_progress=False)
 
 
 def test_a_strop_reward_run_scores_the_rollouts(tiny_llama, tmp_path):

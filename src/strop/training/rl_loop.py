@@ -13,8 +13,8 @@ Reply i of step t is drawn from its own generator, seeded by (seed, t, i), so a 
 on how its replies are batched or spread. Under N processes (core/distributed.py) each samples and
 scores its contiguous 1/N of the step's prompts (whole groups, so GRPO's group baselines stay local);
 the update passes walk the one permutation of the whole rollout every process draws alike, each
-process back-propagating its own rows of each mini-batch over the mini-batch's token count of all of
-them; gradients are summed before the step, and PPO's whitening, the KL controller and the logged
+process back-propagating its own rows of each mini-batch, divided by the objective's count (reply
+tokens or replies) of the mini-batch over all of them; gradients are summed before the step, and PPO's whitening, the KL controller and the logged
 metrics see the whole rollout. So N processes give the run one process gives (up to float rounding).
 """
 
@@ -127,8 +127,7 @@ def _fit_rl(
     # with no KL penalty (and none to adapt) the objective does not need the reference: its pass is
     # skipped and no KL is logged, as TRL does for beta 0; the old log-probs stand in for it
     use_reference = "reference" in objective.needs
-    held = RewardEvaluation(policy, template, val_prompts[: rl.eval_prompts], reward, rl, train)
-    held.evals = evaluations
+    held = RewardEvaluation(policy, template, val_prompts[: rl.eval_prompts], reward, rl, train, evaluations)
     if held.prompts and run.step == 0:
         held.score(run, 0, "start")
 
@@ -218,11 +217,18 @@ class RewardEvaluation:
     """Greedy replies to the held-out prompts, scored by the reward; keep-best on `val_reward`."""
 
     def __init__(
-        self, policy, template, prompts: list[Prompt], reward: Reward, rl: RLConfig, train: TrainConfig
+        self,
+        policy,
+        template,
+        prompts: list[Prompt],
+        reward: Reward,
+        rl: RLConfig,
+        train: TrainConfig,
+        evals: dict,
     ):
         self.policy, self.template, self.prompts, self.reward = policy, template, prompts, reward
         self.max_new_tokens, self.batch_size = rl.max_new_tokens, train.batch_size * 4
-        self.evals: dict = {}
+        self.evals = evals  # {"start", "end" | "latest"}: filled here, read by the task's evaluation
 
     def evaluate(self) -> dict:
         return evaluate_reward(
