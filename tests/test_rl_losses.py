@@ -257,3 +257,30 @@ def test_cispo_needs_its_truncation_and_the_builder_passes_the_settings():
         "rl.loss: task ppo does not use it (only grpo uses it); remove it",
         "rl.clip_high: task ppo does not use it (only grpo uses it); remove it",
     ]
+
+
+def test_token_level_against_reply_level_and_the_sequence_ratio_by_hand():
+    """Two replies of 2 and 1 tokens at ratio 1, A = +1 and -1: per-token losses -1, -1 | +1. DAPO
+    averages the three tokens (-1/3); GRPO the replies' means ((-1 + 1) / 2 = 0). GSPO: one reply whose
+    tokens have ratios 1.5 and 1.5 has sequence ratio 1.5, clipped to 1.2 (no gradient), and one of
+    1.5 and 0.5 has exp(mean log) = sqrt(0.75), inside the range."""
+    zeros = torch.zeros(2, 2)
+    t = {
+        "logps": zeros,
+        "old_logps": zeros,
+        "ref_logps": zeros,
+        "response_mask": torch.tensor([[True, True], [True, False]]),
+        "advantages": torch.tensor([1.0, -1.0]),
+    }
+    assert float(strop_loss(make(DAPO), t)[0]) == pytest.approx(-1 / 3)
+    assert float(strop_loss(make(GRPO), t)[0]) == pytest.approx(0.0)
+    t = {
+        "logps": torch.log(torch.tensor([[1.5, 1.5], [1.5, 0.5]])),
+        "old_logps": zeros,
+        "ref_logps": zeros,
+        "response_mask": torch.ones(2, 2, dtype=torch.bool),
+        "advantages": torch.tensor([1.0, 1.0]),
+    }
+    mean, grad = strop_loss(make(GSPO), t)
+    assert float(mean) == pytest.approx((-1.2 - 0.75**0.5) / 2)
+    assert grad[0].tolist() == [0.0, 0.0] and (grad[1] != 0).all()
