@@ -466,3 +466,42 @@ def test_a_weighted_sum_of_rewards_is_declared_in_the_config(tiny_llama, tmp_pat
     cfg["rl"]["add_rewards"][0]["weight"] = "heavy"
     with pytest.raises(ConfigError, match="rl.add_rewards.0.weight"):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("loss", ["rloo", "dapo"])
+def test_a_variant_stopped_by_a_signal_resumes_exactly(loss, tiny_llama, tmp_path, monkeypatch):
+    """Resume = uninterrupted for the reply-level RLOO and for DAPO with dynamic sampling and the
+    overlong penalty: what their `prepare` adds is a function of the rollout, drawn again on resume."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from strop.core.errors import Interrupted
+    from strop.training import rl_loop
+
+    extra = {"dynamic_sampling": True, "overlong_buffer": 1} if loss == "dapo" else {}
+    cfg = rl_config(
+        tiny_llama, tmp_path, "grpo", method="lora", steps=3, loss=loss, prompts_per_step=4, **extra
+    )
+    real, calls = rl_loop.sample, []
+
+    def sample(*args, **kwargs):  # the signal comes while step 2's replies are sampled
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(rl_loop, "sample", sample)
+        with pytest.raises(Interrupted):
+            train({**cfg, "name": "cut"}, show_progress=False)
+    cut, whole = (train({**cfg, "name": n}, show_progress=False).run_dir for n in ("cut", "whole"))
+    runs = [[r for r in metrics(d) if "reward" in r] for d in (cut, whole)]
+    assert [r["reward"] for r in runs[0]] == pytest.approx([r["reward"] for r in runs[1]], abs=1e-6)
+    assert len(runs[0]) == 3
+    wa, wb = (
+        {k: v for f in (d / "model").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        for d in (cut, whole)
+    )
+    assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-6 for k in wa)
