@@ -50,6 +50,7 @@ log = logging.getLogger("strop.train")
 Reference = Callable[[dict], torch.Tensor]  # batch -> the reference's reply log-probs (B, T_reply)
 
 
+@signals.deferring
 def fit_rl(
     policy: nn.Module,
     objective: RolloutObjective,
@@ -68,48 +69,10 @@ def fit_rl(
     rl: RLConfig,
     evaluations: dict,
 ) -> FitResult:
-    """Train `policy` (and the objective's value head, when it has one) on rollouts to `prompts`, under
-    the precision policy's autocast throughout (rollouts, scoring and updates). `reference`: the
-    starting model's reply log-probs, read when the objective needs them. `evaluations` receives the
-    held-out reward evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
-    with autocast(device, autocast_dtype):
-        return _fit_rl(
-            policy,
-            objective,
-            prompts,
-            val_prompts,
-            train,
-            optim,
-            run_dir,
-            device,
-            show_progress,
-            autocast_dtype,
-            reference,
-            reward,
-            template,
-            rl,
-            evaluations,
-        )
-
-
-@signals.deferring
-def _fit_rl(
-    policy: nn.Module,
-    objective: RolloutObjective,
-    prompts: list[Prompt],
-    val_prompts: list[Prompt],
-    train: TrainConfig,
-    optim: OptimConfig,
-    run_dir: Path,
-    device: torch.device,
-    show_progress: bool,
-    autocast_dtype: torch.dtype | None,
-    reference: Reference,
-    reward: Reward,
-    template: ChatTemplate,
-    rl: RLConfig,
-    evaluations: dict,
-) -> FitResult:
+    """Train `policy` (and the objective's value head, when it has one) on rollouts to `prompts`; the
+    precision policy's autocast covers sampling, scoring and updates alike. `reference`: the starting
+    model's reply log-probs, read when the objective needs them. `evaluations` receives the held-out
+    reward evaluations {"start", "end"} (greedy replies to `val_prompts[:rl.eval_prompts]`)."""
     policy.eval()  # no dropout in any pass: rollout, old and reference log-probs and updates agree
     _check_split(rl, train)
     n_steps = train.max_steps or max(1, math.ceil(train.epochs * len(prompts) / rl.prompts_per_step))
@@ -127,7 +90,9 @@ def _fit_rl(
     # with no KL penalty (and none to adapt) the objective does not need the reference: its pass is
     # skipped and no KL is logged, as TRL does for beta 0; the old log-probs stand in for it
     use_reference = "reference" in objective.needs
-    held = RewardEvaluation(policy, template, val_prompts[: rl.eval_prompts], reward, rl, train, evaluations)
+    held = RewardEvaluation(
+        policy, template, val_prompts[: rl.eval_prompts], reward, rl, train, evaluations, autocast_dtype
+    )
     if held.prompts and run.step == 0:
         held.score(run, 0, "start")
 
@@ -139,14 +104,16 @@ def _fit_rl(
         lr = optim.lr * lr_factor(step, n_steps, optim.schedule, optim.warmup_steps)
         set_lr(optimizer, lr)
         t0, at_start = time.perf_counter(), rng_snapshot()
-        s, scores, unfinished = _rollout(policy, template, prompts, reward, step, rl, train, device)
+        with autocast(device, autocast_dtype):
+            s, scores, unfinished = _rollout(policy, template, prompts, reward, step, rl, train, device)
         if signals.requested():  # abandon the step before any update: its rollout is drawn again
             restore_rng(at_start)
             run.stop_on_signal()
         objective.kl_coef = state["kl_coef"]
-        batch, kl_seq = _prepare(
-            policy, objective, reference if use_reference else None, s, scores, train, device
-        )
+        with autocast(device, autocast_dtype):
+            batch, kl_seq = _prepare(
+                policy, objective, reference if use_reference else None, s, scores, train, device
+            )
         sums, updates, skipped, grad_norm = _update(
             run, policy, objective, batch, rl, train, optim, autocast_dtype
         )
@@ -225,15 +192,18 @@ class RewardEvaluation:
         rl: RLConfig,
         train: TrainConfig,
         evals: dict,
+        autocast_dtype: torch.dtype | None,
     ):
         self.policy, self.template, self.prompts, self.reward = policy, template, prompts, reward
+        self.autocast_dtype = autocast_dtype
         self.max_new_tokens, self.batch_size = rl.max_new_tokens, train.batch_size * 4
         self.evals = evals  # {"start", "end" | "latest"}: filled here, read by the task's evaluation
 
     def evaluate(self) -> dict:
-        return evaluate_reward(
-            self.policy, self.template, self.prompts, self.reward, self.max_new_tokens, self.batch_size
-        )
+        with autocast(next(self.policy.parameters()).device, self.autocast_dtype):
+            return evaluate_reward(
+                self.policy, self.template, self.prompts, self.reward, self.max_new_tokens, self.batch_size
+            )
 
     def keep_best(self, run: LoopState) -> None:
         """The best step's weights when it was not the last, scored again as the end."""
