@@ -25,13 +25,13 @@ $(VENV)/.strop-installed: pyproject.toml
 	touch $@
 
 ## test: the whole suite, slow tests with the real packaged models included (no GPU tests), the slowest
-## listed. `make test PYTEST_PARALLEL="-n auto --dist loadgroup"`: one pytest-xdist worker per core, each
-## pinned to its share of the cores (tests/conftest.py); not yet the default (not run on the whole suite)
-PYTEST_PARALLEL ?=
+## listed. One pytest-xdist worker per core, each pinned to its share of the cores (tests/conftest.py);
+## tests on the one trained quickstart run share a worker. `make test PYTEST_PARALLEL=` runs serially.
+PYTEST_PARALLEL ?= -n auto --dist loadgroup
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_PARALLEL) --durations=25
 
-## test-fast: the default suite only (tiny random models, < 10 min)
+## test-fast: the default suite only (tiny random models, no slow tests)
 test-fast: setup
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 

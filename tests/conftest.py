@@ -31,8 +31,11 @@ def _pin_xdist_worker() -> None:
 _pin_xdist_worker()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    # tests on the one trained quickstart run share a worker (`--dist loadgroup`), so it trains once
+    """Tests on the one trained quickstart run share a worker (`--dist loadgroup`), so it trains once.
+    tryfirst: xdist's own hook, registered after this file and so called before it otherwise, reads the
+    groups; without it (and with pytest 9.2, pytest-xdist#1386) the quickstart trained once per worker."""
     for item in items:
         if "quickstart_out" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("quickstart"))

@@ -67,7 +67,7 @@ def test_checkpointing_and_precision_reach_every_task(task, request, tmp_path, m
         return fit
 
     rl = task in ("grpo", "ppo")
-    target = "strop.recipes.rl.fit_rl" if rl else "strop.recipes.skeleton.fit"
+    target = "strop.recipes.skeleton.fit_rl" if rl else "strop.recipes.skeleton.fit"
     monkeypatch.setattr(target, spy(rl_loop.fit_rl if rl else loop.fit))
     strop.train(cfg, show_progress=False)
     assert seen["autocast"] == torch.bfloat16

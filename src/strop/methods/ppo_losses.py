@@ -1,4 +1,5 @@
-"""PPO and GRPO objectives on per-token tensors: KL-shaped rewards, GAE, clipped policy and value losses.
+"""PPO and GRPO loss terms on per-token tensors: KL-shaped rewards, GAE, clipped policy and value losses
+(the objectives using them are the classes in rl.py and rl_losses.py).
 
 Pure functions of tensors laid out (B, T) over response tokens, right-padded, with a bool `mask` of the
 valid positions. "Masked mean" is one mean over every valid token of the batch (not a mean of
