@@ -10,6 +10,10 @@ Built-ins, by name in `rl.reward`, with `rl.reward_args` as keyword arguments:
     exact_match  1 when the reply's extracted answer equals the row's `answer` column (extract: gsm8k,
                  last_number or regex:PATTERN applied to both), else 0
     gsm8k        exact_match with the last number of the reply against the number after "####"
+    format       1 when the reply matches the regular expression `pattern` (`full: true`: the whole
+                 stripped reply must match; else anywhere in it, `.` matching newlines), else 0
+    length_penalty  -(words beyond `max_words`) / `max_words`: 0 up to the limit, then linearly lower
+Combine several with `rl.add_rewards` (a weighted sum), e.g. gsm8k plus format for "#### N" answers.
 """
 
 from __future__ import annotations
@@ -74,12 +78,34 @@ def gsm8k(prompts: list[str], completions: list[str], answer: list[str] | None =
     return [float(r is not None and last_number(c) == r) for c, r in zip(completions, refs, strict=True)]
 
 
+def format_match(
+    prompts: list[str], completions: list[str], pattern: str = "", full: bool = False, **_
+) -> list[float]:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError("rl.reward_args.pattern: the format reward needs a regular expression")
+    try:
+        rx = re.compile(pattern, re.DOTALL)
+    except re.error as e:
+        raise ConfigError(f"rl.reward_args.pattern: not a regular expression ({e}): {pattern!r}") from None
+    if full:
+        return [float(rx.fullmatch(c.strip()) is not None) for c in completions]
+    return [float(rx.search(c) is not None) for c in completions]
+
+
+def length_penalty(prompts: list[str], completions: list[str], max_words: int = 100, **_) -> list[float]:
+    if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words <= 0:
+        raise ConfigError(f"rl.reward_args.max_words: expected a positive whole number, got {max_words!r}")
+    return [-max(0, len(c.split()) - max_words) / max_words for c in completions]
+
+
 BUILT_IN: dict[str, RewardFn] = {
     "length": length,
     "contains": contains,
     "avoid": avoid,
     "exact_match": exact_match,
     "gsm8k": gsm8k,
+    "format": format_match,
+    "length_penalty": length_penalty,
 }
 
 
