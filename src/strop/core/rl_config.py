@@ -14,7 +14,8 @@ class RewardTerm(Section):
     """One further reward of a weighted sum (`rl.add_rewards`)."""
 
     reward: str = Field(
-        description="a built-in reward (length, contains, avoid, exact_match, gsm8k) or a Python function "
+        description="a built-in reward (length, contains, avoid, exact_match, gsm8k, format, length_penalty) "
+        "or a Python function "
         "module:function or path/file.py:function, as rl.reward"
     )
     weight: float = Field(1.0, description="its weight in the sum")
@@ -27,7 +28,8 @@ class RLConfig(Section):
 
     reward: str = Field(
         description="a strop reward run (its folder), a built-in reward (length, contains, avoid, "
-        "exact_match, gsm8k) or a Python function module:function or path/file.py:function, called as "
+        "exact_match, gsm8k, format, length_penalty) or a Python function module:function or path/file.py:function, "
+        "called as "
         "f(prompts, completions, **columns) -> list of floats (imported, so its code runs)"
     )
     reward_args: dict[str, Any] = Field(
