@@ -31,6 +31,16 @@ def _pin_xdist_worker() -> None:
 _pin_xdist_worker()
 
 
+@pytest.fixture(autouse=True)
+def _progress_not_silenced():
+    """A `-q` command run in-process silences strop's progress for that process; the next test starts
+    without it, as the next `strop` command would."""
+    yield
+    from strop.core import progress
+
+    progress.silence(False)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Tests on the one trained quickstart run share a worker (`--dist loadgroup`), so it trains once.

@@ -17,21 +17,19 @@ EVERY_SECONDS = 30.0  # a log line at least this often while a bar moves (the on
 STEPS = 10  # and one at each tenth of the total
 
 clock = time.monotonic  # what the plain lines time themselves by (a test replaces it)
-_quiet_console: object | None = None  # the sys.stderr that `-q` was given for
+_quiet = False  # `-q`
 
 
 def silence(on: bool) -> None:
     """`-q` (and processes other than a distributed run's first): no bar, no progress line, and no line
-    written through a bar (`tqdm.write`: evaluation lines). Errors are not written through bars.
-
-    It holds for the console it was given for, sys.stderr now: a program that swaps sys.stderr between
-    commands it runs in-process (a test harness) does not carry one command's `-q` into the next."""
-    global _quiet_console
-    _quiet_console = sys.stderr if on else None
+    written through a bar (`tqdm.write`: evaluation lines). Errors are not written through bars. Every
+    `strop` command sets it (core/logs.setup_logging)."""
+    global _quiet
+    _quiet = on
 
 
 def _silenced() -> bool:
-    return _quiet_console is not None and _quiet_console is sys.stderr
+    return _quiet
 
 
 def _on_terminal(file) -> bool:

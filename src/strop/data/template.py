@@ -214,8 +214,9 @@ class ChatTemplate:
         before = self.render(prior, add_generation_prompt=True)
         after = self.render([*prior, message], add_generation_prompt=False)
         if not after.startswith(before) and prior and prior[0]["role"] == "system":
-            shown = self.render(prior[1:], add_generation_prompt=True)
-            after = after if not after.startswith(shown) else before + after[len(shown) :]
+            shown = self.render(prior[1:], add_generation_prompt=True)  # the prompt as `after` renders it
+            if after.startswith(shown):
+                after = before + after[len(shown) :]
         if not after.startswith(before):
             raise _not_incremental()
         reply = self._reply(after[len(before) :])
