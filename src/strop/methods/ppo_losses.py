@@ -69,6 +69,12 @@ def gae(
     return advantages, advantages + values
 
 
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Per token (B, T): max(-A * ratio, -A * clamp(ratio, low, high)), PPO's pessimistic bound (symmetric
+    clip: low = 1 - clip, high = 1 + clip; DAPO widens `high`). advantages (B, T) or (B, 1)."""
+    return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, low, high))
+
+
 def ppo_policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -85,12 +91,11 @@ def ppo_policy_loss(
     """
     log_ratio = logps - old_logps  # (B, T)
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = clipped_surrogate(ratio, advantages, 1.0 - clip, 1.0 + clip)  # (B, T)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         metrics = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+            "clipfrac": masked_mean((per_token > -advantages * ratio).float(), mask).item(),
             "approx_kl": masked_mean(0.5 * log_ratio**2, mask).item(),
             "ratio": masked_mean(ratio, mask).item(),
         }

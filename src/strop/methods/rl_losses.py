@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from strop.methods.objective import Loss
-from strop.methods.ppo_losses import grpo_advantages
+from strop.methods.ppo_losses import clipped_surrogate, grpo_advantages
 from strop.methods.rl import PPO, RolloutObjective, ValueHead, response_logps
 
 
@@ -77,7 +77,7 @@ class GroupObjective(RolloutObjective):
         """-min(ratio x A, clamp(ratio, 1 - clip, 1 + clip_high) x A), and the clip fractions as TRL
         logs them: low where A < 0 and the ratio fell below the range, high where A > 0 and above."""
         low, high = 1.0 - self.clip, 1.0 + self.clip_high
-        loss = -torch.min(ratio * advantages, torch.clamp(ratio, low, high) * advantages)
+        loss = clipped_surrogate(ratio, advantages, low, high)
         with torch.no_grad():
             clip_low = ((ratio < low) & (advantages < 0)).float()
             clip_high = ((ratio > high) & (advantages > 0)).float()
