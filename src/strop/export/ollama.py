@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from strop.data.template import ChatTemplate
 
-ROLES = ("system", "user", "assistant")
 MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters no template emits
 
 
