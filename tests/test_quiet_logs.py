@@ -138,6 +138,20 @@ def test_plain_lines_come_each_tenth_with_the_rate_since_the_last_one(clock):
     assert lines[-1] == "train: 1000/1000 (100%) 5.33 step/s, 03:07 in all, loss=4.00"  # closing: overall
 
 
+def test_a_batch_finishing_at_once_shows_the_rate_since_the_start(clock):
+    out = io.StringIO()
+    bar = progress.tqdm(total=24, desc="generate", unit="ex", file=out)
+    clock.now += 3
+    bar.update(3)  # a batch of replies ends after 3 s, each reported as it is written
+    clock.now += 0.001
+    bar.update(2)  # a tenth passed a millisecond later: no line may claim 2,000 ex/s
+    bar.close()
+    assert out.getvalue().splitlines()[:2] == [
+        "generate: 3/24 (12%) 1 ex/s, ETA 00:21",
+        "generate: 5/24 (20%) 1.67 ex/s, ETA 00:11",
+    ]
+
+
 def test_plain_lines_come_every_30_seconds_without_a_total_or_when_slow(clock):
     out = io.StringIO()
     bar = progress.tqdm(desc="tokenize", unit="ex", file=out)

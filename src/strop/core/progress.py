@@ -15,6 +15,7 @@ from tqdm.std import tqdm as _tqdm
 
 EVERY_SECONDS = 30.0  # a log line at least this often while a bar moves (the only rule without a total)
 STEPS = 10  # and one at each tenth of the total
+MIN_WINDOW = 1.0  # seconds: a shorter stretch since the last line gives no rate of its own
 
 clock = time.monotonic  # what the plain lines time themselves by (a test replaces it)
 _quiet = False  # `-q`
@@ -107,12 +108,13 @@ class tqdm(_tqdm):
 
     def _say(self, now: float, closing: bool) -> None:
         """One line: `train: 40/400 (10%) 3.2 step/s, ETA 01:52, loss=5.91`. The rate is that since the
-        last line (over the whole bar in a closing line, which gives the time taken instead of an ETA)."""
+        last line (over the whole bar in a closing line, which gives the time taken instead of an ETA, or
+        when the last line came under MIN_WINDOW ago: a batch of examples finishing at once is no rate)."""
         assert self._said_n is not None
         n, total, unit = self.n, self.total, self.unit
-        done, took = (
-            (n - self.initial, now - self._began) if closing else (n - self._said_n, now - self._said_t)
-        )
+        done, took = n - self._said_n, now - self._said_t
+        if closing or took < MIN_WINDOW:  # several items done at once (a batch): the rate since the start
+            done, took = n - self.initial, now - self._began
         rate = done / took if took > 0 and done > 0 else None
         line = f"{_count(n)}/{_count(total)} ({int(100 * n / total)}%)" if total else f"{_count(n)} {unit}"
         if rate is not None:
