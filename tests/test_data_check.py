@@ -137,11 +137,21 @@ def test_data_prepare_from_the_command_line(tmp_path, capsys):
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "x"), "--split", "0.5,0.5"]) == 2
 
 
-def test_a_missing_file_is_an_error_not_a_report(tmp_path, capsys):
+def test_a_missing_file_is_an_error_not_a_report(tmp_path, capsys, monkeypatch):
+    import strop.models.load
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded (or its GGUF converted: a minute) before the data was found")
+
+    monkeypatch.setattr(strop.models.load, "resolve_source", no_model)
     rc = main(["data", "check", str(tmp_path / "nope.jsonl"), "--no-estimate"])
     captured = capsys.readouterr()
     assert rc == 2 and f"error: data file not found: {tmp_path / 'nope.jsonl'}" in captured.err
     assert "FAIL" not in captured.out
+    config = {"model": {"name": "smollm2-135m-instruct"}, "data": {"train": str(tmp_path / "trian.jsonl")}}
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    rc = main(["train", str(tmp_path / "c.yaml"), "--no-progress"])
+    assert rc == 2 and "error: data file not found: " in capsys.readouterr().err
 
 
 def test_preference_pairs_are_checked_as_training_cuts_them(tiny_llama, tmp_path, capsys):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from strop.core.data_config import MAX_ROW_BYTES
+from strop.core.data_config import MAX_ROW_BYTES, DatasetSource
 from strop.core.errors import DataError
 from strop.core.io import unreadable_file
 
@@ -84,6 +84,13 @@ def iter_rows(
             n += 1
             if limit and n >= limit:
                 return
+
+
+def check_sources(sources: Iterable[DatasetSource]) -> None:
+    """Every local file the sources name is there: a mistyped path is said before a model is loaded (or
+    a packaged GGUF converted, a minute the first time), not after."""
+    for source in sources:
+        _files(source.path)
 
 
 def _files(path: str) -> list[Path] | None:

@@ -28,6 +28,7 @@ from strop.data.packing import pack
 from strop.data.pairs import build_pairs
 from strop.data.prompts import prompt_splits
 from strop.data.ratings import build_ratings
+from strop.data.read import check_sources
 from strop.data.template import ChatTemplate, resolve_template
 from strop.data.tokenized import TokenizedSet
 from strop.models.load import architecture_source, from_pretrained, load_tokenizer, tokenizer_source
@@ -42,6 +43,7 @@ GENERATION_S_PER_STEP_135M = 0.1  # one decode step at batch 8, SmolLM2-135M, 2-
 
 
 def run_check(cfg: RunConfig, estimate: bool = True) -> CheckResult:
+    check_sources([*cfg.data.train, *cfg.data.validation, *cfg.data.test])
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.name), cfg.model.trust_remote_code)
     template_name, template_src = resolve_template(cfg.data.template, tokenizer)
     template = ChatTemplate(tokenizer, template_src, cfg.data.system_prompt, generates=cfg.task != "reward")

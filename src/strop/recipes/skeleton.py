@@ -21,6 +21,7 @@ import torch
 
 from strop.core import distributed
 from strop.core.config import RunConfig
+from strop.data.read import check_sources
 from strop.methods.objective import Objective
 from strop.methods.rl import RolloutObjective
 from strop.models.build import build_causal_lm
@@ -131,6 +132,7 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     cfg, threads, device, dtype = start_run(config)
     world = distributed.WORLD
     run = Run(cfg, device, dtype, threads, show_progress)
+    check_sources([*cfg.data.train, *cfg.data.validation, *cfg.data.test])
     source = tokenizer_source(cfg.model.name, causal_lm=task.causal_lm)
     run.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     summary = task.data(run)
