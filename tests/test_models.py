@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import time
 from pathlib import Path
 
@@ -233,10 +234,15 @@ def tiny_gguf(tiny_llama, tmp_path) -> Path:
     return write_tiny_gguf(tiny_llama, tmp_path / "tiny-llama.F32.gguf")
 
 
-def test_gguf_file_converts_once_to_the_same_model(tiny_gguf, tiny_llama, tmp_path, monkeypatch):
+def test_gguf_file_converts_once_to_the_same_model(tiny_gguf, tiny_llama, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STROP_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
     source = resolve_source(str(tiny_gguf))
     assert Path(source).is_relative_to(tmp_path / "cache") and (Path(source) / "config.json").is_file()
+    # transformers' own de-quantizing bar is drawn as strop's: in a log, a plain closing line, no \r
+    err = capsys.readouterr().err
+    assert "Converting and de-quantizing" not in err
+    assert re.search(r"^convert: (\d+)/\1 \(100%\) .* in all$", err, re.M), err
 
     original, tok = load_causal_lm(str(tiny_llama), CPU, F32), load_tokenizer(str(tiny_llama))
     converted, ctok = load_causal_lm(source, CPU, F32), load_tokenizer(source)

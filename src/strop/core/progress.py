@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
 from tqdm.std import tqdm as _tqdm
 
@@ -128,6 +131,18 @@ class tqdm(_tqdm):
         self.fp.write(line + "\n")
         getattr(self.fp, "flush", lambda: None)()
         self._said_n, self._said_t = n, now
+
+
+@contextmanager
+def drawn_by_strop(module: ModuleType, desc: str, unit: str) -> Iterator[None]:
+    """A library's own bar, made with the `tqdm` its `module` imported (which the library's switches do not
+    reach: transformers' "Converting and de-quantizing GGUF tensors"), drawn as strop's while inside."""
+    own = module.tqdm
+    module.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "desc": desc, "unit": unit})
+    try:
+        yield
+    finally:
+        module.tqdm = own
 
 
 def _count(x: float) -> str:

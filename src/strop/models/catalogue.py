@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from strop.core import progress
 from strop.core.errors import StropError
 from strop.core.io import atomic_dir, cache_root
 
@@ -192,11 +193,14 @@ def convert_gguf(path: Path, out: Path, chat_template: str = "", source: str = "
 
     log.info("converting %s to a safetensors model in %s (once; 20 s to a few minutes)", path.name, out)
     t0 = time.time()
+    from transformers import modeling_gguf_pytorch_utils
+
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
-        )
+        with progress.drawn_by_strop(modeling_gguf_pytorch_utils, "convert", "tensor"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
     except Exception as e:  # noqa: BLE001 - a bad, truncated or unsupported file is the user's to fix
         raise StropError(f"{path}: cannot load this GGUF file ({type(e).__name__}: {e})") from None
     # transformers refuses save_pretrained on a de-quantized GGUF model until these are cleared
