@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: quickstart setup test test-fast lint typecheck check clean
 
-## quickstart: set everything up, then run the default job (LoRA on the packaged SmolLM2, ~5 min on 2 CPU cores)
+## quickstart: set everything up, then run the default job (LoRA on the packaged SmolLM2, ~3.5 min on 2 CPU cores)
 quickstart: setup
 	$(BIN)/strop quickstart
 

@@ -49,6 +49,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "quickstart_out" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("quickstart"))
+        elif _uses_a_module_fixture(item):  # built once per worker that runs the module: one worker
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def _uses_a_module_fixture(item) -> bool:
+    """A module-scoped fixture (a trained run, a live server, an exported model) is built again on each
+    worker that runs one of its tests; its tests share one worker instead (the Gemma run trained twice)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest's own record of the test's fixtures
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(d and d[-1].scope == "module" for d in defs)
 
 
 CORPUS = [

@@ -105,7 +105,7 @@ def test_quickstart_teaches_the_voice_on_held_out_prompts(quickstart_out, capsys
     assert len(out["prompts"]) == 6
     assert tuned_voiced >= 5 and base_voiced == 0, (out["tuned"], out["base"])
     assert (out["result"].run_dir / "model" / "adapter_model.safetensors").is_file()
-    # the run's own evaluation (24 validation rows) and report agree: the voice is learned, surely
+    # the run's own evaluation (12 validation rows) and report agree: the voice is learned, surely
     voice = out["result"].eval["metrics"]["strop.recipes.quickstart:in_voice"]
     assert voice["tuned"] >= 0.8 and voice["base"] == 0 and voice["ci95"][0] > 0.5, voice
     html = (out["result"].run_dir / "report.html").read_text()
