@@ -301,3 +301,18 @@ def test_strop_eval_checks_data_and_metrics_before_loading_the_model(tmp_path, m
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     assert main(["eval", "some-model", "--data", str(data), "--extract", "gsm9k"]) == 2
     assert "eval.extract" in capsys.readouterr().err
+
+
+def test_paired_mean_difference_by_hand():
+    from strop.eval.bootstrap import paired_mean_difference
+
+    always = paired_mean_difference([0.0] * 8, [1.0] * 8)
+    assert always["diff"] == 1.0 and always["ci"] == [1.0, 1.0]  # every resample: +1
+    # half the prompts gain 1, half lose nothing: mean +0.5, and resamples spread it over [0, 1]
+    half = paired_mean_difference([0.0] * 40, [1.0] * 20 + [0.0] * 20, resamples=2000)
+    assert half["diff"] == 0.5 and 0.3 < half["ci"][0] < 0.5 < half["ci"][1] < 0.7
+    # pairing matters: the same two score lists, swapped within pairs, cancel exactly
+    swapped = paired_mean_difference([0.0, 1.0] * 10, [1.0, 0.0] * 10)
+    assert swapped["diff"] == 0.0 and swapped["ci"][0] < 0 < swapped["ci"][1]
+    with pytest.raises(ValueError):
+        paired_mean_difference([1.0], [1.0, 2.0])

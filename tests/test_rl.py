@@ -82,7 +82,11 @@ def test_reward_rises_on_a_programmatic_task(tiny_llama, tmp_path, task):
         result.eval["set"] == "validation"
         and result.eval["reward"]["tuned"] >= result.eval["reward"]["start"]
     )
+    gain = result.eval["reward"]["gain"]  # paired over the same prompts, with its bootstrap interval
+    assert gain["diff"] == pytest.approx(result.eval["reward"]["tuned"] - result.eval["reward"]["start"])
+    assert gain["ci"][0] <= gain["diff"] <= gain["ci"][1]
     report = (result.run_dir / "report.md").read_text()
+    assert "95% paired-bootstrap interval" in report
     assert (
         "Reward (reinforcement learning)" in report
         and (result.run_dir / "report_files" / "reward.png").is_file()

@@ -25,22 +25,36 @@ def paired_bootstrap(
     """Difference score(b) - score(a) on the full set, with its bootstrap confidence interval."""
     n = len(refs)
     diff = metric.score(preds_b, refs) - metric.score(preds_a, refs)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
     if metric.corpus is None:  # a mean: score every example once, then resample the score arrays
         per_example = metric.per_example
         assert per_example is not None, "a Metric has per_example or corpus"
-        a = np.array([per_example(p, r) for p, r in zip(preds_a, refs, strict=True)])
-        b = np.array([per_example(p, r) for p, r in zip(preds_b, refs, strict=True)])
-        diffs = (b[draws] - a[draws]).mean(axis=1)
-    else:
-        diffs = np.array(
-            [
-                metric.score([preds_b[i] for i in d], [refs[i] for i in d])
-                - metric.score([preds_a[i] for i in d], [refs[i] for i in d])
-                for d in draws
-            ]
-        )
+        a = [per_example(p, r) for p, r in zip(preds_a, refs, strict=True)]
+        b = [per_example(p, r) for p, r in zip(preds_b, refs, strict=True)]
+        return {**paired_mean_difference(a, b, resamples, level, seed), "diff": float(diff)}
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    diffs = np.array(
+        [
+            metric.score([preds_b[i] for i in d], [refs[i] for i in d])
+            - metric.score([preds_a[i] for i in d], [refs[i] for i in d])
+            for d in draws
+        ]
+    )
     tail = (1 - level) / 2
     lo, hi = np.quantile(diffs, [tail, 1 - tail])
     return {"diff": float(diff), "ci": [float(lo), float(hi)], "level": level, "resamples": resamples}
+
+
+def paired_mean_difference(
+    a: list[float], b: list[float], resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict:
+    """mean(b) - mean(a) over paired per-example scores (the same prompts), with its bootstrap interval:
+    what an RL run's base-vs-tuned reward on held-out prompts reports."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores: {len(a)} and {len(b)} examples")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    diffs = (y[draws] - x[draws]).mean(axis=1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(diffs, [tail, 1 - tail])
+    diff = float(y.mean() - x.mean())
+    return {"diff": diff, "ci": [float(lo), float(hi)], "level": level, "resamples": resamples}

@@ -25,6 +25,7 @@ from strop.core.io import atomic_write_json, atomic_write_text
 from strop.core.rl_config import RLConfig, unused_by_ppo
 from strop.data.prompts import Prompt, prompt_splits
 from strop.data.template import run_templates
+from strop.eval.bootstrap import paired_mean_difference
 from strop.eval.rewards import call_reward, reward_function
 from strop.export.save import export_model
 from strop.methods.reward import RewardScorer
@@ -184,6 +185,10 @@ def _evaluate(
         "reward": {"start": start["reward"], "tuned": end["reward"]},
         "reply_tokens": {"start": start["reply_tokens"], "tuned": end["reply_tokens"]},
     }
+    if [s["id"] for s in start["samples"]] == [e["id"] for e in end["samples"]]:  # the same prompts
+        summary["reward"]["gain"] = paired_mean_difference(
+            [s["reward"] for s in start["samples"]], [e["reward"] for e in end["samples"]]
+        )
     (run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_json(run_dir / "eval" / "summary.json", summary)
     rows = [
@@ -193,5 +198,13 @@ def _evaluate(
         )
     ]
     atomic_write_text(run_dir / "eval" / "rl_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    log.info("eval (%d %s prompts): reward %s", summary["prompts"], split, summary["reward"])
+    gain = summary["reward"].get("gain")
+    log.info(
+        "eval (%d %s prompts): reward start %.4f -> tuned %.4f%s",
+        summary["prompts"],
+        split,
+        start["reward"],
+        end["reward"],
+        f" (95% CI of the gain {gain['ci'][0]:+.4f} to {gain['ci'][1]:+.4f})" if gain else "",
+    )
     return summary

@@ -72,6 +72,16 @@ def rl_section(run_dir: Path, ev: dict, records: list[dict]) -> dict:
             ],
         )
     )
+    gain = r.get("gain")
+    if isinstance(gain, dict) and isinstance(gain.get("ci"), list) and len(gain["ci"]) == 2:
+        lo, hi = gain["ci"]
+        verdict = "the tuned model scores higher" if lo > 0 else "not a clear gain" if hi > 0 else "lower"
+        blocks.append(
+            text(
+                f"Gain {num(gain.get('diff'))}, 95% paired-bootstrap interval {num(lo)} to {num(hi)} over "
+                f"the same prompts: {verdict}."
+            )
+        )
     path = run_dir / "eval" / "rl_samples.jsonl"
     rows = (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
