@@ -12,7 +12,7 @@ import torch
 
 from strop.core.config import load_config
 from strop.core.errors import ConfigError
-from strop.core.rl_config import LOSS_SETTINGS, RLConfig, unused_by_ppo
+from strop.core.rl_config import LOSS_SETTINGS, RLConfig
 from strop.methods import rl_losses
 from strop.methods.rl_losses import CISPO, DAPO, GRPO, GSPO, RLOO, DrGRPO, rl_objective
 
@@ -253,10 +253,17 @@ def test_cispo_needs_its_truncation_and_the_builder_passes_the_settings():
     assert isinstance(obj, DAPO) and (obj.clip, obj.clip_high, obj.overlong_buffer) == (0.2, 0.28, 3)
     assert obj.needs == frozenset({"rollouts"})  # no KL: no reference pass
     assert "reference" in rl_objective("grpo", RLConfig(reward="length", group_size=2)).needs
-    assert unused_by_ppo(RLConfig(reward="length", loss="gspo", clip_high=0.3)) == [
-        "rl.loss: task ppo does not use it (only grpo uses it); remove it",
-        "rl.clip_high: task ppo does not use it (only grpo uses it); remove it",
-    ]
+    with pytest.raises(ConfigError) as refused:  # at config load, each key named (task_settings)
+        load_config(
+            {
+                "model": {"name": "m"},
+                "task": "ppo",
+                "data": {"train": "p.jsonl"},
+                "rl": {"reward": "length", "loss": "gspo", "clip_high": 0.3},
+            }
+        )
+    assert "rl.loss: task ppo does not use it (only grpo uses it); remove it" in str(refused.value)
+    assert "rl.clip_high: task ppo does not use it (only grpo uses it); remove it" in str(refused.value)
 
 
 def test_token_level_against_reply_level_and_the_sequence_ratio_by_hand():

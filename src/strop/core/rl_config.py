@@ -128,14 +128,9 @@ LOSS_SETTINGS: dict[str, frozenset[str]] = {
     "dynamic_sampling": frozenset({"dapo"}),
     "overlong_buffer": frozenset({"dapo"}),
 }
-GRPO_ONLY = ("loss", "clip_high", "dynamic_sampling", "overlong_buffer")
-
-
-def unused_by_ppo(rl: RLConfig) -> list[str]:
-    """One message per group-relative setting given to a ppo run, which would ignore it (the run refuses
-    them at its start: the task is not known to this section)."""
-    return [
-        f"rl.{key}: task ppo does not use it (only grpo uses it); remove it"
-        for key in GRPO_ONLY
-        if getattr(rl, key) != RLConfig.model_fields[key].default
-    ]
+GRPO_ONLY = (
+    "loss",
+    "clip_high",
+    "dynamic_sampling",
+    "overlong_buffer",
+)  # task ppo refuses them (task_settings)

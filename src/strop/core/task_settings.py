@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from strop.core.rl_config import GRPO_ONLY
+
 TASKS = ("sft", "classification", "reward", "reward-ratings", "dpo", "kto", "ppo", "grpo")
 ALL = frozenset(TASKS)
 GENERATIVE = frozenset({"sft", "dpo", "kto", "ppo", "grpo"})
@@ -57,6 +59,7 @@ HONOURED: dict[str, frozenset[str]] = {
     **{f"dpo.{key}": frozenset({"dpo"}) for key in ("loss", "beta", "label_smoothing", "simpo_gamma")},
     **{f"kto.{key}": frozenset({"kto"}) for key in ("beta", "desirable_weight", "undesirable_weight")},
     **{f"rl.{key}": frozenset({"ppo"}) for key in ("value_clip", "vf_coef", "gamma", "lam")},
+    **{f"rl.{key}": frozenset({"grpo"}) for key in GRPO_ONLY},
     "classify.labels": frozenset({"classification"}),
     "classify.class_weights": frozenset({"classification"}),
     "classify.explain": frozenset({"classification"}),

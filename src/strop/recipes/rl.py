@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from strop.core.config import RunConfig
-from strop.core.errors import ConfigError
 from strop.core.io import atomic_write_json, atomic_write_text
-from strop.core.rl_config import RLConfig, unused_by_ppo
+from strop.core.rl_config import RLConfig
 from strop.data.prompts import Prompt, prompt_splits
 from strop.data.template import run_templates
 from strop.eval.bootstrap import paired_mean_difference
@@ -53,8 +52,6 @@ class RLTask(Task):
 
     def data(self, run: Run) -> dict:
         cfg, rl = run.cfg, _rl(run.cfg)
-        if cfg.task == "ppo" and (unused := unused_by_ppo(rl)):
-            raise ConfigError("; ".join(unused))
         self.template_name, self.template, _ = run_templates(cfg, run.tokenizer)
         self.splits, summary = prompt_splits(cfg.data, self.template, rl.max_new_tokens, cfg.train.seed)
         self.train_set, self.validation = self.splits["train"], self.splits["validation"]
