@@ -152,6 +152,22 @@ def test_a_batch_finishing_at_once_shows_the_rate_since_the_start(clock):
     ]
 
 
+def test_a_postfix_set_before_each_update_does_not_skew_the_rate(clock):
+    out = io.StringIO()
+    bar = progress.tqdm(total=30, desc="dapo", unit="step", file=out)
+    for _ in range(15):  # the RL loop: a step's work, its postfix, then update(1)
+        clock.now += 19
+        bar.set_postfix(reward="0.25")
+        bar.update(1)
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [
+        "dapo: 2/30 (6%) 19 s/step, ETA 08:52, reward=0.25",  # 30 s passed: 2 steps in 38 s
+        "dapo: 3/30 (10%) 19 s/step, ETA 08:33, reward=0.25",  # a tenth
+        "dapo: 5/30 (16%) 19 s/step, ETA 07:55, reward=0.25",
+    ], lines
+    assert all(" 19 s/step" in line for line in lines), lines
+
+
 def test_plain_lines_come_every_30_seconds_without_a_total_or_when_slow(clock):
     out = io.StringIO()
     bar = progress.tqdm(desc="tokenize", unit="ex", file=out)
