@@ -90,6 +90,7 @@ def test_reward_rises_on_a_programmatic_task(tiny_llama, tmp_path, task):
     assert (
         "Reward (reinforcement learning)" in report
         and (result.run_dir / "report_files" / "reward.png").is_file()
+        and (result.run_dir / "report_files" / "policy.png").is_file()  # reply length, clip fractions
     )
     assert "Rollout reward rose" in report and "final training loss" not in report.split("## Summary")[0]
     assert (result.model_dir / "strop_model.json").is_file()
@@ -447,6 +448,8 @@ def test_every_rl_loss_trains_through_the_rollout_loop(loss, tiny_llama, tmp_pat
         assert all(0.0 <= r["kept"] <= 1.0 for r in steps)
         steps = [r for r in steps if r["kept"] > 0]
     assert all(math.isfinite(r["loss"]) and "clipfrac" in r for r in steps)
+    report = (result.run_dir / "report.md").read_text()  # the RL section, whichever loss
+    assert "Reward (reinforcement learning)" in report and "clip fractions per step" in report
 
 
 def test_a_weighted_sum_of_rewards_is_declared_in_the_config(tiny_llama, tmp_path):
@@ -509,3 +512,32 @@ def test_a_variant_stopped_by_a_signal_resumes_exactly(loss, tiny_llama, tmp_pat
         for d in (cut, whole)
     )
     assert wa.keys() == wb.keys() and all((wa[k] - wb[k]).abs().max() < 1e-6 for k in wa)
+
+
+def test_the_shipped_arithmetic_recipe_rewards_the_answer_not_the_explanation():
+    """strop configs grpo-arithmetic (the README's RL outcome): its shipped prompts carry their answers,
+    train and test share no question, and its reward is 1 exactly when the reply's last number is the
+    answer: an explanation cut off before it (the starting model's habit) scores 0."""
+    from importlib import resources
+
+    from strop.data.prompts import Prompt
+    from strop.recipes.rl import run_reward
+
+    cfg = load_config(str(resources.files("strop.recipes") / "configs" / "grpo-arithmetic.yaml"))
+    train_rows, test_rows = (
+        [json.loads(line) for line in open(src[0].path)] for src in (cfg.data.train, cfg.data.test)
+    )
+    assert len(train_rows) == 472 and len(test_rows) == 128
+    assert not {r["question"] for r in train_rows} & {r["question"] for r in test_rows}
+    for r in train_rows + test_rows:
+        a, op, b = r["question"].removeprefix("What is ").removesuffix("?").split()
+        assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b)), r
+    reward = run_reward(cfg.rl, torch.device("cpu"))
+    prompt = Prompt("1", ({"role": "user", "content": "What is 6 - 4?"},), {"answer": "2"})
+    replies = [
+        "6 - 4 equals 2.",
+        "2",
+        "To solve this problem, we need to find the difference between 6 and",
+        "6 - 4 = 3",
+    ]
+    assert reward([prompt] * 4, replies) == [1.0, 1.0, 0.0, 0.0]

@@ -52,9 +52,37 @@ def reward_plot(records: list[dict]) -> bytes | None:
     return to_png(fig)
 
 
+def policy_plot(records: list[dict]) -> bytes | None:
+    """Per step: the mean rollout reply length in tokens, and the share of reply tokens whose ratio the
+    clip held (below the range where the advantage is negative, above it where positive): how far
+    each update tried to move the policy, for every rl.loss."""
+    steps, tokens = series(records, "reply_tokens")
+    if len(tokens) == 0:
+        return None
+    fig, ax = new_figure(FIGSIZE)
+    ax.plot(steps, tokens, color="C2", linewidth=1.5, label="reply tokens (rollouts)")
+    ax.set(xlabel="step", ylabel="tokens per reply", title="Reply length and clipping")
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    clips = [(key, *series(records, key)) for key in ("clip_low", "clip_high", "clipfrac")]
+    clips = [c for c in clips if len(c[2])][:2]  # the two sides, else PPO's one clipfrac
+    if clips:
+        twin = ax.twinx()
+        for (key, csteps, values), style in zip(clips, ("--", ":"), strict=False):
+            if len(values):
+                twin.plot(
+                    csteps, values, color="C3", linestyle=style, linewidth=1, label=key.replace("_", " ")
+                )
+        twin.set_ylabel("share of tokens clipped", fontsize=8)
+        twin.legend(fontsize=8, frameon=False, loc="upper right")
+    return to_png(fig)
+
+
 def rl_section(run_dir: Path, ev: dict, records: list[dict]) -> dict:
     title = "Reward (reinforcement learning)"
-    blocks = [image("reward", reward_plot(records), "reward and KL per step")]
+    blocks = [
+        image("reward", reward_plot(records), "reward and KL per step"),
+        image("policy", policy_plot(records), "reply length and clip fractions per step"),
+    ]
     if not ev:
         return section(title, [*blocks, note("No evaluation in this run (no eval/summary.json).")])
     r, n = ev.get("reward") or {}, ev.get("reply_tokens") or {}
