@@ -138,12 +138,12 @@ class tqdm(_tqdm):
 def drawn_by_strop(module: ModuleType, desc: str, unit: str) -> Iterator[None]:
     """A library's own bar, made with the `tqdm` its `module` imported (which the library's switches do not
     reach: transformers' "Converting and de-quantizing GGUF tensors"), drawn as strop's while inside."""
-    own = module.tqdm
-    module.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "desc": desc, "unit": unit})
+    own = getattr(module, "tqdm")  # noqa: B009 - any module that imported tqdm by that name
+    setattr(module, "tqdm", lambda *args, **kwargs: tqdm(*args, **{**kwargs, "desc": desc, "unit": unit}))  # noqa: B010
     try:
         yield
     finally:
-        module.tqdm = own
+        setattr(module, "tqdm", own)  # noqa: B010
 
 
 def _count(x: float) -> str:

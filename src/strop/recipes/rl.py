@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,17 +176,18 @@ def _evaluate(
         end, split = evaluate_reward(model, template, test, reward, n, batch), "test"
     else:
         start, end, split = evals["start"], evals.get("end") or evals["latest"], "validation"
+    mean_reward: dict[str, Any] = {"start": start["reward"], "tuned": end["reward"]}
+    if [s["id"] for s in start["samples"]] == [e["id"] for e in end["samples"]]:  # the same prompts
+        mean_reward["gain"] = paired_mean_difference(
+            [s["reward"] for s in start["samples"]], [e["reward"] for e in end["samples"]]
+        )
     summary = {
         "task": cfg.task,
         "set": split,
         "prompts": len(end["samples"]),
-        "reward": {"start": start["reward"], "tuned": end["reward"]},
+        "reward": mean_reward,
         "reply_tokens": {"start": start["reply_tokens"], "tuned": end["reply_tokens"]},
     }
-    if [s["id"] for s in start["samples"]] == [e["id"] for e in end["samples"]]:  # the same prompts
-        summary["reward"]["gain"] = paired_mean_difference(
-            [s["reward"] for s in start["samples"]], [e["reward"] for e in end["samples"]]
-        )
     (run_dir / "eval").mkdir(exist_ok=True)
     atomic_write_json(run_dir / "eval" / "summary.json", summary)
     rows = [
@@ -195,7 +197,7 @@ def _evaluate(
         )
     ]
     atomic_write_text(run_dir / "eval" / "rl_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    gain = summary["reward"].get("gain")
+    gain = mean_reward.get("gain")
     log.info(
         "eval (%d %s prompts): reward start %.4f -> tuned %.4f%s",
         summary["prompts"],
