@@ -52,6 +52,7 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
     (tmp / "folder.yaml").mkdir(exist_ok=True)
     (tmp / "bad.yaml").write_text("model: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
+    write_jsonl(tmp / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}])
     (tmp / "file").write_text("x")
     (tmp / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
@@ -130,6 +131,12 @@ def _bad_inputs(tmp: Path, model: Path | None = None) -> list[tuple[str, list[st
         ("eval missing model", ["eval", missing, "--data", file]),
         ("report not a run", ["report", missing]),
         ("compare not runs", ["compare", missing, run]),
+        ("judge compare not an evaluated run", ["judge", "compare", run, "--judge", "http://127.0.0.1:9/v1"]),
+        ("judge check not pairs", ["judge", "check", str(data), "--judge", "http://127.0.0.1:9/v1"]),
+        (
+            "judge check unreachable judge",
+            ["judge", "check", str(tmp / "pairs.jsonl"), "--judge", "http://127.0.0.1:9/v1"],
+        ),
         ("data check missing file", ["data", "check", missing + ".jsonl"]),
         (
             "data check malformed rows",
@@ -213,7 +220,9 @@ CASES = _bad_inputs(Path(tempfile.mkdtemp()))  # names only; each test builds it
 def test_every_command_has_a_bad_input_case():
     commands = {" ".join(c) for c in _commands()}
     leaves = {c for c in commands if not any(o.startswith(c + " ") for o in commands)}
-    have = {" ".join(argv[:2]) if argv[0] in ("data", "models", "rag") else argv[0] for _, argv in CASES}
+    have = {
+        " ".join(argv[:2]) if argv[0] in ("data", "models", "rag", "judge") else argv[0] for _, argv in CASES
+    }
     assert leaves - {"models list"} <= have, sorted(leaves - have)  # `models list` takes no input
 
 

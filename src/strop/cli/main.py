@@ -10,14 +10,27 @@ import os
 import signal
 import sys
 
-from strop.cli import configs, data, export, generation, models, predict, rag, reports, serve, training, ui
+from strop.cli import (
+    configs,
+    data,
+    export,
+    generation,
+    judge,
+    models,
+    predict,
+    rag,
+    reports,
+    serve,
+    training,
+    ui,
+)
 from strop.core import distributed, signals
 from strop.core.errors import Interrupted, StropError, describe_os_error, user_os_error
 from strop.core.logs import quiet_libraries, setup_logging
 
 # each module adds its commands (`register(sub)`), each command's parser names its handler; in this
 # order in `strop --help`
-GROUPS = (training, generation, predict, export, serve, reports, data, rag, ui, models, configs)
+GROUPS = (training, generation, predict, export, serve, reports, judge, data, rag, ui, models, configs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,14 @@ def paired_mean_difference(
     lo, hi = np.quantile(diffs, [tail, 1 - tail])
     diff = float(y.mean() - x.mean())
     return {"diff": diff, "ci": [float(lo), float(hi)], "level": level, "resamples": resamples}
+
+
+def bootstrap_mean(scores: list[float], resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """The mean of per-example scores (a judge's win rate, its grades) with its bootstrap interval."""
+    if not scores:
+        raise ValueError("bootstrap_mean: no scores")
+    x = np.asarray(scores, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(x[draws].mean(axis=1), [tail, 1 - tail])
+    return {"mean": float(x.mean()), "ci": [float(lo), float(hi)], "level": level, "resamples": resamples}

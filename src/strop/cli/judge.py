@@ -1,0 +1,164 @@
+"""`strop judge compare | check`: a judge model behind an OpenAI-compatible endpoint compares a run's
+tuned replies with its base model's, and is itself checked on preference pairs whose better reply is
+known (eval/judge.py)."""
+
+from __future__ import annotations
+
+from strop.cli.options import check_out, force_arg, positive_int
+from strop.core.errors import StropError
+
+
+def judge_args(p) -> None:
+    p.add_argument(
+        "--judge", required=True, metavar="URL", help="the judge's OpenAI-compatible base URL (…/v1)"
+    )
+    p.add_argument("--judge-model", help="the model name the endpoint serves (default: the first it lists)")
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding the judge's API key (never the key)",
+    )
+    p.add_argument("--concurrency", type=positive_int, default=4, help="judge requests in flight at once")
+    p.add_argument(
+        "--template", help="a pairwise judge prompt file ({question}, {answer_a}, {answer_b}, {reference})"
+    )
+    p.add_argument("--limit", type=positive_int, help="only the first N examples")
+    p.add_argument("--out", help="where the judgments go, as JSON (default: print the summary only)")
+    force_arg(p)
+
+
+def register(sub) -> None:
+    j = sub.add_parser(
+        "judge",
+        help="LLM-as-judge: a run's tuned vs base replies, or how well a judge agrees with known preferences",
+    )
+    jsub = j.add_subparsers(dest="judge_command", required=True, metavar="COMMAND")
+    c = jsub.add_parser(
+        "compare",
+        help="pairwise win rate of a run's tuned replies over its base model's (eval/samples.jsonl)",
+        description="Each prompt of the run's evaluation is judged twice, the two replies in both orders; "
+        "disagreeing orders count as a tie. Prints the tuned model's win rate with its bootstrap interval, "
+        "the position bias and the verdicts the judge did not write in the template's format.",
+    )
+    c.add_argument("run_dir", metavar="RUN_DIR")
+    c.add_argument("--reference", action="store_true", help="show the judge each example's reference reply")
+    judge_args(c)
+    c.set_defaults(handler=_compare)
+    k = jsub.add_parser(
+        "check",
+        help="how often the judge prefers the chosen reply of held-out preference pairs",
+        description="Rows {prompt, chosen, rejected}: the judge's agreement with the known preference, "
+        "with its interval; a win rate from a judge is worth what this agreement says.",
+    )
+    k.add_argument("pairs", metavar="PAIRS")
+    judge_args(k)
+    k.set_defaults(handler=_check)
+
+
+def _judge(args):
+    from strop.core.judge_config import JudgeConfig
+    from strop.eval.judge import Judge
+
+    return Judge(
+        JudgeConfig(
+            endpoint=args.judge,
+            model=args.judge_model,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+            pairwise_template=args.template,
+        )
+    )
+
+
+def _rows(path, fields: tuple[str, ...], limit: int | None) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from strop.core.io import unreadable_file
+
+    p = Path(path)
+    why = unreadable_file(p)
+    if why:
+        raise StropError(f"{p}: {why}")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StropError(f"{p}:{n}: not JSON ({e.msg})") from None
+        for field in fields:
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise StropError(f"{p}:{n}: field {field!r}: expected text")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise StropError(f"{p}: no rows")
+    return rows
+
+
+def _summary(out: dict, who: str) -> str:
+    rate = (
+        "no verdict could be read"
+        if out["win_rate"] is None
+        else (
+            f"{who} {out['win_rate']:.3f} (95% CI {out['ci'][0]:.3f} to {out['ci'][1]:.3f}) over {out['judged']} prompts"
+        )
+    )
+    u = out["usage"]
+    extra = (
+        f"; position bias {out['position_bias']:.2f}, orders agreeing {out['consistency']:.2f}"
+        if out["judged"]
+        else ""
+    )
+    return (
+        f"{rate}{extra}; unreadable verdicts {out['unparsed']} of {out['prompts']}; judge {out['judge']['model']}: "
+        f"{u['requests']} requests ({u['retries']} retries), {u['cache_hits']} from the cache, "
+        f"{u['prompt_tokens'] + u['completion_tokens']} tokens, {u['seconds']:.0f} s"
+    )
+
+
+def _write(out: dict, args, inputs: list) -> None:
+    if args.out:
+        import json
+
+        from strop.core.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from strop.eval.judge import compare
+
+    samples = Path(args.run_dir) / "eval" / "samples.jsonl"
+    check_out(args.out, args.force, [str(samples)])
+    if not samples.is_file():
+        raise StropError(
+            f"{args.run_dir}: no eval/samples.jsonl (a run evaluated with eval.enabled: true has one)"
+        )
+    rows = _rows(samples, ("input", "base", "tuned"), args.limit)
+    refs = [r.get("reference") for r in rows] if args.reference else None
+    out = compare(
+        _judge(args), [r["input"] for r in rows], [r["base"] for r in rows], [r["tuned"] for r in rows], refs
+    )
+    print(_summary(out, "tuned win rate over base"))
+    _write(out, args, [samples])
+    return 0
+
+
+def _check(args) -> int:
+    from strop.eval.judge import compare
+
+    check_out(args.out, args.force, [args.pairs])
+    rows = _rows(args.pairs, ("prompt", "chosen", "rejected"), args.limit)
+    out = compare(
+        _judge(args), [r["prompt"] for r in rows], [r["rejected"] for r in rows], [r["chosen"] for r in rows]
+    )
+    print(_summary(out, "agreement with the chosen reply"))
+    _write(out, args, [args.pairs])
+    return 0
