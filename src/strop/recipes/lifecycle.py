@@ -19,7 +19,6 @@ from strop.core.device import keep_freed_memory, resolve_device, resolve_dtype, 
 from strop.core.errors import StropError
 from strop.core.io import atomic_write_json
 from strop.models.trainable import count_parameters
-from strop.report import write_report
 from strop.training.checkpoint import list_checkpoints, read_state
 
 log = logging.getLogger("strop")
@@ -110,7 +109,11 @@ def save_result(
 
 
 def write_run_report(run_dir: Path) -> Path | None:
-    """report.html/.md/.json; a failure here is logged, never allowed to cost the finished run."""
+    """report.html/.md/.json; a failure here is logged, never allowed to cost the finished run. The
+    report (and matplotlib, ~0.6 s to import) loads here, at the end: a run stopped, killed or failed
+    earlier, and every process of a distributed run but the first, never pays for it."""
+    from strop.report import write_report
+
     try:
         return write_report(run_dir)["html"]
     except Exception as e:  # noqa: BLE001 - the model and metrics are already saved
