@@ -172,10 +172,9 @@ def test_grades_on_a_rubric_and_out_of_range_grades_are_unparsed(tmp_path):
     with scripted_judge(lambda p: next(v for k, v in grades.items() if k in p)) as server:
         judge = judge_for(server.url, tmp_path, rubric="pirate voice")
         out = grade(judge, QUESTIONS[:3], PLAIN[:3], references=["Arr!", None, None])
-        assert (
-            "Consider pirate voice." in server.prompts[0] and "[Reference Answer]\nArr!" in server.prompts[0]
-        )
-        assert all("[Reference Answer]" not in p for p in server.prompts[1:])
+        first = next(p for p in server.prompts if "Hello sailor 0." in p)  # requests arrive in any order
+        assert "Consider pirate voice." in first and "[Reference Answer]\nArr!" in first
+        assert all("[Reference Answer]" not in p for p in server.prompts if p != first)
     assert (
         out["graded"] == 2
         and out["unparsed"] == 1

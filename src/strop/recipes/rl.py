@@ -177,7 +177,8 @@ def _evaluate(
     else:
         start, end, split = evals["start"], evals.get("end") or evals["latest"], "validation"
     mean_reward: dict[str, Any] = {"start": start["reward"], "tuned": end["reward"]}
-    if [s["id"] for s in start["samples"]] == [e["id"] for e in end["samples"]]:  # the same prompts
+    same = [s["id"] for s in start["samples"]] == [e["id"] for e in end["samples"]]
+    if same and end["samples"]:  # the same prompts, scored before and after
         mean_reward["gain"] = paired_mean_difference(
             [s["reward"] for s in start["samples"]], [e["reward"] for e in end["samples"]]
         )
