@@ -61,7 +61,9 @@ class Judge:
         try:
             import openai
         except ImportError:
-            raise StropError("a judge needs the openai package: pip install openai") from None
+            raise StropError(
+                "a judge needs the openai package: pip install 'strop[judge]' (or openai)"
+            ) from None
         key = None
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
