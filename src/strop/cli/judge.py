@@ -120,14 +120,14 @@ def _summary(out: dict, who: str) -> str:
     )
 
 
-def _write(out: dict, args, inputs: list) -> None:
-    if args.out:
-        import json
+def _write(out: dict, path: str | None) -> None:
+    if path:
+        from pathlib import Path
 
-        from strop.core.io import atomic_write_text
+        from strop.core.io import atomic_write_json
 
-        atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        atomic_write_json(Path(path), out)
+        print(f"wrote {path}")
 
 
 def _compare(args) -> int:
@@ -147,7 +147,7 @@ def _compare(args) -> int:
         _judge(args), [r["input"] for r in rows], [r["base"] for r in rows], [r["tuned"] for r in rows], refs
     )
     print(_summary(out, "tuned win rate over base"))
-    _write(out, args, [samples])
+    _write(out, args.out)
     return 0
 
 
@@ -160,5 +160,5 @@ def _check(args) -> int:
         _judge(args), [r["prompt"] for r in rows], [r["rejected"] for r in rows], [r["chosen"] for r in rows]
     )
     print(_summary(out, "agreement with the chosen reply"))
-    _write(out, args, [args.pairs])
+    _write(out, args.out)
     return 0
