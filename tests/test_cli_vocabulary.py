@@ -120,6 +120,14 @@ RENAMED = [  # (argv with an old spelling, what the one error line says)
     ),
     (["rag", "query", "kb", "question"], "INDEX was renamed --index: strop rag query --index INDEX TEXT"),
     (["rag", "eval", "kb", "q.jsonl"], "INDEX was renamed --index: strop rag eval --index INDEX QUESTIONS"),
+    (
+        ["judge", "compare", "r", "--judge", "u", "--concurrency", "2"],
+        "--concurrency was renamed --judge-concurrency",
+    ),
+    (
+        ["judge", "check", "p.jsonl", "--judge", "u", "--template", "t"],
+        "--template was renamed --judge-template",
+    ),
 ]
 
 

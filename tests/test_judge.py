@@ -62,7 +62,9 @@ def scripted_judge(answer, failures=()):
         }
 
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # log_config=None: uvicorn's dictConfig would close every logging handler ever made, absl's among
+    # them (imported with rouge_score), and absl's close() closes the stream it was made with: pytest's
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -270,3 +272,115 @@ def test_strop_judge_compare_and_check_from_the_command_line(tmp_path, capsys):
         )
         assert rc == 0, err
         assert "agreement with the chosen reply 1.000" in stdout and "over 4 prompts" in stdout
+
+
+# -- the judge at work: the end of a run, `strop eval --judge`, a served run as the judge -------------
+
+
+def grades_voice(prompt: str) -> str:
+    """A rubric judge: 9 for a reply in the pirate voice, 2 otherwise; pairwise, it prefers the voice."""
+    if "[The Start of Assistant A's Answer]" in prompt:
+        return "[[A]]" if "Arr" in first_answer(prompt) else "[[B]]"
+    answer = prompt.split("[The Start of Assistant's Answer]\n", 1)[1].split("\n[The End", 1)[0]
+    return "Rating: [[9]]" if "Arr" in answer else "Rating: [[2]]"
+
+
+def test_a_run_ends_with_the_judges_win_rate_grades_and_agreement_in_its_report(tmp_path, tiny_llama):
+    from conftest import ALPACA_ROWS, tiny_config, write_jsonl
+    from strop.recipes import run as recipe
+
+    train = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS[:16])
+    test = write_jsonl(tmp_path / "test.jsonl", ALPACA_ROWS[16:])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": q, "chosen": v, "rejected": p} for q, p, v in zip(QUESTIONS, PLAIN, VOICE, strict=True)],
+    )
+    with scripted_judge(grades_voice) as server:
+        cfg = tiny_config(
+            tiny_llama,
+            train,
+            tmp_path / "out",
+            eval={"enabled": True, "max_new_tokens": 6, "forgetting": False, "bootstrap": 200},
+            judge={"endpoint": server.url, "mode": "both", "agreement": str(pairs)},
+        )
+        cfg["data"]["test"] = [str(test)]
+        result = recipe.train(cfg, show_progress=False)
+    j = result.eval["judge"]
+    # the tiny model writes no "Arr": every pair is a tie (0.5), every reply graded 2
+    assert j["pairwise"]["judged"] == 4 and j["pairwise"]["unparsed"] == 0
+    assert j["rubric"]["tuned"]["graded"] == 4 and j["rubric"]["base"]["graded"] == 4
+    assert j["agreement"]["win_rate"] == 1.0 and j["agreement"]["judged"] == 6
+    # pairs both orders, prompts both orders, both models graded, the model list; a judge prompt asked
+    # before (identical base and tuned replies) comes from the cache
+    asked = j["usage"]["requests"] + j["usage"]["cache_hits"]
+    assert j["judge"]["model"] == "scripted" and asked == 6 * 2 + 4 * 2 + 8 + 1
+    on_disk = json.loads((result.run_dir / "eval" / "judge.json").read_text())
+    assert len(on_disk["pairwise"]["per_prompt"]) == 4 and len(on_disk["rubric"]["tuned"]["grades"]) == 4
+    assert json.loads((result.run_dir / "eval" / "summary.json").read_text())["judge"] == j
+    report = (result.run_dir / "report.md").read_text()
+    assert "LLM judge" in report and "judge agreement with known preferences" in report
+    assert "Judge: tuned win rate over base" in report  # the headline, beside what the judge is worth
+
+
+def test_judge_settings_a_run_cannot_honour_are_refused_before_training(tmp_path, tiny_llama):
+    from conftest import ALPACA_ROWS, tiny_config, write_jsonl
+    from strop.core.config import RunConfig
+    from strop.recipes import run as recipe
+
+    train = write_jsonl(tmp_path / "train.jsonl", ALPACA_ROWS)
+    base = {"enabled": True, "base": False}
+    with pytest.raises(ValidationError, match="judge.mode: pairwise compares tuned with base"):
+        RunConfig(**tiny_config(tiny_llama, train, tmp_path, eval=base, judge={"endpoint": "http://x/v1"}))
+    with pytest.raises(ValidationError, match="judge: the judge scores the end-of-run evaluation"):
+        RunConfig(**tiny_config(tiny_llama, train, tmp_path, judge={"endpoint": "http://x/v1"}))
+    with pytest.raises(ValidationError, match="judge: task dpo does not use it"):
+        RunConfig(**tiny_config(tiny_llama, train, tmp_path, task="dpo", judge={"endpoint": "http://x/v1"}))
+    cfg = tiny_config(
+        tiny_llama, train, tmp_path, eval={"enabled": True}, judge={"endpoint": "no-such-judge"}
+    )
+    with pytest.raises(ConfigError, match="judge.endpoint: 'no-such-judge' is not a URL"):
+        recipe.train(cfg, show_progress=False)
+    assert not (tmp_path / "run" / "model").exists()  # refused before a step was trained
+
+
+def test_strop_eval_grades_replies_with_a_judge(tmp_path, tiny_llama, capsys):
+    from conftest import ALPACA_ROWS, run_cli, write_jsonl
+
+    data = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": r["instruction"], "answer": r["output"]} for r in ALPACA_ROWS[:3]],
+    )
+    out = tmp_path / "ev"
+    with scripted_judge(grades_voice) as server:
+        argv = ["eval", str(tiny_llama), "--data", str(data), "--max-new-tokens", "4", "--out", str(out)]
+        rc, stdout, err = run_cli([*argv, "--judge", server.url], capsys)
+        assert rc == 0, err
+        shown = [p for p in server.prompts if "[The Start of Assistant's Answer]" in p]
+        assert len(shown) == 3 and all("[Reference Answer]\nArr!" in p for p in shown)  # references shown
+    assert "judge: model graded 2.0/10" in stdout and "was not checked" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judge"]["rubric"]["model"]["mean"] == 2.0 and summary["examples"] == 3
+    assert json.loads((out / "judge.json").read_text())["rubric"]["model"]["grades"] == [2.0, 2.0, 2.0]
+    rc, _, err = run_cli([*argv, "--force", "--judge", "nowhere"], capsys)
+    assert rc == 2 and "judge.endpoint: 'nowhere'" in err and "Traceback" not in err
+
+
+def test_a_model_folder_as_the_judge_is_served_on_loopback_for_the_judging_only(tmp_path, tiny_llama):
+    import urllib.request
+
+    from strop.eval.judging import judge_endpoint
+
+    with judge_endpoint(JudgeConfig(endpoint=str(tiny_llama), max_tokens=8), tmp_path) as at:
+        assert at.endpoint.startswith("http://127.0.0.1:") and at.endpoint.endswith("/v1")
+        with urllib.request.urlopen(at.endpoint + "/models", timeout=10) as r:
+            assert json.loads(r.read())["data"][0]["id"] == tiny_llama.name
+        judge = Judge(at, cache_path=tmp_path / "c.sqlite")
+        assert judge.ask("Say [[A]].") is not None
+    with pytest.raises(OSError):  # stopped once the judging is done
+        urllib.request.urlopen(at.endpoint + "/models", timeout=5)
+    assert "serving" in (tmp_path / "judge-server.log").read_text()
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    with pytest.raises(StropError, match="strop serve stopped before serving"):
+        with judge_endpoint(JudgeConfig(endpoint=str(bad)), tmp_path):
+            pass

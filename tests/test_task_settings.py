@@ -105,6 +105,7 @@ SAMPLES = {
     "eval.bootstrap": 200,
     "eval.samples": 2,
     "distill": {"teacher": "teacher-run"},
+    "judge": {"endpoint": "http://127.0.0.1:9/v1"},
     "dpo.loss": "ipo",
     "dpo.beta": 0.5,
     "dpo.label_smoothing": 0.1,

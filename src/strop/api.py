@@ -130,15 +130,21 @@ class LanguageModel:
         example for the loss), `progress` (False), `force` (False); `rag=INDEX` answers each prompt with
         passages from INDEX (`top_k` 4, `rag_mode` "hybrid", `rag_approximate` False; sources.jsonl
         lists them); any eval config key (`metrics=[...]`, `extract=...`, `max_new_tokens`, `stop`,
-        ...), every example unless `max_examples`."""
+        ...), every example unless `max_examples`; `judge=` a URL, run folder or catalogue model (or a
+        dict of `judge:` settings) grades each reply on a rubric (judge.json, summary["judge"])."""
         return self._evaluate(_eval_plan(self.target, data, out_dir, **options))
 
     def _evaluate(self, plan: _EvalPlan) -> dict:
         from strop.recipes.evaluation import evaluate_on_file
 
-        return evaluate_on_file(
+        summary = evaluate_on_file(
             self.model, self.template, plan.file, plan.out, plan.max_length, plan.progress
         )
+        if plan.judge is not None:
+            from strop.eval.judging import grade_predictions
+
+            summary["judge"] = grade_predictions(plan.judge, plan.out)
+        return summary
 
     def merge(self, out_dir: str | Path, force: bool = False) -> Path:
         """An adapter run as one plain transformers folder (what vLLM, TGI or `transformers` load). A
@@ -230,6 +236,7 @@ class _EvalPlan:
     out: Path
     max_length: int
     progress: bool
+    judge: Any = None  # core.judge_config.JudgeConfig: grades the replies on its rubric
 
 
 def _eval_plan(
@@ -245,6 +252,7 @@ def _eval_plan(
     top_k: int = 4,
     rag_mode: str = "hybrid",
     rag_approximate: bool = False,
+    judge: Any = None,
     **eval_options: Any,
 ) -> _EvalPlan:
     """`evaluate`'s options checked and its file read, all before a model is needed: the output folder
@@ -267,9 +275,31 @@ def _eval_plan(
         ev = EvalConfig(**{"max_examples": None, **eval_options})
     except ValueError as e:
         raise ConfigError(f"evaluate: {e}") from None
+    judge_cfg = _judge_config(judge)
     return _EvalPlan(
-        file_examples(data, ev, data_format, retriever, top_k, rag_mode), out, max_length, progress
+        file_examples(data, ev, data_format, retriever, top_k, rag_mode), out, max_length, progress, judge_cfg
     )
+
+
+def _judge_config(judge: Any):
+    """`judge=`: a URL, run folder or catalogue model, a dict of judge settings or a JudgeConfig; checked
+    before any model loads (eval/judging.py::check_judge)."""
+    if judge is None:
+        return None
+    from strop.core.errors import ConfigError
+    from strop.core.judge_config import JudgeConfig
+    from strop.eval.judging import check_judge
+
+    try:
+        cfg = (
+            judge
+            if isinstance(judge, JudgeConfig)
+            else JudgeConfig(**({"endpoint": str(judge)} if isinstance(judge, (str, Path)) else judge))
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"judge: {e}") from None
+    check_judge(cfg)
+    return cfg
 
 
 def default_eval_dir(target: str, data: str | Path) -> Path:

@@ -9,6 +9,8 @@ from strop.cli.options import (
     data_format_arg,
     emit_jsonl,
     force_arg,
+    judge_config,
+    judge_options,
     positive_int,
     quantize_arg,
     retrieval_args,
@@ -76,7 +78,8 @@ def register(sub) -> None:
     sampling_args(e, temperature_default=0.0, max_new_tokens=256)
     quantize_arg(e)
     retrieval_args(e)
-    e.set_defaults(handler=_eval)
+    judge_options(e)
+    e.set_defaults(handler=_eval, judge_rubric_template=True)
 
 
 def _chat(args) -> int:
@@ -190,6 +193,7 @@ def _eval(args) -> int:
         top_p=args.top_p,
         stop=args.stop,
         batch_size=args.batch_size,
+        judge=judge_config(args),
     )
     scores = ", ".join(f"{k} {v:.4f}" for k, v in s["metrics"].items())
     loss = f"loss {s['loss']:.4f}, ppl {s['ppl']:.2f}, " if s["loss"] is not None else ""
@@ -199,4 +203,8 @@ def _eval(args) -> int:
     print(f"wrote {out / 'summary.json'} and {out / 'predictions.jsonl'}")
     if args.rag:
         print(f"passages of each prompt: {out / 'sources.jsonl'}")
+    if "judge" in s:
+        from strop.eval.judging import headline
+
+        print(f"judge: {headline(s['judge'])} ({out / 'judge.json'})")
     return 0

@@ -4,24 +4,14 @@ known (eval/judge.py)."""
 
 from __future__ import annotations
 
-from strop.cli.options import check_out, force_arg, positive_int
+from strop.cli.options import check_out, force_arg, judge_config, judge_options, positive_int, renamed
 from strop.core.errors import StropError
 
 
-def judge_args(p) -> None:
-    p.add_argument(
-        "--judge", required=True, metavar="URL", help="the judge's OpenAI-compatible base URL (…/v1)"
-    )
-    p.add_argument("--judge-model", help="the model name the endpoint serves (default: the first it lists)")
-    p.add_argument(
-        "--api-key-env",
-        metavar="VAR",
-        help="the environment variable holding the judge's API key (never the key)",
-    )
-    p.add_argument("--concurrency", type=positive_int, default=4, help="judge requests in flight at once")
-    p.add_argument(
-        "--template", help="a pairwise judge prompt file ({question}, {answer_a}, {answer_b}, {reference})"
-    )
+def judge_args(p, agreement: bool) -> None:
+    judge_options(p, required=True, agreement=agreement)
+    renamed(p, "--concurrency", "--judge-concurrency")
+    renamed(p, "--template", "--judge-template")
     p.add_argument("--limit", type=positive_int, help="only the first N examples")
     p.add_argument("--out", help="where the judgments go, as JSON (default: print the summary only)")
     force_arg(p)
@@ -42,7 +32,7 @@ def register(sub) -> None:
     )
     c.add_argument("run_dir", metavar="RUN_DIR")
     c.add_argument("--reference", action="store_true", help="show the judge each example's reference reply")
-    judge_args(c)
+    judge_args(c, agreement=True)
     c.set_defaults(handler=_compare)
     k = jsub.add_parser(
         "check",
@@ -51,52 +41,16 @@ def register(sub) -> None:
         "with its interval; a win rate from a judge is worth what this agreement says.",
     )
     k.add_argument("pairs", metavar="PAIRS")
-    judge_args(k)
+    judge_args(k, agreement=False)
     k.set_defaults(handler=_check)
 
 
-def _judge(args):
-    from strop.core.judge_config import JudgeConfig
-    from strop.eval.judge import Judge
-
-    return Judge(
-        JudgeConfig(
-            endpoint=args.judge,
-            model=args.judge_model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            pairwise_template=args.template,
-        )
-    )
-
-
 def _rows(path, fields: tuple[str, ...], limit: int | None) -> list[dict]:
-    import json
     from pathlib import Path
 
-    from strop.core.io import unreadable_file
+    from strop.eval.judging import read_rows
 
-    p = Path(path)
-    why = unreadable_file(p)
-    if why:
-        raise StropError(f"{p}: {why}")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StropError(f"{p}:{n}: not JSON ({e.msg})") from None
-        for field in fields:
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise StropError(f"{p}:{n}: field {field!r}: expected text")
-        rows.append(row)
-        if limit and len(rows) >= limit:
-            break
-    if not rows:
-        raise StropError(f"{p}: no rows")
-    return rows
+    return read_rows(Path(path), fields, limit)
 
 
 def _summary(out: dict, who: str) -> str:
@@ -131,9 +85,11 @@ def _write(out: dict, path: str | None) -> None:
 
 
 def _compare(args) -> int:
+    import tempfile
     from pathlib import Path
 
-    from strop.eval.judge import compare
+    from strop.eval.judge import Judge, compare
+    from strop.eval.judging import agreement, judge_endpoint
 
     samples = Path(args.run_dir) / "eval" / "samples.jsonl"
     check_out(args.out, args.force, [str(samples)])
@@ -143,22 +99,32 @@ def _compare(args) -> int:
         )
     rows = _rows(samples, ("input", "base", "tuned"), args.limit)
     refs = [r.get("reference") for r in rows] if args.reference else None
-    out = compare(
-        _judge(args), [r["input"] for r in rows], [r["base"] for r in rows], [r["tuned"] for r in rows], refs
-    )
+    cfg = judge_config(args)
+    with tempfile.TemporaryDirectory() as logs, judge_endpoint(cfg, Path(logs)) as at:
+        judge = Judge(at)
+        checked = agreement(judge, Path(cfg.agreement), cfg.agreement_limit) if cfg.agreement else None
+        out = compare(
+            judge, [r["input"] for r in rows], [r["base"] for r in rows], [r["tuned"] for r in rows], refs
+        )
+    if checked is not None:
+        out["agreement"] = {k: v for k, v in checked.items() if k != "per_prompt"}
+        print(_summary(checked, "the judge's agreement with the chosen replies"))
     print(_summary(out, "tuned win rate over base"))
     _write(out, args.out)
     return 0
 
 
 def _check(args) -> int:
-    from strop.eval.judge import compare
+    import tempfile
+    from pathlib import Path
+
+    from strop.eval.judge import Judge
+    from strop.eval.judging import agreement, judge_endpoint
 
     check_out(args.out, args.force, [args.pairs])
-    rows = _rows(args.pairs, ("prompt", "chosen", "rejected"), args.limit)
-    out = compare(
-        _judge(args), [r["prompt"] for r in rows], [r["rejected"] for r in rows], [r["chosen"] for r in rows]
-    )
+    _rows(args.pairs, ("prompt", "chosen", "rejected"), args.limit)  # a bad row is said before serving
+    with tempfile.TemporaryDirectory() as logs, judge_endpoint(judge_config(args), Path(logs)) as at:
+        out = agreement(Judge(at), Path(args.pairs), args.limit)
     print(_summary(out, "agreement with the chosen reply"))
     _write(out, args.out)
     return 0

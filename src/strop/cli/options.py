@@ -187,3 +187,57 @@ def emit_jsonl(lines: list[str], out: str | None, what: str) -> None:
         print(f"wrote {len(lines)} {what} to {out}", file=sys.stderr)
     else:
         print("\n".join(lines))
+
+
+def judge_options(p, required: bool = False, agreement: bool = True) -> None:
+    """The judge of `strop judge` and `strop eval --judge` (core/judge_config.py)."""
+    p.add_argument(
+        "--judge",
+        required=required,
+        metavar="URL|RUN|MODEL",
+        help="the judge: an OpenAI-compatible base URL (…/v1), or a strop run or catalogue model that "
+        "strop serves on loopback while it judges",
+    )
+    p.add_argument("--judge-model", help="the model name the endpoint serves (default: the first it lists)")
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding the judge's API key (never the key)",
+    )
+    p.add_argument(
+        "--judge-concurrency", type=positive_int, default=4, help="judge requests in flight at once"
+    )
+    p.add_argument(
+        "--judge-template",
+        metavar="FILE",
+        help="the judge prompt: pairwise ({question}, {answer_a}, {answer_b}, {reference}) for strop judge, "
+        "rubric ({question}, {answer}, {reference}, {rubric}) for strop eval",
+    )
+    if agreement:
+        p.add_argument(
+            "--judge-agreement",
+            metavar="PAIRS",
+            help="held-out preference pairs {prompt, chosen, rejected}: the judge's agreement with them "
+            "is measured first and stated beside its verdicts",
+        )
+
+
+def judge_config(args):
+    """The judge settings the options give, checked (None without --judge)."""
+    if not getattr(args, "judge", None):
+        return None
+    from strop.core.judge_config import JudgeConfig
+    from strop.eval.judging import check_judge
+
+    rubric = getattr(args, "judge_rubric_template", False)
+    cfg = JudgeConfig(
+        endpoint=args.judge,
+        model=args.judge_model,
+        api_key_env=args.api_key_env,
+        concurrency=args.judge_concurrency,
+        pairwise_template=None if rubric else args.judge_template,
+        rubric_template=args.judge_template if rubric else None,
+        agreement=getattr(args, "judge_agreement", None),
+    )
+    check_judge(cfg)
+    return cfg

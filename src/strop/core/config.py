@@ -23,6 +23,7 @@ from strop.core.data_config import (  # noqa: F401 - re-exported: the data secti
     MixtureConfig,
 )
 from strop.core.errors import ConfigError
+from strop.core.judge_config import JudgeConfig
 from strop.core.rl_config import RLConfig
 from strop.core.search_config import SearchConfig
 from strop.core.section import Section
@@ -320,6 +321,9 @@ class RunConfig(Section):
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     distill: DistillConfig | None = Field(None, description="learn from a teacher model's distributions")
+    judge: JudgeConfig | None = Field(
+        None, description="a judge model scores the end-of-run evaluation's replies (eval/judge.json)"
+    )
     stages: list[StageConfig] = Field(
         default_factory=list,
         description="sequential fine-tuning: each stage starts from the previous stage's result",
@@ -372,6 +376,16 @@ class RunConfig(Section):
                 f"model.adapter: continue trains an existing LoRA adapter, so method.name must be lora, "
                 f"got {self.method.name!r}"
             )
+        if self.judge is not None and self.task == "sft":
+            if not self.eval.enabled:
+                raise ValueError(
+                    "judge: the judge scores the end-of-run evaluation, and eval.enabled is false"
+                )
+            if self.judge.mode != "rubric" and not self.eval.base:
+                raise ValueError(
+                    f"judge.mode: {self.judge.mode} compares tuned with base replies, and eval.base is false "
+                    "(set judge.mode: rubric to grade the tuned replies alone)"
+                )
         return self
 
     @model_validator(mode="after")

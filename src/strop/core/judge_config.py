@@ -4,7 +4,7 @@ config file, so a config can be shared and a run folder holds no secret."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -13,9 +13,22 @@ from strop.core.section import Section
 
 class JudgeConfig(Section):
     endpoint: str = Field(
-        description="the judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (strop serve, "
-        "llama.cpp's server, vLLM, Ollama's /v1, a hosted API)"
+        description="the judge: an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (strop serve, "
+        "llama.cpp's server, vLLM, Ollama's /v1, a hosted API), or a strop run folder or catalogue model, "
+        "which strop then serves itself on loopback while it judges"
     )
+    mode: Literal["pairwise", "rubric", "both"] = Field(
+        "pairwise",
+        description="end of a run: pairwise (tuned vs base replies, both orders), rubric (each reply "
+        "graded 1-10) or both",
+    )
+    reference: bool = Field(True, description="show the judge each example's reference reply when it has one")
+    agreement: str | None = Field(
+        None,
+        description="held-out preference pairs {prompt, chosen, rejected}: the judge is scored on them "
+        "first, and its agreement with the known preference is stated beside every win rate",
+    )
+    agreement_limit: int = Field(64, ge=1, description="at most this many pairs of `agreement`")
     model: str | None = Field(
         None, description="the model name the endpoint serves (default: the first it lists)"
     )

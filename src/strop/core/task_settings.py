@@ -56,6 +56,7 @@ HONOURED: dict[str, frozenset[str]] = {
         )
     },
     "distill": frozenset({"sft", "classification"}),
+    "judge": frozenset({"sft"}),  # it reads the generation-based evaluation's replies
     **{f"dpo.{key}": frozenset({"dpo"}) for key in ("loss", "beta", "label_smoothing", "simpo_gamma")},
     **{f"kto.{key}": frozenset({"kto"}) for key in ("beta", "desirable_weight", "undesirable_weight")},
     **{f"rl.{key}": frozenset({"ppo"}) for key in ("value_clip", "vf_coef", "gamma", "lam")},

@@ -65,7 +65,7 @@ def evaluate_after_training(
         return None
     shots = eval_examples(records["train"]) if ev.kshot else []
     base = _base_model(cfg, model) if ev.base else None
-    return run_suite(
+    summary = run_suite(
         model,
         base,
         template,
@@ -80,6 +80,13 @@ def evaluate_after_training(
         progress,
         labels=_label_set(records, examples),
     )
+    if cfg.judge is not None:
+        from strop.core.io import atomic_write_json
+        from strop.eval.judging import judge_samples
+
+        summary["judge"] = judge_samples(cfg.judge, run_dir / "eval")
+        atomic_write_json(run_dir / "eval" / "summary.json", summary)
+    return summary
 
 
 def _label_set(records: dict[str, list[Record]], examples) -> list[str] | None:

@@ -69,6 +69,10 @@ class SFTTask(Task):
     def data(self, run: Run) -> dict:
         cfg, tokenizer = run.cfg, run.tokenizer
         check_eval_config(cfg.eval)  # a misspelt metric fails now, not after the training it would score
+        if cfg.judge is not None:
+            from strop.eval.judging import check_judge
+
+            check_judge(cfg.judge)
         self.template_name, self.template, own = run_templates(cfg, tokenizer)
         data = build_datasets(cfg.data, self.template, cfg.train.seed, own, progress=run.show_progress)
         if self.earlier:

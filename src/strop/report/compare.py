@@ -114,6 +114,11 @@ def _eval_section(runs: list[Run], names: list[str]) -> dict:
     rows = [[m, *(_tuned_cell(dig(r.eval, "metrics", m)) for r in runs)] for m in metrics]
     rows.append(["perplexity", *(num(dig(r.eval, "likelihood", "tuned", "ppl")) for r in runs)])
     rows.append(["forgetting (ppl change)", *(_forgetting_cell(r.eval) for r in runs)])
+    if any(isinstance(r.eval.get("judge"), dict) for r in runs):
+        rows.append(["judge: tuned win rate over base", *(_judge_cell(r.eval, "pairwise") for r in runs)])
+        rows.append(
+            ["judge: agreement with known preferences", *(_judge_cell(r.eval, "agreement") for r in runs)]
+        )
     rows.append(
         ["examples / set", *(f"{num(r.eval.get('examples'))} / {r.eval.get('set') or '—'}" for r in runs)]
     )
@@ -125,6 +130,14 @@ def _tuned_cell(m) -> str:
         return "—"
     diff = f" ({num(m['diff'], signed=True)})" if is_number(m.get("diff")) else ""
     return num(m.get("tuned")) + diff
+
+
+def _judge_cell(ev: dict, part: str) -> str:
+    value, ci = dig(ev, "judge", part, "win_rate"), dig(ev, "judge", part, "ci")
+    if not is_number(value):
+        return "—" if part == "pairwise" or not isinstance(ev.get("judge"), dict) else "not checked"
+    ci_text = f" ({num(ci[0])} to {num(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else ""
+    return f"{num(value)}{ci_text}, {dig(ev, 'judge', 'judge', 'model') or '?'}"
 
 
 def _examples_cell(ev: dict) -> str:

@@ -36,6 +36,7 @@ from strop.report.evaluation import (
     primary_metric,
     samples_section,
 )
+from strop.report.judge import judge_headline, judge_section
 from strop.report.plots import length_plot, loss_plot, lr_plot
 from strop.report.preference import (
     is_preference,
@@ -67,6 +68,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         diagnosis += extra
     headline = _headline(run, facts)
     metric = primary_metric(run.eval, run.samples)
+    judged = judge_section(run.eval)
     doc = {
         "title": f"Run report: {run.name}",
         "subtitle": f"Run directory: {run_dir}",
@@ -79,6 +81,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
             _throughput_section(run, facts),
             _eval_section(run, run_dir),
             forgetting_section(run.eval),
+            *([judged] if judged is not None else []),
             samples_section(run.samples, metric),
         ],
     }
@@ -120,6 +123,7 @@ def _headline(run: Run, facts: dict) -> list[str]:
         if is_number(facts["best_val_loss"]):
             line += f"; best validation loss {num(facts['best_val_loss'])} at step {num(facts['best_step'])}"
         lines.append(line + ".")
+    lines.append(judge_headline(run.eval))
     lines.append(forgetting_headline(run.eval))
     return [line for line in lines if line]
 
