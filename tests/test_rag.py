@@ -598,6 +598,20 @@ def test_rag_compare_answers_with_every_arm_and_scores_against_base(
     assert "| RAFT + RAG |" in md and "**Verdict.**" in md and result["verdict"] in md
     rc, _, err = run_cli(argv[:7] + ["--tuned", str(tmp_path), "--out", str(tmp_path / "c2")], capsys)
     assert_user_error(rc, err, "not a strop run directory")
+    from test_judge import scripted_judge
+
+    with scripted_judge(lambda prompt: "[[A]]") as judge:  # a judge that always names the first answer
+        rc, stdout, err = run_cli([*argv, "--force", "--judge", judge.url], capsys)
+        assert rc == 0, err
+        asked = judge.prompts
+    j = json.loads((out / "compare.json").read_text())["judge"]
+    assert list(j["arms"]) == names[1:] and j["judge"]["model"] == "scripted"
+    for arm in j["arms"].values():  # both orders asked, so a first-position judge is a tie every time
+        assert arm["win_rate"] == 0.5 and arm["position_bias"] == 1.0 and arm["judged"] == 3
+    assert all("[Reference Answer]" in p for p in asked)  # the reference is shown
+    md = (out / "compare.md").read_text()
+    assert "| RAFT + RAG | 0.500 (0.500 to 0.500) | 3 of 3 | 3 | 1.00 | 0 |" in md
+    assert "The judge itself was not checked" in md
 
 
 def _arm(name: str, f1: float, lo: float, hi: float) -> dict:

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import json
 
-from strop.cli.options import device_arg, force_arg, mode_arg, positive_int, renamed
+from strop.cli.options import (
+    device_arg,
+    force_arg,
+    judge_config,
+    judge_options,
+    mode_arg,
+    positive_int,
+    renamed,
+)
 from strop.core.errors import StropError
 
 DEFAULT_MODEL = "minilm-l6"
@@ -130,6 +138,7 @@ def register(sub) -> None:
     cp.add_argument("--max-new-tokens", type=positive_int, default=128)
     cp.add_argument("--batch-size", type=positive_int, default=8)
     device_arg(cp)
+    judge_options(cp)
     cp.set_defaults(handler=_rag_compare)
 
     rm = rsub.add_parser("remove", help="remove documents from INDEX by id")
@@ -299,6 +308,7 @@ def _rag_compare(args) -> int:
 
     out = Path(args.out)
     check_fresh_output(out, "--out", True, args.force, [args.questions])
+    judge = judge_config(args)  # checked before any model loads
     retriever = Retriever(args.index, approximate=args.approximate)
     rows = read_rows(args.questions, limit=args.limit)
     arm_list = arms(args.base, args.tuned, args.raft)
@@ -315,6 +325,10 @@ def _rag_compare(args) -> int:
     )
     answers = result.pop("answers")
     out.mkdir(parents=True, exist_ok=True)
+    if judge is not None:
+        from strop.eval.judging import judge_arms
+
+        result["judge"] = judge_arms(judge, answers, [a.name for a in arm_list], out)
     atomic_write_text(
         out / "answers.jsonl", "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     )

@@ -241,3 +241,25 @@ def grade_predictions(cfg: JudgeConfig, out_dir: Path) -> dict:
     on_disk = json.loads((out_dir / "summary.json").read_text())
     atomic_write_json(out_dir / "summary.json", {**on_disk, "judge": summary})
     return summary
+
+
+def judge_arms(cfg: JudgeConfig, answers: list[dict], arm_names: list[str], log_dir: Path) -> dict:
+    """`strop rag compare --judge`: each arm's answers against the base arm's (the first), pairwise in
+    both orders with the reference shown; {arm: summary} plus the judge's agreement when configured."""
+    questions = [a["question"] for a in answers]
+    refs = [a.get("reference") or None for a in answers] if cfg.reference else None
+    base = arm_names[0]
+    t0 = time.time()
+    out: dict = {"arms": {}}
+    with judge_endpoint(cfg, log_dir) as at:
+        judge = Judge(at)
+        if cfg.agreement:
+            checked = agreement(judge, Path(cfg.agreement), cfg.agreement_limit)
+            out["agreement"] = {k: v for k, v in checked.items() if k != "per_prompt"}
+        for arm in arm_names[1:]:
+            log.info("judge: %s vs %s on %d questions, both orders", arm, base, len(answers))
+            said = compare(judge, questions, [a[base] for a in answers], [a[arm] for a in answers], refs)
+            out["arms"][arm] = {k: v for k, v in said.items() if k not in ("per_prompt", "usage", "judge")}
+        out["judge"] = {"endpoint": cfg.endpoint, "model": judge.model}
+        out["usage"] = {**judge.usage.__dict__, "wall_seconds": time.time() - t0}
+    return out

@@ -50,4 +50,37 @@ def compare_markdown(result: dict) -> str:
             f"{c['seconds_per_answer']:.2f} |"
         )
     lines += ["", f"**Verdict.** {result['verdict']}", ""]
+    if result.get("judge"):
+        lines += _judge_lines(result["judge"])
     return "\n".join(lines)
+
+
+def _judge_lines(j: dict) -> list[str]:
+    from strop.report.judge import judge_worth
+
+    lines = [
+        f"**Judge** ({j['judge']['model']}): each arm's answer against the base model's, both orders, "
+        "the reference shown; a tie counts half.",
+        "",
+        "| arm | judge win rate vs base (95% CI) | judged | orders disagreeing | position bias | unreadable |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, p in j["arms"].items():
+        rate = (
+            f"{p['win_rate']:.3f} ({p['ci'][0]:.3f} to {p['ci'][1]:.3f})"
+            if p.get("win_rate") is not None
+            else "—"
+        )
+        bias = f"{p['position_bias']:.2f}" if p.get("position_bias") is not None else "—"
+        lines.append(
+            f"| {arm} | {rate} | {p['judged']} of {p['prompts']} | {p['disagreements']} | {bias} | {p['unparsed']} |"
+        )
+    u = j.get("usage") or {}
+    lines += [
+        "",
+        judge_worth(j),
+        f"Judge cost: {u.get('requests', 0)} requests, {u.get('cache_hits', 0)} from the cache, "
+        f"{u.get('wall_seconds', 0):.0f} s.",
+        "",
+    ]
+    return lines
