@@ -59,6 +59,28 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # as peft, LLaMA-Factory, Unsloth; >0 costs ~14% per CPU step
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = Field(
+        False, description="DoRA: a learned magnitude per output beside the low-rank direction (PEFT)"
+    )
+    use_rslora: bool = Field(False, description="rsLoRA: scale alpha / sqrt(r) instead of alpha / r")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="the adapter's start: default (A random, B zero), gaussian, pissa (the weights' top "
+        "singular vectors) or olora (a QR of the weights); pissa and olora move part of the base weights "
+        "into the adapter, and the saved adapter is converted back to plain LoRA over the original base",
+    )
+    lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn at lr x lr_ratio (the paper suggests 16)"
+    )
+
+    @model_validator(mode="after")
+    def _peft_can_do_it(self) -> LoraConfig:
+        if self.use_dora and self.init in ("pissa", "olora"):
+            raise ValueError(
+                f"init: {self.init} with use_dora: the saved adapter of a {self.init} start is converted to "
+                "plain LoRA over the original weights, which PEFT cannot do for DoRA's magnitudes"
+            )
+        return self
 
 
 class FreezeConfig(Section):
@@ -375,6 +397,14 @@ class RunConfig(Section):
             raise ValueError(
                 f"model.adapter: continue trains an existing LoRA adapter, so method.name must be lora, "
                 f"got {self.method.name!r}"
+            )
+        lora = self.method.lora
+        made = [k for k, v in (("use_dora", lora.use_dora), ("use_rslora", lora.use_rslora)) if v]
+        made += ["init"] if lora.init != "default" else []
+        if self.model.adapter == "continue" and made:
+            raise ValueError(
+                f"method.lora.{made[0]}: model.adapter: continue trains the earlier run's adapter as it was "
+                "made; its DoRA, rsLoRA and start are that run's (remove the key)"
             )
         if self.judge is not None and self.task == "sft":
             if not self.eval.enabled:

@@ -13,6 +13,7 @@ from strop.data.template import ChatTemplate
 from strop.models.catalogue import public_id
 from strop.models.classifier import SequenceClassifier
 from strop.models.load import strop_run
+from strop.models.trainable import save_adapter_or_model
 
 
 def export_model(
@@ -38,7 +39,7 @@ def export_model(
     }
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_adapter_or_model(model, tmp)
         name_base_publicly(tmp, public_id(base))
         tokenizer.chat_template = template.source
         tokenizer.save_pretrained(tmp)

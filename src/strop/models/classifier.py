@@ -127,7 +127,9 @@ class SequenceClassifier(nn.Module):
         """Into an existing folder: the backbone (an adapter, the full backbone, or nothing when it was
         frozen and is the base model's), the head and classifier.json."""
         if any(p.requires_grad for p in self.backbone.parameters()) or keep_layers:
-            self.backbone.save_pretrained(out, safe_serialization=True)
+            from strop.models.trainable import save_adapter_or_model
+
+            save_adapter_or_model(self.backbone, out)
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
             str(out / HEAD_FILE),

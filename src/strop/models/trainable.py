@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -80,8 +81,13 @@ def apply_lora(
     dropout: float,
     target_modules: str | list[str],
     task_type: str = "CAUSAL_LM",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init: str = "default",
 ):
-    """`task_type`: CAUSAL_LM for a model with its LM head, FEATURE_EXTRACTION for a bare backbone."""
+    """`task_type`: CAUSAL_LM for a model with its LM head, FEATURE_EXTRACTION for a bare backbone.
+    `init` pissa or olora moves part of each base weight into the adapter; the starting adapter is kept
+    (`initial_adapter`) so the saved one can be converted to plain LoRA over the original weights."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -90,9 +96,12 @@ def apply_lora(
         lora_dropout=dropout,
         target_modules=target_modules,
         task_type=task_type,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        init_lora_weights=True if init == "default" else init,  # type: ignore[arg-type]
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
         if "lora_dropout" in str(e):  # peft's LoRA on parameters (MoE experts, in all-linear) has none
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -102,13 +111,52 @@ def apply_lora(
                 "list target_modules without the experts"
             ) from None
         raise ConfigError(f"method.lora.target_modules: {e}") from None
+    if init in MUTATING_INITS:
+        keep_initial_adapter(peft_model)
+    return peft_model
+
+
+MUTATING_INITS = ("pissa", "olora")  # they subtract the adapter's start from the base weights
+
+
+def keep_initial_adapter(peft_model) -> None:
+    """Save the adapter as it starts into a folder that lives as long as the process: the export turns
+    the trained adapter into plain LoRA over the original weights with it (PEFT's
+    path_initial_model_for_weight_conversion: rank 2r, [A | A0], [B | -B0])."""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="strop-lora-init-"))
+    atexit.register(shutil.rmtree, root, True)
+    cfg = peft_model.peft_config["default"]
+    init, cfg.init_lora_weights = cfg.init_lora_weights, True  # loading it must not decompose again
+    try:
+        peft_model.save_pretrained(root / "initial", safe_serialization=True)
+    finally:
+        cfg.init_lora_weights = init
+    peft_model.strop_initial_adapter = str(root / "initial")
+
+
+def initial_adapter(model) -> str | None:
+    """The folder `keep_initial_adapter` wrote for this model (pissa, olora), else None."""
+    return getattr(model, "strop_initial_adapter", None)
 
 
 def apply_method(model: PreTrainedModel, method) -> nn.Module:
     """The trainable set a `MethodConfig` asks for: LoRA adapters, the last blocks, or everything."""
     if method.name == "lora":
         lora = method.lora
-        return apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        return apply_lora(
+            model,
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.target_modules,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            init=lora.init,
+        )
     if method.name == "freeze":
         f = method.freeze
         return apply_freeze(model, f.train_last_n_blocks, f.train_patterns, f.train_lm_head)
@@ -121,7 +169,15 @@ def apply_classifier_method(clf: SequenceClassifier, method) -> SequenceClassifi
     if method.name == "lora":
         lora = method.lora
         clf.backbone = apply_lora(
-            clf.backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, "FEATURE_EXTRACTION"
+            clf.backbone,
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.target_modules,
+            "FEATURE_EXTRACTION",
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            init=lora.init,
         )
     elif method.name == "freeze":
         f = method.freeze
@@ -167,3 +223,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def save_adapter_or_model(model, folder: Path) -> None:
+    """save_pretrained in safetensors; an adapter that began as pissa or olora (which moved part of the
+    base weights into it) is saved converted to plain LoRA of twice the rank over the original weights,
+    so it loads on the base model as any adapter does."""
+    initial = initial_adapter(model)
+    if initial is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(
+            folder, safe_serialization=True, path_initial_model_for_weight_conversion=initial
+        )

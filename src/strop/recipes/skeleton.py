@@ -95,6 +95,7 @@ class Task:
                 run.device,
                 run.show_progress,
                 autocast_dtype=run.amp,
+                lr_ratios=lr_ratios(cfg),
                 **self.fit_options(run, model),
             )
         assert not isinstance(objective, RolloutObjective)
@@ -110,6 +111,7 @@ class Task:
             run.device,
             run.show_progress,
             autocast_dtype=run.amp,
+            lr_ratios=lr_ratios(cfg),
             **self.fit_options(run, model),
         )
 
@@ -157,3 +159,9 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     evaluation = task.evaluate(run, model) if cfg.eval.enabled else None
     report = write_run_report(cfg.run_dir)
     return TrainResult(cfg.run_dir, model_dir, metrics, summary, seconds, evaluation, report)
+
+
+def lr_ratios(cfg: RunConfig) -> dict[str, float] | None:
+    """LoRA+ (method.lora.lr_ratio): the B matrices learn faster than the rest."""
+    ratio = cfg.method.lora.lr_ratio if cfg.method.name == "lora" else None
+    return {"lora_B": ratio} if ratio else None

@@ -148,6 +148,7 @@ def fit(
     curriculum: Curriculum | None = None,
     val_groups: dict[str, list[int]] | None = None,
     monitors: dict[str, TokenizedSet] | None = None,
+    lr_ratios: dict[str, float] | None = None,
 ) -> FitResult:
     """`val_groups`: validation indices by source (a mixture), each also scored as `val_loss/NAME`.
     `monitors`: further held-out sets (earlier stages' validation), scored as `val_loss/NAME` with the
@@ -167,7 +168,9 @@ def fit(
         log.info("fsdp: %d blocks sharded over %d processes", n_blocks, world.size)
         if device.type == "cpu":
             release_free_memory()  # the whole weights each process loaded before sharding go back
-    optimizer = build_optimizer(model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum)
+    optimizer = build_optimizer(
+        model, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum, lr_ratios
+    )
     validation = Validation(objective, val_set, val_groups, monitors, train.batch_size, pad_id, device)
     counters: dict = {"best_val_loss": None, "evals_since_best": 0, "bad_streak": 0, "total_steps": n_steps}
     counters["processes"] = world.size  # a resume with another count is checked against it (LoopState)

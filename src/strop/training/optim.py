@@ -12,16 +12,27 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float], momentum: float
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    momentum: float,
+    lr_ratios: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """Biases and norm weights (1-D parameters) get no weight decay."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
+    """Biases and norm weights (1-D parameters) get no weight decay. `lr_ratios`: a parameter whose
+    name has one of these parts (e.g. "lora_B", for LoRA+) learns at lr x its ratio (`set_lr`)."""
+    ratios = lr_ratios or {}
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for param_name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+            parts = param_name.split(".")
+            ratio = next((r for part, r in ratios.items() if part in parts), 1.0)
+            grouped.setdefault((p.ndim >= 2, ratio), []).append(p)
+    groups = [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_ratio": ratio}
+        for (decays, ratio), params in sorted(grouped.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if name == "adam":
@@ -49,4 +60,4 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

@@ -68,6 +68,7 @@ def fit_rl(
     template: ChatTemplate,
     rl: RLConfig,
     evaluations: dict,
+    lr_ratios: dict[str, float] | None = None,
 ) -> FitResult:
     """Train `policy` (and the objective's value head, when it has one) on rollouts to `prompts`; the
     precision policy's autocast covers sampling, scoring and updates alike. `reference`: the starting
@@ -79,7 +80,7 @@ def fit_rl(
     value_head = objective.value_head  # PPO's critic, trained beside the policy
     modules = nn.ModuleDict({"policy": policy, **({"value_head": value_head} if value_head else {})})
     optimizer = build_optimizer(
-        modules, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum
+        modules, optim.name, optim.lr, optim.weight_decay, optim.betas, optim.momentum, lr_ratios
     )
     counters = {"total_steps": n_steps, "kl_coef": rl.kl_coef, "best_val_reward": None, "bad_streak": 0}
     run = LoopState(
