@@ -129,6 +129,12 @@ class TrainConfig(Section):
         description="instead of batch_size: pack examples into one row of up to N tokens, padding-free",
     )
     grad_accum: int = Field(1, ge=1)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] | None = Field(
+        None,
+        description="experiment trackers, each given the config, every step's numbers, the evaluation and "
+        "the report (default: TensorBoard when it is installed); MLflow writes to $MLFLOW_TRACKING_URI "
+        "or the run folder's mlruns/, W&B runs offline unless $WANDB_MODE says otherwise",
+    )
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     seed: int = 42

@@ -1,4 +1,5 @@
-"""Where metrics go: `metrics.jsonl` in the run directory, and TensorBoard when it is installed.
+"""Where metrics go: `metrics.jsonl` in the run directory, and the run's trackers (core/tracking.py:
+TensorBoard, MLflow, W&B).
 
 The file is append-only, so a process killed mid-write can leave a torn last line. Readers skip lines
 that do not parse; a resumed run drops them (with a warning that counts them) and rewrites the file
@@ -11,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from strop.core import tracking
 from strop.core.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger("strop")
@@ -34,24 +36,13 @@ class MetricsSink:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         elif self.path.exists():
             self.path.unlink()
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass
 
     def log(self, record: dict) -> None:
         append_jsonl(self.path, record)
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record.get("step", 0))
+        tracking.log_record(record)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        pass  # the trackers outlive the loop: the evaluation and the report reach them too
 
 
 def parse_jsonl(path: Path) -> tuple[list[dict], list[int]]:

@@ -36,6 +36,9 @@ BOOKKEEPING = {
     "data_summary.json",
     "metrics.jsonl",
     "tensorboard",
+    "mlruns",
+    "wandb",
+    "tracking.json",
     "stages.json",
     "checkpoints",
 }

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from strop.core import distributed
+from strop.core import distributed, tracking
 from strop.core.config import RunConfig
+from strop.core.errors import Interrupted
 from strop.data.read import check_sources
 from strop.methods.objective import Objective
 from strop.methods.rl import RolloutObjective
@@ -135,6 +136,7 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     world = distributed.WORLD
     run = Run(cfg, device, dtype, threads, show_progress)
     check_sources([*cfg.data.train, *cfg.data.validation, *cfg.data.test])
+    tracking.check(cfg.train.report_to)
     source = tokenizer_source(cfg.model.name, causal_lm=task.causal_lm)
     run.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     summary = task.data(run)
@@ -143,14 +145,25 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     model = task.build(run)
     if world.main:  # only once the model and data are known to be good
         open_run_folder(cfg, summary, task.saved(model))
+        tracking.start(cfg.train.report_to, cfg.run_dir, cfg.name, cfg.model_dump(mode="json"))
     distributed.barrier()
+    try:
+        return _train_and_finish(task, run, model, summary, t0)
+    except BaseException as e:
+        tracking.finish(None, "KILLED" if isinstance(e, KeyboardInterrupt | Interrupted) else "FAILED")
+        raise
+
+
+def _train_and_finish(task: Task, run: Run, model, summary: dict, t0: float) -> TrainResult:
+    cfg, world = run.cfg, distributed.WORLD
+    device, dtype, threads = run.device, run.dtype, run.threads
     trainable, total = log_parameters(model, cfg, device, dtype, threads)
     objective = task.objective(run, model)
     result = task.fit(run, model, objective)
     if model_is_sharded(model):  # rank 0 exports and evaluates a whole model of the gathered weights
         whole = task.build(run) if world.main else None
         gather_into(model, whole)
-        model = whole  # type: ignore[assignment]  # None on the other processes, which return below
+        model = whole  # None on the other processes, which return below
     if not world.main:  # rank 0 exports, evaluates and reports; the weights are the same everywhere
         return TrainResult(cfg.run_dir, cfg.run_dir / "model", result.final, summary, time.time() - t0)
 
@@ -158,6 +171,7 @@ def run_task(task: Task, config: RunConfig, show_progress: bool = True) -> Train
     metrics, seconds = save_result(cfg.run_dir, result, trainable, total, model_dir, t0, summary)
     evaluation = task.evaluate(run, model) if cfg.eval.enabled else None
     report = write_run_report(cfg.run_dir)
+    tracking.finish(evaluation)
     return TrainResult(cfg.run_dir, model_dir, metrics, summary, seconds, evaluation, report)
 
 

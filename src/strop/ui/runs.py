@@ -26,7 +26,16 @@ from strop.training.checkpoint import list_checkpoints, read_state
 from strop.ui.jobs import Job
 
 ACTIVE_SECONDS = 90.0  # a run of another process counts as running while its files change this often
-SKIP = {"checkpoints", "model", "eval", "report_files", "tensorboard", "cache"}  # inside a run, no runs
+SKIP = {
+    "checkpoints",
+    "model",
+    "eval",
+    "report_files",
+    "tensorboard",
+    "mlruns",
+    "wandb",
+    "cache",
+}  # inside a run, no runs
 MAX_DEPTH = 3  # runs, stages (run/stage) and tune trials (study/trials/007)
 
 
