@@ -61,7 +61,7 @@ def register(sub) -> None:
         help="evaluate a model or a run on a dataset: loss, perplexity and task metrics",
         description="Generate for every example of --data (greedy by default, batched) and score the "
         "replies against the references; writes summary.json and predictions.jsonl to --out. "
-        "Metrics: exact_match, contains, rouge_l, bleu, accuracy, macro_f1, or module:function "
+        "Metrics: exact_match, contains, rouge_l, bleu, accuracy, macro_f1, tool_call (calls and arguments as the reference), tool_function, or module:function "
         "(called as function(prediction, reference) -> float).",
     )
     e.add_argument("target", metavar="RUN_DIR|MODEL")

@@ -168,7 +168,7 @@ class EvalConfig(Section):
     max_examples: int | None = Field(64, ge=1, description="first N evaluation examples; null for all")
     metrics: list[str] = Field(
         default_factory=list,
-        description="exact_match, contains, rouge_l, bleu, accuracy, macro_f1 or module:function "
+        description="exact_match, contains, rouge_l, bleu, accuracy, macro_f1, tool_call, tool_function or module:function "
         "(imported, so its code runs); default: exact_match with an extractor, else rouge_l and bleu",
     )
     extract: str | None = Field(None, description="answer extractor: gsm8k, last_number or regex:PATTERN")

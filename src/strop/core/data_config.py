@@ -19,6 +19,7 @@ class DatasetSource(Section):
         "auto",
         "alpaca",
         "messages",
+        "tools",
         "sharegpt",
         "prompt_completion",
         "question_answer",

@@ -50,6 +50,8 @@ def detect_format(row: dict) -> str | None:
     for key in ("messages", "conversations"):
         turns = row.get(key)
         if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            if "tools" in row or any(isinstance(t, dict) and "tool_calls" in t for t in turns):
+                return "tools"
             return "sharegpt" if "from" in turns[0] else "messages"
     if {"instruction", "output"} <= keys:
         return "alpaca"
@@ -267,6 +269,51 @@ def _messages(data: dict, rid: str) -> Record:
     return Record(rid, messages=tuple(_turns(data.get(field), field, "role", "content", _OPENAI_ROLES)))
 
 
+def _tool_conversation(data: dict, rid: str) -> Record:
+    """data/tools.py: definitions, assistant calls and tool results, checked field by field."""
+    from strop.data.tools import TOOLS_ROLE, ToolError, check_calls, check_tools
+
+    try:
+        tools = check_tools(data.get("tools"))
+        defined = {t["function"]["name"] for t in tools}
+        turns = data.get("messages")
+        if not isinstance(turns, list) or not turns:
+            raise ToolError("messages", "expected a non-empty list of turns")
+        msgs: list[dict] = [{"role": TOOLS_ROLE, "tools": tools, "content": ""}]
+        calls_made = 0
+        for i, t in enumerate(turns):
+            field = f"messages[{i}]"
+            if not isinstance(t, dict) or t.get("role") not in ROLES:
+                role = t.get("role") if isinstance(t, dict) else None
+                raise ToolError(f"{field}.role", f"unknown role {role!r} (allowed: {sorted(ROLES)})")
+            content = t.get("content")
+            content = "" if content is None and t["role"] in ("assistant",) else content
+            if not isinstance(content, str):
+                raise ToolError(f"{field}.content", "expected a string")
+            check_string(content, f"{field}.content")
+            m: dict = {"role": t["role"], "content": content}
+            if t["role"] == "assistant" and "tool_calls" in t:
+                m["tool_calls"] = check_calls(t, field, defined)
+                calls_made += len(m["tool_calls"])
+            elif t["role"] == "assistant" and not content.strip():
+                raise ToolError(f"{field}.content", "empty assistant turn (and no tool_calls)")
+            elif "tool_calls" in t:
+                raise ToolError(f"{field}.tool_calls", f"only assistant turns call tools, not {t['role']}")
+            if t["role"] == "tool":
+                if calls_made == 0:
+                    raise ToolError(field, "a tool turn with no tool call before it")
+                calls_made -= 1
+                for key in ("tool_call_id", "name"):
+                    if isinstance(t.get(key), str):
+                        m[key] = t[key]
+            msgs.append(m)
+    except ToolError as e:
+        raise _RowError(e.field, e.reason) from None
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise _RowError("messages", "conversation has no assistant turn to learn from")
+    return Record(rid, messages=tuple(msgs))
+
+
 def _sharegpt(data: dict, rid: str) -> Record:
     field = _conversation_field(data)
     return Record(rid, messages=tuple(_turns(data.get(field), field, "from", "value", SHAREGPT_ROLES)))
@@ -383,6 +430,7 @@ _CONVERTERS = {
     "alpaca": _alpaca,
     "question_answer": _question_answer,
     "messages": _messages,
+    "tools": _tool_conversation,
     "sharegpt": _sharegpt,
     "prompt_completion": _prompt_completion,
     "labelled": _labelled,

@@ -18,6 +18,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from strop.core.errors import ConfigError, DataError
+from strop.data.tools import CHATML_TOOLS, TOOLS_ROLE, renders_tools
 
 log = logging.getLogger("strop")
 
@@ -34,7 +35,7 @@ ALPACA = (
     "{% else %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
-BUILTIN = {"chatml": CHATML, "alpaca": ALPACA}
+BUILTIN = {"chatml": CHATML, "alpaca": ALPACA, "chatml-tools": CHATML_TOOLS}
 
 
 @lru_cache(maxsize=16)
@@ -99,6 +100,16 @@ class ChatTemplate:
         self._warned = False
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The template's text of a conversation; a first `{"role": "tools", "tools": [...]}` element
+        (data/tools.py) is handed to the template as `tools`, as transformers' apply_chat_template does."""
+        tools = None
+        if messages and messages[0]["role"] == TOOLS_ROLE:
+            tools, messages = messages[0]["tools"], messages[1:]
+            if not renders_tools(self.source):
+                raise DataError(
+                    "data.template: the chat template renders no tools or tool calls, so they would be "
+                    "dropped from training silently; use a template that does, e.g. data.template: chatml-tools"
+                )
         messages = list(messages)
         if self.system_prompt and (not messages or messages[0]["role"] != "system"):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -109,6 +120,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=tok.bos_token or "",
                 eos_token=tok.eos_token or "",
+                **({"tools": tools} if tools is not None else {}),
             )
         except jinja2.TemplateError as e:
             raise DataError(f"chat template failed on a conversation: {e}") from None

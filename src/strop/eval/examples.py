@@ -6,13 +6,14 @@ import random
 from dataclasses import dataclass
 
 from strop.data.formats import Record
+from strop.data.tools import TOOLS_ROLE, reply_text
 
 
 @dataclass(frozen=True)
 class EvalExample:
     id: str
     prompt: tuple[dict, ...]  # the conversation before its final assistant turn
-    reference: str  # that assistant turn's content
+    reference: str  # that assistant turn's content (and its tool calls, data/tools.py::reply_text)
 
 
 def eval_examples(records: list[Record], limit: int | None = None) -> list[EvalExample]:
@@ -20,7 +21,7 @@ def eval_examples(records: list[Record], limit: int | None = None) -> list[EvalE
     out = []
     for rec in records:
         if rec.messages and rec.messages[-1]["role"] == "assistant" and len(rec.messages) > 1:
-            out.append(EvalExample(rec.id, tuple(rec.messages[:-1]), rec.messages[-1]["content"]))
+            out.append(EvalExample(rec.id, tuple(rec.messages[:-1]), reply_text(rec.messages[-1])))
         if limit is not None and len(out) >= limit:
             break
     return out
@@ -38,9 +39,10 @@ def pick_shots(pool: list[EvalExample], k: int, seed: int) -> list[EvalExample]:
 def with_shots(example: EvalExample, shots: list[EvalExample]) -> list[dict]:
     """The example's conversation preceded by the shots as earlier user/assistant exchanges; a system
     message of the example stays first, the shots' own system messages are dropped."""
-    system = [m for m in example.prompt if m["role"] == "system"]
+    head = ("system", TOOLS_ROLE)  # the example's tool definitions stay first too; the shots' are dropped
+    system = [m for m in example.prompt if m["role"] in head]
     turns: list[dict] = []
     for shot in shots:
-        turns += [m for m in shot.prompt if m["role"] != "system"]
+        turns += [m for m in shot.prompt if m["role"] not in head]
         turns.append({"role": "assistant", "content": shot.reference})
-    return system + turns + [m for m in example.prompt if m["role"] != "system"]
+    return system + turns + [m for m in example.prompt if m["role"] not in head]

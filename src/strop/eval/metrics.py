@@ -18,7 +18,7 @@ import numpy as np
 from strop.core.errors import ConfigError
 from strop.eval.extract import Extractor
 
-BUILTIN = ("exact_match", "contains", "rouge_l", "bleu", "accuracy", "macro_f1")
+BUILTIN = ("exact_match", "contains", "rouge_l", "bleu", "accuracy", "macro_f1", "tool_call", "tool_function")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ def _build(name: str, extract: Extractor | None) -> Metric:
         return Metric(name, per_example=lambda p, r: float(_answer(p, extract) == reference_answer(r)))
     if name == "contains":
         return Metric(name, per_example=lambda p, r: float(reference_answer(r) in normalize_text(p)))
+    if name in ("tool_call", "tool_function"):  # data/tools.py: the reply's calls against the reference's
+        from strop.data.tools import call_accuracy, function_accuracy
+
+        return Metric(name, per_example=call_accuracy if name == "tool_call" else function_accuracy)
     if name == "rouge_l":
         from rouge_score import rouge_scorer
 
