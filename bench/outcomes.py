@@ -45,13 +45,13 @@ SST2 = SHARED / "sst2"  # train.jsonl 6911, validation.jsonl 872
 # steps x batch, held-out rows and generation lengths per budget
 BUDGETS = {
     "full": {
-        "sft_steps": 12, "sft_batch": 8, "gen_test": 48, "gsm8k_tokens": 128, "instr_tokens": 64,
-        "pref_steps": 10, "pref_batch": 8, "pref_test": 80,
+        "sft_steps": 12, "sft_batch": 8, "gen_test": 32, "gsm8k_test": 48, "gsm8k_tokens": 128, "instr_tokens": 64,
+        "pref_steps": 8, "pref_batch": 8, "pref_test": 64,
         "cls_steps": 40, "cls_batch": 32,
         "distill_steps": 12,
     },
     "quick": {
-        "sft_steps": 2, "sft_batch": 4, "gen_test": 4, "gsm8k_tokens": 32, "instr_tokens": 16,
+        "sft_steps": 2, "sft_batch": 4, "gen_test": 4, "gsm8k_test": 4, "gsm8k_tokens": 32, "instr_tokens": 16,
         "pref_steps": 2, "pref_batch": 4, "pref_test": 8,
         "cls_steps": 4, "cls_batch": 16,
         "distill_steps": 2,
@@ -69,9 +69,16 @@ COMMON = [  # one validation and one checkpoint at the end
 # ---------------------------------------------------------------- running strop
 
 
+REUSE = False  # --reuse: take a finished run folder's figures instead of training it again
+
+
 def train(config: str, name: str, steps: int, batch: int, sets: list[str], work: Path) -> tuple[Path, float]:
     """`strop train CONFIG` with the budget and `sets`; a fresh run folder each time. (run_dir, seconds)"""
     run_dir = work / "runs" / name
+    timing = work / "runs" / f"{name}.seconds"  # the wall time, kept beside the run folder
+    if REUSE and (run_dir / "eval" / "summary.json").exists() and timing.exists():
+        print(f"reusing {run_dir}", flush=True)
+        return run_dir, float(timing.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [
         f"name={name}", f"output_dir={work / 'runs'}", f"train.max_steps={steps}", f"train.batch_size={batch}",
@@ -82,7 +89,9 @@ def train(config: str, name: str, steps: int, batch: int, sets: list[str], work:
     print("$ strop train " + config + " " + " ".join(f"--set '{s}'" for s in sets), flush=True)
     t0 = time.time()
     subprocess.run(argv, check=True)
-    return run_dir, time.time() - t0
+    seconds = time.time() - t0
+    timing.write_text(f"{seconds:.1f}\n")
+    return run_dir, seconds
 
 
 def src(path: Path, skip: int | None = None, limit: int | None = None) -> str:
@@ -133,25 +142,26 @@ def row(recipe: str, task: str, data: str, n_train: int, n_test: int, steps: int
 
 def sft_gsm8k(b: dict, work: Path) -> dict:
     """LoRA SFT (lora-alpaca) on GSM8K's first rows; exact match (`gsm8k` extractor) on its last rows."""
-    n, steps, batch, test = b["sft_steps"] * b["sft_batch"], b["sft_steps"], b["sft_batch"], b["gen_test"]
+    n, steps, batch, test = b["sft_steps"] * b["sft_batch"], b["sft_steps"], b["sft_batch"], b["gsm8k_test"]
     run_dir, seconds = train("lora-alpaca", "sft-gsm8k", steps, batch, [
         f"data.train=[{src(GSM8K, limit=n + 16)}]", "data.val_fraction=0.1",
         f"data.test=[{src(GSM8K, skip=count(GSM8K) - test)}]", "data.max_length=320",
         "eval.extract=gsm8k", "eval.metrics=[exact_match]", "eval.forgetting=false", f"eval.max_examples={test}",
         f"eval.max_new_tokens={b['gsm8k_tokens']}", f"eval.samples={test}",
     ], work)
-    m = summary(run_dir)["metrics"]["exact_match"]
+    s = summary(run_dir)
+    m = s["metrics"]["exact_match"]
     preds = jsonl(run_dir / "eval" / "samples.jsonl")  # every example's base and tuned reply
     loose = {  # lm-eval's flexible extract (the last number of the reply) from the same replies, for scale
         side: [float(last_number(p[side]) == last_number(p["reference"])) for p in preds] for side in ("base", "tuned")
-    } if preds and "base" in preds[0] else None
+    }
     return row("lora-alpaca", "sft", "gsm8k", n, test, steps, batch, "exact match (gsm8k `#### N`)",
                m["base"], m["tuned"], {"diff": m["diff"], "ci": m["ci95"]}, seconds,
-               "the base never writes `#### N`, so its strict score is 0 by format; solving needs far more "
-               "steps (thousands of rows) and a bigger model than 135M",
-               last_number=None if loose is None else {
-                   "base": float(np.mean(loose["base"])), "tuned": float(np.mean(loose["tuned"])),
-                   **paired(loose["base"], loose["tuned"])})
+               "135M solves almost none; a bigger model (>= 1B) and thousands of steps",
+               last_number={"base": float(np.mean(loose["base"])), "tuned": float(np.mean(loose["tuned"])),
+                            **paired(loose["base"], loose["tuned"])},
+               writes_answer_line={side: sum("####" in p[side] for p in preds) for side in ("base", "tuned")},
+               reference_loss={k: v["loss"] for k, v in s["likelihood"].items()})
 
 
 def sft_instructions(b: dict, work: Path) -> dict:
@@ -167,8 +177,7 @@ def sft_instructions(b: dict, work: Path) -> dict:
     return row("lora-alpaca", "sft", "instructions/alpaca_en_demo", n, test, steps, batch,
                f"ROUGE-L (greedy, {b['instr_tokens']} new tokens)", m["base"], m["tuned"],
                {"diff": m["diff"], "ci": m["ci95"]}, seconds,
-               "the instruct model already answers in this style; hundreds of steps and longer replies "
-               "(ROUGE-L on truncated replies is noisy)", run_dir=str(run_dir))
+               "hundreds of steps; longer replies (ROUGE-L on 64-token replies is noisy)", run_dir=str(run_dir))
 
 
 def preference_sets(b: dict) -> tuple[int, list[str]]:
@@ -203,13 +212,13 @@ def dpo_like(config: str, name: str, b: dict, work: Path, need: str) -> dict:
 
 
 def dpo(b: dict, work: Path) -> dict:
-    return dpo_like("dpo", "dpo-hh", b, work, "the README's DPO run needed 1,440 pairs (180 steps, ~1 h) to move "
-                    "the per-token ranking; ~10x these steps")
+    return dpo_like("dpo", "dpo-hh", b, work, "~10x the pairs (README: 1,440 pairs, 180 steps, moved the "
+                    "per-token ranking)")
 
 
 def orpo(b: dict, work: Path) -> dict:
-    return dpo_like("orpo", "orpo-hh", b, work, "ORPO's NLL term lifts chosen and rejected alike at this size "
-                    "(README: 456 pairs did not separate them); many more pairs or a bigger model")
+    return dpo_like("orpo", "orpo-hh", b, work, "many more pairs or a bigger model (README: 456 pairs did not "
+                    "separate them)")
 
 
 def kto(b: dict, work: Path) -> dict:
@@ -236,8 +245,7 @@ def kto(b: dict, work: Path) -> dict:
     return row("kto", "kto", "hh_rlhf pairs as feedback rows", len(rows), s.get("pairs", len(ids)),
                b["pref_steps"], b["pref_batch"], "held-out preference accuracy (summed log-prob)",
                acc["start"], acc["tuned"], paired(before, after), seconds,
-               "good and bad completions gain log-prob alike at this size (README: 182 rows moved nothing); "
-               "thousands of rows",
+               "thousands of rows (README: 182 rows moved nothing)",
                mcnemar=[acc["improved"], acc["worsened"], acc["p_value"]],
                auc=[s["start_metrics"].get("auc"), s["metrics"].get("auc")])
 
@@ -253,7 +261,7 @@ def reward(b: dict, work: Path) -> dict:
     return row("reward-model", "reward", "hh_rlhf harmless-base pairs", n, pairs, b["pref_steps"], b["pref_batch"],
                "held-out pairwise accuracy (base: chance 0.5)", 0.5, acc,
                {"diff": acc - 0.5, "ci": [lo - 0.5, hi - 0.5]}, seconds,
-               "a reward head needs thousands of pairs to rank HH replies; ~10-50x the steps",
+               "10-50x the steps (thousands of pairs)",
                margin=s["metrics"].get("margin"))
 
 
@@ -275,7 +283,7 @@ def classification(b: dict, work: Path) -> dict:
     return row("sentiment-encoder-lora", "classification", "sst2 train / dev", n, s["examples"],
                b["cls_steps"], b["cls_batch"], f"accuracy (base: majority label '{majority}')",
                m["majority"], m["tuned"], paired(before, after), seconds,
-               "more steps (an epoch of SST-2 is 216 steps at batch 32)", model="minilm-l6",
+               "more steps (an SST-2 epoch is 216 steps at batch 32)", model="minilm-l6",
                macro_f1=s["metrics"]["macro_f1"])
 
 
@@ -286,8 +294,8 @@ def distillation(b: dict, work: Path, teacher: Path) -> dict:
     n = steps * batch
     sets = [f"data.train=[{src(ALPACA, limit=n + 16)}]", "data.val_fraction=0.1",
             f"data.test=[{src(ALPACA, skip=count(ALPACA) - test)}]", "data.max_length=256",
-            "eval.metrics=[rouge_l]", "eval.forgetting=false", f"eval.max_examples={test}", f"eval.max_new_tokens={b['instr_tokens']}",
-            f"eval.samples={test}"]
+            "eval.metrics=[rouge_l]", "eval.forgetting=false", f"eval.max_examples={test}",
+            f"eval.max_new_tokens={b['instr_tokens']}", f"eval.samples={test}"]
     with_t, s1 = train("distill-smollm2", "distill-teacher", steps, batch,
                        [*sets, f"distill.teacher={teacher}"], work)
     without, s2 = train("distill-smollm2", "distill-none", steps, batch, [*sets, "distill=null"], work)
@@ -302,8 +310,9 @@ def distillation(b: dict, work: Path, teacher: Path) -> dict:
     return row("distill-smollm2", "sft + distill", "instructions/alpaca_en_demo", n, len(ids), steps, batch,
                "ROUGE-L: student with teacher (tuned) vs without (base)", a["metrics"][key]["tuned"],
                c["metrics"][key]["tuned"], paired(before, after), s1 + s2,
-               "a cut 10-block student needs hundreds of steps to recover; the teacher here had only the "
-               "SFT row's budget", held_out_loss={"no_teacher": a["likelihood"]["tuned"]["loss"], "teacher": c["likelihood"]["tuned"]["loss"]},
+               "hundreds of steps for a 10-block student; a teacher trained longer than the SFT row's 12 steps",
+               reference_loss={"no_teacher": a["likelihood"]["tuned"]["loss"],
+                               "teacher": c["likelihood"]["tuned"]["loss"]},
                seconds_each={"teacher": s1, "no_teacher": s2}, teacher=str(teacher))
 
 
@@ -338,9 +347,42 @@ def table(rows: list[dict]) -> str:
             f"{r['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {verdict} | {r['seconds'] / 60:.1f} min |"
         )
     total = sum(r.get("seconds", 0.0) for r in rows)
+    lines += ["", "Per row, besides the headline metric:", ""]
+    lines += [f"- {r['recipe']} ({r['data']}): {details(r)}" for r in rows if r["status"] == "run"]
     lines.append("")
     lines.append(f"Total wall time of the runs: {total / 60:.1f} min.")
     return "\n".join(lines) + "\n"
+
+
+def details(r: dict) -> str:
+    """The secondary figures each row keeps in the JSON, as one sentence."""
+    out = []
+    if "last_number" in r:
+        ln = r["last_number"]
+        out.append(f"last number of the reply correct (lm-eval flexible extract) {ln['base']:.3f} -> "
+                   f"{ln['tuned']:.3f} [{ln['ci'][0]:+.3f}, {ln['ci'][1]:+.3f}]")
+    if "writes_answer_line" in r:
+        w = r["writes_answer_line"]
+        out.append(f"replies with a `#### N` line: base {w['base']}, tuned {w['tuned']} of {r['heldout_rows']}")
+    if "reference_loss" in r:
+        out.append("held-out reference loss " + ", ".join(f"{k} {v:.3f}" for k, v in r["reference_loss"].items()))
+    if "mcnemar" in r:
+        up, down, p = r["mcnemar"]
+        out.append(f"pairs flipped right/wrong {up}/{down} (McNemar p {p:.2f})")
+    if "per_token" in r:
+        pt = r["per_token"]
+        out.append(f"per-token preference accuracy {pt['start']:.3f} -> {pt['tuned']:.3f} (p {pt['p_value']:.2f})")
+    if r.get("implicit_reward_accuracy") is not None:
+        out.append(f"implicit reward accuracy {r['implicit_reward_accuracy']:.3f}")
+    if "auc" in r and None not in r["auc"]:
+        out.append(f"AUC good vs bad {r['auc'][0]:.3f} -> {r['auc'][1]:.3f}")
+    if r.get("margin") is not None:
+        out.append(f"mean reward margin {r['margin']:.3f}")
+    if "macro_f1" in r:
+        out.append(f"macro-F1 majority {r['macro_f1']['majority']:.3f} -> tuned {r['macro_f1']['tuned']:.3f}")
+    if "seconds_each" in r:
+        out.append("wall " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["seconds_each"].items()))
+    return "; ".join(out) + "." if out else "–"
 
 
 def write(results: dict, out: Path) -> None:
@@ -375,7 +417,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/outcomes"), help="run folders, derived data")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="only rewrite outcomes.md from outcomes.json")
+    parser.add_argument("--reuse", action="store_true", help="rescore finished run folders in --work, no training")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     budget = "quick" if args.quick else "full"
     path = args.out / "outcomes.json"
     if args.table:
@@ -384,7 +429,7 @@ def main() -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     results = {
         "budget": budget, "settings": BUDGETS[budget], "when": time.strftime("%Y-%m-%d"),
-        "machine": "2 CPU cores, torch 1 thread",
+        "machine": "2 CPU cores shared with other jobs, so wall times are upper bounds; torch 1 thread",
         "rows": old.get("rows", {}) if old.get("budget") == budget else {},
     }
     b = BUDGETS[budget]

@@ -106,6 +106,7 @@ SAMPLES = {
     "eval.samples": 2,
     "distill": {"teacher": "teacher-run"},
     "judge": {"endpoint": "http://127.0.0.1:9/v1"},
+    "train.memory_limit": "8GB",
     "dpo.loss": "ipo",
     "dpo.beta": 0.5,
     "dpo.label_smoothing": 0.1,

@@ -149,6 +149,12 @@ class TrainConfig(Section):
         False,
         description="recompute each block's activations in backward: far less memory, ~1.3-1.5x the time",
     )
+    memory_limit: str | None = Field(
+        None,
+        description="keep the peak under this (12GB, 16GiB, or auto: what the machine has free): the "
+        "micro-batch is lowered and accumulation raised at the same global batch, from a measured probe "
+        "(training/memory.py; the choice is in memory.json)",
+    )
     release_memory: bool = Field(
         False,
         description="CPU: hand freed memory back to the OS after every micro-batch (lower resident memory "
@@ -159,6 +165,32 @@ class TrainConfig(Section):
         description="several processes (--nproc, torchrun): ddp keeps the whole model in each; fsdp shards "
         "the transformer blocks' weights, gradients and optimizer state over them (torch FSDP2)",
     )
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        from strop.core.sizes import parse_bytes
+
+        if value is not None:
+            parse_bytes(value)  # a ValueError names the field
+            return str(value)
+        return value
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        """The limit in bytes; None for no limit or `auto` (what the machine has free)."""
+        from strop.core.sizes import parse_bytes
+
+        return parse_bytes(self.memory_limit) if self.memory_limit is not None else None
+
+    @model_validator(mode="after")
+    def _limit_needs_padded_batches(self) -> TrainConfig:
+        if self.memory_limit is not None and self.batch_tokens is not None:
+            raise ValueError(
+                "memory_limit: packed rows (batch_tokens) are sized by their token budget; lower "
+                "train.batch_tokens instead"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -30,6 +30,7 @@ HONOURED: dict[str, frozenset[str]] = {
     "data.skip_bad_rows": FIT,
     # the rollout loop steps once per rollout, logs every step and has no early stopping
     "train.grad_accum": FIT,
+    "train.memory_limit": FIT,  # the rollout loop's batches are its prompts and groups
     "train.log_every": FIT,
     "train.early_stopping": FIT,
     # a classifier's backbone is loaded afresh: there is no adapter of an earlier run to continue

@@ -204,6 +204,7 @@ def estimate_run(cfg: RunConfig, source: str, train: TokenizedSet, report: dict)
         "eval_s": round(eval_s),
         "peak_memory_gb": round(memory / 1e9, 2),
         "machine_memory_gb": round(_machine_memory(device) / 1e9, 1),
+        "memory_limit_gb": round(t.memory_limit_bytes / 1e9, 2) if t.memory_limit_bytes else None,
     }
 
 
@@ -349,9 +350,16 @@ def _estimate_lines(e: dict) -> list[str]:
         f"  training ~{_duration(e['train_s'])}, evaluation ~{_duration(e['eval_s'])}, peak memory "
         f"~{e['peak_memory_gb']} GB of {e['machine_memory_gb']} GB (estimates: +-30%)",
     ]
-    if e["peak_memory_gb"] > 0.8 * e["machine_memory_gb"]:
+    limited = e.get("memory_limit_gb") is not None
+    limit = e["memory_limit_gb"] if limited else e["machine_memory_gb"]
+    what = "train.memory_limit" if limited else "this machine's memory"
+    margin = limit - 1.3 * e["peak_memory_gb"]  # against the top of the estimate's range
+    lines.append(f"  memory margin: {margin:+.1f} GB to {what} ({limit} GB) at the estimate's upper end")
+    if margin < 0:
         lines.append(
-            "  warning: that is close to or over this machine's memory; lower the batch or use batch_tokens"
+            f"  warning: the run may not fit in {what}: set train.memory_limit (the micro-batch is then "
+            "measured and lowered at the same global batch), train.gradient_checkpointing: true, or "
+            "lower data.max_length"
         )
     return lines
 

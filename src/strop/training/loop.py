@@ -29,7 +29,8 @@ from strop.data.curriculum import CurriculumPlan
 from strop.data.packing import PackedPlan
 from strop.data.tokenized import TokenizedSet
 from strop.methods.objective import Objective
-from strop.training import sharding
+from strop.training import memory, sharding
+from strop.training.checkpoint import restore_rng, rng_snapshot
 from strop.training.loop_state import LoopState
 from strop.training.optim import build_optimizer, lr_factor, set_lr
 from strop.training.step import optimizer_step
@@ -160,6 +161,8 @@ def fit(
         raise ConfigError(
             f"{world.size} processes and {len(train_set)} training examples: every process needs at least one"
         )
+    if train.memory_limit is not None:
+        train = _within_memory(model, objective, train_set, train, run_dir, pad_id, device)
     batches = MicroBatches(train_set, train, pad_id, objective, curriculum, world)
     n_steps = total_steps(batches.per_epoch, train)
     sharded = train.parallel == "fsdp" and world.active
@@ -299,3 +302,21 @@ def _validation_batches(
         {k: v.to(device) for k, v in collate(val_set, order[i : i + batch_size], pad_id).items()}
         for i in range(0, len(order), batch_size)
     ]
+
+
+def _within_memory(model, objective, train_set, train: TrainConfig, run_dir: Path, pad_id: int, device):
+    """`train` with the micro-batch and accumulation that fit train.memory_limit (training/memory.py);
+    the probe's passes leave no gradient and draw no random number the run would otherwise draw."""
+    if distributed.WORLD.size > 1:
+        raise ConfigError("train.memory_limit: not yet with several processes; set batch_size per process")
+    at_start = rng_snapshot()
+    choice = memory.fit_batch(
+        train,
+        run_dir,
+        device,
+        lambda: memory.probe(model, objective, train_set, objective.lengths(train_set), pad_id, device),
+        model,
+    )
+    restore_rng(at_start)
+    memory.keep(choice, run_dir)
+    return train.model_copy(update={"batch_size": choice["micro_batch"], "grad_accum": choice["grad_accum"]})
