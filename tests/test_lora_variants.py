@@ -31,7 +31,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", ["dora", "rslora", "pissa", "olora"])  # gaussian, lora+: plain LoRA on disk
 def test_each_variant_trains_and_its_adapter_merged_and_gguf_agree(
     name, tiny_llama, alpaca_file, tmp_path, capsys
 ):

@@ -133,7 +133,7 @@ def test_the_shipped_tools_example_trains_and_is_scored_on_its_calls(tiny_llama,
         },
     )
     cfg["data"].update(template="chatml-tools", max_length=2048, test=[str(data / "tools_test.jsonl")])
-    cfg["data"]["train"] = [{"path": str(data / "tools_train.jsonl"), "limit": 24}]
+    cfg["data"]["train"] = [{"path": str(data / "tools_train.jsonl"), "limit": 8}]
     result = train(cfg, show_progress=False)
     assert result.data["train_examples"] > 0
     assert set(result.eval["metrics"]) == {"tool_call", "tool_function"}
