@@ -116,7 +116,12 @@ def test_data_check_states_the_margin_and_warns_when_it_may_not_fit(tiny_llama, 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     rc, out, err = run_cli(["data", "check", str(tmp_path / "c.yaml")], capsys)
     assert "memory margin:" in out and "to train.memory_limit (0.01 GB)" in out
-    assert "warning: the run may not fit in train.memory_limit" in out
+    assert "the run measures and lowers its micro-batch" in out
+    cfg["train"]["memory_limit"] = None
+    cfg["train"]["batch_size"] = 10**6  # far past this machine's memory by the estimate
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    rc, out, err = run_cli(["data", "check", str(tmp_path / "c.yaml")], capsys)
+    assert "warning: the run may not fit in this machine's memory: set train.memory_limit" in out
 
 
 def test_optimizer_state_counts_three_numbers_per_trainable_weight():

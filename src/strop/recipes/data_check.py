@@ -355,7 +355,12 @@ def _estimate_lines(e: dict) -> list[str]:
     what = "train.memory_limit" if limited else "this machine's memory"
     margin = limit - 1.3 * e["peak_memory_gb"]  # against the top of the estimate's range
     lines.append(f"  memory margin: {margin:+.1f} GB to {what} ({limit} GB) at the estimate's upper end")
-    if margin < 0:
+    if margin < 0 and limited:
+        lines.append(
+            "  note: at this batch_size the estimate passes train.memory_limit; the run measures and lowers "
+            "its micro-batch at the same global batch (or stops before training if one example does not fit)"
+        )
+    elif margin < 0:
         lines.append(
             f"  warning: the run may not fit in {what}: set train.memory_limit (the micro-batch is then "
             "measured and lowered at the same global batch), train.gradient_checkpointing: true, or "
