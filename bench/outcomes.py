@@ -45,20 +45,37 @@ SST2 = SHARED / "sst2"  # train.jsonl 6911, validation.jsonl 872
 # steps x batch, held-out rows and generation lengths per budget
 BUDGETS = {
     "full": {
-        "sft_steps": 12, "sft_batch": 8, "gen_test": 32, "gsm8k_test": 48, "gsm8k_tokens": 128, "instr_tokens": 64,
-        "pref_steps": 8, "pref_batch": 8, "pref_test": 64,
-        "cls_steps": 40, "cls_batch": 32,
+        "sft_steps": 12,
+        "sft_batch": 8,
+        "gen_test": 32,
+        "gsm8k_test": 48,
+        "gsm8k_tokens": 128,
+        "instr_tokens": 64,
+        "pref_steps": 8,
+        "pref_batch": 8,
+        "pref_test": 64,
+        "cls_steps": 40,
+        "cls_batch": 32,
         "distill_steps": 12,
     },
     "quick": {
-        "sft_steps": 2, "sft_batch": 4, "gen_test": 4, "gsm8k_test": 4, "gsm8k_tokens": 32, "instr_tokens": 16,
-        "pref_steps": 2, "pref_batch": 4, "pref_test": 8,
-        "cls_steps": 4, "cls_batch": 16,
+        "sft_steps": 2,
+        "sft_batch": 4,
+        "gen_test": 4,
+        "gsm8k_test": 4,
+        "gsm8k_tokens": 32,
+        "instr_tokens": 16,
+        "pref_steps": 2,
+        "pref_batch": 4,
+        "pref_test": 8,
+        "cls_steps": 4,
+        "cls_batch": 16,
         "distill_steps": 2,
     },
 }
 COMMON = [  # one validation and one checkpoint at the end
-    "train.grad_accum=1", "train.early_stopping.patience=null",
+    "train.grad_accum=1",
+    "train.early_stopping.patience=null",
     "optim.warmup_steps=1",  # the recipes' 10-20 warmup steps would take up most of a 10-40 step budget
     # one thread: on 2 cores shared with other work, torch's 2 OpenMP threads spin-wait on each other and
     # greedy decoding ran ~19x slower (8 prompts x 32 tokens: 78 s with 2 threads, 4 s with 1)
@@ -81,8 +98,15 @@ def train(config: str, name: str, steps: int, batch: int, sets: list[str], work:
         return run_dir, float(timing.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     sets = [
-        f"name={name}", f"output_dir={work / 'runs'}", f"train.max_steps={steps}", f"train.batch_size={batch}",
-        f"train.eval_every={steps}", f"train.save_every={steps}", "train.keep_last=1", *COMMON, *sets,
+        f"name={name}",
+        f"output_dir={work / 'runs'}",
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        f"train.eval_every={steps}",
+        f"train.save_every={steps}",
+        "train.keep_last=1",
+        *COMMON,
+        *sets,
     ]
     argv = [sys.executable, "-m", "strop", "-q", "train", config, "--no-progress"]
     argv += [a for s in sets for a in ("--set", s)]
@@ -125,15 +149,42 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [centre - half, centre + half]
 
 
-def row(recipe: str, task: str, data: str, n_train: int, n_test: int, steps: int, batch: int,
-        metric: str, base: float, tuned: float, gain: dict, seconds: float, need: str, **extra) -> dict:
+def row(
+    recipe: str,
+    task: str,
+    data: str,
+    n_train: int,
+    n_test: int,
+    steps: int,
+    batch: int,
+    metric: str,
+    base: float,
+    tuned: float,
+    gain: dict,
+    seconds: float,
+    need: str,
+    **extra,
+) -> dict:
     lo, hi = gain["ci"]
     verdict = "gain" if lo > 0 else "no measurable gain at this scale"
     return {
-        "recipe": recipe, "task": task, "data": data, "train_rows": n_train, "heldout_rows": n_test,
-        "steps": steps, "batch": batch, "metric": metric, "base": base, "tuned": tuned,
-        "gain": gain["diff"], "ci95": [lo, hi], "verdict": verdict,
-        "needed": "" if verdict == "gain" else need, "seconds": seconds, "status": "run", **extra,
+        "recipe": recipe,
+        "task": task,
+        "data": data,
+        "train_rows": n_train,
+        "heldout_rows": n_test,
+        "steps": steps,
+        "batch": batch,
+        "metric": metric,
+        "base": base,
+        "tuned": tuned,
+        "gain": gain["diff"],
+        "ci95": [lo, hi],
+        "verdict": verdict,
+        "needed": "" if verdict == "gain" else need,
+        "seconds": seconds,
+        "status": "run",
+        **extra,
     }
 
 
@@ -143,41 +194,94 @@ def row(recipe: str, task: str, data: str, n_train: int, n_test: int, steps: int
 def sft_gsm8k(b: dict, work: Path) -> dict:
     """LoRA SFT (lora-alpaca) on GSM8K's first rows; exact match (`gsm8k` extractor) on its last rows."""
     n, steps, batch, test = b["sft_steps"] * b["sft_batch"], b["sft_steps"], b["sft_batch"], b["gsm8k_test"]
-    run_dir, seconds = train("lora-alpaca", "sft-gsm8k", steps, batch, [
-        f"data.train=[{src(GSM8K, limit=n + 16)}]", "data.val_fraction=0.1",
-        f"data.test=[{src(GSM8K, skip=count(GSM8K) - test)}]", "data.max_length=320",
-        "eval.extract=gsm8k", "eval.metrics=[exact_match]", "eval.forgetting=false", f"eval.max_examples={test}",
-        f"eval.max_new_tokens={b['gsm8k_tokens']}", f"eval.samples={test}",
-    ], work)
+    run_dir, seconds = train(
+        "lora-alpaca",
+        "sft-gsm8k",
+        steps,
+        batch,
+        [
+            f"data.train=[{src(GSM8K, limit=n + 16)}]",
+            "data.val_fraction=0.1",
+            f"data.test=[{src(GSM8K, skip=count(GSM8K) - test)}]",
+            "data.max_length=320",
+            "eval.extract=gsm8k",
+            "eval.metrics=[exact_match]",
+            "eval.forgetting=false",
+            f"eval.max_examples={test}",
+            f"eval.max_new_tokens={b['gsm8k_tokens']}",
+            f"eval.samples={test}",
+        ],
+        work,
+    )
     s = summary(run_dir)
     m = s["metrics"]["exact_match"]
     preds = jsonl(run_dir / "eval" / "samples.jsonl")  # every example's base and tuned reply
     loose = {  # lm-eval's flexible extract (the last number of the reply) from the same replies, for scale
-        side: [float(last_number(p[side]) == last_number(p["reference"])) for p in preds] for side in ("base", "tuned")
+        side: [float(last_number(p[side]) == last_number(p["reference"])) for p in preds]
+        for side in ("base", "tuned")
     }
-    return row("lora-alpaca", "sft", "gsm8k", n, test, steps, batch, "exact match (gsm8k `#### N`)",
-               m["base"], m["tuned"], {"diff": m["diff"], "ci": m["ci95"]}, seconds,
-               "135M solves almost none; a bigger model (>= 1B) and thousands of steps",
-               last_number={"base": float(np.mean(loose["base"])), "tuned": float(np.mean(loose["tuned"])),
-                            **paired(loose["base"], loose["tuned"])},
-               writes_answer_line={side: sum("####" in p[side] for p in preds) for side in ("base", "tuned")},
-               reference_loss={k: v["loss"] for k, v in s["likelihood"].items()})
+    return row(
+        "lora-alpaca",
+        "sft",
+        "gsm8k",
+        n,
+        test,
+        steps,
+        batch,
+        "exact match (gsm8k `#### N`)",
+        m["base"],
+        m["tuned"],
+        {"diff": m["diff"], "ci": m["ci95"]},
+        seconds,
+        "135M solves almost none; a bigger model (>= 1B) and thousands of steps",
+        last_number={
+            "base": float(np.mean(loose["base"])),
+            "tuned": float(np.mean(loose["tuned"])),
+            **paired(loose["base"], loose["tuned"]),
+        },
+        writes_answer_line={side: sum("####" in p[side] for p in preds) for side in ("base", "tuned")},
+        reference_loss={k: v["loss"] for k, v in s["likelihood"].items()},
+    )
 
 
 def sft_instructions(b: dict, work: Path) -> dict:
     """LoRA SFT (lora-alpaca) on the Alpaca demo rows; ROUGE-L of greedy replies on its last rows."""
     n, steps, batch, test = b["sft_steps"] * b["sft_batch"], b["sft_steps"], b["sft_batch"], b["gen_test"]
-    run_dir, seconds = train("lora-alpaca", "sft-instructions", steps, batch, [
-        f"data.train=[{src(ALPACA, limit=n + 16)}]", "data.val_fraction=0.1",
-        f"data.test=[{src(ALPACA, skip=count(ALPACA) - test)}]", "data.max_length=256",
-        "eval.metrics=[rouge_l]", "eval.forgetting=false", f"eval.max_examples={test}",
-        f"eval.max_new_tokens={b['instr_tokens']}", f"eval.samples={test}",
-    ], work)
+    run_dir, seconds = train(
+        "lora-alpaca",
+        "sft-instructions",
+        steps,
+        batch,
+        [
+            f"data.train=[{src(ALPACA, limit=n + 16)}]",
+            "data.val_fraction=0.1",
+            f"data.test=[{src(ALPACA, skip=count(ALPACA) - test)}]",
+            "data.max_length=256",
+            "eval.metrics=[rouge_l]",
+            "eval.forgetting=false",
+            f"eval.max_examples={test}",
+            f"eval.max_new_tokens={b['instr_tokens']}",
+            f"eval.samples={test}",
+        ],
+        work,
+    )
     m = summary(run_dir)["metrics"]["rouge_l"]
-    return row("lora-alpaca", "sft", "instructions/alpaca_en_demo", n, test, steps, batch,
-               f"ROUGE-L (greedy, {b['instr_tokens']} new tokens)", m["base"], m["tuned"],
-               {"diff": m["diff"], "ci": m["ci95"]}, seconds,
-               "hundreds of steps; longer replies (ROUGE-L on 64-token replies is noisy)", run_dir=str(run_dir))
+    return row(
+        "lora-alpaca",
+        "sft",
+        "instructions/alpaca_en_demo",
+        n,
+        test,
+        steps,
+        batch,
+        f"ROUGE-L (greedy, {b['instr_tokens']} new tokens)",
+        m["base"],
+        m["tuned"],
+        {"diff": m["diff"], "ci": m["ci95"]},
+        seconds,
+        "hundreds of steps; longer replies (ROUGE-L on 64-token replies is noisy)",
+        run_dir=str(run_dir),
+    )
 
 
 def preference_sets(b: dict) -> tuple[int, list[str]]:
@@ -185,8 +289,10 @@ def preference_sets(b: dict) -> tuple[int, list[str]]:
     n = b["pref_steps"] * b["pref_batch"]
     test = b["pref_test"]
     return n, [
-        f"data.train=[{src(HH, limit=n + 8)}]", "data.val_fraction=0.05",
-        f"data.test=[{src(HH, skip=count(HH) - test)}]", "data.max_length=192",
+        f"data.train=[{src(HH, limit=n + 8)}]",
+        "data.val_fraction=0.05",
+        f"data.test=[{src(HH, skip=count(HH) - test)}]",
+        "data.max_length=192",
         # one held-out pair nearly copies a training reply (see examples/kto-hh.yaml); kept, and counted
         "data.allow_leakage=true",
     ]
@@ -194,7 +300,10 @@ def preference_sets(b: dict) -> tuple[int, list[str]]:
 
 def pair_flips(pairs: list[dict]) -> tuple[list[float], list[float]]:
     """Per held-out pair: did the start / the tuned model give the chosen reply the higher log-prob?"""
-    return ([float(p["start"][0] > p["start"][1]) for p in pairs], [float(p["tuned"][0] > p["tuned"][1]) for p in pairs])
+    return (
+        [float(p["start"][0] > p["start"][1]) for p in pairs],
+        [float(p["tuned"][0] > p["tuned"][1]) for p in pairs],
+    )
 
 
 def dpo_like(config: str, name: str, b: dict, work: Path, need: str) -> dict:
@@ -203,22 +312,44 @@ def dpo_like(config: str, name: str, b: dict, work: Path, need: str) -> dict:
     s = summary(run_dir)
     before, after = pair_flips(jsonl(run_dir / "eval" / "pairs.jsonl"))
     acc = s["preference_accuracy"]
-    return row(config, "dpo" if config == "dpo" else "dpo (loss orpo)", "hh_rlhf harmless-base pairs", n,
-               s["pairs"], b["pref_steps"], b["pref_batch"], "held-out preference accuracy (summed log-prob)",
-               acc["start"], acc["tuned"], paired(before, after), seconds, need,
-               mcnemar=[acc["improved"], acc["worsened"], acc["p_value"]],
-               per_token={k: s["preference_accuracy_per_token"][k] for k in ("start", "tuned", "p_value")},
-               implicit_reward_accuracy=s["metrics"].get("reward_accuracy"))
+    return row(
+        config,
+        "dpo" if config == "dpo" else "dpo (loss orpo)",
+        "hh_rlhf harmless-base pairs",
+        n,
+        s["pairs"],
+        b["pref_steps"],
+        b["pref_batch"],
+        "held-out preference accuracy (summed log-prob)",
+        acc["start"],
+        acc["tuned"],
+        paired(before, after),
+        seconds,
+        need,
+        mcnemar=[acc["improved"], acc["worsened"], acc["p_value"]],
+        per_token={k: s["preference_accuracy_per_token"][k] for k in ("start", "tuned", "p_value")},
+        implicit_reward_accuracy=s["metrics"].get("reward_accuracy"),
+    )
 
 
 def dpo(b: dict, work: Path) -> dict:
-    return dpo_like("dpo", "dpo-hh", b, work, "~10x the pairs (README: 1,440 pairs, 180 steps, moved the "
-                    "per-token ranking)")
+    return dpo_like(
+        "dpo",
+        "dpo-hh",
+        b,
+        work,
+        "~10x the pairs (README: 1,440 pairs, 180 steps, moved the per-token ranking)",
+    )
 
 
 def orpo(b: dict, work: Path) -> dict:
-    return dpo_like("orpo", "orpo-hh", b, work, "many more pairs or a bigger model (README: 456 pairs did not "
-                    "separate them)")
+    return dpo_like(
+        "orpo",
+        "orpo-hh",
+        b,
+        work,
+        "many more pairs or a bigger model (README: 456 pairs did not separate them)",
+    )
 
 
 def kto(b: dict, work: Path) -> dict:
@@ -227,8 +358,11 @@ def kto(b: dict, work: Path) -> dict:
     paired preference accuracy."""
     n_pairs = b["pref_steps"] * b["pref_batch"] // 2 + 4
     pairs = jsonl(HH)[:n_pairs]
-    rows = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
-            for p in pairs for side in ("chosen", "rejected")]
+    rows = [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
     random.Random(0).shuffle(rows)
     feedback = work / "data" / "hh_feedback.train.jsonl"
     feedback.parent.mkdir(parents=True, exist_ok=True)
@@ -242,12 +376,23 @@ def kto(b: dict, work: Path) -> dict:
     before = [float(by_id[i + "#0"]["start"] > by_id[i + "#1"]["start"]) for i in ids]
     after = [float(by_id[i + "#0"]["tuned"] > by_id[i + "#1"]["tuned"]) for i in ids]
     acc = s["preference_accuracy"]
-    return row("kto", "kto", "hh_rlhf pairs as feedback rows", len(rows), s.get("pairs", len(ids)),
-               b["pref_steps"], b["pref_batch"], "held-out preference accuracy (summed log-prob)",
-               acc["start"], acc["tuned"], paired(before, after), seconds,
-               "thousands of rows (README: 182 rows moved nothing)",
-               mcnemar=[acc["improved"], acc["worsened"], acc["p_value"]],
-               auc=[s["start_metrics"].get("auc"), s["metrics"].get("auc")])
+    return row(
+        "kto",
+        "kto",
+        "hh_rlhf pairs as feedback rows",
+        len(rows),
+        s.get("pairs", len(ids)),
+        b["pref_steps"],
+        b["pref_batch"],
+        "held-out preference accuracy (summed log-prob)",
+        acc["start"],
+        acc["tuned"],
+        paired(before, after),
+        seconds,
+        "thousands of rows (README: 182 rows moved nothing)",
+        mcnemar=[acc["improved"], acc["worsened"], acc["p_value"]],
+        auc=[s["start_metrics"].get("auc"), s["metrics"].get("auc")],
+    )
 
 
 def reward(b: dict, work: Path) -> dict:
@@ -258,11 +403,22 @@ def reward(b: dict, work: Path) -> dict:
     s = summary(run_dir)
     acc, pairs = s["metrics"]["accuracy"], s["pairs"]
     lo, hi = wilson(round(acc * pairs), pairs)
-    return row("reward-model", "reward", "hh_rlhf harmless-base pairs", n, pairs, b["pref_steps"], b["pref_batch"],
-               "held-out pairwise accuracy (base: chance 0.5)", 0.5, acc,
-               {"diff": acc - 0.5, "ci": [lo - 0.5, hi - 0.5]}, seconds,
-               "10-50x the steps (thousands of pairs)",
-               margin=s["metrics"].get("margin"))
+    return row(
+        "reward-model",
+        "reward",
+        "hh_rlhf harmless-base pairs",
+        n,
+        pairs,
+        b["pref_steps"],
+        b["pref_batch"],
+        "held-out pairwise accuracy (base: chance 0.5)",
+        0.5,
+        acc,
+        {"diff": acc - 0.5, "ci": [lo - 0.5, hi - 0.5]},
+        seconds,
+        "10-50x the steps (thousands of pairs)",
+        margin=s["metrics"].get("margin"),
+    )
 
 
 def classification(b: dict, work: Path) -> dict:
@@ -270,21 +426,42 @@ def classification(b: dict, work: Path) -> dict:
     vs the majority-label baseline strop reports, paired per sentence."""
     n, test = b["cls_steps"] * b["cls_batch"], SST2 / "validation.jsonl"
     n_test = count(test) if b is BUDGETS["full"] else 64
-    run_dir, seconds = train("sentiment-encoder-lora", "sst2-minilm", b["cls_steps"], b["cls_batch"], [
-        f"data.train=[{src(SST2 / 'train.jsonl', limit=n + 64)}]", "data.val_fraction=0.05",
-        f"data.test=[{src(test, limit=n_test)}]", "eval.max_examples=null",
-    ], work)
+    run_dir, seconds = train(
+        "sentiment-encoder-lora",
+        "sst2-minilm",
+        b["cls_steps"],
+        b["cls_batch"],
+        [
+            f"data.train=[{src(SST2 / 'train.jsonl', limit=n + 64)}]",
+            "data.val_fraction=0.05",
+            f"data.test=[{src(test, limit=n_test)}]",
+            "eval.max_examples=null",
+        ],
+        work,
+    )
     s = summary(run_dir)
     preds = jsonl(run_dir / "eval" / "predictions.jsonl")
     majority = s["majority_label"]
     before = [float(p["label"] == majority) for p in preds]
     after = [float(p["predicted"] == p["label"]) for p in preds]
     m = s["metrics"]["accuracy"]
-    return row("sentiment-encoder-lora", "classification", "sst2 train / dev", n, s["examples"],
-               b["cls_steps"], b["cls_batch"], f"accuracy (base: majority label '{majority}')",
-               m["majority"], m["tuned"], paired(before, after), seconds,
-               "more steps (an SST-2 epoch is 216 steps at batch 32)", model="minilm-l6",
-               macro_f1=s["metrics"]["macro_f1"])
+    return row(
+        "sentiment-encoder-lora",
+        "classification",
+        "sst2 train / dev",
+        n,
+        s["examples"],
+        b["cls_steps"],
+        b["cls_batch"],
+        f"accuracy (base: majority label '{majority}')",
+        m["majority"],
+        m["tuned"],
+        paired(before, after),
+        seconds,
+        "more steps (an SST-2 epoch is 216 steps at batch 32)",
+        model="minilm-l6",
+        macro_f1=s["metrics"]["macro_f1"],
+    )
 
 
 def distillation(b: dict, work: Path, teacher: Path) -> dict:
@@ -292,12 +469,20 @@ def distillation(b: dict, work: Path, teacher: Path) -> dict:
     same student with no teacher, same rows and steps; held-out ROUGE-L and reference loss, paired."""
     steps, batch, test = b["distill_steps"], b["sft_batch"], b["gen_test"]
     n = steps * batch
-    sets = [f"data.train=[{src(ALPACA, limit=n + 16)}]", "data.val_fraction=0.1",
-            f"data.test=[{src(ALPACA, skip=count(ALPACA) - test)}]", "data.max_length=256",
-            "eval.metrics=[rouge_l]", "eval.forgetting=false", f"eval.max_examples={test}",
-            f"eval.max_new_tokens={b['instr_tokens']}", f"eval.samples={test}"]
-    with_t, s1 = train("distill-smollm2", "distill-teacher", steps, batch,
-                       [*sets, f"distill.teacher={teacher}"], work)
+    sets = [
+        f"data.train=[{src(ALPACA, limit=n + 16)}]",
+        "data.val_fraction=0.1",
+        f"data.test=[{src(ALPACA, skip=count(ALPACA) - test)}]",
+        "data.max_length=256",
+        "eval.metrics=[rouge_l]",
+        "eval.forgetting=false",
+        f"eval.max_examples={test}",
+        f"eval.max_new_tokens={b['instr_tokens']}",
+        f"eval.samples={test}",
+    ]
+    with_t, s1 = train(
+        "distill-smollm2", "distill-teacher", steps, batch, [*sets, f"distill.teacher={teacher}"], work
+    )
     without, s2 = train("distill-smollm2", "distill-none", steps, batch, [*sets, "distill=null"], work)
     a, c = summary(without), summary(with_t)
     rouge = build_metrics(["rouge_l"], None)[0].per_example
@@ -307,18 +492,48 @@ def distillation(b: dict, work: Path, teacher: Path) -> dict:
     key = "rouge_l"
     before = [rouge(pa[i]["tuned"], pa[i]["reference"]) for i in ids]
     after = [rouge(pc[i]["tuned"], pc[i]["reference"]) for i in ids]
-    return row("distill-smollm2", "sft + distill", "instructions/alpaca_en_demo", n, len(ids), steps, batch,
-               "ROUGE-L: student with teacher (tuned) vs without (base)", a["metrics"][key]["tuned"],
-               c["metrics"][key]["tuned"], paired(before, after), s1 + s2,
-               "hundreds of steps for a 10-block student; a teacher trained longer than the SFT row's 12 steps",
-               reference_loss={"no_teacher": a["likelihood"]["tuned"]["loss"],
-                               "teacher": c["likelihood"]["tuned"]["loss"]},
-               seconds_each={"teacher": s1, "no_teacher": s2}, teacher=str(teacher))
+    return row(
+        "distill-smollm2",
+        "sft + distill",
+        "instructions/alpaca_en_demo",
+        n,
+        len(ids),
+        steps,
+        batch,
+        "ROUGE-L: student with teacher (tuned) vs without (base)",
+        a["metrics"][key]["tuned"],
+        c["metrics"][key]["tuned"],
+        paired(before, after),
+        s1 + s2,
+        "hundreds of steps for a 10-block student; a teacher trained longer than the SFT row's 12 steps",
+        reference_loss={
+            "no_teacher": a["likelihood"]["tuned"]["loss"],
+            "teacher": c["likelihood"]["tuned"]["loss"],
+        },
+        seconds_each={"teacher": s1, "no_teacher": s2},
+        teacher=str(teacher),
+    )
 
 
+RECIPES = {  # the shipped config each row runs
+    "sft-gsm8k": "lora-alpaca",
+    "sft-instructions": "lora-alpaca",
+    "dpo": "dpo",
+    "orpo": "orpo",
+    "kto": "kto",
+    "reward": "reward-model",
+    "classification": "sentiment-encoder-lora",
+    "distill": "distill-smollm2",
+}
 ROWS = {
-    "sft-gsm8k": sft_gsm8k, "sft-instructions": sft_instructions, "dpo": dpo, "orpo": orpo, "kto": kto,
-    "reward": reward, "classification": classification, "distill": distillation,
+    "sft-gsm8k": sft_gsm8k,
+    "sft-instructions": sft_instructions,
+    "dpo": dpo,
+    "orpo": orpo,
+    "kto": kto,
+    "reward": reward,
+    "classification": classification,
+    "distill": distillation,
 }
 
 
@@ -336,8 +551,10 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         if r["status"] != "run":
-            lines.append(f"| {r['recipe']} | {r['data']} | – | {r.get('metric', '–')} | – | – | – | "
-                         f"not run: {r['why']} | – |")
+            lines.append(
+                f"| {r['recipe']} | {r['data']} | – | {r.get('metric', '–')} | – | – | – | "
+                f"not run: {r['why']} | – |"
+            )
             continue
         lo, hi = r["ci95"]
         verdict = r["verdict"] + (f" (needs: {r['needed']})" if r["needed"] else "")
@@ -359,19 +576,27 @@ def details(r: dict) -> str:
     out = []
     if "last_number" in r:
         ln = r["last_number"]
-        out.append(f"last number of the reply correct (lm-eval flexible extract) {ln['base']:.3f} -> "
-                   f"{ln['tuned']:.3f} [{ln['ci'][0]:+.3f}, {ln['ci'][1]:+.3f}]")
+        out.append(
+            f"last number of the reply correct (lm-eval flexible extract) {ln['base']:.3f} -> "
+            f"{ln['tuned']:.3f} [{ln['ci'][0]:+.3f}, {ln['ci'][1]:+.3f}]"
+        )
     if "writes_answer_line" in r:
         w = r["writes_answer_line"]
-        out.append(f"replies with a `#### N` line: base {w['base']}, tuned {w['tuned']} of {r['heldout_rows']}")
+        out.append(
+            f"replies with a `#### N` line: base {w['base']}, tuned {w['tuned']} of {r['heldout_rows']}"
+        )
     if "reference_loss" in r:
-        out.append("held-out reference loss " + ", ".join(f"{k} {v:.3f}" for k, v in r["reference_loss"].items()))
+        out.append(
+            "held-out reference loss " + ", ".join(f"{k} {v:.3f}" for k, v in r["reference_loss"].items())
+        )
     if "mcnemar" in r:
         up, down, p = r["mcnemar"]
         out.append(f"pairs flipped right/wrong {up}/{down} (McNemar p {p:.2f})")
     if "per_token" in r:
         pt = r["per_token"]
-        out.append(f"per-token preference accuracy {pt['start']:.3f} -> {pt['tuned']:.3f} (p {pt['p_value']:.2f})")
+        out.append(
+            f"per-token preference accuracy {pt['start']:.3f} -> {pt['tuned']:.3f} (p {pt['p_value']:.2f})"
+        )
     if r.get("implicit_reward_accuracy") is not None:
         out.append(f"implicit reward accuracy {r['implicit_reward_accuracy']:.3f}")
     if "auc" in r and None not in r["auc"]:
@@ -394,7 +619,7 @@ def write(results: dict, out: Path) -> None:
         f"Generated by `python bench/outcomes.py{' --quick' if results['budget'] == 'quick' else ''}` "
         f"({results['when']}, {results['machine']}). SmolLM2-135M-Instruct for the generative rows, "
         "MiniLM-L6 for classification; LoRA unless the recipe says otherwise. Gain = tuned - base, 95% "
-        "paired bootstrap over held-out rows (reward model: Wilson interval, base = chance). \"gain\" only "
+        'paired bootstrap over held-out rows (reward model: Wilson interval, base = chance). "gain" only '
         "when the interval excludes 0.\n\n"
     )
     (out / "outcomes.md").write_text(head + table(rows) + NOTES)
@@ -411,13 +636,24 @@ teacher is the instructions SFT run of this table.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny budgets, to check the plumbing")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/outcomes"), help="run folders, derived data")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--table", action="store_true", help="only rewrite outcomes.md from outcomes.json")
-    parser.add_argument("--reuse", action="store_true", help="rescore finished run folders in --work, no training")
+    parser.add_argument(
+        "--reuse", action="store_true", help="rescore finished run folders in --work, no training"
+    )
+    parser.add_argument(
+        "--not-run",
+        nargs="+",
+        default=[],
+        metavar="ROW=REASON",
+        help="record rows left out, with the reason, as 'not run' in the table",
+    )
     args = parser.parse_args()
     global REUSE
     REUSE = args.reuse
@@ -428,11 +664,21 @@ def main() -> None:
         return
     old = json.loads(path.read_text()) if path.exists() else {}
     results = {
-        "budget": budget, "settings": BUDGETS[budget], "when": time.strftime("%Y-%m-%d"),
+        "budget": budget,
+        "settings": BUDGETS[budget],
+        "when": time.strftime("%Y-%m-%d"),
         "machine": "2 CPU cores shared with other jobs, so wall times are upper bounds; torch 1 thread",
         "rows": old.get("rows", {}) if old.get("budget") == budget else {},
     }
     b = BUDGETS[budget]
+    for item in args.not_run:
+        name, _, why = item.partition("=")
+        results["rows"][name] = {
+            "recipe": RECIPES[name],
+            "data": name,
+            "status": "not run",
+            "why": why or "left out",
+        }
     for name in args.only:
         print(f"== {name}", flush=True)
         try:
@@ -444,7 +690,7 @@ def main() -> None:
             else:
                 r = ROWS[name](b, args.work)
         except (subprocess.CalledProcessError, RuntimeError, KeyError, FileNotFoundError) as e:
-            r = {"recipe": name, "data": "–", "status": "failed", "why": f"{type(e).__name__}: {e}"}
+            r = {"recipe": RECIPES[name], "data": name, "status": "failed", "why": f"{type(e).__name__}: {e}"}
         results["rows"][name] = r
         print(json.dumps(r), flush=True)
         write(results, args.out)

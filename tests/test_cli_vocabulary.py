@@ -89,7 +89,9 @@ def test_one_spelling_for_quantization_new_tokens_top_k_and_device():
         if "quant" in a.dest:
             assert a.option_strings == ["--quantize"], command
         if "token" in a.dest and "prompt" not in a.dest:  # serve's --max-prompt-tokens caps the prompt
-            assert a.option_strings == ["--max-new-tokens"] and a.type is positive_int, command
+            judge = a.dest.startswith("judge_")  # the judge model's own length, beside the model's
+            want = "--judge-max-new-tokens" if judge else "--max-new-tokens"
+            assert a.option_strings == [want] and a.type is positive_int, command
         if a.dest == "top_k":
             assert a.type is positive_int, command  # checked as it is read, on every command
         if a.dest == "device":
@@ -128,6 +130,11 @@ RENAMED = [  # (argv with an old spelling, what the one error line says)
         ["judge", "check", "p.jsonl", "--judge", "u", "--template", "t"],
         "--template was renamed --judge-template",
     ),
+    (
+        ["judge", "check", "p.jsonl", "--judge", "u", "--concurrency", "2"],
+        "--concurrency was renamed --judge-concurrency",
+    ),
+    (["judge", "compare", "r", "--judge", "u", "--template", "t"], "--template was renamed --judge-template"),
 ]
 
 
@@ -151,7 +158,7 @@ def test_rag_remove_without_index_names_it(capsys):
 
 def test_every_old_spelling_has_a_case_and_is_hidden_from_help(capsys):
     have = {
-        (tuple(argv[:2]) if argv[0] in ("data", "rag") else (argv[0],), old)
+        (tuple(argv[:2]) if argv[0] in ("data", "rag", "judge") else (argv[0],), old)
         for argv, m in RENAMED
         for old in [m.split()[0]]
     }

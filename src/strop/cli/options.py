@@ -208,7 +208,10 @@ def judge_options(p, required: bool = False, agreement: bool = True) -> None:
         "--judge-concurrency", type=positive_int, default=4, help="judge requests in flight at once"
     )
     p.add_argument(
-        "--judge-max-tokens", type=positive_int, default=512, help="the longest judgment the judge may write"
+        "--judge-max-new-tokens",
+        type=positive_int,
+        default=512,
+        help="the longest judgment the judge may write",
     )
     p.add_argument(
         "--judge-template",
@@ -238,7 +241,7 @@ def judge_config(args):
         model=args.judge_model,
         api_key_env=args.api_key_env,
         concurrency=args.judge_concurrency,
-        max_tokens=args.judge_max_tokens,
+        max_tokens=args.judge_max_new_tokens,
         pairwise_template=None if rubric else args.judge_template,
         rubric_template=args.judge_template if rubric else None,
         agreement=getattr(args, "judge_agreement", None),
